@@ -1,0 +1,9 @@
+"""AutoSculpt: pattern-based pruning with real pattern-sparse kernels.
+
+Import is lean: no CUDA initialisation and no triton import happen here.
+"""
+from . import nn, ops, patterns, runtime
+from ._version import __version__
+from .plan import sparsify
+
+__all__ = ["__version__", "nn", "ops", "patterns", "runtime", "sparsify"]

@@ -1,0 +1,221 @@
+"""``PatternConv2d``: a drop-in for ``nn.Conv2d`` whose filters keep only some kernel taps."""
+from __future__ import annotations
+
+import time
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import conv as conv_ops
+
+# (shape, mask bytes, device, dtype, threads) -> "sparse" | "dense": decisions shared by identical layers
+_PATH_DECISIONS: Dict[tuple, str] = {}
+
+
+def _median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+class PatternConv2d(nn.Module):
+    """Convolution whose output filters each keep a subset of the kh×kw taps (``tap_mask``).
+
+    Computes ``F.conv2d(x, weight * tap_mask[:, None], bias, ...)`` with AutoSculpt's kernels. The
+    weights at dropped taps are kept at exactly zero (also after training steps: their gradient is
+    zero, and :meth:`enforce_mask` re-zeroes them on demand).
+
+    Path: ``"auto"`` measures once per input shape whether the sparse kernel beats the dense conv and
+    uses the faster (the per-layer dense fallback); ``"sparse"`` or ``"dense"`` force one. ``repr``
+    shows the path in use.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        tap_mask: Optional[torch.Tensor] = None,
+        backend: str = "auto",
+        path: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        kh, kw = conv_ops._pair(kernel_size, "kernel_size")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups: {groups} must divide in_channels={in_channels} and out_channels={out_channels}")
+        if path not in ("auto", "sparse", "dense"):
+            raise ValueError(f"path: expected 'auto', 'sparse' or 'dense', got {path!r}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = (kh, kw)
+        self.stride = conv_ops._pair(stride, "stride")
+        self.padding = conv_ops._pair(padding, "padding")
+        self.dilation = conv_ops._pair(dilation, "dilation")
+        self.groups = groups
+        self.backend = backend
+        self.path = path
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kh, kw, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        if tap_mask is None:
+            tap_mask = torch.ones(out_channels, kh, kw, dtype=torch.bool, device=device)
+        self.register_buffer("tap_mask", self._checked_mask(tap_mask).to(device=self.weight.device))
+        self._cache_key = conv_ops.new_cache_key()
+        self._decided: Dict[tuple, str] = {}
+        self.enforce_mask()
+
+    # -- construction ------------------------------------------------------------------
+    def _checked_mask(self, tap_mask: torch.Tensor) -> torch.Tensor:
+        if not isinstance(tap_mask, torch.Tensor) or tap_mask.dtype != torch.bool:
+            raise TypeError("tap_mask: expected a bool tensor of shape (C_out, kh, kw)")
+        want = (self.out_channels, *self.kernel_size)
+        if tuple(tap_mask.shape) != want:
+            raise ValueError(f"tap_mask: expected shape {want}, got {tuple(tap_mask.shape)}")
+        return tap_mask.detach().clone()
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, tap_mask: torch.Tensor, backend: str = "auto", path: str = "auto") -> "PatternConv2d":
+        """Builds a PatternConv2d with ``conv``'s weights, keeping only the taps in ``tap_mask``."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv: expected nn.Conv2d, got {type(conv).__name__}")
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"conv: only numeric zero padding is supported, got padding={conv.padding!r} mode={conv.padding_mode!r}")
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, tap_mask=tap_mask.to(conv.weight.device), backend=backend, path=path,
+            device=conv.weight.device, dtype=conv.weight.dtype,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        layer.enforce_mask()
+        return layer
+
+    def to_dense(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` computing the same function (dropped taps as zero weights)."""
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+            self.groups, self.bias is not None, device=self.weight.device, dtype=self.weight.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.weight * self.tap_mask[:, None].to(self.weight.dtype))
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def set_tap_mask(self, tap_mask: torch.Tensor) -> None:
+        """Replaces the tap mask (re-zeroes dropped weights, forgets path decisions)."""
+        self.tap_mask = self._checked_mask(tap_mask).to(self.weight.device)
+        self._decided.clear()
+        self.enforce_mask()
+
+    @torch.no_grad()
+    def enforce_mask(self) -> None:
+        """Sets the weights at dropped taps to exactly zero (call after an optimizer step)."""
+        self.weight.mul_(self.tap_mask[:, None].to(self.weight.dtype))
+
+    def __setattr__(self, name, value):
+        # A replaced weight or mask tensor gets a new packing-cache key, so the kernel never reuses
+        # weights packed from a freed tensor that happened to live at the same address.
+        if name in ("weight", "tap_mask") and "_cache_key" in self.__dict__:
+            conv_ops.release_cache(self.__dict__["_cache_key"])
+            object.__setattr__(self, "_cache_key", conv_ops.new_cache_key())
+        super().__setattr__(name, value)
+
+    def __del__(self):
+        key = self.__dict__.get("_cache_key")
+        if key:
+            conv_ops.release_cache(key)
+
+    # -- accounting ----------------------------------------------------------------------
+    def kept_fraction(self) -> float:
+        """Fraction of the dense layer's weights (and MACs) that are computed."""
+        return float(self.tap_mask.float().mean())
+
+    def output_size(self, h: int, w: int) -> Tuple[int, int]:
+        return conv_ops.conv_output_size(h, w, *self.kernel_size, self.stride, self.padding, self.dilation)
+
+    # -- forward -------------------------------------------------------------------------
+    def _sparse(self, x: torch.Tensor) -> torch.Tensor:
+        return conv_ops.pattern_conv2d(
+            x, self.weight, self.tap_mask, self.bias, self.stride, self.padding, self.dilation, self.groups,
+            self.backend, _cache_key=self._cache_key,
+        )
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight * self.tap_mask[:, None].to(self.weight.dtype)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _decision_key(self, x: torch.Tensor) -> tuple:
+        return (tuple(x.shape), x.dtype, x.device.type, torch.get_num_threads())
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor, reps: int = 7) -> str:
+        """Times the sparse kernel and the dense conv on ``x``'s shape and remembers the faster path."""
+        key = self._decision_key(x)
+        shared = key + (tuple(self.weight.shape), self.stride, self.padding, self.dilation, self.groups,
+                        self.tap_mask.cpu().numpy().tobytes(), self.backend)
+        choice = _PATH_DECISIONS.get(shared)
+        if choice is None:
+            x = x.detach()
+            sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+
+            def run(fn):
+                fn(x)
+                sync()
+
+            for fn in (self._sparse, self._dense):  # warm up (packing, allocator, oneDNN primitives)
+                run(fn)
+            t_sparse = _median_time(lambda: run(self._sparse), reps)
+            t_dense = _median_time(lambda: run(self._dense), reps)
+            choice = "sparse" if t_sparse <= t_dense else "dense"
+            _PATH_DECISIONS[shared] = choice
+        self._decided[key] = choice
+        return choice
+
+    def active_path(self, x: Optional[torch.Tensor] = None) -> str:
+        """The path used for ``x`` (or the only decided one): "sparse", "dense" or "undecided"."""
+        if self.path != "auto":
+            return self.path
+        if x is not None:
+            return self._decided.get(self._decision_key(x), "undecided")
+        paths = set(self._decided.values())
+        return paths.pop() if len(paths) == 1 else ("undecided" if not paths else "mixed")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        path = self.path
+        if path == "auto":
+            if torch.compiler.is_compiling():
+                path = "sparse"  # decisions are measured eagerly (call calibrate() before compiling)
+            else:
+                path = self._decided.get(self._decision_key(x)) or self.calibrate(x)
+        return self._sparse(x) if path == "sparse" else self._dense(x)
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}"
+        )
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        return s + f", kept={self.kept_fraction():.3f}, backend={self.backend}, path={self.active_path()}"

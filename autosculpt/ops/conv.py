@@ -1,0 +1,267 @@
+"""``pattern_conv2d``: convolution where each output filter keeps only some kernel taps.
+
+The public function validates its arguments (clear errors naming the argument), resolves the backend,
+and calls the custom op ``torch.ops.autosculpt.pattern_conv2d`` (fake impl + autograd registered,
+so ``torch.compile`` and ``torch.export`` see one op). Backends are plain functions in
+``CONV_BACKENDS``; GPU backends register themselves there from their own modules.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .. import _ext
+from ..reference import pattern_conv2d_ref
+from ..runtime.backends import check_backend
+
+IntPair = Union[int, Sequence[int]]
+
+# name -> fn(x, weight, tap_mask, bias, stride, padding, dilation, groups, cache_key) -> Tensor
+CONV_BACKENDS: Dict[str, Callable[..., torch.Tensor]] = {}
+# device type -> callable choosing a backend for "auto": fn(x, weight, tap_mask, stride, padding, dilation, groups)
+AUTO_CHOOSERS: Dict[str, Callable[..., str]] = {}
+
+_cache_keys = itertools.count(1)
+
+
+def new_cache_key() -> int:
+    """A fresh key under which the CPU backend caches one layer's packed weights."""
+    return next(_cache_keys)
+
+
+def _pair(value: IntPair, name: str) -> Tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    try:
+        out = tuple(int(v) for v in value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}") from None
+    if len(out) != 2:
+        raise ValueError(f"{name}: expected an int or a pair of ints, got {value!r}")
+    return out  # type: ignore[return-value]
+
+
+def conv_output_size(h: int, w: int, kh: int, kw: int, stride, padding, dilation) -> Tuple[int, int]:
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return oh, ow
+
+
+def _validate(x, weight, tap_mask, bias, stride, padding, dilation, groups):
+    for name, t in (("x", x), ("weight", weight), ("tap_mask", tap_mask)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"x: expected 4-D input (N, C_in, H, W), got shape {tuple(x.shape)}")
+    if weight.ndim != 4:
+        raise ValueError(f"weight: expected 4-D (C_out, C_in/groups, kh, kw), got shape {tuple(weight.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight: dtype {weight.dtype} does not match x's {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight: on {weight.device} but x is on {x.device}")
+    c_out, c_in_pg, kh, kw = weight.shape
+    if tap_mask.dtype != torch.bool:
+        raise TypeError(f"tap_mask: expected a bool tensor, got {tap_mask.dtype}")
+    if tuple(tap_mask.shape) != (c_out, kh, kw):
+        raise ValueError(f"tap_mask: expected shape (C_out, kh, kw) = {(c_out, kh, kw)}, got {tuple(tap_mask.shape)}")
+    if tap_mask.device != x.device:
+        raise ValueError(f"tap_mask: on {tap_mask.device} but x is on {x.device}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups: expected a positive int, got {groups!r}")
+    if x.shape[1] % groups or c_out % groups:
+        raise ValueError(f"groups: {groups} must divide C_in={x.shape[1]} and C_out={c_out}")
+    if x.shape[1] // groups != c_in_pg:
+        raise ValueError(
+            f"weight: expects C_in/groups = {c_in_pg}, but x has {x.shape[1]} channels and groups={groups}"
+        )
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (c_out,):
+            raise ValueError(f"bias: expected shape ({c_out},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise TypeError(f"bias: expected {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}")
+    if min(stride) < 1:
+        raise ValueError(f"stride: must be >= 1, got {stride}")
+    if min(padding) < 0:
+        raise ValueError(f"padding: must be >= 0, got {padding}")
+    if min(dilation) < 1:
+        raise ValueError(f"dilation: must be >= 1, got {dilation}")
+    oh, ow = conv_output_size(x.shape[2], x.shape[3], kh, kw, stride, padding, dilation)
+    if oh < 1 or ow < 1:
+        raise ValueError(
+            f"x: spatial size {tuple(x.shape[2:])} is too small for kernel {(kh, kw)} with padding {padding}, dilation {dilation}"
+        )
+
+
+def resolve_backend(backend: str, x: torch.Tensor, weight, tap_mask, stride, padding, dilation, groups) -> str:
+    """The concrete backend for a call: checks explicit names; picks one for ``"auto"``."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a string, got {type(backend).__name__}")
+    backend = check_backend(backend, x.device, "pattern_conv2d")
+    if backend == "cpu" and x.dtype != torch.float32:
+        raise TypeError(f"x: backend 'cpu' computes float32 only, got {x.dtype}")
+    if backend != "auto":
+        return backend
+    chooser = AUTO_CHOOSERS.get(x.device.type)
+    if chooser is not None:
+        return chooser(x, weight, tap_mask, stride, padding, dilation, groups)
+    if x.device.type == "cpu" and x.dtype == torch.float32 and _ext.extension() is not None:
+        return "cpu"
+    return "torch"
+
+
+def pattern_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    tap_mask: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    backend: str = "auto",
+    *,
+    _cache_key: int = 0,
+) -> torch.Tensor:
+    """Pattern-sparse conv2d: equals ``F.conv2d(x, weight * tap_mask[:, None], bias, stride, padding,
+    dilation, groups)``, computing only the kept taps.
+
+    Args:
+        x: input (N, C_in, H, W).
+        weight: (C_out, C_in/groups, kh, kw); entries at dropped taps are ignored.
+        tap_mask: bool (C_out, kh, kw), the taps each output filter keeps.
+        bias: optional (C_out,).
+        stride, padding, dilation: int or pair.
+        groups: as in ``F.conv2d``.
+        backend: "auto", "cpu" (C++ kernel, fp32), "cuda", "triton" or "torch" (reference).
+    """
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    _validate(x, weight, tap_mask, bias, stride, padding, dilation, groups)
+    chosen = resolve_backend(backend, x, weight, tap_mask, stride, padding, dilation, groups)
+    return torch.ops.autosculpt.pattern_conv2d(
+        x, weight, tap_mask, bias, list(stride), list(padding), list(dilation), groups, chosen, int(_cache_key)
+    )
+
+
+# --------------------------------------------------------------------------- custom op
+
+
+@torch.library.custom_op("autosculpt::pattern_conv2d", mutates_args=())
+def _pattern_conv2d_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    tap_mask: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    backend: str,
+    cache_key: int,
+) -> torch.Tensor:
+    fn = CONV_BACKENDS.get(backend)
+    if fn is None:
+        _load_backend(backend)
+        fn = CONV_BACKENDS[backend]
+    return fn(x, weight, tap_mask, bias, stride, padding, dilation, groups, cache_key)
+
+
+@_pattern_conv2d_op.register_fake
+def _(x, weight, tap_mask, bias, stride, padding, dilation, groups, backend, cache_key):
+    oh, ow = conv_output_size(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding, dilation)
+    return x.new_empty((x.shape[0], weight.shape[0], oh, ow))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, tap_mask, bias, stride, padding, dilation, groups, _backend, _key = inputs
+    ctx.save_for_backward(x, weight, tap_mask)
+    ctx.has_bias = bias is not None
+    ctx.conf = (stride, padding, dilation, groups)
+
+
+def _backward(ctx, grad):
+    # Gradients through the masked dense reference: dropped taps get exactly zero gradient.
+    x, weight, tap_mask = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conf
+    mask = tap_mask[:, None].to(weight.dtype)
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.nn.grad.conv2d_input(x.shape, weight * mask, grad, stride, padding, dilation, groups)
+    if ctx.needs_input_grad[1]:
+        grad_w = torch.nn.grad.conv2d_weight(x, weight.shape, grad, stride, padding, dilation, groups) * mask
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        grad_b = grad.sum((0, 2, 3))
+    return grad_x, grad_w, None, grad_b, None, None, None, None, None, None
+
+
+_pattern_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def _torch_backend(x, weight, tap_mask, bias, stride, padding, dilation, groups, cache_key):
+    return pattern_conv2d_ref(x, weight, tap_mask, bias, stride, padding, dilation, groups)
+
+
+_PACKED: Dict[int, Tuple[tuple, object]] = {}
+
+
+def _packed_weights(ext, weight: torch.Tensor, tap_mask: torch.Tensor, groups: int, cache_key: int):
+    """Packed weights for the C++ kernel; cached per layer key and rebuilt when the weight or mask changes."""
+    fingerprint = (
+        weight.data_ptr(), weight._version, tuple(weight.shape), tuple(weight.stride()),
+        tap_mask.data_ptr(), tap_mask._version, groups,
+    )
+    if cache_key:
+        hit = _PACKED.get(cache_key)
+        if hit is not None and hit[0] == fingerprint:
+            return hit[1]
+    w = weight.detach().contiguous()
+    m = tap_mask.detach().contiguous().to(torch.uint8)
+    c_out, c_in_pg, kh, kw = w.shape
+    packed = ext.PackedPatternConv(w.data_ptr(), m.data_ptr(), c_out, c_in_pg, kh, kw, groups)
+    if cache_key:
+        _PACKED[cache_key] = (fingerprint, packed)
+    return packed
+
+
+def release_cache(cache_key: int) -> None:
+    """Drops the packed weights cached under ``cache_key`` (a layer being deleted or replaced)."""
+    _PACKED.pop(cache_key, None)
+
+
+def _cpu_backend(x, weight, tap_mask, bias, stride, padding, dilation, groups, cache_key):
+    ext = _ext.require()
+    x = x.contiguous()
+    packed = _packed_weights(ext, weight, tap_mask, groups, cache_key)
+    n, _, h, w = x.shape
+    oh, ow = conv_output_size(h, w, weight.shape[2], weight.shape[3], stride, padding, dilation)
+    out = torch.empty((n, weight.shape[0], oh, ow), dtype=x.dtype)
+    b = bias.detach().contiguous() if bias is not None else None
+    packed.forward(
+        x.data_ptr(), b.data_ptr() if b is not None else 0, out.data_ptr(), n, h, w,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], torch.get_num_threads(),
+    )
+    return out
+
+
+CONV_BACKENDS["torch"] = _torch_backend
+CONV_BACKENDS["cpu"] = _cpu_backend
+
+
+def _load_backend(name: str) -> None:
+    """Imports the module that registers a GPU backend on first use (keeps ``import autosculpt`` lean)."""
+    import importlib
+
+    modules = {"cuda": "autosculpt.ops._conv_cuda", "triton": "autosculpt.ops._conv_triton"}
+    if name not in modules:
+        raise ValueError(f"backend: unknown backend {name!r}")
+    importlib.import_module(modules[name])
+    if name not in CONV_BACKENDS:
+        raise RuntimeError(f"backend {name!r} did not register a pattern_conv2d implementation")

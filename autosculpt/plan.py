@@ -1,0 +1,113 @@
+"""Pruning plans: plain JSON data saying how each prunable module is sparsified, and ``sparsify``.
+
+A plan is ``{"version": 1, "layers": {module_name: layer_plan}}``. Each ``layer_plan`` has a
+``"kind"``; the kinds register an ``apply`` function here (``register_kind``):
+
+- ``"conv"``: ``{"kind": "conv", "pattern_set": PatternSet.to_json(), "pattern_ids": [C_out ints]}``
+  turns an ``nn.Conv2d`` into a ``PatternConv2d`` with ``tap_mask = masks[pattern_ids]``.
+- ``"attention"`` and ``"linear"`` are registered by :mod:`autosculpt.nn` (attention patterns).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Dict
+
+import torch
+from torch import nn
+
+from .patterns import PatternSet, masks_from_ids
+
+PLAN_VERSION = 1
+# kind -> fn(module, layer_plan, backend) -> replacement module
+_KINDS: Dict[str, Callable[[nn.Module, dict, str], nn.Module]] = {}
+
+
+def register_kind(kind: str, apply: Callable[[nn.Module, dict, str], nn.Module]) -> None:
+    """Registers how layer plans of ``kind`` turn a module into its sparse replacement."""
+    _KINDS[kind] = apply
+
+
+def _apply_conv(module: nn.Module, layer: dict, backend: str) -> nn.Module:
+    from .nn.conv import PatternConv2d
+
+    if not isinstance(module, nn.Conv2d):
+        raise TypeError(f"a 'conv' layer plan needs an nn.Conv2d, found {type(module).__name__}")
+    ps = PatternSet.from_json(layer["pattern_set"])
+    ids = layer["pattern_ids"]
+    if len(ids) != module.out_channels:
+        raise ValueError(f"pattern_ids: expected {module.out_channels} ids, got {len(ids)}")
+    if ps.kernel_size != tuple(module.kernel_size):
+        raise ValueError(f"pattern_set: kernel {ps.kernel_size} does not match the conv's {tuple(module.kernel_size)}")
+    return PatternConv2d.from_dense(module, masks_from_ids(ps, ids), backend=backend, path=layer.get("path", "auto"))
+
+
+register_kind("conv", _apply_conv)
+
+
+def conv_layer_plan(pattern_set: PatternSet, pattern_ids) -> dict:
+    """The layer plan for a conv whose filters get ``pattern_ids`` from ``pattern_set``."""
+    return {"kind": "conv", "pattern_set": pattern_set.to_json(), "pattern_ids": [int(i) for i in pattern_ids]}
+
+
+def validate_plan(plan: dict) -> dict:
+    """Checks a plan's structure (not against a model); returns it. Raises ValueError on bad data."""
+    if not isinstance(plan, dict):
+        raise ValueError(f"plan: expected a dict, got {type(plan).__name__}")
+    if plan.get("version") != PLAN_VERSION:
+        raise ValueError(f"plan: expected version {PLAN_VERSION}, got {plan.get('version')!r}")
+    layers = plan.get("layers")
+    if not isinstance(layers, dict):
+        raise ValueError("plan: 'layers' must be a dict of module name -> layer plan")
+    for name, layer in layers.items():
+        if not isinstance(name, str) or not isinstance(layer, dict):
+            raise ValueError(f"plan: layer {name!r} must map a module name to a dict")
+        kind = layer.get("kind")
+        if kind not in _KINDS:
+            _load_kinds()
+        if kind not in _KINDS:
+            raise ValueError(f"plan: layer {name!r} has unknown kind {kind!r} (known: {sorted(_KINDS)})")
+    return plan
+
+
+def _load_kinds() -> None:
+    # Kinds defined beside their modules register on import.
+    import importlib
+
+    for mod in ("autosculpt.nn",):
+        importlib.import_module(mod)
+
+
+def sparsify(model: nn.Module, plan: dict, *, inplace: bool = False, backend: str = "auto") -> nn.Module:
+    """Applies a plan to a model: each named module is replaced by its pattern-sparse version.
+
+    Args:
+        model: any ``nn.Module`` whose submodule names match the plan's.
+        plan: a plan dict (see module docstring); validated first.
+        inplace: modify ``model`` itself instead of a deep copy.
+        backend: kernel backend for the new layers.
+    """
+    validate_plan(plan)
+    target = model if inplace else copy.deepcopy(model)
+    modules = dict(target.named_modules())
+    for name, layer in plan["layers"].items():
+        if name not in modules:
+            raise KeyError(f"plan: module {name!r} not found in {type(model).__name__}")
+        replacement = _KINDS[layer["kind"]](modules[name], layer, backend)
+        _set_submodule(target, name, replacement)
+    return target
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def dense_plan(model: nn.Module, pattern_set: PatternSet) -> dict:
+    """A plan that keeps every tap of every conv matching ``pattern_set``'s kernel (the identity plan)."""
+    full = int(torch.argmax(pattern_set.kept_taps()))
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == pattern_set.kernel_size:
+            layers[name] = conv_layer_plan(pattern_set, [full] * m.out_channels)
+    return {"version": PLAN_VERSION, "layers": layers}

@@ -1,0 +1,46 @@
+// The one Python module of AutoSculpt's compiled kernels. It never links libtorch:
+// every kernel takes raw pointers (uintptr_t), sizes and, for CUDA, a stream handle.
+#include "registry.h"
+
+#include <omp.h>
+#include <string>
+
+namespace py = pybind11;
+
+namespace autosculpt {
+
+static std::string simd_level() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return "avx512";
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "avx2";
+  return "sse2";
+#else
+  return "generic";
+#endif
+}
+
+void register_info(py::module_& m) {
+  m.attr("__version__") = AUTOSCULPT_VERSION;
+#ifdef AUTOSCULPT_WITH_CUDA
+  m.attr("cuda_built") = true;
+  m.attr("cuda_archs") = AUTOSCULPT_CUDA_ARCHS;
+#else
+  m.attr("cuda_built") = false;
+  m.attr("cuda_archs") = "";
+#endif
+  m.def("simd_level", &simd_level, "Best SIMD instruction set the CPU kernels use on this machine");
+  m.def("omp_max_threads", [] { return omp_get_max_threads(); });
+}
+
+}  // namespace autosculpt
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "AutoSculpt compiled kernels (torch-free: raw pointers in)";
+  autosculpt::register_info(m);
+  autosculpt::register_pattern_conv(m);
+  autosculpt::register_block_attention(m);
+#ifdef AUTOSCULPT_WITH_CUDA
+  autosculpt::register_cuda(m);
+#endif
+}
