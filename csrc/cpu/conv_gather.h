@@ -22,6 +22,9 @@ struct GatherSeg {
   uint32_t lo, hi;  // stride 2: `valid` spread to the even lanes of the two 16-float input halves
 };
 
+using GatherFn = void (*)(const GatherSeg* segs, int64_t nsegs, const float* src, int64_t src_cstride, float* dst,
+                          int64_t dst_cstride, int64_t c0, int64_t c1, int64_t sw);
+
 // Generic: any stride.
 inline void gather_generic(const GatherSeg* segs, int64_t nsegs, const float* src, int64_t src_cstride,
                            float* dst, int64_t dst_cstride, int64_t c0, int64_t c1, int64_t sw) {

@@ -276,29 +276,128 @@ void PackedPatternConv::forward_depthwise(const float* x, const float* bias, flo
     }
 }
 
+// Everything one forward() of one conv group needs, shared by its helpers.
+struct PackedPatternConv::GroupCall {
+  const ConvGroupPlan* pl;
+  const float* x;     // input of image 0, channel 0 of this conv group
+  const float* bias;  // may be null
+  float* out;
+  int64_t n, h, w, oh, ow, P, G, sh, sw, ph, pw, dh, dw, c_in;
+  int64_t slots, NT, SW, W, tile_floats, sub_floats;
+  GatherFn gather;
+};
+
+// Gathers channels [c0, c1) of one tap slot for output pixels [g0, g0 + valid) into a tile block.
+void PackedPatternConv::gather_tile(const GroupCall& a, int64_t g0, int64_t valid, int64_t slot, int64_t c0,
+                                    int64_t c1, float* colt, std::vector<GatherSeg>& segs) const {
+  const int64_t tap = a.pl->slot_taps[size_t(slot)], r = tap / kw_, s = tap % kw_;
+  const int64_t off = s * a.dw - a.pw;  // input column = output column * sw + off
+  const int64_t xl_img = off >= 0 ? 0 : ceil_div(-off, a.sw);
+  const int64_t xr_img = (a.w - 1 - off) < 0 ? 0 : (a.w - 1 - off) / a.sw + 1;
+  const int64_t SW = a.SW, slot_off = slot * c_in_pg_ * SW;
+  segs.clear();
+  int64_t i = 0;
+  while (i < valid) {
+    const int64_t gp = g0 + i, b = gp / a.P, p = gp % a.P, y = p / a.ow, x0 = p % a.ow;
+    const int64_t len = std::min({a.ow - x0, valid - i, int64_t(16), SW - i % SW});
+    const int64_t iy = y * a.sh - a.ph + r * a.dh;
+    GatherSeg sg{};
+    if (iy >= 0 && iy < a.h) {
+      const int64_t vl = std::clamp<int64_t>(xl_img - x0, 0, len), vh = std::clamp<int64_t>(xr_img - x0, 0, len);
+      if (vh > vl) sg.valid = ((1u << vh) - 1u) & ~((1u << vl) - 1u);
+    }
+    sg.src = b * a.c_in * a.h * a.w + iy * a.w + x0 * a.sw + off;
+    sg.dst = (i / SW) * a.sub_floats + slot_off + i % SW;
+    sg.len = int32_t(len);
+    for (int k = 0; k < 8; ++k) {
+      sg.lo |= ((sg.valid >> k) & 1u) << (2 * k);
+      sg.hi |= ((sg.valid >> (k + 8)) & 1u) << (2 * k);
+    }
+    segs.push_back(sg);
+    i += len;
+  }
+  // Lanes past the last pixel (up to the micro-kernel's vector width) are computed and dropped;
+  // zeros keep them cheap (no denormals).
+  const int64_t end = ceil_div(valid, a.W) * a.W;
+  while (i < end) {
+    GatherSeg sg{};
+    sg.len = int32_t(std::min({end - i, int64_t(16), SW - i % SW}));
+    sg.dst = (i / SW) * a.sub_floats + slot_off + i % SW;
+    segs.push_back(sg);
+    i += sg.len;
+  }
+  a.gather(segs.data(), int64_t(segs.size()), a.x, a.h * a.w, colt, SW, c0, c1, a.sw);
+}
+
+// One filter block over the gathered pixels [g0, g0 + valid): one micro-kernel call per sub-tile.
+void PackedPatternConv::compute_block(const GroupCall& a, int64_t g0, int64_t valid, const FilterBlock& blk,
+                                      const float* colt, float* tmp) const {
+  const PatternGroup& grp = a.pl->groups[size_t(blk.group)];
+  const float* wp = packed_.data() + blk.a_offset;
+  const ConvMicroKernel* row = kernels_ + (blk.mr - 1) * nv_max_;
+  float* rows[16];
+  float bvals[16];
+  for (int m = 0; m < blk.mr; ++m) bvals[m] = a.bias ? a.bias[blk.filters[m]] : 0.f;
+  const int64_t SW = a.SW, P = a.P;
+  for (int64_t s0 = 0; s0 < valid; s0 += SW) {
+    const int64_t gs = g0 + s0, vs = std::min(SW, valid - s0);
+    const int64_t nv = ceil_div(vs, a.W);
+    const int64_t b = gs / P, p = gs % P;
+    const bool direct = (vs == nv * a.W) && (p + vs <= P);
+    if (direct) {
+      for (int m = 0; m < blk.mr; ++m) rows[m] = a.out + (b * c_out_ + blk.filters[m]) * P + p;
+    } else {
+      for (int m = 0; m < blk.mr; ++m) rows[m] = tmp + m * SW;
+    }
+    row[nv - 1](int64_t(grp.taps.size()), grp.tap_off.data(), c_in_pg_, SW, wp, colt + (s0 / SW) * a.sub_floats,
+                rows, bvals);
+    if (!direct) {  // scatter the valid lanes, which may span two or more images
+      int64_t j = 0;
+      while (j < vs) {
+        const int64_t gj = gs + j, bj = gj / P, pj = gj % P, len = std::min(vs - j, P - pj);
+        for (int m = 0; m < blk.mr; ++m)
+          std::memcpy(a.out + (bj * c_out_ + blk.filters[m]) * P + pj, tmp + m * SW + j, size_t(len) * sizeof(float));
+        j += len;
+      }
+    }
+  }
+}
+
 void PackedPatternConv::forward_group(int64_t g, const float* x, const float* bias, float* out, int64_t n,
                                       int64_t h, int64_t w, int64_t oh, int64_t ow, int64_t sh, int64_t sw,
                                       int64_t ph, int64_t pw, int64_t dh, int64_t dw, int threads) const {
   const ConvGroupPlan& pl = plans_[size_t(g)];
-  const int64_t P = oh * ow, G = n * P;
-  const int64_t c_in = c_in_pg_ * groups_, cpg = c_in_pg_;
-  const int64_t slots = int64_t(pl.slot_taps.size());
-  const int64_t NT = pl.tile, W = lanes_, SW = int64_t(lanes_) * nv_max_;
+  GroupCall a{};
+  a.pl = &pl;
+  a.x = x + g * c_in_pg_ * h * w;
+  a.bias = bias, a.out = out;
+  a.n = n, a.h = h, a.w = w, a.oh = oh, a.ow = ow, a.P = oh * ow, a.G = n * a.P;
+  a.sh = sh, a.sw = sw, a.ph = ph, a.pw = pw, a.dh = dh, a.dw = dw, a.c_in = c_in_pg_ * groups_;
+  a.slots = int64_t(pl.slot_taps.size());
+  a.NT = pl.tile, a.W = lanes_, a.SW = int64_t(lanes_) * nv_max_;
+  a.tile_floats = a.slots * c_in_pg_ * a.NT, a.sub_floats = a.slots * c_in_pg_ * a.SW;
+  a.gather = &gather_generic;
+#ifdef AUTOSCULPT_X86
+  // Stride-1/2 gathers use masked AVX-512 loads when the CPU has them.
+  if (isa_ == ConvIsa::kAvx512 && sw <= 2) a.gather = &gather_avx512;
+#endif
+  const int64_t G = a.G, P = a.P, NT = a.NT, SW = a.SW, cpg = c_in_pg_;
   const int64_t nblocks = int64_t(pl.blocks.size());
+  const int64_t n_empty = int64_t(pl.empty_filters.size());
+  const int64_t total_cost = nblocks ? pl.block_cost_prefix.back() : 0;
+
+  // Threads: no more than the work pays for (a parallel region costs microseconds).
+  const double work = double(G) * double(total_cost) + double(n * n_empty * P);
+  threads = int(std::clamp<double>(work / min_work_per_thread_, 1.0, double(threads)));
+  const int64_t subtiles = nblocks ? ceil_div(G, SW) : 0;
+  // Enough sub-tiles: every thread gathers and computes its own pixels, no barrier. Otherwise (small
+  // images at small batch) threads share gathered tiles and split the filters instead.
+  const bool private_tiles = subtiles >= int64_t(threads) * min_subtiles_per_thread_ || threads == 1;
   const int64_t tiles_total = nblocks ? ceil_div(G, NT) : 0;
   const int64_t chunk_tiles = std::min<int64_t>(tiles_total, int64_t(threads) * kChunkTilesPerThread);
-  const int64_t tile_floats = slots * cpg * NT, sub_floats = slots * cpg * SW;
-  // Stride-1/2 gathers use masked AVX-512 loads when the CPU has them.
-  using GatherFn = void (*)(const GatherSeg*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t);
-  GatherFn gather_ = &gather_generic;
-#ifdef AUTOSCULPT_X86
-  if (isa_ == ConvIsa::kAvx512 && sw <= 2) gather_ = &gather_avx512;
-#endif
-  float* col = nblocks ? col_scratch(size_t(chunk_tiles * tile_floats)) : nullptr;
   const int64_t chunks = chunk_tiles ? ceil_div(tiles_total, chunk_tiles) : 0;
+  float* shared_col = (nblocks && !private_tiles) ? col_scratch(size_t(chunk_tiles * a.tile_floats)) : nullptr;
   const int64_t cblocks = ceil_div(cpg, kPackChannelBlock);
-  const int64_t total_cost = nblocks ? pl.block_cost_prefix.back() : 0;
-  const int64_t n_empty = int64_t(pl.empty_filters.size());
 
 #pragma omp parallel num_threads(threads)
   {
@@ -311,104 +410,48 @@ void PackedPatternConv::forward_group(int64_t g, const float* x, const float* bi
       float* o = out + (b * c_out_ + co) * P;
       std::fill(o, o + P, bias ? bias[co] : 0.f);
     }
-
     std::vector<GatherSeg> segs;
     segs.reserve(size_t(NT + 64));
     alignas(64) float tmp[16 * 48];  // partial sub-tiles: MR x SW staging
-    float* rows[16];
-    float bvals[16];
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      const int64_t t0 = chunk * chunk_tiles, tc = std::min(chunk_tiles, tiles_total - t0);
 
-      // ---- gather: col[tile][sub-tile][slot][ci][SW] = x at (tap slot, channel) for each output pixel
-      split_even(tc * slots * cblocks, tid, T, lo, hi);
-      for (int64_t item = lo; item < hi; ++item) {
-        const int64_t tl = item / (slots * cblocks), rem = item % (slots * cblocks);
-        const int64_t slot = rem / cblocks, cb = rem % cblocks;
-        const int64_t c0 = cb * kPackChannelBlock, c1 = std::min(cpg, c0 + kPackChannelBlock);
-        const int64_t tap = pl.slot_taps[size_t(slot)], r = tap / kw_, s = tap % kw_;
-        const int64_t off = s * dw - pw;  // input column = out column * sw + off
-        const int64_t xl_img = off >= 0 ? 0 : ceil_div(-off, sw);
-        const int64_t xr_img = (w - 1 - off) < 0 ? 0 : (w - 1 - off) / sw + 1;
-        const int64_t g0 = (t0 + tl) * NT, valid = std::min(NT, G - g0);
-        segs.clear();
-        int64_t i = 0;
-        while (i < valid) {
-          const int64_t gp = g0 + i, b = gp / P, p = gp % P, y = p / ow, x0 = p % ow;
-          const int64_t len = std::min({ow - x0, valid - i, int64_t(16), SW - i % SW});
-          const int64_t iy = y * sh - ph + r * dh;
-          GatherSeg sg{};
-          if (iy >= 0 && iy < h) {
-            const int64_t vl = std::clamp<int64_t>(xl_img - x0, 0, len), vh = std::clamp<int64_t>(xr_img - x0, 0, len);
-            if (vh > vl) sg.valid = ((1u << vh) - 1u) & ~((1u << vl) - 1u);
-          }
-          sg.src = b * c_in * h * w + iy * w + x0 * sw + off;
-          sg.dst = (i / SW) * sub_floats + slot * cpg * SW + i % SW;
-          sg.len = int32_t(len);
-          for (int k = 0; k < 8; ++k) {
-            sg.lo |= ((sg.valid >> k) & 1u) << (2 * k);
-            sg.hi |= ((sg.valid >> (k + 8)) & 1u) << (2 * k);
-          }
-          segs.push_back(sg);
-          i += len;
-        }
-        // Lanes past the last pixel (up to the micro-kernel's vector width) are computed and dropped;
-        // zeros keep them cheap (no denormals).
-        const int64_t end = ceil_div(valid, W) * W;
-        while (i < end) {
-          GatherSeg sg{};
-          sg.len = int32_t(std::min({end - i, int64_t(16), SW - i % SW}));
-          sg.dst = (i / SW) * sub_floats + slot * cpg * SW + i % SW;
-          segs.push_back(sg);
-          i += sg.len;
-        }
-        gather_(segs.data(), int64_t(segs.size()), x + g * cpg * h * w, h * w, col + tl * tile_floats, SW, c0, c1, sw);
+    if (private_tiles && nblocks) {
+      float* col = col_scratch(size_t(a.tile_floats));  // this thread's own, reused across calls
+      split_even(subtiles, tid, T, lo, hi);
+      for (int64_t st = lo; st < hi; st += NT / SW) {
+        const int64_t g0 = st * SW, valid = std::min({NT, (hi - st) * SW, G - g0});
+        for (int64_t slot = 0; slot < a.slots; ++slot) gather_tile(a, g0, valid, slot, 0, cpg, col, segs);
+        for (const FilterBlock& blk : pl.blocks) compute_block(a, g0, valid, blk, col, tmp);
       }
-#pragma omp barrier
-
-      // ---- compute: (tile, filter block) items, split between threads by estimated work
-      const int64_t cost_all = tc * total_cost;
-      auto first_item = [&](int64_t c) -> int64_t {  // first item whose cost range starts at or after c
-        const int64_t tile = c / total_cost, rc = c % total_cost;
-        const int64_t j = std::lower_bound(pl.block_cost_prefix.begin(), pl.block_cost_prefix.end() - 1, rc) -
-                          pl.block_cost_prefix.begin();
-        return tile * nblocks + j;
-      };
-      const int64_t ilo = first_item(cost_all * tid / T);
-      const int64_t ihi = (tid + 1 == T) ? tc * nblocks : first_item(cost_all * (tid + 1) / T);
-      for (int64_t item = ilo; item < ihi; ++item) {
-        const int64_t tl = item / nblocks;
-        const FilterBlock& blk = pl.blocks[size_t(item % nblocks)];
-        const PatternGroup& grp = pl.groups[size_t(blk.group)];
-        const int64_t g0 = (t0 + tl) * NT, valid = std::min(NT, G - g0);
-        const float* a = packed_.data() + blk.a_offset;
-        const float* colt = col + tl * tile_floats;
-        for (int m = 0; m < blk.mr; ++m) bvals[m] = bias ? bias[blk.filters[m]] : 0.f;
-        for (int64_t s0 = 0; s0 < valid; s0 += SW) {
-          const int64_t gs = g0 + s0, vs = std::min(SW, valid - s0);
-          const int64_t nv = ceil_div(vs, W);
-          const int64_t b = gs / P, p = gs % P;
-          const bool direct = (vs == nv * W) && (p + vs <= P);
-          if (direct) {
-            for (int m = 0; m < blk.mr; ++m) rows[m] = out + (b * c_out_ + blk.filters[m]) * P + p;
-          } else {
-            for (int m = 0; m < blk.mr; ++m) rows[m] = tmp + m * SW;
-          }
-          kernels_[(blk.mr - 1) * nv_max_ + (nv - 1)](int64_t(grp.taps.size()), grp.tap_off.data(), cpg, SW, a,
-                                                      colt + (s0 / SW) * sub_floats, rows, bvals);
-          if (!direct) {  // scatter the valid lanes, which may span two or more images
-            int64_t j = 0;
-            while (j < vs) {
-              const int64_t gj = gs + j, bj = gj / P, pj = gj % P, len = std::min(vs - j, P - pj);
-              for (int m = 0; m < blk.mr; ++m)
-                std::memcpy(out + (bj * c_out_ + blk.filters[m]) * P + pj, tmp + m * SW + j,
-                            size_t(len) * sizeof(float));
-              j += len;
-            }
-          }
+    } else if (nblocks) {
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        const int64_t t0 = chunk * chunk_tiles, tc = std::min(chunk_tiles, tiles_total - t0);
+        // gather: (tile, slot, channel block) items
+        split_even(tc * a.slots * cblocks, tid, T, lo, hi);
+        for (int64_t item = lo; item < hi; ++item) {
+          const int64_t tl = item / (a.slots * cblocks), rem = item % (a.slots * cblocks);
+          const int64_t slot = rem / cblocks, cb = rem % cblocks;
+          const int64_t c0 = cb * kPackChannelBlock, c1 = std::min(cpg, c0 + kPackChannelBlock);
+          const int64_t g0 = (t0 + tl) * NT;
+          gather_tile(a, g0, std::min(NT, G - g0), slot, c0, c1, shared_col + tl * a.tile_floats, segs);
         }
-      }
 #pragma omp barrier
+        // compute: (tile, filter block) items, split between threads by estimated work
+        const int64_t cost_all = tc * total_cost;
+        auto first_item = [&](int64_t c) -> int64_t {  // first item whose cost range starts at or after c
+          const int64_t tile = c / total_cost, rc = c % total_cost;
+          const int64_t j = std::lower_bound(pl.block_cost_prefix.begin(), pl.block_cost_prefix.end() - 1, rc) -
+                            pl.block_cost_prefix.begin();
+          return tile * nblocks + j;
+        };
+        const int64_t ilo = first_item(cost_all * tid / T);
+        const int64_t ihi = (tid + 1 == T) ? tc * nblocks : first_item(cost_all * (tid + 1) / T);
+        for (int64_t item = ilo; item < ihi; ++item) {
+          const int64_t tl = item / nblocks, g0 = (t0 + tl) * NT;
+          compute_block(a, g0, std::min(NT, G - g0), pl.blocks[size_t(item % nblocks)],
+                        shared_col + tl * a.tile_floats, tmp);
+        }
+#pragma omp barrier
+      }
     }
   }
 }
@@ -437,6 +480,10 @@ void register_pattern_conv(pybind11::module_& m) {
           py::arg("stride_h"), py::arg("stride_w"), py::arg("pad_h"), py::arg("pad_w"), py::arg("dil_h"),
           py::arg("dil_w"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("kept_taps", &PackedPatternConv::kept_taps)
+      .def("set_scheduling", &PackedPatternConv::set_scheduling, py::arg("min_work_per_thread"),
+           py::arg("min_subtiles_per_thread"),
+           "Tuning/testing: work (multiply-adds) that justifies a thread, and sub-tiles per thread below which "
+           "threads share gathered tiles and split the filters (0 forces that path)")
       .def_property_readonly("isa", &PackedPatternConv::isa_name,
                              "micro-kernel in use: 'avx512', 'avx2' or 'generic'")
       .def_property_readonly("num_pattern_groups", &PackedPatternConv::num_pattern_groups)

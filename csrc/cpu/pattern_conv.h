@@ -21,6 +21,8 @@
 #include <string>
 #include <vector>
 
+#include "cpu/conv_gather.h"
+
 namespace autosculpt {
 
 enum class ConvIsa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
@@ -71,11 +73,22 @@ class PackedPatternConv {
   std::string isa_name() const;
   int64_t num_pattern_groups() const;
   int64_t tile_pixels() const { return plans_.empty() ? 0 : plans_[0].tile; }
+  // Scheduling knobs (tests force each path with them): multiply-adds that justify one more thread,
+  // and the sub-tiles per thread below which threads share gathered tiles and split the filters.
+  void set_scheduling(double min_work_per_thread, int64_t min_subtiles_per_thread) {
+    min_work_per_thread_ = min_work_per_thread > 0 ? min_work_per_thread : 1.0;
+    min_subtiles_per_thread_ = min_subtiles_per_thread;
+  }
 
  private:
   void forward_depthwise(const float* x, const float* bias, float* out, int64_t n, int64_t h, int64_t w,
                          int64_t oh, int64_t ow, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
                          int64_t dw, int threads) const;
+  struct GroupCall;
+  void gather_tile(const GroupCall& a, int64_t g0, int64_t valid, int64_t slot, int64_t c0, int64_t c1,
+                   float* colt, std::vector<GatherSeg>& segs) const;
+  void compute_block(const GroupCall& a, int64_t g0, int64_t valid, const FilterBlock& blk, const float* colt,
+                     float* tmp) const;
   void forward_group(int64_t g, const float* x, const float* bias, float* out, int64_t n, int64_t h, int64_t w,
                      int64_t oh, int64_t ow, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
                      int64_t dw, int threads) const;
@@ -85,6 +98,8 @@ class PackedPatternConv {
   ConvIsa isa_;
   int mr_ = 1, lanes_ = 1, nv_max_ = 1;          // micro-kernel shape: mr_ filters x nv_max_*lanes_ pixels
   const ConvMicroKernel* kernels_ = nullptr;     // [(mr - 1) * nv_max_ + (nv - 1)]
+  double min_work_per_thread_ = 4e5;
+  int64_t min_subtiles_per_thread_ = 6;
   std::vector<ConvGroupPlan> plans_;             // per conv group
   std::vector<float> packed_;                    // all blocks' weight panels
   std::vector<float> dw_weight_;                 // depthwise: weights (c_out, kh*kw)
