@@ -73,7 +73,9 @@ def _pattern_conv_kernel(
     x_row = nb.to(tl.int64) * sxn + cin_base.to(tl.int64) * sxc
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # tl.full, not tl.zeros: builtins work both compiled and interpreted whatever TRITON_INTERPRET was
+    # when triton was imported (tl.zeros is a @triton.jit helper fixed to one mode at import).
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for ti in range(0, ntaps):
         tap = tl.load(taps_ptr + tap0 + ti)
         ih = ih0 + (tap // KW) * dil_h
@@ -153,6 +155,7 @@ def pattern_conv2d_triton(
     dilation: Tuple[int, int],
     input_precision: str = "ieee",
     config: Dict[str, int] = None,
+    out: torch.Tensor = None,
 ) -> torch.Tensor:
     """Launches the kernel and returns the output (N, C_out, OH, OW) in x's dtype and memory format.
 
@@ -160,14 +163,19 @@ def pattern_conv2d_triton(
     ``autosculpt.ops._pattern_groups``. ``input_precision`` ("ieee" or "tf32") only matters for fp32
     on a GPU. ``config`` pins block sizes (BLOCK_M/N/K, optional num_warps/num_stages) instead of
     autotuning; CPU tensors always use the interpreter and :data:`INTERPRETER_CONFIG` by default.
+    ``out`` (optional) is written in place, every element of it (any strides).
     """
     n, _, h, w = x.shape
     kh, kw = kernel_size
     oh = _out_size(h, kh, stride[0], padding[0], dilation[0])
     ow = _out_size(w, kw, stride[1], padding[1], dilation[1])
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty((n, c_out, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
+    if out is None:
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        out = torch.empty((n, c_out, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
+    elif tuple(out.shape) != (n, c_out, oh, ow) or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"out: expected {(n, c_out, oh, ow)} {x.dtype} on {x.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
     p = n * oh * ow
     if p == 0 or c_out == 0:
         return out
