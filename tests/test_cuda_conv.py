@@ -5,6 +5,7 @@ Nothing here touches CUDA at import: the skip is decided inside the fixture, whe
 Tolerances for fp16/bf16 (and TF32) are tied to cuDNN's own error in the same precision: our error
 against an fp64 reference must be at most twice that of ``F.conv2d`` on the same rounded inputs.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -277,3 +278,80 @@ def test_cuda_launch_without_a_gpu_raises_runtime_error():
     with pytest.raises(ValueError, match="dtype"):
         ext.pattern_conv2d_cuda(16, 16, 0, 16, 16, 16, 16, 1, 4, 5, 5, 3, 3, 3, (100, 25, 5, 1), (36, 9, 3, 1),
                                 1, 1, 0, 0, 1, 1, 1, 9, False, 0, 0)
+
+
+# ----------------------------------------------------------------- the GPU check script, on CPU
+
+
+def _gpu_check_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", REPO / "bench" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_check_dry_run_writes_a_report(tmp_path, monkeypatch):
+    """The whole benchmark logic on CPU: interpreted Triton vs dense on a tiny layer, report written."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    gc = _gpu_check_module()
+    assert gc.main([str(tmp_path), "--dry-run", "--batches", "1", "--max-shapes", "1"]) == 0
+    md = (tmp_path / "gpu-cpu-dryrun.md").read_text()
+    data = json.loads((tmp_path / "gpu-cpu-dryrun.json").read_text())
+    assert "# Pattern conv on cpu-dryrun" in md and "## Summary" in md
+    assert len(data["rows"]) == len(gc.MASK_MIXES) and data["skipped"] == 0
+    for row in data["rows"]:
+        assert row["wrong"] == [] and row["note"] == ""
+        assert row["ms"]["triton"] > 0 and row["err"]["triton"] < 1e-5
+        assert row["ideal"] == pytest.approx(1 / row["kept"])
+        assert f"| {row['shape']} | 1 | fp32 | {row['mask']} |" in md
+
+
+def test_gpu_check_flags_wrong_outputs(tmp_path, monkeypatch):
+    """A provider returning wrong numbers is marked WRONG and kept out of the speedups."""
+    gc = _gpu_check_module()
+    from autosculpt.ops import conv as conv_ops
+
+    def broken(x, weight, tap_mask, bias, *args):
+        return pattern_conv2d_ref(x, weight, tap_mask, bias, *args[:4]) * 1.01
+
+    monkeypatch.setitem(conv_ops.CONV_BACKENDS, "triton", broken)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    gc.run(tmp_path, "cpu", True, 60.0, ["triton"], log=lambda *_: None, requested_batches=[1], max_shapes=1)
+    data = json.loads((tmp_path / "gpu-cpu-dryrun.json").read_text())
+    assert all(r["wrong"] == ["triton"] for r in data["rows"])
+    assert all("WRONG: triton" in line for line in (tmp_path / "gpu-cpu-dryrun.md").read_text().splitlines()
+               if line.startswith("| tiny"))
+
+
+def test_gpu_check_summary():
+    gc = _gpu_check_module()
+    Row = gc.Row
+    rows = [
+        Row("a", 32, "fp16-cl", "50%", 0.5, 2.0, 1.0, ms={"cuda": 0.8, "triton": 0.6, "auto": 0.6}),
+        Row("b", 128, "fp16-cl", "33%", 1 / 3, 3.0, 3.0, ms={"cuda": 1.0, "triton": 2.0, "auto": 1.0}),
+        Row("c", 32, "bf16-cl", "11%", 1 / 9, 9.0, 9.0, ms={"cuda": 9.0, "triton": 1.0, "auto": 1.0},
+            wrong=["triton"]),
+        Row("d", 1, "fp16-cl", "50%", 0.5, 2.0, 1.0, ms={"cuda": 0.1, "triton": 0.1, "auto": 1.05}),  # batch 1
+        Row("e", 32, "fp16-cl", "67%", 2 / 3, 1.5, 1.0, ms={"cuda": 0.1, "triton": 0.1, "auto": 1.0}),  # 67%
+    ]
+    s = gc.summarize(rows)
+    # best ÷ ideal over rows a, b, c (batch >= 32, kept <= 50%): (1/0.6)/2, 3/3, (9/9)/9 (triton is wrong)
+    assert s["median_ratio_best"] == pytest.approx(sorted([1 / 0.6 / 2, 1.0, 1 / 9])[1])
+    assert s["n_triton"] == 2 and s["median_ratio_triton"] == pytest.approx((1 / 0.6 / 2 + 1.5 / 3) / 2)
+    assert s["worst_auto_speedup"] == pytest.approx(1 / 1.05) and s["worst_auto_row"].startswith("d b1")
+    assert s["wrong"] == ["c b32 bf16-cl 11%: triton"]
+    assert gc.card_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_gpu_check_sh_fails_clearly_without_a_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    env = dict(os.environ, PYTHON=sys.executable)
+    res = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "torch sees no CUDA device" in res.stdout + res.stderr

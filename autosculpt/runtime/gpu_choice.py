@@ -80,11 +80,14 @@ def measure(x, weight, tap_mask, stride, padding, dilation, groups, backends: Op
     kernel is visible instead of silently ignored.
     """
     timings: Dict[str, float] = {}
+    # A cache key for the measurement: kernels time as in a layer (packed weights reused), without the
+    # per-call mask read and packing of uncached functional calls.
+    key = conv_ops.new_cache_key()
     with torch.no_grad():
         for name in backends or candidates(x):
             def run(name=name):
                 return torch.ops.autosculpt.pattern_conv2d(
-                    x, weight, tap_mask, None, list(stride), list(padding), list(dilation), groups, name, 0
+                    x, weight, tap_mask, None, list(stride), list(padding), list(dilation), groups, name, key
                 )
 
             try:
@@ -93,6 +96,7 @@ def measure(x, weight, tap_mask, stride, padding, dilation, groups, backends: Op
                 _FAILED[name] = f"{type(exc).__name__}: {exc}"
                 warnings.warn(f"autosculpt: backend {name!r} failed while choosing a GPU backend and is "
                               f"disabled for 'auto' in this process: {_FAILED[name]}", RuntimeWarning)
+    conv_ops.release_cache(key)
     return timings
 
 

@@ -298,6 +298,19 @@ void launch(const KernelParams& kp, unsigned blocks, cudaStream_t stream) {
   check(cudaGetLastError(), "kernel launch");
 }
 
+constexpr int kMaxDevices = 64;
+
+// Compute capability major of a device, asked once per device (a benign race at worst asks twice).
+int compute_major(int device) {
+  static int cached[kMaxDevices] = {0};
+  if (cached[device] == 0) {
+    int major = 0;
+    check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+    cached[device] = major;
+  }
+  return cached[device];
+}
+
 void require(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument("pattern_conv2d_forward: " + msg);
 }
@@ -350,9 +363,18 @@ void pattern_conv2d_forward(const PatternConvArgs& a) {
   kp.vec_x = a.x_stride[1] == 1 && a.c_in_pg % vec == 0 && a.x % 16 == 0 && a.x_stride[0] % vec == 0 &&
              a.x_stride[2] % vec == 0 && a.x_stride[3] % vec == 0;
 
-  check(cudaSetDevice(a.device), "cudaSetDevice");
-  int major = 0;
-  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, a.device), "cudaDeviceGetAttribute");
+  require(a.device >= 0 && a.device < kMaxDevices, "device index out of range");
+  // Launch on the tensor's device, then give the caller its current device back (like a device guard).
+  int previous = 0;
+  check(cudaGetDevice(&previous), "cudaGetDevice");
+  if (previous != a.device) check(cudaSetDevice(a.device), "cudaSetDevice");
+  struct Restore {
+    int device, previous;
+    ~Restore() {
+      if (device != previous) cudaSetDevice(previous);
+    }
+  } restore{a.device, previous};
+  const int major = compute_major(a.device);
   const bool tensor_core_ok = major >= 8;
   const auto stream = reinterpret_cast<cudaStream_t>(a.stream);
   const auto blocks = static_cast<unsigned>(pix_tiles * a.n_ftiles);
