@@ -1,0 +1,1 @@
+from .vit import VisionTransformer, vit_tiny  # noqa: F401
