@@ -39,9 +39,11 @@ struct AttnScratch {
 };
 
 void attn_task_generic(const AttnDims& dims, const AttnTask& task, const AttnScratch& scratch);
-// AVX-512 kernel: needs bs % 16 == 0 and dp <= 256; call only when the CPU has avx512f.
+// AVX-512 kernel: needs bs in {16, 32, 64, 128} and dp <= 256; call only when the CPU has avx512f.
 void attn_task_avx512(const AttnDims& dims, const AttnTask& task, const AttnScratch& scratch);
 bool attn_avx512_supported_shape(const AttnDims& dims);
+// K^T of one key block (rows valid rows of src, row stride d) into dst [d][bs], zero-padded; AVX-512.
+void pack_kt_avx512(const float* src, int64_t rows, int64_t d, int64_t bs, float* dst);
 bool cpu_has_avx512f();
 
 }  // namespace autosculpt

@@ -123,7 +123,7 @@ static void block_attention_forward(const float* q, const float* k, const float*
   else if (isa == 1) use_avx512 = false;
   else if (isa == 2) {
     if (!avx512_ok)
-      throw std::invalid_argument("block_sparse_attention: AVX-512 path needs avx512f, block_size % 16 == 0 and D <= 256");
+      throw std::invalid_argument("block_sparse_attention: AVX-512 path needs avx512f, block_size in {16, 32, 64, 128} and D <= 256");
     use_avx512 = true;
   } else {
     throw std::invalid_argument("block_sparse_attention: isa must be 0, 1 or 2");
@@ -166,10 +166,14 @@ static void block_attention_forward(const float* q, const float* k, const float*
           const float* vsrc = v + (bh * Lk + kb * bs) * D;
           float* ktd = kt + (bh * nkb + kb) * kt_block;
           float* vpd = vp + (bh * nkb + kb) * vp_block;
-          for (int64_t c = 0; c < D; ++c) {
-            float* dst = ktd + c * bs;
-            for (int64_t j = 0; j < rows; ++j) dst[j] = ksrc[j * D + c];
-            for (int64_t j = rows; j < bs; ++j) dst[j] = 0.0f;
+          if (use_avx512) {
+            pack_kt_avx512(ksrc, rows, D, bs, ktd);
+          } else {
+            for (int64_t c = 0; c < D; ++c) {
+              float* dst = ktd + c * bs;
+              for (int64_t j = 0; j < rows; ++j) dst[j] = ksrc[j * D + c];
+              for (int64_t j = rows; j < bs; ++j) dst[j] = 0.0f;
+            }
           }
           for (int64_t j = 0; j < bs; ++j) {
             float* dst = vpd + j * dims.dp;
