@@ -25,6 +25,7 @@ actually run + a fixed per-layer overhead): for tests and for FLOPs-style budget
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -200,6 +201,19 @@ class _BaseLatencyModel:
     def _prepare_layer(self, name: str, info: dict) -> None:
         """Hook for measuring a layer's grid up front (LatencyModel)."""
 
+    def state_dict(self) -> dict:
+        """The profile (layers and their costs), so a resumed search predicts exactly as before."""
+        return copy.deepcopy({"layers": self.layers, "dense_ms": self._dense_ms, "remainder_ms": self.remainder_ms,
+                              "grid": getattr(self, "_grid", None)})
+
+    def load_state_dict(self, state: dict) -> None:
+        self.layers = copy.deepcopy(state["layers"])
+        self._dense_ms = dict(state["dense_ms"])
+        self.remainder_ms = float(state["remainder_ms"])
+        if state.get("grid") is not None:
+            self._grid = copy.deepcopy(state["grid"])
+        self._profiled_for = None
+
     def _require_profile(self):
         if not self.layers:
             raise RuntimeError("latency model: call profile(model, example_input) first")
@@ -258,7 +272,7 @@ class _BaseLatencyModel:
         """
         from ..plan import sparsify
 
-        if self._profiled_for != id(model):
+        if not self.layers:
             self.profile(model, example_input)
         sparse_model = sparsify(model, dict(plan), backend=getattr(self, "backend", "auto")).eval()
         measured = self.measure_model(sparse_model, example_input, reps=reps)
