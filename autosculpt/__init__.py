@@ -5,5 +5,6 @@ Import is lean: no CUDA initialisation and no triton import happen here.
 from . import nn, ops, patterns, runtime
 from ._version import __version__
 from .plan import sparsify
+from .io import load, save  # noqa: E402  (product: model files)
 
-__all__ = ["__version__", "nn", "ops", "patterns", "runtime", "sparsify"]
+__all__ = ["__version__", "nn", "ops", "patterns", "runtime", "sparsify", "save", "load"]
