@@ -183,6 +183,9 @@ def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, wo
 
 
 def _collate(data: Dataset, idx: List[int]):
+    if isinstance(data, torch.utils.data.TensorDataset) and len(data.tensors) == 2:
+        t = torch.as_tensor(idx)
+        return data.tensors[0][t], data.tensors[1][t].long()
     xs, ys = zip(*(data[i] for i in idx))
     return torch.stack(xs), torch.as_tensor([int(y) for y in ys])
 
