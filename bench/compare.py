@@ -75,18 +75,21 @@ class CompareConfig:
     """Which methods to run."""
     data: str = "digits"
     """``digits`` (8×8 for the digits CNN, upsampled to 32×32 for the other models) or ``cifar10:PATH``."""
-    episodes: int = 30
+    episodes: int = 64
     """Search episodes (one plan each) for autosculpt and paper_reward."""
-    finetune_epochs: int = 4
+    episodes_per_model: Dict[str, int] = field(default_factory=lambda: {"resnet20": 20})
+    """Per-model overrides of ``episodes`` (a ResNet-20 plan takes ~30× longer to evaluate than a digits CNN plan)."""
+    finetune_epochs: int = 2
     """Fine-tuning epochs for every method."""
     finetune_lr: float = 0.01
     """Peak fine-tuning learning rate (cosine)."""
-    dense_epochs: int = 20
+    dense_epochs: int = 15
     """Training epochs of the dense model (cached)."""
     budget_batch: int = 8
     """Batch size the budget is stated and checked at (the search's latency-model input)."""
     threads: int = 1
-    """Threads for every latency measurement (training uses all cores)."""
+    """Threads for every latency measurement, and for training (on a shared 2-core machine one thread
+    trained 6-9× faster than two: OpenMP threads wait on each other when the cores are busy)."""
     latency: str = "measured"
     """``measured`` (``LatencyModel`` on this CPU) or ``flops`` (deterministic ``FlopsLatencyModel``, tests)."""
     repeats: int = 15
@@ -232,7 +235,7 @@ def run_method(method: str, cfg: CompareConfig, model_name: str, target: float, 
         budget = ({"target_speedup": target} if method == "autosculpt"
                   else {"target_flops_ratio": 1.0 - 1.0 / target})
         ck = work / "searches" / f"{model_name}-{method}-t{target:g}-s{seed}"
-        res = search(dense, train, val, **budget, episodes=cfg.episodes, seed=seed, checkpoint_dir=str(ck), resume=True,
+        res = search(dense, train, val, **budget, episodes=cfg.episodes_per_model.get(model_name, cfg.episodes), seed=seed, checkpoint_dir=str(ck), resume=True,
                      latency_model=lm, example_input=example, progress=False)
         plan, search_s = res.best_plan, res.wall_time_s
         extra.update(evaluated_plans=len(res.history), val_acc_before_finetune=res.best_record["val_acc"],
@@ -360,8 +363,8 @@ def run_compare(cfg: CompareConfig, out_json: Path, *, fresh: bool = False, work
         dense.eval()
         dense_acc = {"dense_val_acc": evaluate(dense, splits.val), "dense_test_acc": evaluate(dense, splits.test)}
         lm = make_latency_model(cfg, work)
-        for target in cfg.targets:
-            for seed in cfg.seeds:
+        for seed in cfg.seeds:  # seeds outermost: a run cut short still has whole seeds for every target
+            for target in cfg.targets:
                 plans_to_match = None
                 for method in cfg.methods:
                     key = (method, model_name, float(target), int(seed))
@@ -431,7 +434,8 @@ def render_markdown(records: List[dict], cfg: CompareConfig, command: str = "pyt
         f"Data: `{cfg.data}` (digits: 8×8 for the digits CNN, upsampled to 32×32 for the others; fixed split, seed 0). "
         f"Dense models trained {cfg.dense_epochs} epochs once (seed 0); seeds {seeds} vary search, baselines and "
         f"fine-tuning.",
-        f"Budgets: search {cfg.episodes} episodes (one plan each; random search evaluates as many distinct plans as "
+        f"Budgets: search {cfg.episodes} episodes (one plan each; overrides {cfg.episodes_per_model}; random search "
+        "evaluates as many distinct plans as "
         f"autosculpt did); fine-tuning {cfg.finetune_epochs} epochs, lr {cfg.finetune_lr}, for every method; latency "
         f"model: {cfg.latency}" + (f"; training subset {cfg.train_subset} images" if cfg.train_subset else "") + ".",
         "Accuracies: mean ± std over seeds (val = best fine-tuning epoch; test evaluated once). Latency: median over "
@@ -471,7 +475,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--episodes", type=int, default=None)
     ap.add_argument("--finetune-epochs", type=int, default=None)
     ap.add_argument("--dense-epochs", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None, help="threads of every latency measurement (default 1)")
+    ap.add_argument("--threads", type=int, default=None, help="threads of every latency measurement and of training (default 1)")
     ap.add_argument("--latency", choices=("measured", "flops"), default=None)
     ap.add_argument("--train-subset", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None, help="records JSON (default bench/results/compare.json)")
@@ -480,13 +484,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     cfg = CompareConfig()
     if args.quick:
-        cfg = dataclasses.replace(cfg, models=["digits_cnn"], targets=[2.0], seeds=[0], episodes=4, finetune_epochs=1,
+        cfg = dataclasses.replace(cfg, models=["digits_cnn"], targets=[2.0], seeds=[0], episodes=4, episodes_per_model={},
+                                  finetune_epochs=1,
                                   dense_epochs=3, repeats=5, train_subset=300)
     for name in ("models", "targets", "methods", "data", "episodes", "finetune_epochs", "dense_epochs", "threads",
                  "latency", "train_subset"):
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, name, v)
+    if args.episodes is not None:
+        cfg.episodes_per_model = {}
     if args.seeds is not None:
         if args.seeds < 1:
             ap.error("--seeds: expected a positive number of seeds")
