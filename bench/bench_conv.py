@@ -38,17 +38,7 @@ from autosculpt.ops import pattern_conv2d
 from autosculpt.ops import conv as conv_ops
 
 from .conv_shapes import MASK_MIXES, QUICK_SHAPES, SHAPES, ConvShape, make_layer_inputs, make_tap_mask
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from .timing import cpu_name
 
 
 def existing_engine(x, weight, tap_mask, bias, stride: int, padding: int) -> Callable[[], torch.Tensor]:

@@ -45,6 +45,34 @@ inline void gather_generic(const GatherSeg* segs, int64_t nsegs, const float* sr
 }
 
 #if defined(__x86_64__) || defined(_M_X64)
+// AVX2, stride 1: two 8-lane masked loads/stores per segment (vmaskmov does not fault on masked lanes).
+__attribute__((target("avx2"))) inline __m256i avx2_lane_mask(uint32_t bits) {
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(bits & 0xffu)), lane_bit), lane_bit);
+}
+
+__attribute__((target("avx2"))) inline void gather_avx2(const GatherSeg* segs, int64_t nsegs, const float* src,
+                                                         int64_t src_cstride, float* dst, int64_t dst_cstride,
+                                                         int64_t c0, int64_t c1, int64_t sw) {
+  if (sw != 1) {
+    gather_generic(segs, nsegs, src, src_cstride, dst, dst_cstride, c0, c1, sw);
+    return;
+  }
+  for (int64_t ci = c0; ci < c1; ++ci) {
+    const float* s = src + ci * src_cstride;
+    float* d = dst + ci * dst_cstride;
+    for (int64_t i = 0; i < nsegs; ++i) {
+      const GatherSeg& g = segs[i];
+      const uint32_t store = (1u << g.len) - 1u;
+      _mm256_maskstore_ps(d + g.dst, avx2_lane_mask(store),
+                          _mm256_maskload_ps(s + g.src, avx2_lane_mask(g.valid)));
+      if (g.len > 8)
+        _mm256_maskstore_ps(d + g.dst + 8, avx2_lane_mask(store >> 8),
+                            _mm256_maskload_ps(s + g.src + 8, avx2_lane_mask(g.valid >> 8)));
+    }
+  }
+}
+
 // AVX-512: one masked load (stride 1) or two loads + an even-lane permute (stride 2) per segment;
 // masked-off lanes never touch memory, so padding needs no bounds checks.
 __attribute__((target("avx512f"))) inline void gather_avx512(const GatherSeg* segs, int64_t nsegs,

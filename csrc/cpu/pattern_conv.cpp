@@ -380,6 +380,7 @@ void PackedPatternConv::forward_group(int64_t g, const float* x, const float* bi
 #ifdef AUTOSCULPT_X86
   // Stride-1/2 gathers use masked AVX-512 loads when the CPU has them.
   if (isa_ == ConvIsa::kAvx512 && sw <= 2) a.gather = &gather_avx512;
+  if (isa_ == ConvIsa::kAvx2 && sw == 1) a.gather = &gather_avx2;
 #endif
   const int64_t G = a.G, P = a.P, NT = a.NT, SW = a.SW, cpg = c_in_pg_;
   const int64_t nblocks = int64_t(pl.blocks.size());
