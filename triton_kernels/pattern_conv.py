@@ -25,7 +25,7 @@ TILE_FIELDS = 8  # must match autosculpt.ops._pattern_groups.TILE_FIELDS
 
 def _pattern_conv_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, perm_ptr, tiles_ptr, taps_ptr,
-    P, C_in_pg, H, W, OH, OW, KW,
+    P, P_BUCKET, C_in_pg, H, W, OH, OW, KW,
     sxn, sxc, sxh, sxw, son, soc, soh, sow,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     tile_row16, tile_row32, tile_row64, tile_row128,
@@ -73,7 +73,9 @@ def _pattern_conv_kernel(
     x_row = nb.to(tl.int64) * sxn + cin_base.to(tl.int64) * sxc
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # tl.full, not tl.zeros: builtins work both compiled and interpreted whatever TRITON_INTERPRET was
+    # when triton was imported (tl.zeros is a @triton.jit helper fixed to one mode at import).
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for ti in range(0, ntaps):
         tap = tl.load(taps_ptr + tap0 + ti)
         ih = ih0 + (tap // KW) * dil_h
@@ -99,22 +101,40 @@ def _pattern_conv_kernel(
 
 
 # Block shapes tried by the autotuner on a GPU (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Kept small:
-# every config is a compilation per dtype. BLOCK_N spans 32..128 because pattern groups are often small.
+# every config is one compilation per dtype, and every new key is timed with every config.
+# BLOCK_N spans 32..128 because pattern groups are often small (a PAPER6 mix splits C_out in six).
 GPU_CONFIGS = [
     (128, 64, 32, 4, 4),
     (128, 128, 32, 8, 3),
-    (64, 64, 32, 4, 4),
+    (64, 64, 64, 4, 3),
     (128, 32, 64, 4, 3),
-    (64, 128, 32, 4, 4),
     (256, 64, 32, 8, 3),
 ]
 # Under the interpreter every config would run: one small fixed config keeps CPU tests fast.
 INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16)
 
-_AUTOTUNE_KEY = ["P", "C_in_pg", "OH", "OW", "stride_h", "n_ftiles64"]
+# Keyed on channels and the pixel count rounded up to a power of two (plus the dtypes, which Triton
+# adds itself), not on the mask: masks of one layer shape share a config, so a sweep over masks and
+# layers does not re-tune every call.
+_AUTOTUNE_KEY = ["C_in_pg", "P_BUCKET", "stride_h"]
+
+
+def _quick_bench(kernel_call, quantiles):
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+def _autotune(**kwargs):
+    """``triton.autotune`` with short timing runs where this Triton version lets us say so."""
+    for extra in ({"do_bench": _quick_bench}, {"warmup": 5, "rep": 25}, {}):
+        try:
+            return triton.autotune(**kwargs, **extra)
+        except TypeError:
+            continue
+    raise RuntimeError("unreachable")
+
 
 _compiled = triton.jit(_pattern_conv_kernel)
-_tuned = triton.autotune(
+_tuned = _autotune(
     configs=[
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
         for m, n, k, w, s in GPU_CONFIGS
@@ -153,6 +173,7 @@ def pattern_conv2d_triton(
     dilation: Tuple[int, int],
     input_precision: str = "ieee",
     config: Dict[str, int] = None,
+    out: torch.Tensor = None,
 ) -> torch.Tensor:
     """Launches the kernel and returns the output (N, C_out, OH, OW) in x's dtype and memory format.
 
@@ -160,21 +181,26 @@ def pattern_conv2d_triton(
     ``autosculpt.ops._pattern_groups``. ``input_precision`` ("ieee" or "tf32") only matters for fp32
     on a GPU. ``config`` pins block sizes (BLOCK_M/N/K, optional num_warps/num_stages) instead of
     autotuning; CPU tensors always use the interpreter and :data:`INTERPRETER_CONFIG` by default.
+    ``out`` (optional) is written in place, every element of it (any strides).
     """
     n, _, h, w = x.shape
     kh, kw = kernel_size
     oh = _out_size(h, kh, stride[0], padding[0], dilation[0])
     ow = _out_size(w, kw, stride[1], padding[1], dilation[1])
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty((n, c_out, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
+    if out is None:
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        out = torch.empty((n, c_out, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
+    elif tuple(out.shape) != (n, c_out, oh, ow) or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"out: expected {(n, c_out, oh, ow)} {x.dtype} on {x.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
     p = n * oh * ow
     if p == 0 or c_out == 0:
         return out
     rows = {bn: tile_offsets[bn] for bn in (16, 32, 64, 128)}
     args = (
         x, packed_weight, bias if bias is not None else out, out, perm, tiles, taps,
-        p, c_in_pg, h, w, oh, ow, kw,
+        p, triton.next_power_of_2(p), c_in_pg, h, w, oh, ow, kw,
         *x.stride(), *out.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         rows[16][0], rows[32][0], rows[64][0], rows[128][0],

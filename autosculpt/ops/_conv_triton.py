@@ -9,20 +9,10 @@ import torch
 
 from .._triton import kernels
 from . import _pattern_groups
+from ._pattern_groups import fp32_conv_precision
 from .conv import CONV_BACKENDS
 
 _kernels = kernels("pattern_conv")
-
-
-def fp32_conv_precision() -> str:
-    """"tf32" when torch lets cuDNN convolutions use TF32 for fp32 inputs (so do we), else "ieee"."""
-    conv_flags = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
-    if conv_flags in ("tf32", "ieee"):
-        return conv_flags
-    try:
-        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
-    except RuntimeError:  # legacy and new TF32 flags mixed: be exact
-        return "ieee"
 
 
 def triton_conv(x, weight, tap_mask, bias, stride, padding, dilation, groups, cache_key, config=None):

@@ -150,3 +150,22 @@ def prepared(weight: torch.Tensor, tap_mask: torch.Tensor, groups: int, cache_ke
 def release(cache_key: int) -> None:
     """Forgets the packed weights cached under a layer key."""
     _PACKED.pop(cache_key, None)
+
+
+def fp32_conv_precision() -> str:
+    """"tf32" when torch lets cuDNN convolutions use TF32 for fp32 inputs (so our kernels do too), else
+    "ieee". Reads the new ``torch.backends.cudnn.conv.fp32_precision`` flag, then the legacy one."""
+    conv_flags = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
+    if conv_flags in ("tf32", "ieee"):
+        return conv_flags
+    try:
+        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    except RuntimeError:  # legacy and new TF32 flags were mixed: be exact
+        return "ieee"
+
+
+def empty_output(x: torch.Tensor, c_out: int, out_h: int, out_w: int) -> torch.Tensor:
+    """Output buffer in x's dtype, device and memory format (channels_last in, channels_last out)."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty((x.shape[0], c_out, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=fmt)
