@@ -187,8 +187,16 @@ def test_group_metadata_is_consistent():
     for bn in _pattern_groups.BLOCK_NS:
         row0, count = meta.tile_table(bn)
         covered = []
-        for row0_, ncols, wbase, ldw, tap0, ntaps, cin_base, _ in meta.tiles[row0:row0 + count].tolist():
-            assert 0 < ncols <= bn and cin_base == 0
+        for row0_, ncols, wbase16, ld16, tap0, ntaps, conv_group, ncols16 in meta.tiles[row0:row0 + count].tolist():
+            assert 0 < ncols <= bn and conv_group == 0
+            wbase, ldw = wbase16 * _pattern_groups.ALIGN, ld16 * _pattern_groups.ALIGN
+            padded = ncols16 * _pattern_groups.ALIGN
+            assert ncols <= padded < ncols + _pattern_groups.ALIGN
+            # columns ncols..padded (loaded, never stored) lie in this group's zero padding
+            for ti in range(ntaps):
+                for ci in range(c_in):
+                    row = wbase + (ti * c_in + ci) * ldw
+                    assert (packed[row + ncols:row + padded] == 0).all()
             for j in range(ncols):
                 co = meta.perm[row0_ + j].item()
                 covered.append(co)
@@ -232,3 +240,23 @@ def test_import_is_lazy_and_source_checkout_loader():
     expected = REPO / "triton_kernels"
     installed = Path(path).resolve() != expected.resolve()
     assert not installed or Path(path, "pattern_conv.py").is_file()
+
+
+def test_gpu_code_compiles_for_hopper_with_tensor_cores_and_async_copies():
+    """No GPU needed: Triton's own ptxas compiles the kernel for sm_90; the channels_last fp16 kernel
+    must use wgmma (tensor cores) and cp.async pipelined loads of input and weights."""
+    import triton
+
+    try:
+        from triton.backends import backends
+
+        if "nvidia" not in backends:
+            pytest.skip("triton without its NVIDIA backend")
+    except ImportError:
+        pytest.skip("triton backend registry not found")
+    kernel = _kernels().compile_ahead("fp16", channels_last=True, arch=90, config=(128, 64, 32, 4, 3))
+    ptx = kernel.asm["ptx"]
+    assert "wgmma.mma_async" in ptx, "no Hopper tensor-core instructions"
+    assert "cp.async" in ptx, "loads are not pipelined through shared memory"
+    assert kernel.metadata.shared > 0
+    del triton

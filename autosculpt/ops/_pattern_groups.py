@@ -10,8 +10,9 @@ dense implicit GEMM: M = output pixels, N = the group's filters, K = |T| * C_in/
 * ``taps`` (int32): the kept tap indices ``r * kw + s`` of all groups, back to back.
 * ``tiles`` (int32, rows of :data:`TILE_FIELDS`): one row per (group, block of ``block_n`` filters),
   one section per supported ``block_n`` (16, 32, 64, 128) so autotuned kernels can pick theirs.
-* packed weights: per group a row-major ``[K_g, n_g]`` block (input dtype), built by one gather from
-  the flat weight with a cached index, so a changed weight costs one gather, not a re-grouping.
+* packed weights: per group a row-major ``[K_g, ld_g]`` block (input dtype; ``ld_g`` = n_g rounded up
+  to 16, zero padded), built by one gather/scatter with cached indices, so a changed weight costs one
+  gather, not a re-grouping.
 
 Everything that depends only on the mask is cached by the mask's bytes; with a layer cache key
 (``PatternConv2d``) the packed weights are cached too and rebuilt when the weight changes.
@@ -25,9 +26,12 @@ from typing import Dict, Tuple
 import torch
 
 BLOCK_NS = (16, 32, 64, 128)
+ALIGN = 16  # packed rows and blocks start at multiples of 16 elements (16-byte vector loads)
 # Fields of one tile row: first packed row (into perm), filters in the tile, offset of the tile's first
-# column in the packed weights, leading dimension of the group's packed block (its filter count),
-# offset of the group's taps, number of taps, first input channel of the conv group, spare.
+# column in the packed weights / ALIGN, leading dimension of the group's packed block / ALIGN (its
+# filter count rounded up), offset of the group's taps, number of taps, conv group index, and the
+# tile's filter count rounded up / ALIGN (columns up to there are in the zero padding: safe to load).
+# Offsets are stored divided by ALIGN so kernels multiply them back and compilers know the alignment.
 TILE_FIELDS = 8
 _I32_MAX = 2**31 - 1
 
@@ -40,7 +44,9 @@ class GroupMeta:
     taps: torch.Tensor          # int32 (sum of |T_g|,) — at least one element
     tiles: torch.Tensor         # int32 (sum over BLOCK_NS of tiles, TILE_FIELDS)
     tile_offsets: Dict[int, Tuple[int, int]]  # block_n -> (first row in ``tiles``, number of tiles)
-    gather_index: torch.Tensor  # int64 (packed size,) into weight.flatten()
+    gather_src: torch.Tensor    # int64: positions in weight.flatten() ...
+    gather_dst: torch.Tensor    # int64: ... and where they go in the packed buffer (padding stays 0)
+    packed_size: int
     kept_macs_per_pixel: int    # sum over filters of |T| * C_in/groups
     num_groups: int
 
@@ -62,20 +68,22 @@ def _build(mask_cpu: torch.Tensor, c_in_pg: int, groups: int, device: torch.devi
     for co in range(c_out):
         taps = tuple(t for t in range(ntap) if rows[co][t])
         index.setdefault((co // c_out_pg, taps), []).append(co)
-    perm, taps_all, gather = [], [], []
-    group_info = []  # (row0, n_g, wbase, tap0, ntaps, cin_base)
+    perm, taps_all, src, dst = [], [], [], []
+    group_info = []  # (row0, n_g, wbase / ALIGN, ld / ALIGN, tap0, ntaps, conv group)
     wbase = 0
     for (g, taps), filters in index.items():
         n_g = len(filters)
-        group_info.append((len(perm), n_g, wbase, len(taps_all), len(taps), g * c_in_pg))
+        ld = -(-n_g // ALIGN) * ALIGN  # row length padded: every row and block starts 16-aligned
+        group_info.append((len(perm), n_g, wbase // ALIGN, ld // ALIGN, len(taps_all), len(taps), g))
         if taps:
             f = torch.tensor(filters, dtype=torch.int64)
             t = torch.tensor(taps, dtype=torch.int64)
             ci = torch.arange(c_in_pg, dtype=torch.int64)
-            # packed[k = ti * C + ci, j] = weight[filters[j], ci, taps[ti]]
-            idx = (f[None, None, :] * (c_in_pg * ntap) + ci[None, :, None] * ntap + t[:, None, None])
-            gather.append(idx.reshape(-1))
-            wbase += len(taps) * c_in_pg * n_g
+            # packed[wbase + (ti * C + ci) * ld + j] = weight[filters[j], ci, taps[ti]]
+            src.append((f[None, None, :] * (c_in_pg * ntap) + ci[None, :, None] * ntap + t[:, None, None]).reshape(-1))
+            k = torch.arange(len(taps) * c_in_pg, dtype=torch.int64)
+            dst.append((wbase + k[:, None] * ld + torch.arange(n_g, dtype=torch.int64)[None, :]).reshape(-1))
+            wbase += len(taps) * c_in_pg * ld
         perm.extend(filters)
         taps_all.extend(taps)
     if wbase > _I32_MAX:
@@ -83,18 +91,21 @@ def _build(mask_cpu: torch.Tensor, c_in_pg: int, groups: int, device: torch.devi
     tiles, offsets = [], {}
     for bn in BLOCK_NS:
         start = len(tiles)
-        for row0, n_g, wb, tap0, ntaps, cin_base in group_info:
-            for j0 in range(0, n_g, bn):
-                tiles.append((row0 + j0, min(bn, n_g - j0), wb + j0, n_g, tap0, ntaps, cin_base, 0))
+        for row0, n_g, wb16, ld16, tap0, ntaps, g in group_info:
+            for j0 in range(0, n_g, bn):  # j0 is a multiple of bn >= ALIGN: the tile stays aligned
+                ncols = min(bn, n_g - j0)
+                tiles.append((row0 + j0, ncols, wb16 + j0 // ALIGN, ld16, tap0, ntaps, g, -(-ncols // ALIGN)))
         offsets[bn] = (start, len(tiles) - start)
-    kept = int(sum(n_g * ntaps for _, n_g, _, _, ntaps, _ in group_info)) * c_in_pg
-    gather_index = torch.cat(gather) if gather else torch.zeros(0, dtype=torch.int64)
+    kept = int(sum(info[1] * info[5] for info in group_info)) * c_in_pg
+    empty = torch.zeros(0, dtype=torch.int64)
     return GroupMeta(
         perm=torch.tensor(perm, dtype=torch.int32, device=device),
         taps=torch.tensor(taps_all or [0], dtype=torch.int32, device=device),
         tiles=torch.tensor(tiles, dtype=torch.int32, device=device).reshape(-1, TILE_FIELDS),
         tile_offsets=offsets,
-        gather_index=gather_index.to(device),
+        gather_src=(torch.cat(src) if src else empty).to(device),
+        gather_dst=(torch.cat(dst) if dst else empty).to(device),
+        packed_size=max(wbase, 1),
         kept_macs_per_pixel=kept,
         num_groups=len(group_info),
     )
@@ -122,11 +133,12 @@ def group_meta(tap_mask: torch.Tensor, c_in_pg: int, groups: int) -> GroupMeta:
 
 
 def pack_weight(weight: torch.Tensor, meta: GroupMeta) -> torch.Tensor:
-    """The weights of all groups packed as ``[K_g, n_g]`` blocks (one gather, input dtype)."""
+    """The weights of all groups packed as ``[K_g, ld_g]`` blocks (input dtype, zero padding)."""
     flat = weight.detach().reshape(-1)
-    if meta.gather_index.numel() == 0:
-        return flat.new_zeros(1)  # all filters empty: kernels never read it, but need a valid pointer
-    return flat.index_select(0, meta.gather_index)
+    packed = flat.new_zeros(meta.packed_size)
+    if meta.gather_src.numel():
+        packed[meta.gather_dst] = flat[meta.gather_src]
+    return packed
 
 
 def prepared(weight: torch.Tensor, tap_mask: torch.Tensor, groups: int, cache_key: int) -> Tuple[GroupMeta, torch.Tensor]:
