@@ -242,6 +242,7 @@ def test_import_is_lazy_and_source_checkout_loader():
     assert not installed or Path(path, "pattern_conv.py").is_file()
 
 
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 def test_gpu_code_compiles_for_hopper_with_tensor_cores_and_async_copies():
     """No GPU needed: Triton's own ptxas compiles the kernel for sm_90; the channels_last fp16 kernel
     must use wgmma (tensor cores) and cp.async pipelined loads of input and weights."""

@@ -12,10 +12,14 @@
 // output channel (perm), coalesced along pixels (NCHW output) or along channels (channels_last).
 #include "cuda/pattern_conv.h"
 
+#ifdef AUTOSCULPT_CUDA_EMULATE
+#include "emulate_shim.h"  // tests/cuda_emu: runs this file's kernel on a CPU for tests without a GPU
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
+#endif
 
 #include <stdexcept>
 #include <string>
@@ -296,7 +300,12 @@ void check(cudaError_t err, const char* what) {
 
 template <typename T, int MODE>
 void launch(const KernelParams& kp, unsigned blocks, cudaStream_t stream) {
+#ifdef AUTOSCULPT_CUDA_EMULATE
+  (void)stream;
+  emu::launch(blocks, kThreads, [&] { pattern_conv_kernel<T, MODE>(kp); });
+#else
   pattern_conv_kernel<T, MODE><<<blocks, kThreads, 0, stream>>>(kp);
+#endif
   check(cudaGetLastError(), "kernel launch");
 }
 
