@@ -243,13 +243,18 @@ def release_cache(cache_key: int) -> None:
         gpu_groups.release(cache_key)
 
 
+def _new_output(shape, like: torch.Tensor) -> torch.Tensor:
+    """Allocates a kernel's output (uninitialised; tests replace this to poison outputs)."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
 def _cpu_backend(x, weight, tap_mask, bias, stride, padding, dilation, groups, cache_key):
     ext = _ext.require()
     x = x.contiguous()
     packed = _packed_weights(ext, weight, tap_mask, groups, cache_key)
     n, _, h, w = x.shape
     oh, ow = conv_output_size(h, w, weight.shape[2], weight.shape[3], stride, padding, dilation)
-    out = torch.empty((n, weight.shape[0], oh, ow), dtype=x.dtype)
+    out = _new_output((n, weight.shape[0], oh, ow), x)
     b = bias.detach().contiguous() if bias is not None else None
     packed.forward(
         x.data_ptr(), b.data_ptr() if b is not None else 0, out.data_ptr(), n, h, w,
