@@ -280,6 +280,38 @@ def test_cuda_launch_without_a_gpu_raises_runtime_error():
                                 1, 1, 0, 0, 1, 1, 1, 9, False, 0, 0)
 
 
+def test_dense_fallback_weight_cache():
+    """The GPU dense fallback reuses a layer's masked weight until the weight changes (device-agnostic)."""
+    from autosculpt.ops import _pattern_groups
+
+    w = torch.randn(4, 3, 3, 3)
+    m = torch.rand(4, 3, 3) > 0.5
+    x_cl = torch.randn(1, 3, 5, 5).to(memory_format=torch.channels_last)
+    key = asc.ops.conv.new_cache_key()
+    a = _pattern_groups.masked_weight(w, m, key, x_cl)
+    assert a.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(a, w * m[:, None])
+    assert _pattern_groups.masked_weight(w, m, key, x_cl) is a
+    w.mul_(2)
+    b = _pattern_groups.masked_weight(w, m, key, x_cl)
+    assert b is not a and torch.equal(b, w * m[:, None])
+    asc.ops.conv.release_cache(key)
+    assert key not in _pattern_groups._MASKED
+
+
+@pytest.mark.cuda
+def test_torch_backend_with_layer_key_on_gpu(gpu, tf32_off):
+    x, wt, m, b = _problem(2, 16, 9, 9, 24, "paper6", torch.float32, gpu, True)
+    key = asc.ops.conv.new_cache_key()
+    y = asc.ops.pattern_conv2d(x, wt, m, b, 1, 1, backend="torch", _cache_key=key)
+    torch.testing.assert_close(y, pattern_conv2d_ref(x, wt, m, b, (1, 1), (1, 1)))
+    with torch.no_grad():
+        wt.mul_(-1)
+    y = asc.ops.pattern_conv2d(x, wt, m, b, 1, 1, backend="torch", _cache_key=key)
+    torch.testing.assert_close(y, pattern_conv2d_ref(x, wt, m, b, (1, 1), (1, 1)))
+    asc.ops.conv.release_cache(key)
+
+
 # ----------------------------------------------------------------- the CUDA kernel, emulated on the CPU
 
 

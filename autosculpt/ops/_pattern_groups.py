@@ -204,9 +204,30 @@ def prepared(weight: torch.Tensor, tap_mask: torch.Tensor, groups: int, cache_ke
     return meta, packed
 
 
+_MASKED: Dict[int, Tuple[tuple, torch.Tensor]] = {}
+
+
+def masked_weight(weight: torch.Tensor, tap_mask: torch.Tensor, cache_key: int, x: torch.Tensor) -> torch.Tensor:
+    """``weight * tap_mask`` in x's memory format (so cuDNN does not convert it per call), cached per
+    layer key until the weight or mask changes: the dense fallback then costs what ``F.conv2d`` costs."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    fingerprint = (
+        weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, weight.device,
+        tap_mask.data_ptr(), tap_mask._version, channels_last,
+    )
+    hit = _MASKED.get(cache_key)
+    if hit is not None and hit[0] == fingerprint:
+        return hit[1]
+    w = (weight.detach() * tap_mask[:, None].to(weight.dtype)).contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    _MASKED[cache_key] = (fingerprint, w)
+    return w
+
+
 def release(cache_key: int) -> None:
-    """Forgets the packed weights cached under a layer key."""
+    """Forgets the packed and masked weights cached under a layer key."""
     _PACKED.pop(cache_key, None)
+    _MASKED.pop(cache_key, None)
 
 
 def fp32_conv_precision() -> str:
