@@ -12,6 +12,7 @@ runs can share one process. The interpreter has no bf16 arithmetic: CPU inputs m
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, Tuple
 
 import torch
@@ -203,7 +204,8 @@ def pattern_conv2d_triton(
     ``packed_weight``/``perm``/``tiles``/``taps``/``tile_offsets`` come from
     ``autosculpt.ops._pattern_groups``. ``input_precision`` ("ieee" or "tf32") only matters for fp32
     on a GPU. ``config`` pins block sizes (BLOCK_M/N/K, optional num_warps/num_stages) instead of
-    autotuning; CPU tensors always use the interpreter and :data:`INTERPRETER_CONFIG` by default.
+    autotuning (so does ``AUTOSCULPT_TRITON_AUTOTUNE=0``: the first of :data:`GPU_CONFIGS`); CPU
+    tensors always use the interpreter and :data:`INTERPRETER_CONFIG` by default.
     ``out`` (optional) is written in place, every element of it (any strides).
     """
     n, _, h, w = x.shape
@@ -242,7 +244,12 @@ def pattern_conv2d_triton(
         cfg.pop("num_warps", None)
         cfg.pop("num_stages", None)
         _interpreter_kernel()[grid(cfg)](*args, **flags, **cfg)
-    elif config is not None:
+    elif config is not None or os.environ.get("AUTOSCULPT_TRITON_AUTOTUNE", "1") == "0":
+        # A pinned config: one compilation per dtype/layout instead of one per autotune candidate
+        # (tests set AUTOSCULPT_TRITON_AUTOTUNE=0 to keep their compile time small).
+        if config is None:
+            m, n, k, w, st = GPU_CONFIGS[0]
+            config = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
         _compiled[grid(config)](*args, **flags, **config)
     else:
         _tuned[grid](*args, **flags)
