@@ -4,10 +4,10 @@
 // mask (H, ceil(Lq/bs), ceil(Lk/bs)) expanded to tokens (0 kept, -inf dropped). A query block with no
 // kept key block outputs zeros. q, k, v, out are contiguous (B, H, L, D).
 //
-// Work: pack each used key block once per (batch, head) (K^T and zero-padded V), then one task per
-// (batch, head, query block) runs a flash-style online softmax over only its kept key blocks
-// (attn_avx512.cpp, or the portable loops below). Tasks are scheduled dynamically because their cost
-// is proportional to their number of kept blocks.
+// Work: one task per (batch, head, query block) runs a flash-style online softmax over only its kept
+// key blocks (attn_avx512.cpp, or the portable loops below, which first pack each used key block
+// once per (batch, head)). Tasks are scheduled dynamically because their cost is proportional to
+// their number of kept blocks.
 #include <omp.h>
 #include <pybind11/pybind11.h>
 
@@ -145,48 +145,51 @@ static void block_attention_forward(const float* q, const float* k, const float*
       offsets[size_t(h * nqb + qb + 1)] = int64_t(kept.size());
     }
 
-  const int64_t kt_block = D * bs, vp_block = bs * dims.dp;
+  // The portable path reads K^T / V blocks packed once per (batch, head); the AVX-512 path reads K
+  // and V in place (it transposes the query block instead, inside each task).
+  const int64_t kt_block = use_avx512 ? 0 : D * bs, vp_block = use_avx512 ? 0 : bs * dims.dp;
   static thread_local Workspace workspace;
-  float* const kt = workspace.get(B * H * nkb * (kt_block + vp_block));
-  float* const vp = kt + B * H * nkb * kt_block;
+  float* const kt = use_avx512 ? nullptr : workspace.get(B * H * nkb * (kt_block + vp_block));
+  float* const vp = use_avx512 ? nullptr : kt + B * H * nkb * kt_block;
   const int64_t tail_valid = Lk - (nkb - 1) * bs;
   const int64_t tail_kb = tail_valid < bs ? nkb - 1 : -1;
 
 #pragma omp parallel num_threads(num_threads)
   {
-    // Pack every used key block: K^T as [d][bs] and V as [j][dp], zero past Lk and past D.
+    if (!use_avx512) {
+      // Pack every used key block: K^T as [d][bs] and V as [j][dp], zero past Lk and past D.
 #pragma omp for collapse(3) schedule(static)
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t kb = 0; kb < nkb; ++kb) {
-          if (!used[size_t(h * nkb + kb)]) continue;
-          const int64_t bh = b * H + h;
-          const int64_t rows = std::min(bs, Lk - kb * bs);
-          const float* ksrc = k + (bh * Lk + kb * bs) * D;
-          const float* vsrc = v + (bh * Lk + kb * bs) * D;
-          float* ktd = kt + (bh * nkb + kb) * kt_block;
-          float* vpd = vp + (bh * nkb + kb) * vp_block;
-          if (use_avx512) {
-            pack_kt_avx512(ksrc, rows, D, bs, ktd);
-          } else {
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t kb = 0; kb < nkb; ++kb) {
+            if (!used[size_t(h * nkb + kb)]) continue;
+            const int64_t bh = b * H + h;
+            const int64_t rows = std::min(bs, Lk - kb * bs);
+            const float* ksrc = k + (bh * Lk + kb * bs) * D;
+            const float* vsrc = v + (bh * Lk + kb * bs) * D;
+            float* ktd = kt + (bh * nkb + kb) * kt_block;
+            float* vpd = vp + (bh * nkb + kb) * vp_block;
             for (int64_t c = 0; c < D; ++c) {
               float* dst = ktd + c * bs;
               for (int64_t j = 0; j < rows; ++j) dst[j] = ksrc[j * D + c];
               for (int64_t j = rows; j < bs; ++j) dst[j] = 0.0f;
             }
+            for (int64_t j = 0; j < bs; ++j) {
+              float* dst = vpd + j * dims.dp;
+              int64_t c = 0;
+              if (j < rows)
+                for (; c < D; ++c) dst[c] = vsrc[j * D + c];
+              for (; c < dims.dp; ++c) dst[c] = 0.0f;
+            }
           }
-          for (int64_t j = 0; j < bs; ++j) {
-            float* dst = vpd + j * dims.dp;
-            int64_t c = 0;
-            if (j < rows)
-              for (; c < D; ++c) dst[c] = vsrc[j * D + c];
-            for (; c < dims.dp; ++c) dst[c] = 0.0f;
-          }
-        }
+    }
 
     AlignedBuffer qs = aligned_floats(bs * dims.dp), s = aligned_floats(bs * bs), o = aligned_floats(bs * dims.dp);
-    AlignedBuffer stats = aligned_floats(3 * bs + 48);
-    const AttnScratch sc{qs.get(), s.get(), o.get(), stats.get(), stats.get() + bs + 16, stats.get() + 2 * bs + 32};
+    AlignedBuffer stats = aligned_floats(3 * bs + 48 + dims.dp);
+    float* zeros = stats.get() + 3 * bs + 48;
+    for (int64_t i = 0; i < dims.dp; ++i) zeros[i] = 0.0f;
+    const AttnScratch sc{qs.get(), s.get(), o.get(), stats.get(), stats.get() + bs + 16, stats.get() + 2 * bs + 32,
+                         zeros};
 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < B * H * nqb; ++task) {
@@ -195,8 +198,10 @@ static void block_attention_forward(const float* q, const float* k, const float*
       const int64_t beg = offsets[size_t(h * nqb + qb)], end = offsets[size_t(h * nqb + qb + 1)];
       AttnTask t{q + (bh * Lq + row0) * D,
                  std::min(bs, Lq - row0),
-                 kt + bh * nkb * kt_block,
-                 vp + bh * nkb * vp_block,
+                 use_avx512 ? nullptr : kt + bh * nkb * kt_block,
+                 use_avx512 ? nullptr : vp + bh * nkb * vp_block,
+                 k + bh * Lk * D,
+                 v + bh * Lk * D,
                  kept.data() + beg,
                  end - beg,
                  tail_kb,
