@@ -105,9 +105,12 @@ def _masked_reference(mha, x, specs, bs):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("length", [65, 97])
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_dense_pattern_equals_multihead_attention(backend, length, batch_first):
+@pytest.mark.parametrize("spec", ["dense", {"type": "local", "window": 1000}], ids=["sdpa-path", "kernel-path"])
+def test_dense_pattern_equals_multihead_attention(backend, length, batch_first, spec):
+    # "dense" heads take the SDPA fast path; a window wider than L is dense too but runs the kernel.
     mha = _mha(batch_first=batch_first)
-    pa = PatternAttention.from_dense(mha, ["dense"] * 4, block_size=16, backend=backend)
+    pa = PatternAttention.from_dense(mha, [spec] * 4, block_size=16, backend=backend)
+    assert pa._all_dense == (spec == "dense")
     x = torch.randn(2, length, 64) if batch_first else torch.randn(length, 2, 64)
     want = mha(x, x, x, need_weights=False)[0]
     got, weights = pa(x, x, x)

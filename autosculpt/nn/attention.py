@@ -51,7 +51,8 @@ class PatternAttention(nn.Module):
         bias: projections with bias.
         batch_first: input layout (B, L, E) if True else (L, B, E), as ``nn.MultiheadAttention``.
         return_weights_tuple: return ``(out, None)`` like ``nn.MultiheadAttention`` (True) or ``out``.
-        backend: kernel backend for ``block_sparse_attention``.
+        backend: kernel backend for ``block_sparse_attention`` (heads with block patterns). When every kept
+            head is dense, the layer calls ``F.scaled_dot_product_attention`` instead (same function).
 
     Parameters: ``qkv`` (Linear E -> 3·kept·hd, rows [q heads | k heads | v heads]) and ``proj``
     (Linear kept·hd -> E). The head patterns travel in the state dict (extra state).
@@ -92,6 +93,7 @@ class PatternAttention(nn.Module):
         self.head_patterns: List[dict] = [normalize_spec(p) for p in head_patterns]
         self.kept_heads: List[int] = [h for h, p in enumerate(self.head_patterns) if p["type"] != "empty"]
         self._specs_json = json.dumps([self.head_patterns[h] for h in self.kept_heads], sort_keys=True)
+        self._all_dense = all(self.head_patterns[h]["type"] == "dense" for h in self.kept_heads)
 
     def _build_projections(self) -> None:
         width = len(self.kept_heads) * self.head_dim
@@ -221,7 +223,10 @@ class PatternAttention(nn.Module):
         if kept == 0:  # every head pruned: the layer outputs its output bias
             return self.proj(x.new_zeros(b, length, 0))
         qkv = self.qkv(x).reshape(b, length, 3, kept, self.head_dim).permute(2, 0, 3, 1, 4)
-        o = pattern_self_attention(qkv[0], qkv[1], qkv[2], self._specs_json, self.block_size, self.backend)
+        if self._all_dense:  # only dense heads left: plain SDPA computes exactly this (and is tuned for it)
+            o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        else:
+            o = pattern_self_attention(qkv[0], qkv[1], qkv[2], self._specs_json, self.block_size, self.backend)
         return self.proj(o.transpose(1, 2).reshape(b, length, kept * self.head_dim))
 
     def extra_repr(self) -> str:
