@@ -65,7 +65,8 @@ def _run_kernel(q, k, v, mask, bs, scale, isa):
 
 
 def _isas():
-    isas = [1]
+    # 1: portable kernels (AVX2 build where the CPU has it), 3: portable baseline build, 2: AVX-512
+    isas = [1, 3]
     if _ext.extension() is not None and _ext.extension().block_attention_avx512():
         isas.append(2)
     return isas

@@ -43,6 +43,11 @@ struct AttnScratch {
 };
 
 void attn_task_generic(const AttnDims& dims, const AttnTask& task, const AttnScratch& scratch);
+// Portable transposed kernel (reads K/V in place like the AVX-512 one): bs in {16, 32, 64, 128}.
+void attn_task_portable(const AttnDims& dims, const AttnTask& task, const AttnScratch& scratch);
+// The same compiled for AVX2+FMA (call only when cpu_has_avx2_fma()).
+void attn_task_portable_avx2(const AttnDims& dims, const AttnTask& task, const AttnScratch& scratch);
+bool cpu_has_avx2_fma();
 // AVX-512 kernel: needs bs in {16, 32, 64, 128} and dp <= 256; call only when the CPU has avx512f.
 void attn_task_avx512(const AttnDims& dims, const AttnTask& task, const AttnScratch& scratch);
 bool attn_avx512_supported_shape(const AttnDims& dims);

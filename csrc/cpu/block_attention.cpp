@@ -78,9 +78,8 @@ static inline float exp2_portable(float x) {
   return tiny ? 0.0f : p * scale;
 }
 
-// Portable task: the same algorithm with plain loops (auto-vectorised inner loops, libm exp2). On x86
-// with GCC it is cloned for AVX2+FMA and dispatched at load time (ifunc), so CPUs without AVX-512 still
-// get 256-bit vectors while the baseline build stays plain x86-64.
+// Simple task for any block size: the same algorithm with plain loops over packed K^T/V blocks. On x86
+// with GCC it is cloned for AVX2+FMA and dispatched at load time (ifunc).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("arch=haswell", "default")))
 #endif
@@ -138,7 +137,8 @@ void attn_task_generic(const AttnDims& dims, const AttnTask& t, const AttnScratc
   }
 }
 
-// isa: 0 = best available, 1 = portable loops, 2 = AVX-512 (error when unavailable).
+// isa: 0 = best available, 1 = portable kernels (AVX2 build when the CPU has it), 2 = AVX-512 (error
+// when unavailable), 3 = portable kernels, baseline build (tests the non-AVX2 code path).
 static void block_attention_forward(const float* q, const float* k, const float* v, const uint8_t* block_mask,
                                     float* out, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D,
                                     int64_t bs, float scale, int num_threads, int isa) {
@@ -147,15 +147,18 @@ static void block_attention_forward(const float* q, const float* k, const float*
   const int64_t nqb = (Lq + bs - 1) / bs, nkb = (Lk + bs - 1) / bs;
   AttnDims dims{bs, D, (D + 15) / 16 * 16, scale * 1.4426950408889634f};
   const bool avx512_ok = cpu_has_avx512f() && attn_avx512_supported_shape(dims);
+  // Block sizes the register-tiled kernels handle; others take the simple packed loops.
+  const bool tiled_bs = bs == 16 || bs == 32 || bs == 64 || bs == 128;
+  const bool use_avx2 = isa != 3 && cpu_has_avx2_fma();
   bool use_avx512;
   if (isa == 0) use_avx512 = avx512_ok;
-  else if (isa == 1) use_avx512 = false;
+  else if (isa == 1 || isa == 3) use_avx512 = false;
   else if (isa == 2) {
     if (!avx512_ok)
       throw std::invalid_argument("block_sparse_attention: AVX-512 path needs avx512f, block_size in {16, 32, 64, 128} and D <= 256");
     use_avx512 = true;
   } else {
-    throw std::invalid_argument("block_sparse_attention: isa must be 0, 1 or 2");
+    throw std::invalid_argument("block_sparse_attention: isa must be 0, 1, 2 or 3");
   }
   if (num_threads <= 0) num_threads = omp_get_max_threads();
 
@@ -176,16 +179,17 @@ static void block_attention_forward(const float* q, const float* k, const float*
 
   // The portable path reads K^T / V blocks packed once per (batch, head); the AVX-512 path reads K
   // and V in place (it transposes the query block instead, inside each task).
-  const int64_t kt_block = use_avx512 ? 0 : D * bs, vp_block = use_avx512 ? 0 : bs * dims.dp;
+  const bool in_place = use_avx512 || tiled_bs;
+  const int64_t kt_block = in_place ? 0 : D * bs, vp_block = in_place ? 0 : bs * dims.dp;
   static thread_local Workspace workspace;
-  float* const kt = use_avx512 ? nullptr : workspace.get(B * H * nkb * (kt_block + vp_block));
-  float* const vp = use_avx512 ? nullptr : kt + B * H * nkb * kt_block;
+  float* const kt = in_place ? nullptr : workspace.get(B * H * nkb * (kt_block + vp_block));
+  float* const vp = in_place ? nullptr : kt + B * H * nkb * kt_block;
   const int64_t tail_valid = Lk - (nkb - 1) * bs;
   const int64_t tail_kb = tail_valid < bs ? nkb - 1 : -1;
 
 #pragma omp parallel num_threads(num_threads)
   {
-    if (!use_avx512) {
+    if (!in_place) {
       // Pack every used key block: K^T as [d][bs] and V as [j][dp], zero past Lk and past D.
 #pragma omp for collapse(3) schedule(static)
       for (int64_t b = 0; b < B; ++b)
@@ -227,8 +231,8 @@ static void block_attention_forward(const float* q, const float* k, const float*
       const int64_t beg = offsets[size_t(h * nqb + qb)], end = offsets[size_t(h * nqb + qb + 1)];
       AttnTask t{q + (bh * Lq + row0) * D,
                  std::min(bs, Lq - row0),
-                 use_avx512 ? nullptr : kt + bh * nkb * kt_block,
-                 use_avx512 ? nullptr : vp + bh * nkb * vp_block,
+                 in_place ? nullptr : kt + bh * nkb * kt_block,
+                 in_place ? nullptr : vp + bh * nkb * vp_block,
                  k + bh * Lk * D,
                  v + bh * Lk * D,
                  kept.data() + beg,
@@ -237,6 +241,8 @@ static void block_attention_forward(const float* q, const float* k, const float*
                  tail_valid,
                  out + (bh * Lq + row0) * D};
       if (use_avx512) attn_task_avx512(dims, t, sc);
+      else if (tiled_bs && use_avx2) attn_task_portable_avx2(dims, t, sc);
+      else if (tiled_bs) attn_task_portable(dims, t, sc);
       else attn_task_generic(dims, t, sc);
     }
   }
