@@ -212,3 +212,14 @@ def test_attention_plan_kind_via_sparsify():
         asc.sparsify(model, {"version": 1, "layers": {"attn": attention_layer_plan(ATTN6, [5, 0], 16)}})
     with pytest.raises(ValueError, match="out of range"):
         attention_layer_plan(ATTN6, [9], 16)
+
+
+def test_torch_compile_fullgraph_and_export():
+    mha = _mha(seed=12)
+    pa = PatternAttention.from_dense(mha, ["local", "empty", "dense", "strided"], block_size=16)
+    x = torch.randn(2, 70, 64)
+    want = pa(x)[0]
+    compiled = torch.compile(pa, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x)[0], want)
+    exported = torch.export.export(pa, (x,))
+    torch.testing.assert_close(exported.module()(x)[0], want)

@@ -8,7 +8,6 @@ heads, so they run as smaller dense GEMMs. The kept heads run ``block_sparse_att
 """
 from __future__ import annotations
 
-import json
 import warnings
 from functools import lru_cache
 from typing import List, Optional, Sequence, Tuple
@@ -26,14 +25,16 @@ __all__ = ["PatternAttention", "attention_layer_plan"]
 
 
 @lru_cache(maxsize=256)
-def _cached_block_mask(specs_json: str, length: int, block_size: int, device: str) -> torch.Tensor:
-    return head_block_mask(json.loads(specs_json), length, block_size).to(device)
+def _cached_block_mask(specs_key: tuple, length: int, block_size: int, device: str) -> torch.Tensor:
+    # specs_key: one tuple of sorted (name, value) items per head (hashable; torch.compile traces it)
+    return head_block_mask([dict(items) for items in specs_key], length, block_size).to(device)
 
 
-def pattern_self_attention(q, k, v, specs_json: str, block_size: int, backend: str):
-    """Block-sparse attention of (B, H, L, D) q/k/v with per-head pattern specs (JSON list), building
-    (and caching) the block mask for this length. Wrapped for torch.fx: traced models keep one call."""
-    mask = _cached_block_mask(specs_json, q.shape[2], block_size, str(q.device))
+def pattern_self_attention(q, k, v, specs_key: tuple, block_size: int, backend: str):
+    """Block-sparse attention of (B, H, L, D) q/k/v with per-head pattern specs (``specs_key``: one tuple
+    of sorted spec items per head), building (and caching) the block mask for this length. Wrapped for
+    torch.fx: traced models keep one call."""
+    mask = _cached_block_mask(specs_key, q.shape[2], block_size, str(q.device))
     return block_sparse_attention(q, k, v, mask, block_size, backend=backend)
 
 
@@ -92,7 +93,7 @@ class PatternAttention(nn.Module):
             raise ValueError(f"head_patterns: expected {self.num_heads} patterns (one per head), got {len(head_patterns)}")
         self.head_patterns: List[dict] = [normalize_spec(p) for p in head_patterns]
         self.kept_heads: List[int] = [h for h, p in enumerate(self.head_patterns) if p["type"] != "empty"]
-        self._specs_json = json.dumps([self.head_patterns[h] for h in self.kept_heads], sort_keys=True)
+        self._specs_key = tuple(tuple(sorted(self.head_patterns[h].items())) for h in self.kept_heads)
         self._all_dense = all(self.head_patterns[h]["type"] == "dense" for h in self.kept_heads)
 
     def _build_projections(self) -> None:
@@ -114,7 +115,7 @@ class PatternAttention(nn.Module):
 
     def block_mask(self, length: int) -> torch.Tensor:
         """The (kept heads, nb, nb) block mask used for sequences of ``length`` tokens."""
-        return _cached_block_mask(self._specs_json, length, self.block_size, str(self.qkv.weight.device))
+        return _cached_block_mask(self._specs_key, length, self.block_size, str(self.qkv.weight.device))
 
     def kept_fraction(self, length: int) -> float:
         """Fraction of the dense layer's attention token pairs (all heads) computed at ``length``."""
@@ -226,7 +227,7 @@ class PatternAttention(nn.Module):
         if self._all_dense:  # only dense heads left: plain SDPA computes exactly this (and is tuned for it)
             o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
         else:
-            o = pattern_self_attention(qkv[0], qkv[1], qkv[2], self._specs_json, self.block_size, self.backend)
+            o = pattern_self_attention(qkv[0], qkv[1], qkv[2], self._specs_key, self.block_size, self.backend)
         return self.proj(o.transpose(1, 2).reshape(b, length, kept * self.head_dim))
 
     def extra_repr(self) -> str:
