@@ -34,7 +34,9 @@ def pattern_self_attention(q, k, v, specs_key: tuple, block_size: int, backend: 
     """Block-sparse attention of (B, H, L, D) q/k/v with per-head pattern specs (``specs_key``: one tuple
     of sorted spec items per head), building (and caching) the block mask for this length. Wrapped for
     torch.fx: traced models keep one call."""
-    mask = _cached_block_mask(specs_key, q.shape[2], block_size, str(q.device))
+    # Under torch.compile the mask is built inside the graph (the cache wrapper is not traceable).
+    build = _cached_block_mask.__wrapped__ if torch.compiler.is_compiling() else _cached_block_mask
+    mask = build(specs_key, q.shape[2], block_size, str(q.device))
     return block_sparse_attention(q, k, v, mask, block_size, backend=backend)
 
 
