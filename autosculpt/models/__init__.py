@@ -9,13 +9,7 @@ from torch import nn
 from .cnn import digits_cnn, vgg16
 from .mobilenet import mobilenetv2
 from .resnet import resnet20, resnet56, resnet110
-
-
-def _vit_tiny(**kwargs) -> nn.Module:
-    # Lazy: the ViT lives in its own module (owned by the attention work) and is imported on demand.
-    from .vit import vit_tiny
-
-    return vit_tiny(**kwargs)
+from .vit import VisionTransformer, vit_tiny
 
 
 _REGISTRY: Dict[str, Callable[..., nn.Module]] = {
@@ -25,7 +19,7 @@ _REGISTRY: Dict[str, Callable[..., nn.Module]] = {
     "resnet110": resnet110,
     "vgg16": vgg16,
     "mobilenetv2": mobilenetv2,
-    "vit_tiny": _vit_tiny,
+    "vit_tiny": vit_tiny,
 }
 MODEL_NAMES = tuple(_REGISTRY)
 
@@ -38,4 +32,4 @@ def get_model(name: str, **kwargs) -> nn.Module:
     return _REGISTRY[name](**kwargs)
 
 
-__all__ = ["MODEL_NAMES", "get_model", "digits_cnn", "resnet20", "resnet56", "resnet110", "vgg16", "mobilenetv2"]
+__all__ = ["MODEL_NAMES", "get_model", "digits_cnn", "resnet20", "resnet56", "resnet110", "vgg16", "mobilenetv2", "vit_tiny", "VisionTransformer"]

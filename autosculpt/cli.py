@@ -1,0 +1,401 @@
+"""The ``autosculpt`` command line (also ``python -m autosculpt``).
+
+    autosculpt prune                      # the offline default: digits CNN on scikit-learn digits, 2× faster
+    autosculpt prune --model resnet20 --data cifar10:~/data/cifar-10-batches-py --target-speedup 1.5
+    autosculpt prune --config run.yaml --episodes 40      # flags override the file
+    autosculpt prune --resume runs/NAME                   # continue after Ctrl-C
+    autosculpt finetune runs/NAME/model.pt --finetune-epochs 20
+    torchrun --nproc_per_node 2 -m autosculpt finetune runs/NAME/model.pt
+    autosculpt bench kernels | autosculpt bench model runs/NAME/model.pt
+    autosculpt export runs/NAME/model.pt --out exported/
+    autosculpt report runs/NAME
+    autosculpt info
+
+Errors in the arguments or inputs end the command with one line on stderr and exit status 2
+(set ``AUTOSCULPT_DEBUG=1`` for the traceback); Ctrl-C saves a checkpoint and exits with 130.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+__all__ = ["main", "build_parser"]
+
+EXAMPLES = """examples:
+  autosculpt prune                                   offline default (digits CNN, 2x speedup)
+  autosculpt prune --model resnet20 --data cifar10:PATH --target-speedup 1.5 --episodes 60
+  autosculpt prune --model mypkg.models:make_net --data imagefolder:PATH --weights dense.pt
+  autosculpt prune --config run.yaml --seed 3         flags override the config file
+  autosculpt prune --resume runs/NAME                 continue an interrupted run
+"""
+
+
+class UsageError(Exception):
+    """Bad command-line usage (reported as one line, exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _kv(text: str):
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key.strip(), value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return v
+
+
+def _ratio(text: str) -> float:
+    v = _positive_float(text)
+    if v >= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}")
+    return v
+
+
+def _add_common(p: argparse.ArgumentParser, *, training: bool = True) -> None:
+    from .config import HELP
+
+    g = p.add_argument_group("model and data")
+    g.add_argument("--config", metavar="FILE", help="YAML or TOML file of settings (flags override it)")
+    g.add_argument("--model", help=HELP["model"] + " [digits_cnn]")
+    g.add_argument("--model-arg", dest="model_args", action="append", type=_kv, metavar="KEY=VALUE",
+                   help="model factory argument (repeatable), e.g. --model-arg width_mult=0.5")
+    g.add_argument("--data", help=HELP["data"] + " [digits]")
+    g.add_argument("--image-size", type=_positive_int, help=HELP["image_size"] + " [32]")
+    g.add_argument("--seed", type=int, help=HELP["seed"] + " [0]")
+    if training:
+        t = p.add_argument_group("training")
+        t.add_argument("--finetune-epochs", type=_positive_int, help=HELP["finetune_epochs"] + " [10]")
+        t.add_argument("--lr", type=_positive_float, help=HELP["lr"] + " [0.01]")
+        t.add_argument("--batch-size", type=_positive_int, help=HELP["batch_size"] + " [64]")
+        t.add_argument("--weight-decay", type=_nonneg_float, help=HELP["weight_decay"] + " [5e-4]")
+        t.add_argument("--momentum", type=_nonneg_float, help=HELP["momentum"] + " [0.9]")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", help=HELP["device"] + " [cpu]")
+    r.add_argument("--threads", type=_positive_int, help=HELP["threads"])
+    r.add_argument("--backend", choices=["auto", "cpu", "cuda", "triton", "torch"], help=HELP["backend"] + " [auto]")
+    r.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``autosculpt`` command."""
+    from ._version import __version__
+    from .config import HELP
+
+    parser = _Parser(prog="autosculpt", description="Pattern-based pruning with a GNN + PPO search and the kernels "
+                     "that make pruned models faster.", formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog="Run 'autosculpt COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=f"autosculpt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("prune", help="search a pruning plan, fine-tune, save, measure and report",
+                       description="Search a pattern-pruning plan under a speed budget, fine-tune it, save the "
+                       "model and write a report. With no arguments: the offline default (digits CNN on "
+                       "scikit-learn's digits, 2x measured speedup).", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(p)
+    p.add_argument("--weights", metavar="FILE", help=HELP["weights"])
+    b = p.add_argument_group("budget (one of)")
+    bx = b.add_mutually_exclusive_group()
+    bx.add_argument("--target-speedup", type=_positive_float, metavar="X", help=HELP["target_speedup"])
+    bx.add_argument("--target-latency-ms", type=_positive_float, metavar="MS", help=HELP["target_latency_ms"])
+    bx.add_argument("--target-flops-ratio", type=_ratio, metavar="R", help=HELP["target_flops_ratio"])
+    s = p.add_argument_group("search and measurement")
+    s.add_argument("--episodes", type=_positive_int, help=HELP["episodes"])
+    s.add_argument("--search-batch", type=_positive_int, help=HELP["search_batch"] + " [8]")
+    s.add_argument("--dense-epochs", type=_positive_int, help=HELP["dense_epochs"])
+    s.add_argument("--dense-lr", type=_positive_float, help=HELP["dense_lr"] + " [0.05]")
+    s.add_argument("--latency-batches", type=_positive_int, nargs="+", metavar="B", help=HELP["latency_batches"] + " [1 8]")
+    s.add_argument("--latency-reps", type=_positive_int, help=HELP["latency_reps"] + " [30]")
+    o = p.add_argument_group("output")
+    o.add_argument("--runs-dir", metavar="DIR", help=HELP["runs_dir"] + " [runs]")
+    o.add_argument("--name", help=HELP["name"])
+    o.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
+                   help="continue an interrupted run (its folder, or the one named by --name)")
+
+    f = sub.add_parser("finetune", help="fine-tune a saved pruned model (torchrun for several processes)",
+                       description="Fine-tune a model file written by 'autosculpt prune' or autosculpt.save. "
+                       "Data, model and seed default to those recorded in the file. Data-parallel with "
+                       "'torchrun --nproc_per_node N -m autosculpt finetune FILE' (gloo on CPU, nccl on GPU).")
+    f.add_argument("model_file", metavar="MODEL_FILE")
+    _add_common(f)
+    f.add_argument("--out", metavar="FILE", help="output model file [MODEL_FILE stem + '-finetuned.pt']")
+    f.add_argument("--checkpoint", metavar="FILE", help="checkpoint file [OUT stem + '-checkpoint.pt']")
+    f.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+
+    bp = sub.add_parser("bench", help="time kernels, or a whole model dense vs pruned",
+                        description="'bench kernels': pattern conv kernel vs dense conv on a few layer shapes. "
+                        "'bench model FILE': a saved pruned model vs its dense equivalent, whole-model latency.")
+    bp.add_argument("what", choices=["kernels", "model"])
+    bp.add_argument("model_file", nargs="?", metavar="MODEL_FILE", help="for 'bench model'")
+    bp.add_argument("--model", help="model spec for files of user models ('package.module:factory')")
+    bp.add_argument("--batches", type=_positive_int, nargs="+", default=[1, 8], metavar="B", help="batch sizes [1 8]")
+    bp.add_argument("--reps", type=_positive_int, default=30, help="timed repeats [30]")
+    bp.add_argument("--threads", type=_positive_int, help="torch threads")
+    bp.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+    e = sub.add_parser("export", help="write torch.export programs and an ONNX file",
+                       description="Writes pruned.pt2 (runs AutoSculpt kernels), dense_equivalent.pt2 and "
+                       "dense_equivalent.onnx (standard layers, pruned weights as zeros) for other engines.")
+    e.add_argument("model_file", metavar="MODEL_FILE")
+    e.add_argument("--model", help="model spec for files of user models ('package.module:factory')")
+    e.add_argument("--out", metavar="DIR", help="output folder [MODEL_FILE stem + '-export']")
+    e.add_argument("--batch", type=_positive_int, default=1, help="example batch size [1]")
+    e.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the ONNX file")
+
+    rp = sub.add_parser("report", help="re-render report.md and plots of a run folder")
+    rp.add_argument("run_dir", metavar="RUN_DIR")
+
+    sub.add_parser("info", help="version, built and usable kernel backends")
+    return parser
+
+
+_CONFIG_FLAGS = ("model", "model_args", "data", "image_size", "seed", "finetune_epochs", "lr", "batch_size",
+                 "weight_decay", "momentum", "device", "threads", "backend", "progress", "weights", "target_speedup",
+                 "target_latency_ms", "target_flops_ratio", "episodes", "search_batch", "dense_epochs", "dense_lr",
+                 "latency_batches", "latency_reps", "runs_dir", "name")
+
+
+def _cli_values(args) -> dict:
+    values = {k: getattr(args, k) for k in _CONFIG_FLAGS if hasattr(args, k)}
+    if values.get("model_args") is not None:
+        values["model_args"] = dict(values["model_args"])
+    return values
+
+
+def _resolve(args, extra_file: Optional[dict] = None) -> dict:
+    from .config import load_config_file, resolve_config
+
+    file_values = dict(extra_file or {})
+    if getattr(args, "config", None):
+        file_values.update(load_config_file(args.config))
+    return resolve_config(file_values, _cli_values(args))
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _cmd_prune(args) -> int:
+    from .config import load_config_file
+    from .pipeline import new_run_dir, run_prune
+    from .report import format_table, summary_table
+
+    resume = args.resume is not None and args.resume is not False
+    if resume:
+        if isinstance(args.resume, str):
+            run_dir = args.resume
+        elif args.name:
+            run_dir = os.path.join(args.runs_dir or "runs", args.name)
+        else:
+            raise UsageError("--resume needs the run folder (--resume runs/NAME) or --name")
+        saved = os.path.join(run_dir, "config.yaml")
+        if not os.path.isfile(saved):
+            raise UsageError(f"--resume: {run_dir!r} is not a run folder (no config.yaml)")
+        cfg = _resolve(args, extra_file=load_config_file(saved))
+    else:
+        cfg = _resolve(args)
+        run_dir = new_run_dir(cfg)
+        if cfg.get("name") and os.path.exists(os.path.join(run_dir, "config.yaml")):
+            raise UsageError(f"run folder {run_dir!r} exists; choose another --name or continue it with --resume")
+    from .pipeline import validate_config
+
+    validate_config(cfg)
+    _say(f"autosculpt prune -> {run_dir}")
+    summary = run_prune(cfg, run_dir, resume=resume, log=_say)
+    _say("")
+    _say(format_table(summary_table(summary), header=("", "dense", "pruned", "dense/pruned")))
+    _say("")
+    t = summary["stage_seconds"]
+    _say(f"budget: {summary['budget']} at batch {cfg['search_batch']}"
+         f"{'' if summary['met_budget_in_search'] else ' (NOT met by the chosen plan)'}; "
+         f"run time {t['total']:.0f} s (search {t['search']:.0f} s, fine-tune {t['finetune']:.0f} s)")
+    _say(f"run folder: {summary['run_dir']}")
+    _say(f"  report  : {os.path.join(summary['run_dir'], 'report.md')}")
+    _say(f"  model   : {summary['pruned']['file']}   (autosculpt.load(path) rebuilds it)")
+    return 0
+
+
+def _cmd_finetune(args) -> int:
+    from .finetune import is_main_process
+    from .pipeline import run_finetune
+
+    cfg = _resolve(args)
+    data_given = args.data or (cfg["data"] if getattr(args, "config", None) and "data" in _file_keys(args) else None)
+    res = run_finetune(args.model_file, cfg, data_spec=data_given, out=args.out, checkpoint=args.checkpoint,
+                       resume=args.resume, model_spec=args.model, log=_say)
+    if res is not None and is_main_process():
+        _say(f"fine-tuned on {res['data']} with {res['world_size']} process(es): best val acc {res['best_val_acc']:.4f} "
+             f"(epoch {res['best_epoch']}), test acc {res['test_acc']:.4f}")
+        _say(f"saved: {res['out']}")
+    return 0
+
+
+def _file_keys(args) -> set:
+    from .config import load_config_file
+
+    return set(load_config_file(args.config)) if getattr(args, "config", None) else set()
+
+
+def _load_for_cli(path: str, spec: Optional[str]):
+    from .io import load, read
+    from .models.pretrained import resolve_model
+
+    saved = read(path)
+    shape = saved.meta.get("input_shape")
+    if spec:
+        if not shape:
+            raise ValueError(f"{path!r} does not record its input shape; it was not written by 'autosculpt prune'")
+        factory, _ = resolve_model(spec, saved.meta.get("num_classes", 10), tuple(shape), saved.meta.get("model_args"))
+        model = load(path, factory)
+    else:
+        model = load(path)
+    if not shape:
+        raise ValueError(f"{path!r} does not record its input shape (meta 'input_shape'); save it with meta={{'input_shape': [C, H, W]}}")
+    return model.eval(), tuple(shape)
+
+
+def _cmd_bench(args) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.what == "kernels":
+        if args.model_file:
+            raise UsageError("'bench kernels' takes no model file")
+        from .benchmark import bench_kernels
+
+        _say(bench_kernels(reps=args.reps, progress=args.progress))
+        return 0
+    if not args.model_file:
+        raise UsageError("'bench model' needs a MODEL_FILE")
+    from .export import dense_equivalent
+    from .measure import count_flops, measure_latency
+    from .report import format_table
+
+    model, shape = _load_for_cli(args.model_file, args.model)
+    dense = dense_equivalent(model).eval()
+    rows = []
+    x1 = torch.randn(1, *shape)
+    rows.append(["FLOPs (MACs / sample)", f"{count_flops(dense, x1):,}", f"{count_flops(model, x1):,}", ""])
+    for b in args.batches:
+        x = torch.randn(b, *shape)
+        t = measure_latency({"dense": dense, "pruned": model}, x, reps=args.reps, progress=args.progress,
+                            desc=f"batch {b}")
+        rows.append([f"latency, batch {b}", f"{t['dense']:.3f} ms", f"{t['pruned']:.3f} ms", f"{t['dense'] / t['pruned']:.2f}x"])
+    _say(f"{args.model_file}: dense-equivalent vs pruned, {torch.get_num_threads()} threads, median of {args.reps}")
+    _say(format_table(rows, header=("", "dense", "pruned", "speedup")))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    import torch
+
+    from .export import export_model
+
+    model, shape = _load_for_cli(args.model_file, args.model)
+    out = args.out or os.path.splitext(args.model_file)[0] + "-export"
+    try:
+        paths = export_model(model, torch.randn(args.batch, *shape), out, onnx=args.onnx)
+    except RuntimeError as e:
+        if "ONNX export needs" in str(e):
+            raise ValueError(str(e)) from None
+        raise
+    for kind, p in paths.items():
+        _say(f"{kind:22s} {p}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import render_report
+
+    _say(f"report: {render_report(args.run_dir)}")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from .info import report
+
+    _say(report())
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``autosculpt`` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("AUTOSCULPT_DEBUG", "") not in ("", "0")
+    from .pipeline import Interrupted
+
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        handler = {"prune": _cmd_prune, "finetune": _cmd_finetune, "bench": _cmd_bench, "export": _cmd_export,
+                   "report": _cmd_report, "info": _cmd_info}[args.command]
+        return handler(args)
+    except UsageError as e:
+        print(f"autosculpt: error: {e}", file=sys.stderr)
+        return 2
+    except (Interrupted, KeyboardInterrupt) as e:
+        msg = str(e) or "interrupted"
+        hint = ""
+        if argv and argv[0] == "prune":
+            hint = "; continue with 'autosculpt prune --resume RUN_DIR'"
+        elif argv and argv[0] == "finetune":
+            hint = "; continue with the same command plus --resume"
+        print(f"\nautosculpt: {msg}{hint}", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, FileNotFoundError, KeyError, RuntimeError, OSError) as e:
+        if debug:
+            raise
+        text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        text = " ".join(text.split())  # one line
+        print(f"autosculpt: error: {text}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

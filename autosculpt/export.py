@@ -1,0 +1,98 @@
+"""Exporting pruned models for deployment.
+
+- ``pruned.pt2``: a ``torch.export`` program of the pruned model. Its pattern layers are the
+  ``autosculpt::pattern_conv2d`` custom op, so it runs AutoSculpt's kernels (load it after
+  ``import autosculpt`` with ``torch.export.load``).
+- ``dense_equivalent.pt2`` and ``dense_equivalent.onnx``: the same function with every pattern layer
+  turned back into a standard layer whose dropped weights are zeros — for engines that know nothing
+  of AutoSculpt (they compute the zeros, so they are not faster, but the numbers match).
+
+The ONNX file needs the ``onnx`` and ``onnxscript`` packages (``pip install autosculpt[export]``);
+without them ``export`` says so and still writes the ``.pt2`` files.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Dict
+
+import torch
+from torch import nn
+
+__all__ = ["dense_equivalent", "export_model", "onnx_available"]
+
+
+def dense_equivalent(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` where every module with ``to_dense()`` (pattern layers) is replaced by the
+    standard layer it returns (same outputs; dropped weights stored as zeros)."""
+    out = copy.deepcopy(model)
+    replace = [(n, m) for n, m in out.named_modules() if n and callable(getattr(m, "to_dense", None))]
+    for name, m in replace:
+        parent_name, _, child = name.rpartition(".")
+        parent = out.get_submodule(parent_name) if parent_name else out
+        setattr(parent, child, m.to_dense())
+    return out
+
+
+def onnx_available() -> bool:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: str, *, onnx: bool = True,
+                 opset: int = 18) -> Dict[str, str]:
+    """Writes ``pruned.pt2``, ``dense_equivalent.pt2`` and (if ``onnx``) ``dense_equivalent.onnx``.
+
+    Each program is checked against the eager model on ``example_input`` before it is kept.
+    Returns {kind: path}. Raises RuntimeError with a clear message if ONNX export is impossible here.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"example_input: expected a tensor, got {type(example_input).__name__}")
+    os.makedirs(out_dir, exist_ok=True)
+    model = model.eval()
+    dense = dense_equivalent(model).eval()
+    paths: Dict[str, str] = {}
+    with torch.no_grad():
+        want = model(example_input)
+        for kind, m in (("pruned", model), ("dense_equivalent", dense)):
+            ep = torch.export.export(m, (example_input,))
+            got = ep.module()(example_input)
+            if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+                raise RuntimeError(f"export: the exported {kind} program differs from the model "
+                                   f"(max abs diff {float((got - want).abs().max()):.3g})")
+            path = os.path.join(out_dir, f"{kind}.pt2")
+            torch.export.save(ep, path)
+            paths[f"{kind}_pt2"] = path
+    if onnx:
+        if not onnx_available():
+            raise RuntimeError("export: ONNX export needs the 'onnx' and 'onnxscript' packages "
+                               "(pip install onnx onnxscript); the .pt2 files were written to " + out_dir)
+        import logging
+
+        # The exporter logs one warning per torchvision op it cannot find; irrelevant here.
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        path = os.path.join(out_dir, "dense_equivalent.onnx")
+        with torch.no_grad():
+            prog = torch.onnx.export(dense, (example_input,), dynamo=True, opset_version=opset,
+                                     input_names=["input"], output_names=["logits"],
+                                     dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}}
+                                     if _forward_arg(dense) == "x" else None, verbose=False)
+        prog.save(path)
+        import onnx as _onnx
+
+        _onnx.checker.check_model(path)
+        paths["dense_equivalent_onnx"] = path
+    return paths
+
+
+def _forward_arg(model: nn.Module) -> str:
+    import inspect
+
+    params = [p for p in inspect.signature(model.forward).parameters.values()]
+    return params[0].name if params else ""

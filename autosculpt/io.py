@@ -1,0 +1,234 @@
+"""Saving and loading pruned models: plan (JSON) + ``state_dict`` + versions, in one file.
+
+A model file is a ``torch.save`` archive of plain data only — strings, numbers and tensors — read
+back with ``torch.load(weights_only=True)``. The plan travels as JSON text and is validated before
+use, so loading a file from a stranger cannot execute code: no pickled classes or functions are
+ever reconstructed, and a model spec stored in the file is honoured only if it names a built-in
+model (a user factory must be passed by the caller).
+
+The model is rebuilt as ``sparsify(model_factory(), plan)`` and the weights are loaded strictly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from ._version import __version__
+from .plan import PLAN_VERSION, sparsify, validate_plan
+
+__all__ = ["save", "load", "read", "SavedModel", "plan_from_model", "FORMAT", "FORMAT_VERSION", "atomic_torch_save"]
+
+FORMAT = "autosculpt-model"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SavedModel:
+    """The contents of a model file: ``plan`` (None for a dense model), ``state_dict``, ``meta``
+    (free-form JSON data, e.g. the model name and accuracy) and the writer's ``versions``."""
+
+    plan: Optional[dict]
+    state_dict: dict
+    meta: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """``torch.save`` to a temporary file in the same folder, then an atomic rename: a crash or
+    Ctrl-C never leaves a half-written file under ``path``."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def plan_from_model(model: nn.Module) -> dict:
+    """Reconstructs a plan from a sparsified model's ``PatternConv2d`` layers.
+
+    Each layer's distinct tap masks become its pattern set, so ``sparsify`` with the returned plan
+    reproduces the exact masks. Models with other pattern-sparse layers (attention, linear) need
+    their plan passed explicitly.
+    """
+    from .nn.conv import PatternConv2d
+    from .patterns import PatternSet
+
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, PatternConv2d):
+            masks, ids = torch.unique(m.tap_mask.cpu(), dim=0, return_inverse=True)
+            ps = PatternSet(masks, [f"p{i}" for i in range(len(masks))])
+            layers[name] = {"kind": "conv", "pattern_set": ps.to_json(), "pattern_ids": [int(i) for i in ids]}
+        elif m is not model and type(m).__name__.startswith("Pattern") and hasattr(m, "enforce_mask"):
+            raise ValueError(f"plan: cannot reconstruct the plan of {name!r} ({type(m).__name__}); pass plan= to save()")
+    return {"version": PLAN_VERSION, "layers": layers}
+
+
+def save(model: nn.Module, path: str, plan: Optional[dict] = None, *, meta: Optional[dict] = None) -> str:
+    """Writes ``model`` to ``path``: its plan, ``state_dict`` (on CPU) and the library versions.
+
+    Args:
+        model: a dense or sparsified model (the unwrapped module, not DDP).
+        path: the file to write (atomically).
+        plan: the plan the model was sparsified with; if None it is reconstructed from the model's
+            ``PatternConv2d`` layers (None for a dense model).
+        meta: extra JSON-able data stored beside it (e.g. ``{"model": "resnet20", "model_args": {...}}``).
+    Returns the path.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    if plan is None:
+        plan = plan_from_model(model)
+        if not plan["layers"]:
+            plan = None
+    if plan is not None:
+        validate_plan(plan)
+    try:
+        plan_json = json.dumps(plan)
+        meta_json = json.dumps(meta or {})
+    except TypeError as e:
+        raise TypeError(f"plan/meta: must be JSON-serialisable ({e})") from None
+    state = {}
+    for k, v in model.state_dict().items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"state_dict entry {k!r} is a {type(v).__name__}; only tensors can be saved safely")
+        state[k] = v.detach().cpu().clone()
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "versions": {"autosculpt": str(__version__), "torch": str(torch.__version__), "plan": PLAN_VERSION},
+        "plan_json": plan_json,
+        "meta_json": meta_json,
+        "state_dict": state,
+    }
+    atomic_torch_save(payload, path)
+    return os.fspath(path)
+
+
+def read(path: str, map_location="cpu") -> SavedModel:
+    """Reads and validates a model file without building a model (never unpickles objects)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model file {path!r} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln or "WeightsUnpickler" in ln]
+        first = lines[0] if lines else type(e).__name__
+        raise ValueError(f"{path!r} is not a safe AutoSculpt model file (it holds objects other than tensors and plain data: {first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path!r} is corrupt or not a model file ({first})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path!r} is not an AutoSculpt model file (no '{FORMAT}' header)")
+    fv = payload.get("format_version")
+    if not isinstance(fv, int) or fv > FORMAT_VERSION:
+        raise ValueError(f"{path!r} has file format {fv!r}; this autosculpt {__version__} reads format <= {FORMAT_VERSION} (upgrade autosculpt)")
+    try:
+        plan = json.loads(payload["plan_json"])
+        meta = json.loads(payload.get("meta_json") or "{}")
+        state = payload["state_dict"]
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path!r} is corrupt: {type(e).__name__}: {e}") from None
+    if plan is not None:
+        try:
+            validate_plan(plan)
+        except ValueError as e:
+            raise ValueError(f"{path!r} holds an invalid plan: {e}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ValueError(f"{path!r} is corrupt: state_dict must map names to tensors")
+    return SavedModel(plan, state, meta if isinstance(meta, dict) else {}, payload.get("versions") or {})
+
+
+def _factory_from_meta(meta: dict, path: str) -> Callable[[], nn.Module]:
+    from .models import MODEL_NAMES, get_model
+
+    name = meta.get("model")
+    if name not in MODEL_NAMES:
+        raise ValueError(
+            f"model_factory: {path!r} was saved from model {name!r}, which is not built in; pass the "
+            "function that builds it (files never name code to import, for safety)"
+        )
+    kwargs = meta.get("model_args") or {}
+    return lambda: get_model(name, **kwargs)
+
+
+def load(path: str, model_factory: Union[Callable[[], nn.Module], nn.Module, str, None] = None, *,
+         map_location="cpu", backend: str = "auto") -> nn.Module:
+    """Rebuilds a saved model: ``sparsify(model_factory(), plan)`` then the saved weights, strictly.
+
+    Args:
+        path: a file written by :func:`save`.
+        model_factory: a callable returning the *dense* model (same architecture), or such a model
+            instance (deep-copied), or a built-in model name; None uses the built-in model named in
+            the file's metadata.
+        map_location: where tensors are loaded.
+        backend: kernel backend of the sparse layers.
+    Raises ValueError (naming the file) if the file is corrupt or does not match the model.
+    """
+    import copy
+
+    path = os.fspath(path)
+    saved = read(path, map_location=map_location)
+    if model_factory is None:
+        model_factory = _factory_from_meta(saved.meta, path)
+    if isinstance(model_factory, str):
+        from .models import get_model
+
+        name, kwargs = model_factory, saved.meta.get("model_args") or {}
+        model = get_model(name, **kwargs)
+    elif isinstance(model_factory, nn.Module):
+        model = copy.deepcopy(model_factory)
+    elif callable(model_factory):
+        model = model_factory()
+    else:
+        raise TypeError(f"model_factory: expected a callable, an nn.Module or a model name, got {type(model_factory).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model_factory: returned {type(model).__name__}, expected an nn.Module")
+    if saved.plan is not None:
+        try:
+            model = sparsify(model, saved.plan, inplace=True, backend=backend)
+        except (KeyError, ValueError, TypeError) as e:
+            msg = e.args[0] if e.args else str(e)
+            raise ValueError(f"{path!r} does not match the model: {msg}") from None
+    expected_masks = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("tap_mask")}
+    _load_state_strict(model, saved.state_dict, path)
+    for k, m in expected_masks.items():
+        if not torch.equal(model.state_dict()[k].cpu(), m.cpu()):
+            raise ValueError(f"{path!r} is inconsistent: {k} in its weights disagrees with its plan")
+    return model
+
+
+def _load_state_strict(model: nn.Module, state: dict, path: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} entries (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected entries (e.g. {', '.join(unexpected[:3])})")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:2])})")
+    if problems:
+        raise ValueError(f"{path!r} does not match the model: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)

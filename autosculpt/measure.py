@@ -1,0 +1,159 @@
+"""Counting and timing whole models: parameters, FLOPs that actually run, measured latency.
+
+Used by the CLI summary, ``autosculpt bench`` and the report. FLOPs are multiply-accumulates of
+convolutions and linear layers for one sample; a pattern conv counts only its kept taps. Latency is
+the median of interleaved repeats (dense and pruned alternate, so machine noise hits both alike).
+"""
+from __future__ import annotations
+
+import time
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["count_params", "count_flops", "measure_latency", "layer_latency"]
+
+
+def _pattern_conv_cls():
+    from .nn.conv import PatternConv2d
+
+    return PatternConv2d
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters that are not pruned: a pattern conv's weight counts only its kept taps."""
+    pc = _pattern_conv_cls()
+    total = 0
+    pruned_weights = set()
+    for m in model.modules():
+        if isinstance(m, pc):
+            per_filter = m.weight.shape[1]
+            total += int(m.tap_mask.sum()) * per_filter
+            pruned_weights.add(id(m.weight))
+    for p in model.parameters():
+        if id(p) not in pruned_weights:
+            total += p.numel()
+    return total
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
+    """Multiply-accumulates of conv and linear layers for ONE sample of ``example_input``'s shape."""
+    pc = _pattern_conv_cls()
+    total = [0]
+
+    def hook(m, inputs, out):
+        n = out.shape[0]
+        if isinstance(m, pc):
+            oh, ow = out.shape[2], out.shape[3]
+            total[0] += int(m.tap_mask.sum()) * (m.in_channels // m.groups) * oh * ow
+        elif isinstance(m, nn.Conv2d):
+            total[0] += out[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, nn.Linear):
+            total[0] += (out.numel() // n) * m.in_features
+        else:  # pattern modules of other kinds may report their own count
+            fn = getattr(m, "flops", None)
+            if callable(fn):
+                total[0] += int(fn(inputs[0][:1]))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear, pc)) or callable(getattr(m, "flops", None))]
+    was = model.training
+    model.eval()
+    try:
+        model(example_input[:1])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return total[0]
+
+
+def _median(xs: List[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+@torch.no_grad()
+def measure_latency(models: Dict[str, nn.Module], example_input: torch.Tensor, *, reps: int = 30, warmup: int = 3,
+                    min_seconds: float = 0.0, progress: bool = False, desc: str = "latency") -> Dict[str, float]:
+    """Median forward latency in milliseconds of each model on ``example_input``, interleaved.
+
+    Args:
+        models: name -> model (eval mode is used and restored).
+        example_input: the batch to time (its batch size is the one measured).
+        reps: timed repeats per model (at least; more if ``min_seconds`` is not reached).
+        warmup: untimed calls first (pattern layers pick their path, packing, allocator).
+    """
+    if reps < 1:
+        raise ValueError(f"reps: expected >= 1, got {reps}")
+    sync = torch.cuda.synchronize if example_input.is_cuda else (lambda: None)
+    modes = {k: m.training for k, m in models.items()}
+    for m in models.values():
+        m.eval()
+    times: Dict[str, List[float]] = {k: [] for k in models}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=reps, desc=desc, unit="rep", leave=False, dynamic_ncols=True)
+    try:
+        for m in models.values():
+            for _ in range(warmup):
+                m(example_input)
+        sync()
+        start, i = time.perf_counter(), 0
+        while i < reps or time.perf_counter() - start < min_seconds:
+            for k, m in models.items():
+                t0 = time.perf_counter()
+                m(example_input)
+                sync()
+                times[k].append(time.perf_counter() - t0)
+            i += 1
+            if bar is not None and i <= reps:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        for k, m in models.items():
+            m.train(modes[k])
+    return {k: _median(v) * 1e3 for k, v in times.items()}
+
+
+@torch.no_grad()
+def layer_latency(dense: nn.Module, pruned: nn.Module, example_input: torch.Tensor, *, reps: int = 20,
+                  progress: bool = False) -> List[dict]:
+    """Per pruned layer: median ms of the dense layer and of its pattern-sparse replacement on the
+    layer's real input, plus the path the replacement runs ("sparse" kernel or "dense" fallback)."""
+    pc = _pattern_conv_cls()
+    dense_mods = dict(dense.named_modules())
+    targets = [(n, m) for n, m in pruned.named_modules() if isinstance(m, pc) and n in dense_mods]
+    inputs: Dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda mod, inp, out, n=n: inputs.__setitem__(n, inp[0].detach()))
+               for n, m in targets]
+    was = pruned.training
+    pruned.eval()
+    try:
+        pruned(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        pruned.train(was)
+    rows = []
+    it = targets
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(targets, desc="layer latency", unit="layer", leave=False, dynamic_ncols=True)
+    for name, m in it:
+        x = inputs[name]
+        t = measure_latency({"dense": dense_mods[name], "pruned": m}, x, reps=reps, warmup=2)
+        rows.append({"layer": name, "dense_ms": t["dense"], "pruned_ms": t["pruned"], "path": m.active_path(x),
+                     "kept": m.kept_fraction(), "input_shape": list(x.shape)})
+    return rows
+
+
+def effective_summary(model: nn.Module, example_input: torch.Tensor) -> Dict[str, Optional[float]]:
+    """``{"params": ..., "flops": ...}`` of a model (pruned taps excluded)."""
+    return {"params": count_params(model), "flops": count_flops(model, example_input)}

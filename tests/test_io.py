@@ -1,0 +1,168 @@
+"""Save / load of pruned models: exact round trip, safety (no code runs on load), clear errors."""
+import os
+
+import pytest
+import torch
+
+import autosculpt as asc
+from autosculpt.models import get_model
+from autosculpt.nn import PatternConv2d
+from autosculpt.patterns import PAPER6
+from autosculpt.plan import conv_layer_plan
+
+
+def small_cnn():
+    return get_model("digits_cnn", channels=(8, 16, 16, 8))
+
+
+def random_plan(model, seed=0, allowed=(0, 1, 2, 3, 4, 5)):
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3):
+            ids = torch.tensor(allowed)[torch.randint(len(allowed), (m.out_channels,), generator=g)]
+            layers[name] = conv_layer_plan(PAPER6, ids)
+    return {"version": 1, "layers": layers}
+
+
+def pruned_model(seed=0):
+    torch.manual_seed(seed)
+    dense = small_cnn()
+    plan = random_plan(dense, seed)
+    model = asc.sparsify(dense, plan)
+    with torch.no_grad():  # non-trivial BN statistics and weights
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval(), plan
+
+
+def test_round_trip_exact(tmp_path):
+    model, plan = pruned_model()
+    path = asc.save(model, tmp_path / "m.pt", plan=plan, meta={"model": "digits_cnn", "model_args": {"channels": [8, 16, 16, 8]}})
+    loaded = asc.load(path, small_cnn).eval()
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    for (n1, a), (n2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert n1 == n2 and torch.equal(a, b)
+    assert sum(isinstance(m, PatternConv2d) for m in loaded.modules()) == len(plan["layers"])
+    # The built-in model named in the file's metadata is enough, without a factory.
+    again = asc.load(path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+
+
+def test_plan_reconstructed_from_model(tmp_path):
+    model, _ = pruned_model(seed=3)
+    asc.save(model, tmp_path / "m.pt")
+    saved = asc.io.read(tmp_path / "m.pt")
+    assert saved.plan is not None and saved.versions["autosculpt"] == asc.__version__
+    loaded = asc.load(tmp_path / "m.pt", small_cnn)
+    for (name, a), b in zip(model.named_modules(), loaded.modules()):
+        if isinstance(a, PatternConv2d):
+            assert torch.equal(a.tap_mask, b.tap_mask), name
+
+
+def test_dense_model_round_trip(tmp_path):
+    torch.manual_seed(0)
+    dense = small_cnn().eval()
+    asc.save(dense, tmp_path / "d.pt")
+    assert asc.io.read(tmp_path / "d.pt").plan is None
+    loaded = asc.load(tmp_path / "d.pt", small_cnn).eval()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), dense(x))
+
+
+def test_mismatched_model_is_a_clear_error(tmp_path):
+    model, plan = pruned_model()
+    asc.save(model, tmp_path / "m.pt", plan=plan)
+    with pytest.raises(ValueError, match="does not match the model.*shape mismatches.*classifier.weight"):
+        asc.load(tmp_path / "m.pt", lambda: get_model("digits_cnn", channels=(8, 16, 16, 8), num_classes=5))
+    with pytest.raises(ValueError, match="does not match the model: pattern_ids: expected 16 ids, got 8"):
+        asc.load(tmp_path / "m.pt", lambda: get_model("digits_cnn", channels=(8, 16, 16, 16)))
+    with pytest.raises(ValueError, match="does not match the model"):
+        asc.load(tmp_path / "m.pt", lambda: get_model("resnet20"))
+
+
+def test_user_model_needs_explicit_factory(tmp_path):
+    model, plan = pruned_model()
+    asc.save(model, tmp_path / "m.pt", plan=plan, meta={"model": "evil.module:factory"})
+    with pytest.raises(ValueError, match="not built in; pass the function"):
+        asc.load(tmp_path / "m.pt")
+
+
+def test_corrupt_and_foreign_files(tmp_path):
+    model, plan = pruned_model()
+    good = tmp_path / "m.pt"
+    asc.save(model, good, plan=plan)
+    data = good.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt or not a model file"):
+        asc.load(tmp_path / "trunc.pt", small_cnn)
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="not an AutoSculpt model file"):
+        asc.load(tmp_path / "plain.pt", small_cnn)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        asc.load(tmp_path / "missing.pt", small_cnn)
+
+
+def _tampered(tmp_path, **changes):
+    model, plan = pruned_model()
+    asc.save(model, tmp_path / "m.pt", plan=plan)
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload.update(changes)
+    torch.save(payload, tmp_path / "t.pt")
+    return tmp_path / "t.pt"
+
+
+def test_invalid_plan_and_newer_format(tmp_path):
+    bad_plan = '{"version": 1, "layers": {"features.0.0": {"kind": "rootkit"}}}'
+    with pytest.raises(ValueError, match="invalid plan.*unknown kind 'rootkit'"):
+        asc.load(_tampered(tmp_path, plan_json=bad_plan), small_cnn)
+    with pytest.raises(ValueError, match="upgrade autosculpt"):
+        asc.load(_tampered(tmp_path, format_version=99), small_cnn)
+
+
+def test_mask_weights_disagreeing_with_plan(tmp_path):
+    model, plan = pruned_model()
+    asc.save(model, tmp_path / "m.pt", plan=plan)
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    key = next(k for k in payload["state_dict"] if k.endswith("tap_mask"))
+    payload["state_dict"][key] = ~payload["state_dict"][key]
+    torch.save(payload, tmp_path / "t.pt")
+    with pytest.raises(ValueError, match="disagrees with its plan"):
+        asc.load(tmp_path / "t.pt", small_cnn)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_loading_never_runs_code(tmp_path):
+    marker = tmp_path / "pwned"
+    model, plan = pruned_model()
+    asc.save(model, tmp_path / "m.pt", plan=plan)
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload["meta_json"] = _RunsCode(marker)
+    torch.save(payload, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="not a safe AutoSculpt model file"):
+        asc.load(tmp_path / "evil.pt", small_cnn)
+    assert not marker.exists()
+
+
+def test_save_is_atomic_and_checks_arguments(tmp_path):
+    model, plan = pruned_model()
+    with pytest.raises(TypeError, match="model: expected an nn.Module"):
+        asc.save("not a model", tmp_path / "x.pt")
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        asc.save(model, tmp_path / "x.pt", plan=plan, meta={"f": object()})
+    assert not (tmp_path / "x.pt").exists()
+    asc.save(model, tmp_path / "x.pt", plan=plan)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]  # no temporary files left behind
