@@ -112,13 +112,13 @@ def resolve_config(file_values: Optional[Dict[str, Any]] = None, cli_values: Opt
 
 def save_config(cfg: Dict[str, Any], path: str) -> None:
     """Writes the resolved configuration as YAML with a comment per setting."""
-    import yaml
+    import json
 
     lines = ["# AutoSculpt run configuration (resolved: defaults < config file < command line)"]
     for k in _SPEC:
         if k in cfg:
             lines.append(f"# {HELP[k]}")
-            lines.append(yaml.safe_dump({k: cfg[k]}, default_flow_style=None, sort_keys=False).strip())
+            lines.append(f"{k}: {json.dumps(cfg[k])}")  # JSON values are valid YAML flow scalars
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
