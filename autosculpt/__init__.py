@@ -4,7 +4,8 @@ Import is lean: no CUDA initialisation and no triton import happen here.
 """
 from . import nn, ops, patterns, runtime
 from ._version import __version__
+from .io import load, save
 from .plan import sparsify
-from .io import load, save  # noqa: E402  (product: model files)
+from .search import SearchResult, search
 
-__all__ = ["__version__", "nn", "ops", "patterns", "runtime", "sparsify", "save", "load"]
+__all__ = ["__version__", "nn", "ops", "patterns", "runtime", "sparsify", "search", "SearchResult", "save", "load"]

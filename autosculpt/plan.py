@@ -111,3 +111,46 @@ def dense_plan(model: nn.Module, pattern_set: PatternSet) -> dict:
         if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == pattern_set.kernel_size:
             layers[name] = conv_layer_plan(pattern_set, [full] * m.out_channels)
     return {"version": PLAN_VERSION, "layers": layers}
+
+
+def level_counts(pattern_set: PatternSet, n_filters: int, kept_fraction: float) -> list:
+    """How many of ``n_filters`` get each pattern so the mean kept fraction is ``kept_fraction``.
+
+    Uses the two kept-fraction levels of the set that bracket the target (e.g. PAPER6's 1/3 and 2/3
+    for 0.5), and spreads each level's filters evenly over the patterns of that level. The result's
+    kept fraction is the closest reachable with whole filters.
+    """
+    if not 0.0 <= kept_fraction <= 1.0:
+        raise ValueError(f"kept_fraction: expected a value in [0, 1], got {kept_fraction}")
+    fr = pattern_set.kept_fractions().tolist()
+    levels = sorted(set(fr))
+    hi = next(level for level in levels if level >= kept_fraction - 1e-12)
+    lo = max((level for level in levels if level <= kept_fraction + 1e-12), default=hi)
+    if hi == lo:
+        n_hi = n_filters
+    else:
+        n_hi = int(round(n_filters * (kept_fraction - lo) / (hi - lo)))
+    counts = [0] * len(pattern_set)
+    for level, n in ((hi, n_hi), (lo, n_filters - n_hi)):
+        if n == 0:
+            continue
+        members = [i for i, f in enumerate(fr) if f == level]
+        for j, p in enumerate(members):
+            counts[p] += n // len(members) + (1 if j < n % len(members) else 0)
+    return counts
+
+
+def uniform_plan(model: nn.Module, pattern_set: PatternSet, kept_fraction: float, layers=None) -> dict:
+    """The same pattern mix in every prunable conv (kernel matching the set), filters assigned by
+    weight energy (:func:`autosculpt.patterns.assign`). ``layers`` restricts it to some module names."""
+    from .patterns import assign
+
+    out = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Conv2d) or tuple(m.kernel_size) != pattern_set.kernel_size:
+            continue
+        if layers is not None and name not in layers:
+            continue
+        counts = level_counts(pattern_set, m.out_channels, kept_fraction)
+        out[name] = conv_layer_plan(pattern_set, assign(m.weight, pattern_set, counts))
+    return {"version": PLAN_VERSION, "layers": out}

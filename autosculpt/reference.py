@@ -35,8 +35,9 @@ def block_sparse_attention_ref(
     lq, lk = q.shape[-2], k.shape[-2]
     tok = block_mask.repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)[:, :lq, :lk]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    compute = torch.promote_types(q.dtype, torch.float32)  # fp32 for half inputs, fp64 stays fp64
+    scores = (q.to(compute) @ k.to(compute).transpose(-1, -2)) * scale
     scores = scores.masked_fill(~tok, float("-inf"))
     empty = ~tok.any(-1, keepdim=True)  # (H, Lq, 1)
     probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
-    return (probs @ v.float()).to(q.dtype)
+    return (probs @ v.to(compute)).to(q.dtype)

@@ -22,6 +22,7 @@ static std::string simd_level() {
 
 void register_info(py::module_& m) {
   m.attr("__version__") = AUTOSCULPT_VERSION;
+  m.attr("cuda_requested") = AUTOSCULPT_CUDA_REQUESTED;  // AUTOSCULPT_CUDA at build time: auto|0|1
 #ifdef AUTOSCULPT_WITH_CUDA
   m.attr("cuda_built") = true;
   m.attr("cuda_archs") = AUTOSCULPT_CUDA_ARCHS;

@@ -1,4 +1,5 @@
 """Custom operators (torch.library) over AutoSculpt's kernels."""
+from .attention import block_sparse_attention
 from .conv import pattern_conv2d
 
-__all__ = ["pattern_conv2d"]
+__all__ = ["block_sparse_attention", "pattern_conv2d"]

@@ -107,6 +107,8 @@ def resolve_backend(backend: str, x: torch.Tensor, weight, tap_mask, stride, pad
         raise TypeError(f"x: backend 'cpu' computes float32 only, got {x.dtype}")
     if backend != "auto":
         return backend
+    if x.device.type == "cuda" and "cuda" not in AUTO_CHOOSERS:
+        import autosculpt.runtime.gpu_choice  # noqa: F401  (registers AUTO_CHOOSERS["cuda"])
     chooser = AUTO_CHOOSERS.get(x.device.type)
     if chooser is not None:
         return chooser(x, weight, tap_mask, stride, padding, dilation, groups)
@@ -234,6 +236,16 @@ def _packed_weights(ext, weight: torch.Tensor, tap_mask: torch.Tensor, groups: i
 def release_cache(cache_key: int) -> None:
     """Drops the packed weights cached under ``cache_key`` (a layer being deleted or replaced)."""
     _PACKED.pop(cache_key, None)
+    import sys
+
+    gpu_groups = sys.modules.get("autosculpt.ops._pattern_groups")  # GPU backends' cache, if loaded
+    if gpu_groups is not None:
+        gpu_groups.release(cache_key)
+
+
+def _new_output(shape, like: torch.Tensor) -> torch.Tensor:
+    """Allocates a kernel's output (uninitialised; tests replace this to poison outputs)."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
 def _cpu_backend(x, weight, tap_mask, bias, stride, padding, dilation, groups, cache_key):
@@ -242,7 +254,7 @@ def _cpu_backend(x, weight, tap_mask, bias, stride, padding, dilation, groups, c
     packed = _packed_weights(ext, weight, tap_mask, groups, cache_key)
     n, _, h, w = x.shape
     oh, ow = conv_output_size(h, w, weight.shape[2], weight.shape[3], stride, padding, dilation)
-    out = torch.empty((n, weight.shape[0], oh, ow), dtype=x.dtype)
+    out = _new_output((n, weight.shape[0], oh, ow), x)
     b = bias.detach().contiguous() if bias is not None else None
     packed.forward(
         x.data_ptr(), b.data_ptr() if b is not None else 0, out.data_ptr(), n, h, w,

@@ -47,14 +47,26 @@ def build_info() -> Dict[str, object]:
     }
 
 
+def _best_capability() -> tuple:
+    """Highest compute capability among the visible GPUs, (0, 0) without one."""
+    if not cuda_usable():
+        return (0, 0)
+    return max(torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))
+
+
 def available_backends() -> Dict[str, bool]:
-    """Backends that can run on this machine now: {"cpu", "cuda", "triton", "torch"} -> bool."""
+    """Backends that can run on this machine now: {"cpu", "cuda", "triton", "torch"} -> bool.
+
+    "cuda" needs the CUDA kernels built and a GPU of compute capability >= 8.0 (their fp16/bf16
+    tensor-core paths; the default build targets sm_80 and sm_90). "triton" needs triton and a GPU of
+    capability >= 7.0 (Triton's minimum), or ``TRITON_INTERPRET=1`` for CPU tensors.
+    """
     info = build_info()
-    gpu = cuda_usable()
+    capability = _best_capability()
     return {
         "cpu": bool(info["cpu_built"]),
-        "cuda": bool(info["cuda_built"]) and gpu,
-        "triton": bool(info["triton_available"]) and (gpu or triton_interpret()),
+        "cuda": bool(info["cuda_built"]) and capability >= (8, 0),
+        "triton": bool(info["triton_available"]) and (capability >= (7, 0) or triton_interpret()),
         "torch": True,
     }
 

@@ -4,25 +4,98 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <stdexcept>
 
+#include "cpu/conv_gather.h"
+#include "cpu/conv_microkernels.h"
 #include "registry.h"
 
 namespace autosculpt {
 
 namespace {
-constexpr int64_t kTileP = 64;  // output pixels per tile
+
+// A pixel tile's gathered input should stay in the core's L2 while every filter block reads it.
+constexpr int64_t kTileBytes = 384 * 1024;
+constexpr int64_t kMaxTileSubtiles = 8;   // at most 8 micro-kernel widths per tile
+constexpr int64_t kChunkTilesPerThread = 4;
+constexpr int64_t kPackChannelBlock = 64;  // channels per gather work item
 
 int64_t out_size(int64_t in, int64_t k, int64_t stride, int64_t pad, int64_t dil) {
   return (in + 2 * pad - dil * (k - 1) - 1) / stride + 1;
 }
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+bool cpu_has(ConvIsa isa) {
+#ifdef AUTOSCULPT_X86
+  __builtin_cpu_init();
+  switch (isa) {
+    case ConvIsa::kAvx512:
+      return __builtin_cpu_supports("avx512f");
+    case ConvIsa::kAvx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    default:
+      return true;
+  }
+#else
+  return isa == ConvIsa::kGeneric;
+#endif
+}
+
+ConvIsa pick_isa(const std::string& name) {
+  if (name.empty()) {
+    if (cpu_has(ConvIsa::kAvx512)) return ConvIsa::kAvx512;
+    if (cpu_has(ConvIsa::kAvx2)) return ConvIsa::kAvx2;
+    return ConvIsa::kGeneric;
+  }
+  ConvIsa isa;
+  if (name == "avx512")
+    isa = ConvIsa::kAvx512;
+  else if (name == "avx2")
+    isa = ConvIsa::kAvx2;
+  else if (name == "generic")
+    isa = ConvIsa::kGeneric;
+  else
+    throw std::invalid_argument("isa: expected '', 'avx512', 'avx2' or 'generic', got '" + name + "'");
+  if (!cpu_has(isa)) throw std::invalid_argument("isa: this CPU does not support '" + name + "'");
+  return isa;
+}
+
+// Scratch for the gathered input tiles, owned by the calling thread and reused across calls (so a
+// call allocates nothing once warm). Concurrent forward() calls from different threads get their own.
+float* col_scratch(size_t floats) {
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  thread_local std::unique_ptr<float, Free> buf;
+  thread_local size_t cap = 0;
+  if (floats > cap) {
+    buf.reset();
+    const size_t bytes = ((floats * sizeof(float) + 63) / 64) * 64;
+    float* p = static_cast<float*>(std::aligned_alloc(64, bytes));
+    if (!p) throw std::bad_alloc();
+    buf.reset(p);
+    cap = floats;
+  }
+  return buf.get();
+}
+
+// Contiguous share [lo, hi) of `total` items for thread `tid` of `nthreads`.
+inline void split_even(int64_t total, int tid, int nthreads, int64_t& lo, int64_t& hi) {
+  lo = total * tid / nthreads;
+  hi = total * (tid + 1) / nthreads;
+}
+
 }  // namespace
 
 PackedPatternConv::PackedPatternConv(const float* weight, const uint8_t* tap_mask, int64_t c_out,
-                                     int64_t c_in_pg, int64_t kh, int64_t kw, int64_t groups)
-    : c_out_(c_out), c_in_pg_(c_in_pg), kh_(kh), kw_(kw), groups_(groups) {
+                                     int64_t c_in_pg, int64_t kh, int64_t kw, int64_t groups,
+                                     const std::string& isa)
+    : c_out_(c_out), c_in_pg_(c_in_pg), kh_(kh), kw_(kw), groups_(groups), isa_(pick_isa(isa)) {
   if (c_out <= 0 || c_in_pg <= 0 || kh <= 0 || kw <= 0 || groups <= 0 || c_out % groups != 0)
     throw std::invalid_argument("PackedPatternConv: bad sizes");
   const int64_t taps_n = kh * kw;
@@ -35,35 +108,92 @@ PackedPatternConv::PackedPatternConv(const float* weight, const uint8_t* tap_mas
         if (tap_mask[co * taps_n + t]) dw_taps_[co].push_back(int32_t(t));
     return;
   }
+
+  switch (isa_) {
+#ifdef AUTOSCULPT_X86
+    case ConvIsa::kAvx512:
+      mr_ = ukernels::kAvx512MR, lanes_ = ukernels::kAvx512Lanes, nv_max_ = ukernels::kAvx512NV;
+      kernels_ = ukernels::avx512_table();
+      break;
+    case ConvIsa::kAvx2:
+      mr_ = ukernels::kAvx2MR, lanes_ = ukernels::kAvx2Lanes, nv_max_ = ukernels::kAvx2NV;
+      kernels_ = ukernels::avx2_table();
+      break;
+#endif
+    default:
+      mr_ = ukernels::kGenericMR, lanes_ = ukernels::kGenericLanes, nv_max_ = ukernels::kGenericNV;
+      kernels_ = ukernels::generic_table();
+  }
+  const int64_t sub = int64_t(lanes_) * nv_max_;
+
   const int64_t c_out_pg = c_out / groups;
-  groups_of_.resize(groups);
+  plans_.resize(groups);
+  // First pass: group filters by mask, find the taps used, count packed floats.
+  int64_t packed_floats = 0;
   for (int64_t g = 0; g < groups; ++g) {
+    ConvGroupPlan& pl = plans_[g];
     std::map<std::vector<int32_t>, int> index;
-    auto& pg = groups_of_[g];
+    std::vector<bool> used(taps_n, false);
     for (int64_t f = 0; f < c_out_pg; ++f) {
       const int64_t co = g * c_out_pg + f;
       std::vector<int32_t> taps;
       for (int64_t t = 0; t < taps_n; ++t)
-        if (tap_mask[co * taps_n + t]) taps.push_back(int32_t(t));
-      if (taps.empty()) continue;
+        if (tap_mask[co * taps_n + t]) taps.push_back(int32_t(t)), used[t] = true;
+      if (taps.empty()) {
+        pl.empty_filters.push_back(int32_t(co));
+        continue;
+      }
       auto it = index.find(taps);
       if (it == index.end()) {
-        it = index.emplace(taps, int(pg.size())).first;
-        pg.push_back(PatternGroup{taps, {}, {}});
+        it = index.emplace(taps, int(pl.groups.size())).first;
+        pl.groups.push_back(PatternGroup{taps, {}, {}});
       }
-      pg[it->second].filters.push_back(int32_t(f));
+      pl.groups[it->second].filters.push_back(int32_t(co));
     }
-    // packed[f][t][ci]: the K dimension runs over (kept tap, input channel).
-    for (auto& grp : pg) {
-      const int64_t k = int64_t(grp.taps.size()) * c_in_pg;
-      grp.packed.resize(grp.filters.size() * k);
-      for (size_t i = 0; i < grp.filters.size(); ++i) {
-        const int64_t co = g * c_out_pg + grp.filters[i];
-        for (size_t ti = 0; ti < grp.taps.size(); ++ti)
+    std::vector<int64_t> slot_of(taps_n, -1);
+    for (int64_t t = 0; t < taps_n; ++t)
+      if (used[t]) slot_of[t] = int64_t(pl.slot_taps.size()), pl.slot_taps.push_back(int32_t(t));
+    const int64_t slots = int64_t(pl.slot_taps.size());
+    // Tile width: a whole number of micro-kernel widths whose gathered input fits kTileBytes.
+    const int64_t per_pixel = std::max<int64_t>(1, slots * c_in_pg * int64_t(sizeof(float)));
+    pl.tile = std::clamp<int64_t>((kTileBytes / per_pixel) / sub, 1, kMaxTileSubtiles) * sub;
+    for (auto& grp : pl.groups) {
+      for (int32_t t : grp.taps) grp.tap_off.push_back(slot_of[t] * c_in_pg * sub);
+      packed_floats += int64_t(grp.filters.size()) * int64_t(grp.taps.size()) * c_in_pg;
+    }
+  }
+  // Second pass: cut groups into blocks of mr_ filters and pack each block as a K x mr panel.
+  packed_.resize(size_t(packed_floats));
+  int64_t off = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    ConvGroupPlan& pl = plans_[g];
+    for (size_t gi = 0; gi < pl.groups.size(); ++gi) {
+      const PatternGroup& grp = pl.groups[gi];
+      const int64_t nt = int64_t(grp.taps.size()), k = nt * c_in_pg, nf = int64_t(grp.filters.size());
+      // Balance block sizes (e.g. 10 filters -> 5 + 5 rather than 8 + 2: small blocks run slower).
+      const int64_t nblocks = ceil_div(nf, mr_);
+      int64_t f0 = 0;
+      for (int64_t bi = 0; bi < nblocks; ++bi) {
+        const int64_t f1 = nf * (bi + 1) / nblocks;
+        FilterBlock blk{};
+        blk.group = int32_t(gi);
+        blk.mr = int32_t(f1 - f0);
+        blk.a_offset = off;
+        // Small blocks issue more loads per FMA: charge them as if a little wider.
+        blk.cost = k * (blk.mr + 2);
+        for (int64_t i = 0; i < blk.mr; ++i) blk.filters[i] = grp.filters[size_t(f0 + i)];
+        for (int64_t ti = 0; ti < nt; ++ti)
           for (int64_t ci = 0; ci < c_in_pg; ++ci)
-            grp.packed[i * k + ti * c_in_pg + ci] = weight[(co * c_in_pg + ci) * taps_n + grp.taps[ti]];
+            for (int64_t m = 0; m < blk.mr; ++m)
+              packed_[size_t(off + (ti * c_in_pg + ci) * blk.mr + m)] =
+                  weight[(int64_t(blk.filters[m]) * c_in_pg + ci) * taps_n + grp.taps[size_t(ti)]];
+        off += k * blk.mr;
+        pl.blocks.push_back(blk);
+        f0 = f1;
       }
     }
+    pl.block_cost_prefix.assign(1, 0);
+    for (auto& blk : pl.blocks) pl.block_cost_prefix.push_back(pl.block_cost_prefix.back() + blk.cost);
   }
 }
 
@@ -73,95 +203,256 @@ int64_t PackedPatternConv::kept_taps() const {
     for (auto& t : dw_taps_) total += int64_t(t.size());
     return total;
   }
-  for (auto& pg : groups_of_)
-    for (auto& grp : pg) total += int64_t(grp.taps.size() * grp.filters.size());
+  for (auto& pl : plans_)
+    for (auto& grp : pl.groups) total += int64_t(grp.taps.size() * grp.filters.size());
   return total;
 }
 
-void PackedPatternConv::forward(const float* x, const float* bias, float* out, int64_t n, int64_t h,
-                                int64_t w, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
-                                int64_t dw, int num_threads) const {
-  const int64_t oh = out_size(h, kh_, sh, ph, dh), ow = out_size(w, kw_, sw, pw, dw);
-  if (oh <= 0 || ow <= 0) throw std::invalid_argument("PackedPatternConv: empty output");
-  const int64_t P = oh * ow, taps_n = kh_ * kw_;
-  const int64_t c_in = c_in_pg_ * groups_;
-  const int64_t c_out_pg = c_out_ / groups_;
-  if (num_threads <= 0) num_threads = omp_get_max_threads();
+int64_t PackedPatternConv::num_pattern_groups() const {
+  int64_t total = 0;
+  for (auto& pl : plans_) total += int64_t(pl.groups.size());
+  return total;
+}
 
+std::string PackedPatternConv::isa_name() const {
+  switch (isa_) {
+    case ConvIsa::kAvx512:
+      return "avx512";
+    case ConvIsa::kAvx2:
+      return "avx2";
+    default:
+      return "generic";
+  }
+}
+
+void PackedPatternConv::forward(const float* x, const float* bias, float* out, int64_t n, int64_t h, int64_t w,
+                                int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                                int num_threads) const {
+  if (n <= 0 || h <= 0 || w <= 0 || sh <= 0 || sw <= 0 || ph < 0 || pw < 0 || dh <= 0 || dw <= 0)
+    throw std::invalid_argument("PackedPatternConv.forward: bad sizes");
+  const int64_t oh = out_size(h, kh_, sh, ph, dh), ow = out_size(w, kw_, sw, pw, dw);
+  if (oh <= 0 || ow <= 0) throw std::invalid_argument("PackedPatternConv.forward: empty output");
+  if (num_threads <= 0) num_threads = omp_get_max_threads();
   if (depthwise_) {
-#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static)
-    for (int64_t b = 0; b < n; ++b)
-      for (int64_t c = 0; c < c_out_; ++c) {
-        const float* xi = x + (b * c_in + c) * h * w;
-        float* o = out + (b * c_out_ + c) * P;
-        const float bv = bias ? bias[c] : 0.f;
-        for (int64_t p = 0; p < P; ++p) o[p] = bv;
-        for (int32_t t : dw_taps_[c]) {
-          const float wv = dw_weight_[c * taps_n + t];
-          const int64_t r = t / kw_, s = t % kw_;
-          for (int64_t y = 0; y < oh; ++y) {
-            const int64_t iy = y * sh - ph + r * dh;
-            if (iy < 0 || iy >= h) continue;
-            for (int64_t xx = 0; xx < ow; ++xx) {
-              const int64_t ix = xx * sw - pw + s * dw;
-              if (ix >= 0 && ix < w) o[y * ow + xx] += wv * xi[iy * w + ix];
-            }
+    forward_depthwise(x, bias, out, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, num_threads);
+    return;
+  }
+  for (int64_t g = 0; g < groups_; ++g)
+    forward_group(g, x, bias, out, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, num_threads);
+}
+
+void PackedPatternConv::forward_depthwise(const float* x, const float* bias, float* out, int64_t n, int64_t h,
+                                          int64_t w, int64_t oh, int64_t ow, int64_t sh, int64_t sw, int64_t ph,
+                                          int64_t pw, int64_t dh, int64_t dw, int threads) const {
+  const int64_t P = oh * ow, taps_n = kh_ * kw_;
+#pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
+  for (int64_t b = 0; b < n; ++b)
+    for (int64_t c = 0; c < c_out_; ++c) {
+      const float* xi = x + (b * c_out_ + c) * h * w;
+      float* o = out + (b * c_out_ + c) * P;
+      const float bv = bias ? bias[c] : 0.f;
+      for (int64_t p = 0; p < P; ++p) o[p] = bv;
+      for (int32_t t : dw_taps_[c]) {
+        const float wv = dw_weight_[c * taps_n + t];
+        const int64_t r = t / kw_, s = t % kw_;
+        // output columns whose input column xx*sw + off lies inside the image
+        const int64_t off = s * dw - pw;
+        const int64_t xl = off >= 0 ? 0 : ceil_div(-off, sw);
+        const int64_t xr = (w - 1 - off) < 0 ? 0 : std::min(ow, (w - 1 - off) / sw + 1);
+        if (xl >= xr) continue;
+        for (int64_t y = 0; y < oh; ++y) {
+          const int64_t iy = y * sh - ph + r * dh;
+          if (iy < 0 || iy >= h) continue;
+          float* orow = o + y * ow;
+          const float* src = xi + iy * w + off;
+          if (sw == 1) {
+#pragma omp simd
+            for (int64_t xx = xl; xx < xr; ++xx) orow[xx] += wv * src[xx];
+          } else {
+            for (int64_t xx = xl; xx < xr; ++xx) orow[xx] += wv * src[xx * sw];
           }
         }
       }
-    return;
-  }
+    }
+}
 
-  const int64_t tiles = (P + kTileP - 1) / kTileP;
-#pragma omp parallel num_threads(num_threads)
+// Everything one forward() of one conv group needs, shared by its helpers.
+struct PackedPatternConv::GroupCall {
+  const ConvGroupPlan* pl;
+  const float* x;     // input of image 0, channel 0 of this conv group
+  const float* bias;  // may be null
+  float* out;
+  int64_t n, h, w, oh, ow, P, G, sh, sw, ph, pw, dh, dw, c_in;
+  int64_t slots, NT, SW, W, tile_floats, sub_floats;
+  GatherFn gather;
+};
+
+// Gathers channels [c0, c1) of one tap slot for output pixels [g0, g0 + valid) into a tile block.
+void PackedPatternConv::gather_tile(const GroupCall& a, int64_t g0, int64_t valid, int64_t slot, int64_t c0,
+                                    int64_t c1, float* colt, std::vector<GatherSeg>& segs) const {
+  const int64_t tap = a.pl->slot_taps[size_t(slot)], r = tap / kw_, s = tap % kw_;
+  const int64_t off = s * a.dw - a.pw;  // input column = output column * sw + off
+  const int64_t xl_img = off >= 0 ? 0 : ceil_div(-off, a.sw);
+  const int64_t xr_img = (a.w - 1 - off) < 0 ? 0 : (a.w - 1 - off) / a.sw + 1;
+  const int64_t SW = a.SW, slot_off = slot * c_in_pg_ * SW;
+  segs.clear();
+  int64_t i = 0;
+  while (i < valid) {
+    const int64_t gp = g0 + i, b = gp / a.P, p = gp % a.P, y = p / a.ow, x0 = p % a.ow;
+    const int64_t len = std::min({a.ow - x0, valid - i, int64_t(16), SW - i % SW});
+    const int64_t iy = y * a.sh - a.ph + r * a.dh;
+    GatherSeg sg{};
+    if (iy >= 0 && iy < a.h) {
+      const int64_t vl = std::clamp<int64_t>(xl_img - x0, 0, len), vh = std::clamp<int64_t>(xr_img - x0, 0, len);
+      if (vh > vl) sg.valid = ((1u << vh) - 1u) & ~((1u << vl) - 1u);
+    }
+    sg.src = b * a.c_in * a.h * a.w + iy * a.w + x0 * a.sw + off;
+    sg.dst = (i / SW) * a.sub_floats + slot_off + i % SW;
+    sg.len = int32_t(len);
+    for (int k = 0; k < 8; ++k) {
+      sg.lo |= ((sg.valid >> k) & 1u) << (2 * k);
+      sg.hi |= ((sg.valid >> (k + 8)) & 1u) << (2 * k);
+    }
+    segs.push_back(sg);
+    i += len;
+  }
+  // Lanes past the last pixel (up to the micro-kernel's vector width) are computed and dropped;
+  // zeros keep them cheap (no denormals).
+  const int64_t end = ceil_div(valid, a.W) * a.W;
+  while (i < end) {
+    GatherSeg sg{};
+    sg.len = int32_t(std::min({end - i, int64_t(16), SW - i % SW}));
+    sg.dst = (i / SW) * a.sub_floats + slot_off + i % SW;
+    segs.push_back(sg);
+    i += sg.len;
+  }
+  a.gather(segs.data(), int64_t(segs.size()), a.x, a.h * a.w, colt, SW, c0, c1, a.sw);
+}
+
+// One filter block over the gathered pixels [g0, g0 + valid): one micro-kernel call per sub-tile.
+void PackedPatternConv::compute_block(const GroupCall& a, int64_t g0, int64_t valid, const FilterBlock& blk,
+                                      const float* colt, float* tmp) const {
+  const PatternGroup& grp = a.pl->groups[size_t(blk.group)];
+  const float* wp = packed_.data() + blk.a_offset;
+  const ConvMicroKernel* row = kernels_ + (blk.mr - 1) * nv_max_;
+  float* rows[16];
+  float bvals[16];
+  for (int m = 0; m < blk.mr; ++m) bvals[m] = a.bias ? a.bias[blk.filters[m]] : 0.f;
+  const int64_t SW = a.SW, P = a.P;
+  for (int64_t s0 = 0; s0 < valid; s0 += SW) {
+    const int64_t gs = g0 + s0, vs = std::min(SW, valid - s0);
+    const int64_t nv = ceil_div(vs, a.W);
+    const int64_t b = gs / P, p = gs % P;
+    const bool direct = (vs == nv * a.W) && (p + vs <= P);
+    if (direct) {
+      for (int m = 0; m < blk.mr; ++m) rows[m] = a.out + (b * c_out_ + blk.filters[m]) * P + p;
+    } else {
+      for (int m = 0; m < blk.mr; ++m) rows[m] = tmp + m * SW;
+    }
+    row[nv - 1](int64_t(grp.taps.size()), grp.tap_off.data(), c_in_pg_, SW, wp, colt + (s0 / SW) * a.sub_floats,
+                rows, bvals);
+    if (!direct) {  // scatter the valid lanes, which may span two or more images
+      int64_t j = 0;
+      while (j < vs) {
+        const int64_t gj = gs + j, bj = gj / P, pj = gj % P, len = std::min(vs - j, P - pj);
+        for (int m = 0; m < blk.mr; ++m)
+          std::memcpy(a.out + (bj * c_out_ + blk.filters[m]) * P + pj, tmp + m * SW + j, size_t(len) * sizeof(float));
+        j += len;
+      }
+    }
+  }
+}
+
+void PackedPatternConv::forward_group(int64_t g, const float* x, const float* bias, float* out, int64_t n,
+                                      int64_t h, int64_t w, int64_t oh, int64_t ow, int64_t sh, int64_t sw,
+                                      int64_t ph, int64_t pw, int64_t dh, int64_t dw, int threads) const {
+  const ConvGroupPlan& pl = plans_[size_t(g)];
+  GroupCall a{};
+  a.pl = &pl;
+  a.x = x + g * c_in_pg_ * h * w;
+  a.bias = bias, a.out = out;
+  a.n = n, a.h = h, a.w = w, a.oh = oh, a.ow = ow, a.P = oh * ow, a.G = n * a.P;
+  a.sh = sh, a.sw = sw, a.ph = ph, a.pw = pw, a.dh = dh, a.dw = dw, a.c_in = c_in_pg_ * groups_;
+  a.slots = int64_t(pl.slot_taps.size());
+  a.NT = pl.tile, a.W = lanes_, a.SW = int64_t(lanes_) * nv_max_;
+  a.tile_floats = a.slots * c_in_pg_ * a.NT, a.sub_floats = a.slots * c_in_pg_ * a.SW;
+  a.gather = &gather_generic;
+#ifdef AUTOSCULPT_X86
+  // Stride-1/2 gathers use masked AVX-512 loads when the CPU has them.
+  if (isa_ == ConvIsa::kAvx512 && sw <= 2) a.gather = &gather_avx512;
+#endif
+  const int64_t G = a.G, P = a.P, NT = a.NT, SW = a.SW, cpg = c_in_pg_;
+  const int64_t nblocks = int64_t(pl.blocks.size());
+  const int64_t n_empty = int64_t(pl.empty_filters.size());
+  const int64_t total_cost = nblocks ? pl.block_cost_prefix.back() : 0;
+
+  // Threads: no more than the work pays for (a parallel region costs microseconds).
+  const double work = double(G) * double(total_cost) + double(n * n_empty * P);
+  threads = int(std::clamp<double>(work / min_work_per_thread_, 1.0, double(threads)));
+  const int64_t subtiles = nblocks ? ceil_div(G, SW) : 0;
+  // Enough sub-tiles: every thread gathers and computes its own pixels, no barrier. Otherwise (small
+  // images at small batch) threads share gathered tiles and split the filters instead.
+  const bool private_tiles = subtiles >= int64_t(threads) * min_subtiles_per_thread_ || threads == 1;
+  const int64_t tiles_total = nblocks ? ceil_div(G, NT) : 0;
+  const int64_t chunk_tiles = std::min<int64_t>(tiles_total, int64_t(threads) * kChunkTilesPerThread);
+  const int64_t chunks = chunk_tiles ? ceil_div(tiles_total, chunk_tiles) : 0;
+  float* shared_col = (nblocks && !private_tiles) ? col_scratch(size_t(chunk_tiles * a.tile_floats)) : nullptr;
+  const int64_t cblocks = ceil_div(cpg, kPackChannelBlock);
+
+#pragma omp parallel num_threads(threads)
   {
-    std::vector<float> col(size_t(taps_n * c_in_pg_ * kTileP));
-    std::vector<float> acc(kTileP);
-#pragma omp for collapse(3) schedule(static)
-    for (int64_t b = 0; b < n; ++b)
-      for (int64_t g = 0; g < groups_; ++g)
-        for (int64_t tile = 0; tile < tiles; ++tile) {
-          const int64_t p0 = tile * kTileP, np = std::min(kTileP, P - p0);
-          const float* xg = x + (b * c_in + g * c_in_pg_) * h * w;
-          // im2col for all taps of this pixel tile: col[t][ci][p]
-          for (int64_t t = 0; t < taps_n; ++t) {
-            const int64_t r = t / kw_, s = t % kw_;
-            for (int64_t ci = 0; ci < c_in_pg_; ++ci) {
-              float* dst = col.data() + (t * c_in_pg_ + ci) * kTileP;
-              const float* src = xg + ci * h * w;
-              for (int64_t i = 0; i < np; ++i) {
-                const int64_t p = p0 + i, y = p / ow, xx = p % ow;
-                const int64_t iy = y * sh - ph + r * dh, ix = xx * sw - pw + s * dw;
-                dst[i] = (iy >= 0 && iy < h && ix >= 0 && ix < w) ? src[iy * w + ix] : 0.f;
-              }
-            }
-          }
-          float* og = out + (b * c_out_ + g * c_out_pg) * P;
-          // every filter's output: bias first (covers empty filters), then its group's GEMM row
-          for (int64_t f = 0; f < c_out_pg; ++f) {
-            const float bv = bias ? bias[g * c_out_pg + f] : 0.f;
-            for (int64_t i = 0; i < np; ++i) og[f * P + p0 + i] = bv;
-          }
-          for (const auto& grp : groups_of_[g]) {
-            const int64_t k = int64_t(grp.taps.size()) * c_in_pg_;
-            for (size_t fi = 0; fi < grp.filters.size(); ++fi) {
-              const float* a = grp.packed.data() + fi * k;
-              std::fill(acc.begin(), acc.end(), 0.f);
-              for (size_t ti = 0; ti < grp.taps.size(); ++ti) {
-                const float* crow = col.data() + int64_t(grp.taps[ti]) * c_in_pg_ * kTileP;
-                const float* arow = a + ti * c_in_pg_;
-                for (int64_t ci = 0; ci < c_in_pg_; ++ci) {
-                  const float av = arow[ci];
-                  const float* cr = crow + ci * kTileP;
-#pragma omp simd
-                  for (int64_t i = 0; i < kTileP; ++i) acc[i] += av * cr[i];
-                }
-              }
-              float* o = og + grp.filters[fi] * P + p0;
-              for (int64_t i = 0; i < np; ++i) o[i] += acc[i];
-            }
-          }
+    const int T = omp_get_num_threads(), tid = omp_get_thread_num();
+    int64_t lo, hi;
+    // Filters with an empty mask: output = bias.
+    split_even(n * n_empty, tid, T, lo, hi);
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t b = i / n_empty, co = pl.empty_filters[size_t(i % n_empty)];
+      float* o = out + (b * c_out_ + co) * P;
+      std::fill(o, o + P, bias ? bias[co] : 0.f);
+    }
+    std::vector<GatherSeg> segs;
+    segs.reserve(size_t(NT + 64));
+    alignas(64) float tmp[16 * 48];  // partial sub-tiles: MR x SW staging
+
+    if (private_tiles && nblocks) {
+      float* col = col_scratch(size_t(a.tile_floats));  // this thread's own, reused across calls
+      split_even(subtiles, tid, T, lo, hi);
+      for (int64_t st = lo; st < hi; st += NT / SW) {
+        const int64_t g0 = st * SW, valid = std::min({NT, (hi - st) * SW, G - g0});
+        for (int64_t slot = 0; slot < a.slots; ++slot) gather_tile(a, g0, valid, slot, 0, cpg, col, segs);
+        for (const FilterBlock& blk : pl.blocks) compute_block(a, g0, valid, blk, col, tmp);
+      }
+    } else if (nblocks) {
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        const int64_t t0 = chunk * chunk_tiles, tc = std::min(chunk_tiles, tiles_total - t0);
+        // gather: (tile, slot, channel block) items
+        split_even(tc * a.slots * cblocks, tid, T, lo, hi);
+        for (int64_t item = lo; item < hi; ++item) {
+          const int64_t tl = item / (a.slots * cblocks), rem = item % (a.slots * cblocks);
+          const int64_t slot = rem / cblocks, cb = rem % cblocks;
+          const int64_t c0 = cb * kPackChannelBlock, c1 = std::min(cpg, c0 + kPackChannelBlock);
+          const int64_t g0 = (t0 + tl) * NT;
+          gather_tile(a, g0, std::min(NT, G - g0), slot, c0, c1, shared_col + tl * a.tile_floats, segs);
         }
+#pragma omp barrier
+        // compute: (tile, filter block) items, split between threads by estimated work
+        const int64_t cost_all = tc * total_cost;
+        auto first_item = [&](int64_t c) -> int64_t {  // first item whose cost range starts at or after c
+          const int64_t tile = c / total_cost, rc = c % total_cost;
+          const int64_t j = std::lower_bound(pl.block_cost_prefix.begin(), pl.block_cost_prefix.end() - 1, rc) -
+                            pl.block_cost_prefix.begin();
+          return tile * nblocks + j;
+        };
+        const int64_t ilo = first_item(cost_all * tid / T);
+        const int64_t ihi = (tid + 1 == T) ? tc * nblocks : first_item(cost_all * (tid + 1) / T);
+        for (int64_t item = ilo; item < ihi; ++item) {
+          const int64_t tl = item / nblocks, g0 = (t0 + tl) * NT;
+          compute_block(a, g0, std::min(NT, G - g0), pl.blocks[size_t(item % nblocks)],
+                        shared_col + tl * a.tile_floats, tmp);
+        }
+#pragma omp barrier
+      }
+    }
   }
 }
 
@@ -170,13 +461,14 @@ void register_pattern_conv(pybind11::module_& m) {
   py::class_<PackedPatternConv>(m, "PackedPatternConv",
                                 "Weights of one pattern-sparse conv layer, grouped by tap mask and packed")
       .def(py::init([](uintptr_t weight, uintptr_t tap_mask, int64_t c_out, int64_t c_in_pg, int64_t kh,
-                       int64_t kw, int64_t groups) {
+                       int64_t kw, int64_t groups, const std::string& isa) {
              return new PackedPatternConv(reinterpret_cast<const float*>(weight),
                                           reinterpret_cast<const uint8_t*>(tap_mask), c_out, c_in_pg, kh, kw,
-                                          groups);
+                                          groups, isa);
            }),
            py::arg("weight_ptr"), py::arg("tap_mask_ptr"), py::arg("c_out"), py::arg("c_in_per_group"),
-           py::arg("kh"), py::arg("kw"), py::arg("groups"), py::call_guard<py::gil_scoped_release>())
+           py::arg("kh"), py::arg("kw"), py::arg("groups"), py::arg("isa") = std::string(),
+           py::call_guard<py::gil_scoped_release>())
       .def(
           "forward",
           [](const PackedPatternConv& self, uintptr_t x, uintptr_t bias, uintptr_t out, int64_t n, int64_t h,
@@ -187,7 +479,16 @@ void register_pattern_conv(pybind11::module_& m) {
           py::arg("x_ptr"), py::arg("bias_ptr"), py::arg("out_ptr"), py::arg("n"), py::arg("h"), py::arg("w"),
           py::arg("stride_h"), py::arg("stride_w"), py::arg("pad_h"), py::arg("pad_w"), py::arg("dil_h"),
           py::arg("dil_w"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>())
-      .def_property_readonly("kept_taps", &PackedPatternConv::kept_taps);
+      .def_property_readonly("kept_taps", &PackedPatternConv::kept_taps)
+      .def("set_scheduling", &PackedPatternConv::set_scheduling, py::arg("min_work_per_thread"),
+           py::arg("min_subtiles_per_thread"),
+           "Tuning/testing: work (multiply-adds) that justifies a thread, and sub-tiles per thread below which "
+           "threads share gathered tiles and split the filters (0 forces that path)")
+      .def_property_readonly("isa", &PackedPatternConv::isa_name,
+                             "micro-kernel in use: 'avx512', 'avx2' or 'generic'")
+      .def_property_readonly("num_pattern_groups", &PackedPatternConv::num_pattern_groups)
+      .def_property_readonly("tile_pixels", &PackedPatternConv::tile_pixels,
+                             "output pixels per tile (conv group 0)");
 }
 
 }  // namespace autosculpt

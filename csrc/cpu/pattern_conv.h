@@ -3,38 +3,107 @@
 // Semantics: out = conv2d(x, weight * tap_mask[:, None], bias, stride, padding, dilation, groups)
 // where tap_mask is (C_out, kh, kw): the taps each output filter keeps, shared by all of its input
 // channels. Filters are grouped by identical mask; a group with kept taps T is an implicit GEMM with
-// K = C_in * |T|. Filters whose mask is empty are never computed (their output is the bias).
+// K = C_in * |T| over output pixels. Filters whose mask is empty are never computed (output = bias).
+//
+// Algorithm (see conv_microkernels.h for the register-blocked inner loop):
+//  * The constructor groups filters by mask, splits every group into blocks of MR filters and packs
+//    each block's weights as a K x MR panel (K ordered tap-major, then input channel).
+//  * forward() walks the N*P output pixels of the batch (images concatenated) in tiles of NT pixels.
+//    For a chunk of tiles it first gathers, in parallel, the input rows of only the taps some group
+//    uses ("col": [tile][tap slot][c_in][NT], zero padding resolved here), then, after a barrier,
+//    every (tile, filter block) pair runs the micro-kernel: MR filters x up to 3 vectors of pixels
+//    held in registers over the whole K. Work is split between threads by estimated FLOPs, so small
+//    images at batch 1 still use all cores (filter blocks share a tile).
+//  * The micro-kernel is selected at run time (AVX-512, AVX2+FMA, or portable C++), so the library
+//    is built for plain x86-64 and still uses the widest vectors the CPU has.
 #pragma once
 #include <cstdint>
+#include <string>
 #include <vector>
+
+#include "cpu/conv_gather.h"
 
 namespace autosculpt {
 
+enum class ConvIsa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// Micro-kernel: c[m][0 .. nv*W) = bias[m] + sum_k a[k*mr + m] * B_k[0 .. nv*W), where k runs over
+// (tap t < ntaps, channel ci < cin) and B_(t,ci) = b + tap_off[t] + ci * ldb.
+using ConvMicroKernel = void (*)(int64_t ntaps, const int64_t* tap_off, int64_t cin, int64_t ldb, const float* a,
+                                 const float* b, float* const* c, const float* bias);
+
 struct PatternGroup {
-  std::vector<int32_t> taps;      // kept tap indices (r * kw + s)
-  std::vector<int32_t> filters;   // output channels in this group (within the conv group)
-  std::vector<float> packed;      // weights packed for the micro-kernel
+  std::vector<int32_t> taps;     // kept tap indices (r * kw + s)
+  std::vector<int32_t> filters;  // absolute output channels in this group
+  std::vector<int64_t> tap_off;  // per kept tap: offset of its rows inside one tile's col block (floats)
+};
+
+// MR (or fewer) filters of one pattern group: one micro-kernel call per pixel sub-tile.
+struct FilterBlock {
+  int32_t group;          // index into ConvGroupPlan::groups
+  int32_t mr;             // number of filters in the block
+  int64_t a_offset;       // packed weights (K x mr) start in PackedPatternConv::packed_
+  int64_t cost;           // relative work (for load balancing)
+  int32_t filters[16];    // absolute output channels
+};
+
+struct ConvGroupPlan {
+  std::vector<int32_t> slot_taps;      // union of kept taps (tap index per col slot)
+  std::vector<PatternGroup> groups;    // non-empty pattern groups
+  std::vector<FilterBlock> blocks;
+  std::vector<int64_t> block_cost_prefix;  // blocks.size() + 1 entries
+  std::vector<int32_t> empty_filters;  // absolute output channels with no kept tap
+  int64_t tile = 0;                    // NT: output pixels per tile
 };
 
 class PackedPatternConv {
  public:
+  // isa: "" (best the CPU supports), "avx512", "avx2" or "generic" (tests force each path).
   PackedPatternConv(const float* weight, const uint8_t* tap_mask, int64_t c_out, int64_t c_in_per_group,
-                    int64_t kh, int64_t kw, int64_t groups);
+                    int64_t kh, int64_t kw, int64_t groups, const std::string& isa = "");
 
-  // x: (n, c_in, h, w); out: (n, c_out, out_h, out_w); bias may be null.
+  // x: (n, c_in, h, w); out: (n, c_out, out_h, out_w); bias may be null. Every element of out is
+  // written. num_threads <= 0 means OpenMP's default.
   void forward(const float* x, const float* bias, float* out, int64_t n, int64_t h, int64_t w,
                int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
                int64_t dil_w, int num_threads) const;
 
   int64_t c_out() const { return c_out_; }
   int64_t kept_taps() const;  // sum over filters of kept taps (FLOPs numerator)
+  std::string isa_name() const;
+  int64_t num_pattern_groups() const;
+  int64_t tile_pixels() const { return plans_.empty() ? 0 : plans_[0].tile; }
+  // Scheduling knobs (tests force each path with them): multiply-adds that justify one more thread,
+  // and the sub-tiles per thread below which threads share gathered tiles and split the filters.
+  void set_scheduling(double min_work_per_thread, int64_t min_subtiles_per_thread) {
+    min_work_per_thread_ = min_work_per_thread > 0 ? min_work_per_thread : 1.0;
+    min_subtiles_per_thread_ = min_subtiles_per_thread;
+  }
 
  private:
+  void forward_depthwise(const float* x, const float* bias, float* out, int64_t n, int64_t h, int64_t w,
+                         int64_t oh, int64_t ow, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+                         int64_t dw, int threads) const;
+  struct GroupCall;
+  void gather_tile(const GroupCall& a, int64_t g0, int64_t valid, int64_t slot, int64_t c0, int64_t c1,
+                   float* colt, std::vector<GatherSeg>& segs) const;
+  void compute_block(const GroupCall& a, int64_t g0, int64_t valid, const FilterBlock& blk, const float* colt,
+                     float* tmp) const;
+  void forward_group(int64_t g, const float* x, const float* bias, float* out, int64_t n, int64_t h, int64_t w,
+                     int64_t oh, int64_t ow, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+                     int64_t dw, int threads) const;
+
   int64_t c_out_, c_in_pg_, kh_, kw_, groups_;
-  bool depthwise_;
-  std::vector<std::vector<PatternGroup>> groups_of_;  // per conv group
-  std::vector<float> dw_weight_;                      // depthwise: masked weights (c_out, kh*kw)
-  std::vector<std::vector<int32_t>> dw_taps_;         // depthwise: kept taps per channel
+  bool depthwise_ = false;
+  ConvIsa isa_;
+  int mr_ = 1, lanes_ = 1, nv_max_ = 1;          // micro-kernel shape: mr_ filters x nv_max_*lanes_ pixels
+  const ConvMicroKernel* kernels_ = nullptr;     // [(mr - 1) * nv_max_ + (nv - 1)]
+  double min_work_per_thread_ = 4e5;
+  int64_t min_subtiles_per_thread_ = 6;
+  std::vector<ConvGroupPlan> plans_;             // per conv group
+  std::vector<float> packed_;                    // all blocks' weight panels
+  std::vector<float> dw_weight_;                 // depthwise: weights (c_out, kh*kw)
+  std::vector<std::vector<int32_t>> dw_taps_;    // depthwise: kept taps per channel
 };
 
 }  // namespace autosculpt

@@ -1,0 +1,288 @@
+"""``PatternAttention``: self-attention whose heads each follow a block pattern; pruned heads removed.
+
+A drop-in for ``nn.MultiheadAttention`` used as self-attention (returns ``(out, None)`` like it) and
+for timm-style attention modules with ``qkv``/``proj`` linears and ``num_heads`` (returns a tensor).
+Each head has an attention pattern (see :mod:`autosculpt.attention_patterns`); heads whose pattern is
+``empty`` are physically removed: the Q/K/V projection and the output projection shrink to the kept
+heads, so they run as smaller dense GEMMs. The kept heads run ``block_sparse_attention``.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from functools import lru_cache
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention_patterns import ATTN6, AttentionPatternSet, head_block_mask, kept_token_fraction, normalize_spec
+from ..ops.attention import block_sparse_attention
+from ..plan import register_kind
+
+__all__ = ["PatternAttention", "attention_layer_plan"]
+
+
+@lru_cache(maxsize=256)
+def _cached_block_mask(specs_json: str, length: int, block_size: int, device: str) -> torch.Tensor:
+    return head_block_mask(json.loads(specs_json), length, block_size).to(device)
+
+
+def pattern_self_attention(q, k, v, specs_json: str, block_size: int, backend: str):
+    """Block-sparse attention of (B, H, L, D) q/k/v with per-head pattern specs (JSON list), building
+    (and caching) the block mask for this length. Wrapped for torch.fx: traced models keep one call."""
+    mask = _cached_block_mask(specs_json, q.shape[2], block_size, str(q.device))
+    return block_sparse_attention(q, k, v, mask, block_size, backend=backend)
+
+
+torch.fx.wrap("pattern_self_attention")
+
+
+class PatternAttention(nn.Module):
+    """Multi-head self-attention with per-head block patterns and pruned heads removed.
+
+    Args:
+        embed_dim: model width E.
+        num_heads: heads of the dense layer (head dim = E / num_heads).
+        head_patterns: one pattern spec (dict or type name, see ``attention_patterns``) per head.
+        block_size: tokens per attention block.
+        bias: projections with bias.
+        batch_first: input layout (B, L, E) if True else (L, B, E), as ``nn.MultiheadAttention``.
+        return_weights_tuple: return ``(out, None)`` like ``nn.MultiheadAttention`` (True) or ``out``.
+        backend: kernel backend for ``block_sparse_attention``.
+
+    Parameters: ``qkv`` (Linear E -> 3·kept·hd, rows [q heads | k heads | v heads]) and ``proj``
+    (Linear kept·hd -> E). The head patterns travel in the state dict (extra state).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        head_patterns: Optional[Sequence] = None,
+        block_size: int = 16,
+        bias: bool = True,
+        batch_first: bool = True,
+        return_weights_tuple: bool = True,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if num_heads < 1 or embed_dim % num_heads:
+            raise ValueError(f"num_heads: must be >= 1 and divide embed_dim={embed_dim}, got {num_heads}")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.block_size = block_size
+        self.batch_first = batch_first
+        self.return_weights_tuple = return_weights_tuple
+        self.backend = backend
+        self.has_bias = bias
+        self._factory = {"device": device, "dtype": dtype}
+        self._set_patterns(head_patterns if head_patterns is not None else ["dense"] * num_heads)
+        self._build_projections()
+
+    # -- patterns ----------------------------------------------------------------------
+    def _set_patterns(self, head_patterns: Sequence) -> None:
+        if len(head_patterns) != self.num_heads:
+            raise ValueError(f"head_patterns: expected {self.num_heads} patterns (one per head), got {len(head_patterns)}")
+        self.head_patterns: List[dict] = [normalize_spec(p) for p in head_patterns]
+        self.kept_heads: List[int] = [h for h, p in enumerate(self.head_patterns) if p["type"] != "empty"]
+        self._specs_json = json.dumps([self.head_patterns[h] for h in self.kept_heads], sort_keys=True)
+
+    def _build_projections(self) -> None:
+        width = len(self.kept_heads) * self.head_dim
+        with warnings.catch_warnings():  # all heads pruned: zero-size weights ("no-op init" warning)
+            warnings.simplefilter("ignore")
+            self.qkv = nn.Linear(self.embed_dim, 3 * width, bias=self.has_bias, **self._factory)
+            self.proj = nn.Linear(width, self.embed_dim, bias=self.has_bias, **self._factory)
+
+    def get_extra_state(self):
+        return {"head_patterns": self.head_patterns, "block_size": self.block_size}
+
+    def set_extra_state(self, state) -> None:
+        if state["head_patterns"] != self.head_patterns or state["block_size"] != self.block_size:
+            raise ValueError(
+                "PatternAttention: the state dict was saved with other head patterns/block size "
+                f"({state['head_patterns']}, {state['block_size']}); build the layer from the same plan first"
+            )
+
+    def block_mask(self, length: int) -> torch.Tensor:
+        """The (kept heads, nb, nb) block mask used for sequences of ``length`` tokens."""
+        return _cached_block_mask(self._specs_json, length, self.block_size, str(self.qkv.weight.device))
+
+    def kept_fraction(self, length: int) -> float:
+        """Fraction of the dense layer's attention token pairs (all heads) computed at ``length``."""
+        full = head_block_mask(self.head_patterns, length, self.block_size)
+        return kept_token_fraction(full, length, self.block_size)
+
+    # -- conversion --------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, attn: nn.Module, head_patterns: Sequence, block_size: int = 16,
+                   backend: str = "auto") -> "PatternAttention":
+        """Builds a PatternAttention with the weights of ``attn`` (``nn.MultiheadAttention`` or a timm-style
+        module with ``qkv``, ``proj`` and ``num_heads``), keeping only the heads whose pattern is not empty."""
+        w_in, b_in, w_out, b_out, e, h, batch_first, is_mha = _dense_weights(attn)
+        layer = cls(e, h, head_patterns, block_size, bias=b_in is not None, batch_first=batch_first,
+                    return_weights_tuple=is_mha, backend=backend, device=w_in.device, dtype=w_in.dtype)
+        rows = layer._qkv_rows()
+        cols = layer._proj_cols()
+        with torch.no_grad():
+            layer.qkv.weight.copy_(w_in[rows])
+            layer.proj.weight.copy_(w_out[:, cols])
+            if b_in is not None:
+                layer.qkv.bias.copy_(b_in[rows])
+            if b_out is not None:
+                layer.proj.bias.copy_(b_out)
+        return layer
+
+    def _qkv_rows(self) -> torch.Tensor:
+        e, hd = self.embed_dim, self.head_dim
+        idx = [part * e + h * hd + i for part in range(3) for h in self.kept_heads for i in range(hd)]
+        return torch.tensor(idx, dtype=torch.long, device=self.qkv.weight.device)
+
+    def _proj_cols(self) -> torch.Tensor:
+        hd = self.head_dim
+        idx = [h * hd + i for h in self.kept_heads for i in range(hd)]
+        return torch.tensor(idx, dtype=torch.long, device=self.qkv.weight.device)
+
+    def to_dense(self) -> nn.Module:
+        """A dense module of the source kind (``nn.MultiheadAttention`` or the built-in ViT's attention)
+        with the same weights; pruned heads get zero Q/K/V/O weights (exactly zero output).
+
+        The block patterns of kept heads are not part of a dense module: pass
+        ``attn_mask=self.token_attn_mask(L)`` to the returned MultiheadAttention to compute the same function.
+        """
+        e, h = self.embed_dim, self.num_heads
+        w_in = torch.zeros(3 * e, e, **self._tensor_factory())
+        w_out = torch.zeros(e, e, **self._tensor_factory())
+        b_in = torch.zeros(3 * e, **self._tensor_factory()) if self.has_bias else None
+        rows, cols = self._qkv_rows(), self._proj_cols()
+        with torch.no_grad():
+            w_in[rows] = self.qkv.weight
+            w_out[:, cols] = self.proj.weight
+            if b_in is not None:
+                b_in[rows] = self.qkv.bias
+        if self.return_weights_tuple:
+            dense = nn.MultiheadAttention(e, h, bias=self.has_bias, batch_first=self.batch_first, **self._tensor_factory())
+            with torch.no_grad():
+                dense.in_proj_weight.copy_(w_in)
+                dense.out_proj.weight.copy_(w_out)
+                if self.has_bias:
+                    dense.in_proj_bias.copy_(b_in)
+                    dense.out_proj.bias.copy_(self.proj.bias)
+            return dense
+        from ..models.vit import Attention
+
+        dense = Attention(e, h, qkv_bias=self.has_bias, proj_bias=self.has_bias).to(**self._tensor_factory())
+        with torch.no_grad():
+            dense.qkv.weight.copy_(w_in)
+            dense.proj.weight.copy_(w_out)
+            if self.has_bias:
+                dense.qkv.bias.copy_(b_in)
+                dense.proj.bias.copy_(self.proj.bias)
+        return dense
+
+    def _tensor_factory(self) -> dict:
+        return {"device": self.proj.weight.device, "dtype": self.proj.weight.dtype}
+
+    def token_attn_mask(self, length: int) -> torch.Tensor:
+        """Bool (num_heads, L, L) token mask of all heads (True = attend), for ``nn.MultiheadAttention``'s
+        ``attn_mask`` after repeating over the batch. Pruned heads are all-True (their weights are zero)."""
+        specs = [p if p["type"] != "empty" else {"type": "dense"} for p in self.head_patterns]
+        m = head_block_mask(specs, length, self.block_size)
+        bs = self.block_size
+        return m.repeat_interleave(bs, 1).repeat_interleave(bs, 2)[:, :length, :length].to(self.qkv.weight.device)
+
+    # -- forward -----------------------------------------------------------------------
+    def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
+                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = False,
+                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False):
+        """Self-attention of ``query`` (``key``/``value`` must be ``query`` or None). Masks other than the
+        block patterns are not supported. Attention weights are never returned (``None``)."""
+        if (key is not None and key is not query) or (value is not None and value is not query):
+            raise ValueError("PatternAttention computes self-attention: key and value must be the query tensor")
+        if key_padding_mask is not None or attn_mask is not None or is_causal:
+            raise ValueError("PatternAttention: key_padding_mask, attn_mask and is_causal are not supported "
+                             "(the block patterns are the mask)")
+        x = query if self.batch_first else query.transpose(0, 1)
+        out = self._attend(x)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return (out, None) if self.return_weights_tuple else out
+
+    def _attend(self, x: torch.Tensor) -> torch.Tensor:
+        b, length, _ = x.shape
+        kept = len(self.kept_heads)
+        if kept == 0:  # every head pruned: the layer outputs its output bias
+            return self.proj(x.new_zeros(b, length, 0))
+        qkv = self.qkv(x).reshape(b, length, 3, kept, self.head_dim).permute(2, 0, 3, 1, 4)
+        o = pattern_self_attention(qkv[0], qkv[1], qkv[2], self._specs_json, self.block_size, self.backend)
+        return self.proj(o.transpose(1, 2).reshape(b, length, kept * self.head_dim))
+
+    def extra_repr(self) -> str:
+        names = [p["type"] + "".join(f",{k}={v}" for k, v in p.items() if k != "type") for p in self.head_patterns]
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kept_heads={len(self.kept_heads)}, "
+                f"block_size={self.block_size}, patterns={names}, backend={self.backend}")
+
+
+def _dense_weights(attn: nn.Module):
+    """(in_proj weight (3E, E), bias, out weight (E, E), bias, E, H, batch_first, is_mha) of a dense attention."""
+    if isinstance(attn, nn.MultiheadAttention):
+        if not attn._qkv_same_embed_dim:
+            raise ValueError("attn: PatternAttention needs kdim == vdim == embed_dim (self-attention)")
+        if attn.bias_k is not None or attn.add_zero_attn:
+            raise ValueError("attn: add_bias_kv and add_zero_attn are not supported")
+        b_out = attn.out_proj.bias
+        return (attn.in_proj_weight.detach(), None if attn.in_proj_bias is None else attn.in_proj_bias.detach(),
+                attn.out_proj.weight.detach(), None if b_out is None else b_out.detach(),
+                attn.embed_dim, attn.num_heads, attn.batch_first, True)
+    qkv, proj, heads = getattr(attn, "qkv", None), getattr(attn, "proj", None), getattr(attn, "num_heads", None)
+    if isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int):
+        e = proj.out_features
+        if qkv.in_features != e or qkv.out_features != 3 * e or proj.in_features != e:
+            raise ValueError(f"attn: expected qkv Linear({e}, {3 * e}) and proj Linear({e}, {e})")
+        if (qkv.bias is None) != (proj.bias is None):
+            raise ValueError("attn: qkv and proj must both have or both lack a bias")
+        for extra in ("q_norm", "k_norm"):
+            if not isinstance(getattr(attn, extra, nn.Identity()), nn.Identity):
+                raise ValueError(f"attn: {extra} is not supported by PatternAttention")
+        return (qkv.weight.detach(), None if qkv.bias is None else qkv.bias.detach(), proj.weight.detach(),
+                None if proj.bias is None else proj.bias.detach(), e, heads, True, False)
+    raise TypeError(
+        f"attn: expected nn.MultiheadAttention or a module with qkv/proj Linear layers and num_heads, "
+        f"got {type(attn).__name__}"
+    )
+
+
+# --------------------------------------------------------------------------- plans
+
+
+def attention_layer_plan(pattern_set: AttentionPatternSet, head_pattern_ids: Sequence[int], block_size: int) -> dict:
+    """The layer plan for an attention module whose head ``h`` gets pattern ``head_pattern_ids[h]``."""
+    ids = [int(i) for i in head_pattern_ids]
+    for i in ids:
+        if not 0 <= i < len(pattern_set):
+            raise ValueError(f"head_pattern_ids: {i} is out of range for a set of {len(pattern_set)} patterns")
+    return {"kind": "attention", "pattern_set": pattern_set.to_json(), "head_pattern_ids": ids,
+            "block_size": int(block_size)}
+
+
+def _apply_attention(module: nn.Module, layer: dict, backend: str) -> nn.Module:
+    ps = AttentionPatternSet.from_json(layer["pattern_set"])
+    ids = layer["head_pattern_ids"]
+    heads = module.num_heads if hasattr(module, "num_heads") else None
+    if heads is not None and len(ids) != heads:
+        raise ValueError(f"head_pattern_ids: expected {heads} ids (one per head), got {len(ids)}")
+    for i in ids:
+        if not isinstance(i, int) or not 0 <= i < len(ps):
+            raise ValueError(f"head_pattern_ids: {i!r} is not an index into the plan's {len(ps)} patterns")
+    return PatternAttention.from_dense(module, [ps.spec(i) for i in ids], block_size=int(layer.get("block_size", 16)),
+                                       backend=backend)
+
+
+register_kind("attention", _apply_attention)

@@ -1,0 +1,510 @@
+"""Latency models: how long a (sparsified) model takes, per layer and for a whole plan.
+
+The RL search learns about speed only through these classes.
+
+``LatencyModel`` MEASURES: for every prunable conv of a model it times, at the layer's real input
+shape, the dense layer and our pattern-sparse kernel (``PatternConv2d`` with the path forced to
+"sparse") at a small grid of pattern mixes. Measuring every possible mix is too costly (a layer with
+C filters and P patterns has C^P-ish mixes), and the kernel's cost is close to linear in the number of
+kept taps (it runs one GEMM per pattern group, K = C_in·|taps|), so a layer's sparse time at any mix is
+predicted by piecewise-linear interpolation in the kept-tap fraction between the measured grid points.
+The grid points are the pattern set's "keep levels" (distinct kept-tap counts: 9, 6, 3, 0 for PAPER6)
+and half/half mixes of adjacent levels, with the filters of each level spread over all patterns of that
+level (the worst case for the number of groups). A layer's predicted time is ``min(sparse, dense)``,
+because ``PatternConv2d`` falls back to the dense conv where the kernel would lose. Layers that are not
+prunable, BN, activations, pooling... are one measured remainder: end-to-end dense model time minus the
+sum of the dense prunable layers. ``verify`` runs the sparsified model end to end and reports how far
+the prediction is off.
+
+Results are cached on disk (JSON, written atomically through a temp file + ``os.replace``), keyed by
+device name, backend, thread count, library version, layer shape and mix. A corrupt cache file is
+reported with a warning and rebuilt.
+
+``FlopsLatencyModel`` has the same interface and is deterministic (latency ∝ multiply-accumulates that
+actually run + a fixed per-layer overhead): for tests and for FLOPs-style budgets.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import tempfile
+import time
+import warnings
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .._version import __version__
+from ..patterns import PAPER6, PatternSet, masks_from_ids
+
+__all__ = ["LatencyModel", "FlopsLatencyModel", "plan_tap_masks", "keep_level_grid", "device_name"]
+
+CACHE_FORMAT = 1
+
+
+def device_name(device: str | torch.device) -> str:
+    """A human-readable name of the device, part of every cache key."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device.index or 0)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def plan_tap_masks(plan: Mapping) -> Dict[str, torch.Tensor]:
+    """The (C_out, kh, kw) tap mask of each conv layer of a plan."""
+    out = {}
+    for name, layer in plan.get("layers", {}).items():
+        if layer.get("kind") == "conv":
+            ps = PatternSet.from_json(layer["pattern_set"])
+            out[name] = masks_from_ids(ps, layer["pattern_ids"])
+    return out
+
+
+def keep_level_grid(pattern_set: PatternSet) -> List[Dict[int, float]]:
+    """Grid points of the latency interpolation: pure keep levels and half/half mixes of adjacent
+    levels, each as ``{kept_taps: fraction of filters}``, densest first."""
+    levels = sorted({int(t) for t in pattern_set.kept_taps()}, reverse=True)
+    grid: List[Dict[int, float]] = []
+    for i, lv in enumerate(levels):
+        grid.append({lv: 1.0})
+        if i + 1 < len(levels):
+            grid.append({lv: 0.5, levels[i + 1]: 0.5})
+    return grid
+
+
+def grid_mask(pattern_set: PatternSet, level_fractions: Mapping[int, float], c_out: int, seed: int = 0) -> torch.Tensor:
+    """A representative tap mask for a grid point: each level's filters cycle through all patterns of
+    that level; filter order is a fixed random permutation (as after importance assignment)."""
+    taps = pattern_set.kept_taps()
+    ids: List[int] = []
+    items = sorted(level_fractions.items(), reverse=True)
+    for j, (lv, frac) in enumerate(items):
+        n = c_out - len(ids) if j == len(items) - 1 else int(round(frac * c_out))
+        members = [p for p in range(len(pattern_set)) if int(taps[p]) == lv]
+        ids += [members[k % len(members)] for k in range(n)]
+    perm = torch.randperm(c_out, generator=torch.Generator().manual_seed(seed))
+    return pattern_set.masks[torch.tensor(ids)[perm]]
+
+
+def _mix_signature(mask: torch.Tensor) -> str:
+    """Order-free signature of a tap mask: each distinct pattern (as bits) with its filter count."""
+    flat = mask.flatten(1).to(torch.uint8)
+    uniq, counts = torch.unique(flat, dim=0, return_counts=True)
+    parts = ["".join(str(int(b)) for b in row) + f"x{int(c)}" for row, c in zip(uniq, counts)]
+    return ";".join(sorted(parts))
+
+
+def _collect_layers(model: nn.Module, example_input: torch.Tensor, pattern_set: PatternSet) -> Dict[str, dict]:
+    """Prunable convs (kernel matching the pattern set, zero padding) and their real input shapes."""
+    from ..graph.build import is_prunable_conv
+
+    shapes: Dict[str, tuple] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if is_prunable_conv(m, pattern_set):
+            def record(mod, args, name=name):
+                shapes.setdefault(name, tuple(args[0].shape))  # returns None: the input is unchanged
+
+            hooks.append(m.register_forward_pre_hook(record))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    modules = dict(model.named_modules())
+    layers = {}
+    for name, shape in shapes.items():
+        m = modules[name]
+        layers[name] = {
+            "in_shape": shape, "c_in": m.in_channels, "c_out": m.out_channels, "kernel_size": tuple(m.kernel_size),
+            "stride": tuple(m.stride), "padding": tuple(m.padding), "dilation": tuple(m.dilation), "groups": m.groups,
+            "bias": m.bias is not None,
+        }
+    return layers
+
+
+def _layer_flops(info: dict, mask: Optional[torch.Tensor] = None) -> float:
+    n, _, h, w = info["in_shape"]
+    kh, kw = info["kernel_size"]
+    oh = (h + 2 * info["padding"][0] - info["dilation"][0] * (kh - 1) - 1) // info["stride"][0] + 1
+    ow = (w + 2 * info["padding"][1] - info["dilation"][1] * (kw - 1) - 1) // info["stride"][1] + 1
+    taps = float(mask.sum()) if mask is not None else float(info["c_out"] * kh * kw)
+    return taps * (info["c_in"] // info["groups"]) * oh * ow * n
+
+
+class _BaseLatencyModel:
+    """Shared logic: profile a model's prunable layers, then predict plan latencies from per-layer
+    costs. Subclasses say how a layer (dense or at a mix) and the remainder cost."""
+
+    def __init__(self, pattern_set: PatternSet = PAPER6):
+        self.pattern_set = pattern_set
+        self.layers: Dict[str, dict] = {}
+        self.remainder_ms = 0.0
+        self._dense_ms: Dict[str, float] = {}
+        self._profiled_for: Optional[int] = None
+
+    # -- to implement -----------------------------------------------------------------
+    def _measure_dense_layer(self, name: str, info: dict) -> float:
+        raise NotImplementedError
+
+    def _sparse_layer_ms(self, name: str, info: dict, mask: torch.Tensor) -> float:
+        raise NotImplementedError
+
+    def _measure_remainder(self, model: nn.Module, example_input: torch.Tensor) -> float:
+        raise NotImplementedError
+
+    def measure_model(self, model: nn.Module, example_input: torch.Tensor) -> float:
+        """End-to-end latency of ``model`` on ``example_input`` in ms."""
+        raise NotImplementedError
+
+    # -- public -----------------------------------------------------------------------
+    def profile(self, model: nn.Module, example_input: torch.Tensor, progress: bool = False) -> "_BaseLatencyModel":
+        """Finds the prunable layers of ``model`` and their input shapes, and measures what the
+        predictions need. Returns self."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        if not isinstance(example_input, torch.Tensor):
+            raise TypeError(f"example_input: expected a torch.Tensor, got {type(example_input).__name__}")
+        self.layers = _collect_layers(model, example_input, self.pattern_set)
+        if not self.layers:
+            raise ValueError(
+                f"model: no prunable conv with kernel {self.pattern_set.kernel_size} found in {type(model).__name__}"
+            )
+        names = list(self.layers)
+        it = names
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(names, desc="latency profile", unit="layer")
+        self._dense_ms = {}
+        for name in it:
+            self._dense_ms[name] = self._measure_dense_layer(name, self.layers[name])
+            self._prepare_layer(name, self.layers[name])
+        self.remainder_ms = self._measure_remainder(model, example_input)
+        self._profiled_for = id(model)
+        return self
+
+    def _prepare_layer(self, name: str, info: dict) -> None:
+        """Hook for measuring a layer's grid up front (LatencyModel)."""
+
+    def state_dict(self) -> dict:
+        """The profile (layers and their costs), so a resumed search predicts exactly as before."""
+        return copy.deepcopy({"layers": self.layers, "dense_ms": self._dense_ms, "remainder_ms": self.remainder_ms,
+                              "grid": getattr(self, "_grid", None)})
+
+    def load_state_dict(self, state: dict) -> None:
+        self.layers = copy.deepcopy(state["layers"])
+        self._dense_ms = dict(state["dense_ms"])
+        self.remainder_ms = float(state["remainder_ms"])
+        if state.get("grid") is not None:
+            self._grid = copy.deepcopy(state["grid"])
+        self._profiled_for = None
+
+    def _require_profile(self):
+        if not self.layers:
+            raise RuntimeError("latency model: call profile(model, example_input) first")
+
+    def dense_layer_ms(self, name: str) -> float:
+        """Measured time of the dense layer ``name`` in ms."""
+        self._require_profile()
+        return self._dense_ms[name]
+
+    def layer_ms(self, name: str, tap_mask: Optional[torch.Tensor], path: str = "auto") -> float:
+        """Predicted time of layer ``name`` with ``tap_mask`` (None = dense) in ms. ``path`` "auto" takes
+        the faster of sparse kernel and dense conv (as ``PatternConv2d`` does)."""
+        self._require_profile()
+        if name not in self.layers:
+            raise KeyError(f"layer {name!r} is not a profiled prunable layer (known: {list(self.layers)[:5]}...)")
+        dense = self._dense_ms[name]
+        if tap_mask is None or path == "dense":
+            return dense
+        sparse = self._sparse_layer_ms(name, self.layers[name], tap_mask)
+        return sparse if path == "sparse" else min(sparse, dense)
+
+    def dense_ms(self) -> float:
+        """Predicted latency of the dense model (remainder + dense prunable layers) in ms."""
+        self._require_profile()
+        return self.remainder_ms + sum(self._dense_ms.values())
+
+    def predict(self, plan: Mapping) -> float:
+        """Predicted latency of the model sparsified by ``plan`` in ms."""
+        self._require_profile()
+        masks = plan_tap_masks(plan)
+        paths = {n: l.get("path", "auto") for n, l in plan.get("layers", {}).items()}
+        unknown = [n for n in masks if n not in self.layers]
+        if unknown:
+            raise KeyError(f"plan: layers {unknown[:3]} are not prunable layers of the profiled model")
+        total = self.remainder_ms
+        for name in self.layers:
+            total += self.layer_ms(name, masks.get(name), paths.get(name, "auto"))
+        return total
+
+    def latency_shares(self) -> Dict[str, float]:
+        """Each prunable layer's share of the dense model's predicted latency."""
+        total = self.dense_ms()
+        return {n: ms / total for n, ms in self._dense_ms.items()}
+
+    def flops(self, plan: Optional[Mapping] = None) -> float:
+        """Multiply-accumulates of the prunable layers that actually run under ``plan`` (None = dense)."""
+        self._require_profile()
+        masks = plan_tap_masks(plan) if plan is not None else {}
+        return sum(_layer_flops(info, masks.get(n)) for n, info in self.layers.items())
+
+    def verify(self, model: nn.Module, plan: Mapping, example_input: torch.Tensor, reps: int = 20) -> dict:
+        """Sparsifies ``model`` with ``plan``, measures it end to end and compares with the prediction.
+
+        Returns ``{"predicted_ms", "measured_ms", "rel_error", "dense_predicted_ms", "dense_measured_ms",
+        "predicted_speedup", "measured_speedup"}``; ``rel_error = |pred - meas| / meas``.
+        """
+        from ..plan import sparsify
+
+        if not self.layers:
+            self.profile(model, example_input)
+        sparse_model = sparsify(model, dict(plan), backend=getattr(self, "backend", "auto")).eval()
+        measured = self.measure_model(sparse_model, example_input, reps=reps)
+        dense_measured = self.measure_model(model, example_input, reps=reps)
+        predicted = self.predict(plan)
+        return {
+            "predicted_ms": predicted, "measured_ms": measured, "rel_error": abs(predicted - measured) / measured,
+            "dense_predicted_ms": self.dense_ms(), "dense_measured_ms": dense_measured,
+            "predicted_speedup": self.dense_ms() / predicted, "measured_speedup": dense_measured / measured,
+        }
+
+
+class FlopsLatencyModel(_BaseLatencyModel):
+    """Deterministic stand-in: a layer costs ``overhead_ms + ms_per_mflop × MMACs that run``; the
+    remainder is ``remainder_ms``. Same interface as :class:`LatencyModel`; for tests and FLOPs budgets."""
+
+    def __init__(self, pattern_set: PatternSet = PAPER6, ms_per_mflop: float = 0.01, overhead_ms: float = 0.01,
+                 remainder_ms: float = 0.05):
+        super().__init__(pattern_set)
+        self.ms_per_mflop, self.overhead_ms, self._remainder = ms_per_mflop, overhead_ms, remainder_ms
+        self.backend = "torch"
+
+    def _measure_dense_layer(self, name, info):
+        return self.overhead_ms + self.ms_per_mflop * _layer_flops(info) / 1e6
+
+    def _sparse_layer_ms(self, name, info, mask):
+        return self.overhead_ms + self.ms_per_mflop * _layer_flops(info, mask) / 1e6
+
+    def _measure_remainder(self, model, example_input):
+        return self._remainder
+
+    def measure_model(self, model, example_input, reps: int = 1):
+        """'Measures' a model with the same formula (deterministic): sparse layers count their kept taps."""
+        layers = _collect_layers(model, example_input, self.pattern_set)
+        modules = dict(model.named_modules())
+        total = self._remainder
+        for name, info in layers.items():
+            mask = getattr(modules[name], "tap_mask", None)
+            total += self.overhead_ms + self.ms_per_mflop * _layer_flops(info, mask) / 1e6
+        return total
+
+
+def _time_ms(fn: Callable[[], object], reps: int, warmup: int, sync: Callable[[], None], stat: str = "min") -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    # "min" is the default: on a shared machine the noise is one-sided (preemption only adds time), so
+    # the fastest repeat estimates the undisturbed cost best; "median" is available for quiet machines.
+    return (times[0] if stat == "min" else times[len(times) // 2]) * 1e3
+
+
+class LatencyModel(_BaseLatencyModel):
+    """Measured latency of our kernels and the dense layers on a device (see the module docstring).
+
+    Args:
+        device: "cpu" or a CUDA device; the layers run there.
+        cache_path: JSON file for measured times (None: in memory only). Shared between runs and
+            models: an identical layer shape and mix is never measured twice on the same device,
+            backend, thread count and library version.
+        backend: kernel backend for the sparse layers ("auto" resolves to the fastest built one).
+        pattern_set: the patterns of the plans to predict (defines the grid).
+        reps, warmup: timing repeats and warm-up calls per measurement.
+        stat: "min" (default, robust to one-sided noise on shared machines) or "median" of the repeats.
+        threads: CPU threads during measurement (default: ``torch.get_num_threads()`` now).
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", cache_path: Optional[str] = None, backend: str = "auto",
+                 pattern_set: PatternSet = PAPER6, reps: int = 15, warmup: int = 3, threads: Optional[int] = None,
+                 stat: str = "min"):
+        super().__init__(pattern_set)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device: expected a torch device like 'cpu' or 'cuda:0', got {device!r}") from exc
+        if not isinstance(reps, int) or reps < 1:
+            raise ValueError(f"reps: expected a positive int, got {reps!r}")
+        self.backend = self._resolve_backend(backend)
+        if stat not in ("min", "median"):
+            raise ValueError(f"stat: expected 'min' or 'median', got {stat!r}")
+        self.reps, self.warmup, self.stat = reps, warmup, stat
+        self.threads = int(threads) if threads is not None else torch.get_num_threads()
+        self.cache_path = os.fspath(cache_path) if cache_path is not None else None
+        self.device_name = device_name(self.device)
+        self._cache: Dict[str, float] = {}
+        self._grid: Dict[str, List[Tuple[float, float]]] = {}
+        self.measurements = 0  # timings actually run (cache misses)
+        if self.cache_path is not None:
+            self._cache = self._load_cache()
+
+    # -- backend / cache ------------------------------------------------------------------
+    def _resolve_backend(self, backend: str) -> str:
+        from .backends import BACKENDS, available_backends
+
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {backend!r}")
+        avail = available_backends()
+        if backend == "auto":
+            order = ("cpu", "torch") if self.device.type == "cpu" else ("cuda", "triton", "torch")
+            return next(b for b in order if avail.get(b))
+        if not avail.get(backend):
+            raise ValueError(f"backend: {backend!r} is not usable here (available: {[b for b, ok in avail.items() if ok]})")
+        return backend
+
+    def _key(self, *parts) -> str:
+        return "|".join([self.device_name, self.backend, f"t{self.threads}", self.stat, __version__, *map(str, parts)])
+
+    def _load_cache(self) -> Dict[str, float]:
+        if not os.path.exists(self.cache_path):
+            return {}
+        try:
+            with open(self.cache_path) as f:
+                data = json.load(f)
+            if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("entries"), dict):
+                raise ValueError("unexpected structure")
+            entries = {str(k): float(v) for k, v in data["entries"].items()}
+        except (OSError, ValueError, TypeError) as exc:
+            warnings.warn(f"latency cache {self.cache_path} is corrupt ({exc}); it will be rebuilt", RuntimeWarning)
+            return {}
+        return entries
+
+    def save_cache(self) -> None:
+        """Writes the cache atomically (temp file in the same folder, then ``os.replace``)."""
+        if self.cache_path is None:
+            return
+        folder = os.path.dirname(os.path.abspath(self.cache_path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".latency-", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"format": CACHE_FORMAT, "entries": self._cache}, f, indent=0, sort_keys=True)
+            os.replace(tmp, self.cache_path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    # -- timing ---------------------------------------------------------------------------
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _timed(self, fn: Callable[[], object]) -> float:
+        old = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            with torch.no_grad():
+                return _time_ms(fn, self.reps, self.warmup, self._sync, self.stat)
+        finally:
+            torch.set_num_threads(old)
+
+    def _layer_signature(self, info: dict) -> str:
+        return "conv{}".format(json.dumps([list(info["in_shape"]), info["c_out"], list(info["kernel_size"]),
+                                           list(info["stride"]), list(info["padding"]), list(info["dilation"]),
+                                           info["groups"], info["bias"]], separators=(",", ":")))
+
+    def _make_conv(self, info: dict) -> Tuple[nn.Conv2d, torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        conv = nn.Conv2d(info["c_in"], info["c_out"], info["kernel_size"], info["stride"], info["padding"],
+                         info["dilation"], info["groups"], info["bias"])
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
+        x = torch.randn(info["in_shape"], generator=gen)
+        return conv.to(self.device).eval(), x.to(self.device)
+
+    def _measure_dense_layer(self, name, info):
+        key = self._key(self._layer_signature(info), "dense")
+        if key not in self._cache:
+            conv, x = self._make_conv(info)
+            self._cache[key] = self._timed(lambda: conv(x))
+            self.measurements += 1
+        return self._cache[key]
+
+    def measure_sparse(self, info: dict, mask: torch.Tensor) -> float:
+        """Times our kernel (path forced to "sparse") for one layer shape and tap mask; cached by mix."""
+        from ..nn.conv import PatternConv2d
+
+        key = self._key(self._layer_signature(info), "sparse", _mix_signature(mask))
+        if key not in self._cache:
+            conv, x = self._make_conv(info)
+            layer = PatternConv2d.from_dense(conv, mask.to(self.device), backend=self.backend, path="sparse").eval()
+            self._cache[key] = self._timed(lambda: layer(x))
+            self.measurements += 1
+        return self._cache[key]
+
+    def _prepare_layer(self, name, info):
+        points = []
+        kh, kw = info["kernel_size"]
+        for g in keep_level_grid(self.pattern_set):
+            mask = grid_mask(self.pattern_set, g, info["c_out"])
+            points.append((float(mask.float().mean()), self.measure_sparse(info, mask)))
+        points.sort()
+        self._grid[name] = points
+
+    def _sparse_layer_ms(self, name, info, mask):
+        k = float(mask.float().mean())
+        pts = self._grid[name]
+        if k <= pts[0][0]:
+            return pts[0][1]
+        for (k0, t0), (k1, t1) in zip(pts, pts[1:]):
+            if k <= k1:
+                return t0 + (t1 - t0) * (k - k0) / max(k1 - k0, 1e-12)
+        return pts[-1][1]
+
+    def measure_model(self, model: nn.Module, example_input: torch.Tensor, reps: Optional[int] = None) -> float:
+        """Median end-to-end latency of ``model`` (eval mode, no grad) on ``example_input`` in ms.
+        Sparse layers pick their path (sparse kernel or dense fallback) during the warm-up."""
+        was_training = model.training
+        model.eval()
+        x = example_input.to(self.device)
+        old = self.reps
+        if reps is not None:
+            self.reps = reps
+        try:
+            return self._timed(lambda: model(x))
+        finally:
+            self.reps = old
+            model.train(was_training)
+
+    def _measure_remainder(self, model, example_input):
+        total = self.measure_model(model, example_input)
+        return max(0.0, total - sum(self._dense_ms.values()))
+
+    def profile(self, model, example_input, progress: bool = False):
+        """Measures (or loads from the cache) every prunable layer's dense time and its sparse grid,
+        and the dense model's remainder; saves the cache. Returns self."""
+        super().profile(model, example_input, progress)
+        self.save_cache()
+        return self

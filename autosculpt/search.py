@@ -1,0 +1,323 @@
+"""``autosculpt.search``: find the pattern-pruning plan with the best validation accuracy among plans
+whose measured latency meets a budget, with a graph-neural PPO agent.
+
+Pipeline: model → graph (:mod:`autosculpt.graph`) → GNN actor-critic (:mod:`autosculpt.rl.policy`)
+proposes one pattern mix per prunable layer → :class:`~autosculpt.rl.env.PruningEnv` turns it into a
+plan, sparsifies, recalibrates BN, measures validation accuracy and predicted latency → reward →
+hand-written PPO (:mod:`autosculpt.rl.ppo`). Every evaluated plan is recorded. At the end the most
+accurate plans that meet the budget by prediction are run end to end (``LatencyModel.verify``) and the
+best one whose MEASURED latency meets the budget is returned.
+
+The state (policy, optimiser, partial rollout, RNG, evaluated plans, latency profile) is checkpointed
+after every episode with an atomic write; ``resume=True`` continues from the last checkpoint and ends
+exactly where an uninterrupted run would have. Same seed → same result on the CPU, given the same
+latency profile (a deterministic latency model, or a ``LatencyModel`` whose measurements come from its
+cache; fresh measurements on a noisy machine differ from run to run).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+from torch import nn
+
+from .patterns import PAPER6, PatternSet
+from .rl.env import Budget, PruningEnv
+from .rl.policy import GNNActorCritic
+from .rl.ppo import PPO, PPOConfig, seed_everything
+from .train import evaluate
+
+__all__ = ["search", "SearchResult"]
+
+CHECKPOINT_NAME = "search_state.pt"
+RESULT_NAME = "search_result.json"
+
+
+@dataclass
+class SearchResult:
+    """What a search found.
+
+    Attributes:
+        best_plan: the chosen plan (JSON-able); ``autosculpt.sparsify(model, best_plan)`` applies it.
+        best_record: its history record.
+        history: one record per evaluated plan (in evaluation order): ``val_acc``, ``predicted_ms``,
+            ``measured_ms`` (None unless run end to end), ``flops``, ``flops_ratio_removed``,
+            ``predicted_speedup``, ``meets_budget`` (by prediction), ``reward``, ``action``,
+            ``kept_fraction`` per layer, ``first_episode``, ``visits``.
+        budget: the budget as given, plus ``limit`` (ms, or MACs for a FLOPs budget).
+        dense: the unpruned model: ``val_acc``, ``predicted_ms``, ``measured_ms``, ``flops``.
+        met_budget: whether the best plan's measured latency (or FLOPs) meets the budget.
+        verification: ``LatencyModel.verify`` output for the best plan (predicted vs measured).
+        episode_rewards: the reward of every episode.
+        ppo_stats: the PPO update logs (approx_kl, clip_fraction, explained_variance, ...).
+        settings: the search arguments that shape the result (seed, episodes, horizon, ...).
+        wall_time_s: total search time, summed over resumed runs.
+    """
+
+    best_plan: dict
+    best_record: dict
+    history: List[dict]
+    budget: dict
+    dense: dict
+    met_budget: bool
+    verification: Optional[dict] = None
+    episode_rewards: List[float] = field(default_factory=list)
+    ppo_stats: List[dict] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+    wall_time_s: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, default=_json_default)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SearchResult":
+        data = json.loads(text)
+        if not isinstance(data, dict) or "best_plan" not in data:
+            raise ValueError("SearchResult.from_json: expected the JSON written by SearchResult.to_json")
+        return cls(**data)
+
+    def save(self, path: str) -> None:
+        _atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str) -> "SearchResult":
+        with open(path) as f:
+            return cls.from_json(f.read())
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, float):
+        return o
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_torch_save(obj, path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _default_example_input(data, batch: int) -> torch.Tensor:
+    n = min(batch, len(data))
+    return torch.stack([data[i][0] for i in range(n)])
+
+
+def search(
+    model: nn.Module,
+    train_data,
+    val_data,
+    *,
+    target_speedup: Optional[float] = None,
+    target_latency_ms: Optional[float] = None,
+    target_flops_ratio: Optional[float] = None,
+    episodes: int = 160,
+    seed: int = 0,
+    checkpoint_dir: Optional[str] = None,
+    resume: bool = False,
+    latency_model=None,
+    example_input: Optional[torch.Tensor] = None,
+    progress: bool = True,
+    pattern_set: PatternSet = PAPER6,
+    ppo_config: Optional[PPOConfig] = None,
+    horizon: int = 1,
+    bn_batches: int = 2,
+    penalty: float = 2.0,
+    verify_top: int = 3,
+    verify_tolerance: float = 0.05,
+    latency_batch_size: int = 64,
+    encoder: Optional[nn.Module] = None,
+    callback: Optional[Callable[[int, dict], None]] = None,
+) -> SearchResult:
+    """Searches a pattern-pruning plan for ``model`` under a speed budget (see module docstring).
+
+    Args:
+        model: a trained, ``torch.fx``-traceable model (not modified).
+        train_data: dataset of (input, label); only used for BN recalibration.
+        val_data: dataset of (input, label); the accuracy the search maximises. Never pass the test set.
+        target_speedup / target_latency_ms / target_flops_ratio: the budget (exactly one): dense/pruned
+            latency ≥ target_speedup; pruned latency ≤ target_latency_ms; or fraction of prunable
+            multiply-accumulates removed ≥ target_flops_ratio (paper-style).
+        episodes: episodes to run (each applies ``horizon`` plans).
+        seed: seeds everything; same seed → same result (see module docstring).
+        checkpoint_dir: where the state is saved after every episode (and the latency cache, when
+            ``latency_model`` is not given). None: no checkpoints.
+        resume: continue from ``checkpoint_dir``'s checkpoint (settings must match); starts fresh if
+            there is none.
+        latency_model: a ``runtime.LatencyModel`` (measured; default one on the CPU) or
+            ``runtime.FlopsLatencyModel`` (deterministic).
+        example_input: the input batch latency is measured for; default: the first
+            ``latency_batch_size`` training inputs.
+        progress: show a tqdm bar.
+        pattern_set: the patterns plans use (default the paper's six).
+        ppo_config: PPO hyper-parameters (default tuned for short searches).
+        horizon: plans per episode (1: each episode proposes one complete plan).
+        bn_batches: BN recalibration batches per evaluated plan.
+        penalty: over-budget weight of the reward (see ``autosculpt.rl.env``).
+        verify_top: how many of the most accurate in-budget plans are measured end to end at the end.
+        verify_tolerance: measured latency may exceed the limit by this fraction (measurement noise).
+        encoder: optional replacement graph encoder for the policy.
+        callback: called as ``callback(episode, record)`` after each episode's checkpoint.
+    """
+    t_start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    budget = Budget(target_speedup, target_latency_ms, target_flops_ratio)
+    if not isinstance(episodes, int) or isinstance(episodes, bool) or episodes < 1:
+        raise ValueError(f"episodes: expected a positive int, got {episodes!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    for name, data in (("train_data", train_data), ("val_data", val_data)):
+        if not hasattr(data, "__len__") or not hasattr(data, "__getitem__") or len(data) == 0:
+            raise ValueError(f"{name}: expected a non-empty dataset of (input, label) pairs")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume: needs checkpoint_dir (where the interrupted search saved its state)")
+    if example_input is None:
+        example_input = _default_example_input(train_data, latency_batch_size)
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"example_input: expected a torch.Tensor, got {type(example_input).__name__}")
+    if latency_model is None:
+        from .runtime.latency import LatencyModel
+
+        cache = os.path.join(checkpoint_dir, "latency_cache.json") if checkpoint_dir else None
+        latency_model = LatencyModel("cpu", cache_path=cache, pattern_set=pattern_set)
+    ppo_config = copy.deepcopy(ppo_config) if ppo_config is not None else PPOConfig(
+        num_steps=16, num_minibatches=2, update_epochs=4, learning_rate=3e-3, ent_coef=0.01, target_kl=0.1)
+    ppo_config.seed = seed
+    settings = {
+        "seed": seed, "episodes": episodes, "horizon": horizon, "bn_batches": bn_batches, "penalty": penalty,
+        "budget": budget.as_dict(), "pattern_set": pattern_set.to_json(), "ppo": asdict(ppo_config),
+        "example_input_shape": list(example_input.shape), "latency_model": type(latency_model).__name__,
+    }
+    ckpt_path = os.path.join(checkpoint_dir, CHECKPOINT_NAME) if checkpoint_dir else None
+    state = None
+    if resume and ckpt_path and os.path.exists(ckpt_path):
+        state = torch.load(ckpt_path, weights_only=False)
+        old = dict(state["settings"])
+        mismatched = [k for k in settings if k != "episodes" and old.get(k) != settings[k]]
+        if mismatched:
+            raise ValueError(f"resume: the checkpoint in {checkpoint_dir} was made with other settings ({mismatched}); "
+                             "use the same arguments or a fresh checkpoint_dir")
+
+    seed_everything(seed)
+    model = copy.deepcopy(model).eval()
+    if state is not None:
+        latency_model.load_state_dict(state["latency"])
+    else:
+        latency_model.profile(model, example_input, progress=progress)
+    env = PruningEnv(model, train_data, val_data, latency_model, example_input, budget, pattern_set, horizon,
+                     bn_batches=bn_batches, penalty=penalty, seed=seed)
+    policy = GNNActorCritic(env.graph.data.x.shape[1], len(env.menu), encoder=encoder)
+    ppo = PPO(policy, ppo_config)  # seeds python/numpy/torch again: identical start on every run
+    if state is not None:
+        ppo.load_state_dict(state["ppo"])
+        env.load_state_dict(state["env"])
+        dense, first_episode, episode_rewards = state["dense"], state["episode"] + 1, list(state["episode_rewards"])
+        elapsed_before = state["wall_time_s"]
+    else:
+        dense = {"val_acc": evaluate(model, val_data), "predicted_ms": env.dense_ms, "measured_ms": None,
+                 "flops": env.dense_flops}
+        first_episode, episode_rewards, elapsed_before = 0, [], 0.0
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=episodes, initial=min(first_episode, episodes), desc="search", unit="episode")
+    for episode in range(first_episode, episodes):
+        obs, done, ep_reward = env.reset(), False, 0.0
+        while not done:
+            obs, reward, done, rec = ppo.collect(env, obs)
+            rec.setdefault("first_episode", episode)
+            ep_reward += reward
+            if ppo.ready():
+                ppo.update(obs, done)
+        episode_rewards.append(ep_reward)
+        if ckpt_path:
+            _atomic_torch_save({
+                "settings": settings, "episode": episode, "ppo": ppo.state_dict(), "env": env.state_dict(),
+                "latency": latency_model.state_dict(), "dense": dense, "episode_rewards": episode_rewards,
+                "wall_time_s": elapsed_before + time.perf_counter() - t_start,
+            }, ckpt_path)
+        if bar is not None:
+            ok = [r["val_acc"] for r in env.evaluations.values() if r["meets_budget"]]
+            bar.set_postfix(plans=len(env.evaluations), best_in_budget=f"{max(ok):.4f}" if ok else "-")
+            bar.update(1)
+        if callback is not None:
+            callback(episode, rec)
+    if bar is not None:
+        bar.close()
+
+    history = sorted(env.evaluations.values(), key=lambda r: r["index"])
+    best, verification, met = _select(env, history, budget, example_input, verify_top, verify_tolerance, dense)
+    result = SearchResult(
+        best_plan=env.plan_for(best["action"]), best_record=best, history=history,
+        budget={**budget.as_dict(), "limit": env.limit, "uses_flops": budget.uses_flops}, dense=dense,
+        met_budget=met, verification=verification, episode_rewards=episode_rewards, ppo_stats=list(ppo.stats),
+        settings=settings, wall_time_s=elapsed_before + time.perf_counter() - t_start,
+    )
+    if checkpoint_dir:
+        result.save(os.path.join(checkpoint_dir, RESULT_NAME))
+    return result
+
+
+def _select(env: PruningEnv, history, budget: Budget, example_input, verify_top: int, tolerance: float, dense: dict):
+    """The most accurate plan that meets the budget by prediction AND when measured end to end."""
+    lm = env.latency_model
+    candidates = sorted((r for r in history if r["meets_budget"]), key=lambda r: (-r["val_acc"], r["predicted_ms"], r["index"]))
+    if not candidates:
+        best = max(history, key=lambda r: (r["reward"], -r["index"]))
+        warnings.warn(f"search: no evaluated plan meets the budget {budget.as_dict()}; returning the highest-reward "
+                      f"plan (predicted speedup {best['predicted_speedup']:.2f}×). Try more episodes or a looser budget.",
+                      RuntimeWarning)
+        return best, None, False
+    checked = []
+    for rec in candidates[:max(1, verify_top)]:
+        v = lm.verify(env.model, env.plan_for(rec["action"]), example_input)
+        rec["measured_ms"] = v["measured_ms"]
+        rec["measured_speedup"] = v["measured_speedup"]
+        dense["measured_ms"] = v["dense_measured_ms"]
+        if budget.uses_flops:
+            ok = True  # FLOPs are exact: the prediction IS the count of what runs
+        elif budget.target_speedup is not None:
+            ok = v["measured_speedup"] >= budget.target_speedup * (1 - tolerance)
+        else:
+            ok = v["measured_ms"] <= budget.target_latency_ms * (1 + tolerance)
+        checked.append((rec, v, ok))
+        if ok:
+            return rec, v, True
+    rec, v, _ = max(checked, key=lambda c: c[1]["measured_speedup"])
+    warnings.warn(f"search: none of the {len(checked)} most accurate in-budget plans met the budget when measured end to end "
+                  f"(best measured speedup {v['measured_speedup']:.2f}×, predicted {v['predicted_speedup']:.2f}×); "
+                  "returning the fastest of them.", RuntimeWarning)
+    return rec, v, False

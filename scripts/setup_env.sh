@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs AutoSculpt into it, editable, with its test extras.
+# torch is pinned to the CPU wheel first so no multi-GB CUDA build is pulled; the C++ extension
+# itself builds without torch (CUDA kernels too when nvcc is found; AUTOSCULPT_CUDA=0 skips them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_SPEC=${AUTOSCULPT_TORCH_SPEC:-torch==2.13.0}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "$TORCH_SPEC"
+.venv/bin/python -m pip install -q -e ".[test,triton]"
+.venv/bin/python -m autosculpt.info
