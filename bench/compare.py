@@ -75,12 +75,14 @@ class CompareConfig:
     """Which methods to run."""
     data: str = "digits"
     """``digits`` (8×8 for the digits CNN, upsampled to 32×32 for the other models) or ``cifar10:PATH``."""
-    episodes: int = 64
+    episodes: int = 32
     """Search episodes (one plan each) for autosculpt and paper_reward."""
-    episodes_per_model: Dict[str, int] = field(default_factory=lambda: {"resnet20": 20})
+    episodes_per_model: Dict[str, int] = field(default_factory=lambda: {"resnet20": 12})
     """Per-model overrides of ``episodes`` (a ResNet-20 plan takes ~30× longer to evaluate than a digits CNN plan)."""
     finetune_epochs: int = 2
     """Fine-tuning epochs for every method."""
+    finetune_epochs_per_model: Dict[str, int] = field(default_factory=lambda: {"resnet20": 1})
+    """Per-model overrides of ``finetune_epochs``."""
     finetune_lr: float = 0.01
     """Peak fine-tuning learning rate (cosine)."""
     dense_epochs: int = 15
@@ -267,7 +269,7 @@ def run_method(method: str, cfg: CompareConfig, model_name: str, target: float, 
         extra["val_acc_before_finetune"] = evaluate(pruned, val)
 
     t_ft = time.perf_counter()
-    ft = finetune(pruned, train, val, test, FinetuneConfig(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, seed=seed),
+    ft = finetune(pruned, train, val, test, FinetuneConfig(epochs=cfg.finetune_epochs_per_model.get(model_name, cfg.finetune_epochs), lr=cfg.finetune_lr, seed=seed),
                   progress=False)
     ft_s = time.perf_counter() - t_ft
     _set_auto_path(pruned)
@@ -436,7 +438,7 @@ def render_markdown(records: List[dict], cfg: CompareConfig, command: str = "pyt
         f"fine-tuning.",
         f"Budgets: search {cfg.episodes} episodes (one plan each; overrides {cfg.episodes_per_model}; random search "
         "evaluates as many distinct plans as "
-        f"autosculpt did); fine-tuning {cfg.finetune_epochs} epochs, lr {cfg.finetune_lr}, for every method; latency "
+        f"autosculpt did); fine-tuning {cfg.finetune_epochs} epochs (overrides {cfg.finetune_epochs_per_model}), lr {cfg.finetune_lr}, the same for every method; latency "
         f"model: {cfg.latency}" + (f"; training subset {cfg.train_subset} images" if cfg.train_subset else "") + ".",
         "Accuracies: mean ± std over seeds (val = best fine-tuning epoch; test evaluated once). Latency: median over "
         "seeds of interleaved medians beside the dense model. met = the method's own end-to-end check with the "
@@ -480,12 +482,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--train-subset", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None, help="records JSON (default bench/results/compare.json)")
     ap.add_argument("--fresh", action="store_true", help="ignore earlier records in --out and start over")
+    ap.add_argument("--report-only", action="store_true", help="only rewrite the .md from the records in --out")
     args = ap.parse_args(argv)
 
     cfg = CompareConfig()
     if args.quick:
         cfg = dataclasses.replace(cfg, models=["digits_cnn"], targets=[2.0], seeds=[0], episodes=4, episodes_per_model={},
-                                  finetune_epochs=1,
+                                  finetune_epochs=1, finetune_epochs_per_model={},
                                   dense_epochs=3, repeats=5, train_subset=300)
     for name in ("models", "targets", "methods", "data", "episodes", "finetune_epochs", "dense_epochs", "threads",
                  "latency", "train_subset"):
@@ -494,6 +497,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             setattr(cfg, name, v)
     if args.episodes is not None:
         cfg.episodes_per_model = {}
+    if args.finetune_epochs is not None:
+        cfg.finetune_epochs_per_model = {}
     if args.seeds is not None:
         if args.seeds < 1:
             ap.error("--seeds: expected a positive number of seeds")
@@ -509,6 +514,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as exc:
         ap.error(str(exc))
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.report_only:
+        records = load_records(out, cfg.config_id())
+        _atomic_write(out.with_suffix(".md"), render_markdown(records, cfg, "python -m bench.compare"))
+        print(f"[compare] wrote {out.with_suffix('.md')} from {len(records)} records")
+        return 0
     command = "python -m bench.compare" + "".join(" " + a for a in (argv if argv is not None else sys.argv[1:]))
     records = run_compare(cfg, out, fresh=args.fresh, command=command)
     print(render_markdown(records, cfg, command))

@@ -15,6 +15,15 @@ from autosculpt.runtime.latency import FlopsLatencyModel
 pytest.importorskip("torch_pruning")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: on a busy 2-core machine two OpenMP threads train several times slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def mac_latency_model():
     return FlopsLatencyModel(ms_per_mflop=1.0, overhead_ms=0.0, remainder_ms=0.0)
 
