@@ -157,6 +157,7 @@ def run(models, batches, repeats, out_path: Path, device: str = "cpu", compile_d
     from .timing import cpu_name, header, interleaved_medians
 
     torch.manual_seed(0)
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     rows, records, notes = [], [], []
     for name in models:
         dense = get_model(name, num_classes=10, in_chans=3).eval()
@@ -212,9 +213,13 @@ def run(models, batches, repeats, out_path: Path, device: str = "cpu", compile_d
     summary = (f"Median speedup ÷ ideal over the CNN rows: {cnn[len(cnn) // 2]:.2f} (min {cnn[0]:.2f}, max {cnn[-1]:.2f}, "
                f"n={len(cnn)}); target ≥ 0.8." if cnn else "No CNN rows.")
     machine = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
+    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load = ("" if load_start is None else
+            f"\nLoad average (1 min) at start / end: {load_start:.1f} / {load_end:.1f} on {os.cpu_count()} cores "
+            "(a shared machine is noisy: compare rows within one line only).\n")
     text = (
         header(f"Whole-model speedups ({device})")
-        + (f"\nDevice: {machine}, fp32.\n" if device == "cuda" else "")
+        + (f"\nDevice: {machine}, fp32.\n" if device == "cuda" else "") + load
         + "\nCNNs: uniform PAPER6 plans at 2× / 3× whole-model MAC reduction (3×3 convs only; other layers dense). "
         "ViT: whole heads + MLP hidden blocks (see the plan column). Eager PyTorch dense vs pruned, and the dense "
         "model under `torch.compile` (inductor); interleaved medians. ideal = dense MACs ÷ pruned MACs. "
@@ -229,6 +234,7 @@ def run(models, batches, repeats, out_path: Path, device: str = "cpu", compile_d
     out_path.write_text(text)
     out_path.with_suffix(".json").write_text(json.dumps(
         {"machine": machine, "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
+         "loadavg_start_end": [load_start, load_end],
          "summary": summary, "notes": notes, "records": records}, indent=1))
     log(summary)
     return records

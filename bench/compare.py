@@ -425,7 +425,8 @@ def summarize(records: List[dict]) -> List[dict]:
     return rows
 
 
-def render_markdown(records: List[dict], cfg: CompareConfig, command: str = "python -m bench.compare") -> str:
+def render_markdown(records: List[dict], cfg: CompareConfig, command: str = "python -m bench.compare",
+                    notes: Sequence[str] = ()) -> str:
     rows = summarize(records)
     seeds = sorted({r["seed"] for r in records})
     lines = [
@@ -445,18 +446,21 @@ def render_markdown(records: List[dict], cfg: CompareConfig, command: str = "pyt
         f"latency model at batch {cfg.budget_batch} (speedup ≥ 0.95 × target); final = the same on the final timing. "
         "paper_reward = the search with a FLOPs band (1 − 1/target of the prunable convs' MACs) and no latency term.",
         "",
-        "| model | target | method | val acc | test acc | ms b1 | ms b8 | speedup b1 | speedup b8 | met | final | MACs kept | search s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+    lines += [
+        "| model | target | method | n | val acc | test acc | ms b1 | ms b8 | speedup b1 | speedup b8 | met | final | MACs kept | search s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     last = None
     for r in rows:
         if (r["model"], r["target_speedup"]) != last:
             last = (r["model"], r["target_speedup"])
             dv, dt = r["dense_val_acc"], r["dense_test_acc"]
-            lines.append(f"| {r['model']} | {r['target_speedup']:g}× | *dense* | {dv:.3f} | {dt:.3f} | {r['dense_ms_b1']:.3f} "
+            lines.append(f"| {r['model']} | {r['target_speedup']:g}× | *dense* | | {dv:.3f} | {dt:.3f} | {r['dense_ms_b1']:.3f} "
                          f"| {r['dense_ms_b8']:.3f} | 1 | 1 | | | 1.00 | |")
         lines.append(
-            f"| {r['model']} | {r['target_speedup']:g}× | {r['method']} | {r['val_acc']} | {r['test_acc']} "
+            f"| {r['model']} | {r['target_speedup']:g}× | {r['method']} | {r['n']} | {r['val_acc']} | {r['test_acc']} "
             f"| {r['latency_ms_b1']:.3f} | {r['latency_ms_b8']:.3f} | {r['speedup_b1']} | {r['speedup_b8']} "
             f"| {r['met']} | {r['met_final']} | {r['macs_ratio']:.2f} | {r['search_seconds']:.0f} |")
     lines += ["", f"Reproduce: `{command}`", ""]
@@ -483,6 +487,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="records JSON (default bench/results/compare.json)")
     ap.add_argument("--fresh", action="store_true", help="ignore earlier records in --out and start over")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the .md from the records in --out")
+    ap.add_argument("--note", action="append", default=[], help="a note for the .md (repeatable)")
     args = ap.parse_args(argv)
 
     cfg = CompareConfig()
@@ -516,7 +521,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     if args.report_only:
         records = load_records(out, cfg.config_id())
-        _atomic_write(out.with_suffix(".md"), render_markdown(records, cfg, "python -m bench.compare"))
+        _atomic_write(out.with_suffix(".md"), render_markdown(records, cfg, "python -m bench.compare", args.note))
         print(f"[compare] wrote {out.with_suffix('.md')} from {len(records)} records")
         return 0
     command = "python -m bench.compare" + "".join(" " + a for a in (argv if argv is not None else sys.argv[1:]))
