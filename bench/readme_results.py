@@ -68,6 +68,16 @@ def compare_section(records: List[dict]) -> List[str]:
                 f"| {_mean_std([r['val_acc'] for r in rs])} | {_mean_std([r['speedup_b1'] for r in rs])} "
                 f"| {_mean_std([r['speedup_b8'] for r in rs])} | {sum(bool(r['met_budget']) for r in rs)}/{len(rs)} "
                 f"| {statistics.fmean(r['search_seconds'] for r in rs):.0f} |")
+    out.append("")
+    for (model, target), by_method in sorted(groups.items()):
+        ok = {m: rs for m, rs in by_method.items() if 2 * sum(bool(r["met_budget"]) for r in rs) > len(rs)}
+        if ok:
+            best = max(ok, key=lambda m: statistics.fmean(r["test_acc"] for r in ok[m]))
+            out.append(f"- {model} at {target:g}×: methods meeting the budget in most seeds: {', '.join(sorted(ok))}; "
+                       f"most accurate of them: **{best}** "
+                       f"(test {statistics.fmean(r['test_acc'] for r in ok[best]):.3f}).")
+        else:
+            out.append(f"- {model} at {target:g}×: no method met the budget in most seeds.")
     minutes = sum(r.get("wall_seconds", 0.0) for r in records) / 60
     out += ["", f"Reproduce: `python -m bench.compare` (the records above took {minutes:.0f} min of run time in all, "
                 "dense training excluded; `--quick` for a smoke run).", ""]
