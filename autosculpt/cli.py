@@ -268,7 +268,9 @@ def _cmd_finetune(args) -> int:
     # The data set recorded in the model file is used unless the flag or the config file names one.
     data_given = args.data or file_values.get("data")
     res = run_finetune(args.model_file, cfg, data_spec=data_given, out=args.out, checkpoint=args.checkpoint,
-                       resume=args.resume, model_spec=args.model, log=_say)
+                       resume=args.resume, model_spec=args.model,
+                       image_size_given=args.image_size or file_values.get("image_size"),
+                       log=_say if os.environ.get("RANK", "0") == "0" else (lambda msg: None))
     if res is not None and is_main_process():
         _say(f"fine-tuned on {res['data']} with {res['world_size']} process(es): best val acc {res['best_val_acc']:.4f} "
              f"(epoch {res['best_epoch']}), test acc {res['test_acc']:.4f}")

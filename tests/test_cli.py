@@ -288,3 +288,33 @@ def test_console_entry_point_in_a_subprocess(tmp_path):
     assert helped.returncode == 0
     for flag in ("--target-speedup", "--data", "--model", "--config", "--resume", "--episodes", "examples:"):
         assert flag in helped.stdout
+
+
+def test_finetune_command_uses_the_files_data_and_resolution(cache, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    import autosculpt.data as data_mod
+    from autosculpt.patterns import PAPER6
+    from autosculpt.plan import conv_layer_plan
+
+    for c in range(3):
+        (tmp_path / "imgs" / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (12, 12), (80 * c, 10 * i, 0)).save(tmp_path / "imgs" / f"c{c}" / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    args = {"channels": [4, 8, 8, 4], "num_classes": 3, "in_chans": 3}
+    from autosculpt.models import get_model
+
+    dense = get_model("digits_cnn", **args)
+    plan = {"version": 1, "layers": {"features.1.0": conv_layer_plan(PAPER6, [1, 2, 3, 4, 5, 5, 5, 0])}}
+    asc.save(asc.sparsify(dense, plan), "m.pt", plan=plan,
+             meta={"model": "digits_cnn", "model_args": args, "data": "imagefolder:imgs", "input_shape": [3, 8, 8]})
+    seen = []
+    real = data_mod.get_dataset
+    monkeypatch.setattr(data_mod, "get_dataset", lambda spec, seed=0, **kw: seen.append((spec, kw)) or real(spec, seed, **kw))
+    assert main(["finetune", "m.pt", "--finetune-epochs", "1", "--batch-size", "8", "--no-progress", "--threads", "1"]) == 0
+    assert seen == [("imagefolder:imgs", {"image_size": 8})]  # the data and resolution recorded in the file
+    out = capsys.readouterr().out
+    assert "fine-tuned on imagefolder:imgs with 1 process(es)" in out
+    tuned = asc.io.read(tmp_path / "m-finetuned.pt")
+    assert tuned.plan == plan and tuned.meta["data"] == "imagefolder:imgs"
