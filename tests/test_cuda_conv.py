@@ -226,6 +226,25 @@ def test_torch_compile_fullgraph(gpu, tf32_off, backend):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_fake_impl_strides_match_real_output_on_gpu(gpu, backend, channels_last):
+    """torch.compile trusts the fake impl's strides: channels_last in -> channels_last out on CUDA."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if backend != "torch":
+        _backend_or_skip(backend)
+    x, wt, m, _ = _problem(2, 16, 6, 7, 8, "paper6", torch.float16, gpu, channels_last)
+    args = ([1, 1], [1, 1], [1, 1], 1, backend, 0)
+    real = torch.ops.autosculpt.pattern_conv2d(x, wt, m, None, *args)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = torch.ops.autosculpt.pattern_conv2d(mode.from_tensor(x), mode.from_tensor(wt), mode.from_tensor(m),
+                                                   None, *args)
+    assert fake.stride() == real.stride()
+    assert real.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.cuda
 def test_available_backends_on_gpu(gpu):
     usable = asc.runtime.available_backends()
     major = max(torch.cuda.get_device_capability(i)[0] for i in range(torch.cuda.device_count()))
