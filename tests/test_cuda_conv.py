@@ -336,6 +336,50 @@ def test_torch_backend_with_layer_key_on_gpu(gpu, tf32_off):
     asc.ops.conv.release_cache(key)
 
 
+def test_auto_chooser_logic_without_a_gpu(monkeypatch):
+    """gpu_choice with its timer and candidates replaced: fastest wins, decisions are cached per mask,
+    a failing backend is warned about and excluded, and traced calls reuse eager decisions."""
+    from autosculpt.ops import conv as conv_ops
+    from autosculpt.runtime import gpu_choice
+
+    gpu_choice.clear()
+    calls = []
+
+    def fake(name):
+        def fn(*args):
+            calls.append(name)
+            if name == "cuda":
+                raise RuntimeError("boom")
+            return None
+        fn.fake_ms = {"triton": 1.0, "torch": 2.0}.get(name, 0.5)
+        return fn
+
+    for name in ("cuda", "triton", "torch"):
+        monkeypatch.setitem(conv_ops.CONV_BACKENDS, name, fake(name))
+    monkeypatch.setattr(gpu_choice, "candidates", lambda x: [b for b in ("cuda", "triton", "torch")
+                                                             if b not in gpu_choice._FAILED])
+
+    def fake_time(run, device, **kw):
+        run()
+        return run.__defaults__[0].fake_ms
+
+    monkeypatch.setattr(gpu_choice, "time_ms", fake_time)
+    x, w = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    m = torch.rand(4, 3, 3) > 0.5
+    args = ((1, 1), (1, 1), (1, 1), 1)
+    with pytest.warns(RuntimeWarning, match="backend 'cuda' failed"):
+        assert gpu_choice.choose(x, w, m, *args) == "triton"
+    n_calls = len(calls)
+    assert gpu_choice.choose(x, w, m, *args) == "triton" and len(calls) == n_calls  # cached
+    assert gpu_choice.choose(x, w, ~m, *args) == "triton" and "cuda" not in calls[n_calls:]  # new mask, cuda out
+    (choice, timings), *_ = gpu_choice.decisions().values()
+    assert choice == "triton" and timings == {"triton": 1.0, "torch": 2.0}
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert gpu_choice.choose(x, w, m, *args) == "triton"  # tracing: the eager decision for these shapes
+    assert gpu_choice.choose(torch.randn(2, 3, 8, 8), w, m, *args) == "torch"  # unseen shape: dense
+    gpu_choice.clear()
+
+
 # ----------------------------------------------------------------- the CUDA kernel, emulated on the CPU
 
 
