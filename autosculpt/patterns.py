@@ -148,3 +148,4 @@ def assign(weight: torch.Tensor, pattern_set: PatternSet, counts: Iterable[int])
     ids = torch.empty(weight.shape[0], dtype=torch.long)
     ids[torch.as_tensor(rows)] = torch.as_tensor([slots[c] for c in cols])
     return ids
+from .attention_patterns import ATTN6, AttentionPatternSet, attention_flops, block_layout, head_block_mask  # noqa: E402,F401

@@ -105,9 +105,12 @@ def _masked_reference(mha, x, specs, bs):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("length", [65, 97])
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_dense_pattern_equals_multihead_attention(backend, length, batch_first):
+@pytest.mark.parametrize("spec", ["dense", {"type": "local", "window": 1000}], ids=["sdpa-path", "kernel-path"])
+def test_dense_pattern_equals_multihead_attention(backend, length, batch_first, spec):
+    # "dense" heads take the SDPA fast path; a window wider than L is dense too but runs the kernel.
     mha = _mha(batch_first=batch_first)
-    pa = PatternAttention.from_dense(mha, ["dense"] * 4, block_size=16, backend=backend)
+    pa = PatternAttention.from_dense(mha, [spec] * 4, block_size=16, backend=backend)
+    assert pa._all_dense == (spec == "dense")
     x = torch.randn(2, length, 64) if batch_first else torch.randn(length, 2, 64)
     want = mha(x, x, x, need_weights=False)[0]
     got, weights = pa(x, x, x)
@@ -209,3 +212,14 @@ def test_attention_plan_kind_via_sparsify():
         asc.sparsify(model, {"version": 1, "layers": {"attn": attention_layer_plan(ATTN6, [5, 0], 16)}})
     with pytest.raises(ValueError, match="out of range"):
         attention_layer_plan(ATTN6, [9], 16)
+
+
+def test_torch_compile_fullgraph_and_export():
+    mha = _mha(seed=12)
+    pa = PatternAttention.from_dense(mha, ["local", "empty", "dense", "strided"], block_size=16)
+    x = torch.randn(2, 70, 64)
+    want = pa(x)[0]
+    compiled = torch.compile(pa, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x)[0], want)
+    exported = torch.export.export(pa, (x,))
+    torch.testing.assert_close(exported.module()(x)[0], want)

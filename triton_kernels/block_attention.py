@@ -25,7 +25,7 @@ def _block_sparse_attention_fwd(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     H, LQ, LK, D, NQB,
-    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -55,14 +55,14 @@ def _block_sparse_attention_fwd(
         v_ptrs = V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vn + cols_d[None, :] * stride_vd
         k = tl.load(k_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(col_ok[None, :], s, float("-inf"))
         # A kept block has at least one column inside LK, so m_new is finite.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     denom = tl.where(l_i > 0.0, l_i, 1.0)
@@ -127,6 +127,9 @@ def block_sparse_attention_triton(q, k, v, block_mask, block_size: int, scale: f
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         h, lq, lk, d, nqb,
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_D=block_d,
+        # fp32 keeps full fp32 products (no TF32) so results match the fp32 reference; fp16/bf16 use the
+        # tensor cores at their native precision.
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
     )
     return out

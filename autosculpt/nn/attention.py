@@ -8,7 +8,6 @@ heads, so they run as smaller dense GEMMs. The kept heads run ``block_sparse_att
 """
 from __future__ import annotations
 
-import json
 import warnings
 from functools import lru_cache
 from typing import List, Optional, Sequence, Tuple
@@ -26,14 +25,18 @@ __all__ = ["PatternAttention", "attention_layer_plan"]
 
 
 @lru_cache(maxsize=256)
-def _cached_block_mask(specs_json: str, length: int, block_size: int, device: str) -> torch.Tensor:
-    return head_block_mask(json.loads(specs_json), length, block_size).to(device)
+def _cached_block_mask(specs_key: tuple, length: int, block_size: int, device: str) -> torch.Tensor:
+    # specs_key: one tuple of sorted (name, value) items per head (hashable; torch.compile traces it)
+    return head_block_mask([dict(items) for items in specs_key], length, block_size).to(device)
 
 
-def pattern_self_attention(q, k, v, specs_json: str, block_size: int, backend: str):
-    """Block-sparse attention of (B, H, L, D) q/k/v with per-head pattern specs (JSON list), building
-    (and caching) the block mask for this length. Wrapped for torch.fx: traced models keep one call."""
-    mask = _cached_block_mask(specs_json, q.shape[2], block_size, str(q.device))
+def pattern_self_attention(q, k, v, specs_key: tuple, block_size: int, backend: str):
+    """Block-sparse attention of (B, H, L, D) q/k/v with per-head pattern specs (``specs_key``: one tuple
+    of sorted spec items per head), building (and caching) the block mask for this length. Wrapped for
+    torch.fx: traced models keep one call."""
+    # Under torch.compile the mask is built inside the graph (the cache wrapper is not traceable).
+    build = _cached_block_mask.__wrapped__ if torch.compiler.is_compiling() else _cached_block_mask
+    mask = build(specs_key, q.shape[2], block_size, str(q.device))
     return block_sparse_attention(q, k, v, mask, block_size, backend=backend)
 
 
@@ -51,7 +54,8 @@ class PatternAttention(nn.Module):
         bias: projections with bias.
         batch_first: input layout (B, L, E) if True else (L, B, E), as ``nn.MultiheadAttention``.
         return_weights_tuple: return ``(out, None)`` like ``nn.MultiheadAttention`` (True) or ``out``.
-        backend: kernel backend for ``block_sparse_attention``.
+        backend: kernel backend for ``block_sparse_attention`` (heads with block patterns). When every kept
+            head is dense, the layer calls ``F.scaled_dot_product_attention`` instead (same function).
 
     Parameters: ``qkv`` (Linear E -> 3·kept·hd, rows [q heads | k heads | v heads]) and ``proj``
     (Linear kept·hd -> E). The head patterns travel in the state dict (extra state).
@@ -91,7 +95,8 @@ class PatternAttention(nn.Module):
             raise ValueError(f"head_patterns: expected {self.num_heads} patterns (one per head), got {len(head_patterns)}")
         self.head_patterns: List[dict] = [normalize_spec(p) for p in head_patterns]
         self.kept_heads: List[int] = [h for h, p in enumerate(self.head_patterns) if p["type"] != "empty"]
-        self._specs_json = json.dumps([self.head_patterns[h] for h in self.kept_heads], sort_keys=True)
+        self._specs_key = tuple(tuple(sorted(self.head_patterns[h].items())) for h in self.kept_heads)
+        self._all_dense = all(self.head_patterns[h]["type"] == "dense" for h in self.kept_heads)
 
     def _build_projections(self) -> None:
         width = len(self.kept_heads) * self.head_dim
@@ -112,7 +117,7 @@ class PatternAttention(nn.Module):
 
     def block_mask(self, length: int) -> torch.Tensor:
         """The (kept heads, nb, nb) block mask used for sequences of ``length`` tokens."""
-        return _cached_block_mask(self._specs_json, length, self.block_size, str(self.qkv.weight.device))
+        return _cached_block_mask(self._specs_key, length, self.block_size, str(self.qkv.weight.device))
 
     def kept_fraction(self, length: int) -> float:
         """Fraction of the dense layer's attention token pairs (all heads) computed at ``length``."""
@@ -221,7 +226,10 @@ class PatternAttention(nn.Module):
         if kept == 0:  # every head pruned: the layer outputs its output bias
             return self.proj(x.new_zeros(b, length, 0))
         qkv = self.qkv(x).reshape(b, length, 3, kept, self.head_dim).permute(2, 0, 3, 1, 4)
-        o = pattern_self_attention(qkv[0], qkv[1], qkv[2], self._specs_json, self.block_size, self.backend)
+        if self._all_dense:  # only dense heads left: plain SDPA computes exactly this (and is tuned for it)
+            o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        else:
+            o = pattern_self_attention(qkv[0], qkv[1], qkv[2], self._specs_key, self.block_size, self.backend)
         return self.proj(o.transpose(1, 2).reshape(b, length, kept * self.head_dim))
 
     def extra_repr(self) -> str:

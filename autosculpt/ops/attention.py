@@ -14,10 +14,7 @@ The backward pass is the reference's gradient in closed form (``block_sparse_att
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -247,26 +244,10 @@ ATTENTION_BACKENDS["cpu"] = _cpu_backend
 
 
 def _triton_module():
-    """The Triton kernel module, imported on first use only (``import autosculpt`` never imports triton).
+    """The Triton kernel module, imported on first use only (``import autosculpt`` never imports triton)."""
+    from .._triton import kernels
 
-    Works both installed (``autosculpt.triton_kernels``) and from a source checkout, where the kernels
-    live in the repository's top-level ``triton_kernels/`` directory.
-    """
-    name = "autosculpt.triton_kernels.block_attention"
-    if name in sys.modules:
-        return sys.modules[name]
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        pass
-    path = Path(__file__).resolve().parents[2] / "triton_kernels" / "block_attention.py"
-    if not path.is_file():
-        raise RuntimeError(f"backend 'triton': kernel module not found (looked for {name} and {path})")
-    spec = importlib.util.spec_from_file_location("_autosculpt_triton_block_attention", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return kernels("block_attention")
 
 
 def _triton_backend(q, k, v, block_mask, block_size, scale):

@@ -225,6 +225,11 @@ _pattern_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _torch_backend(x, weight, tap_mask, bias, stride, padding, dilation, groups, cache_key):
+    if cache_key and x.is_cuda:  # a GPU layer's dense fallback: reuse its masked weight (cuDNN only)
+        from ._pattern_groups import masked_weight
+
+        w = masked_weight(weight, tap_mask, cache_key, x)
+        return torch.nn.functional.conv2d(x, w, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
     return pattern_conv2d_ref(x, weight, tap_mask, bias, stride, padding, dilation, groups)
 
 

@@ -4,16 +4,17 @@
 // mask (H, ceil(Lq/bs), ceil(Lk/bs)) expanded to tokens (0 kept, -inf dropped). A query block with no
 // kept key block outputs zeros. q, k, v, out are contiguous (B, H, L, D).
 //
-// Work: pack each used key block once per (batch, head) (K^T and zero-padded V), then one task per
-// (batch, head, query block) runs a flash-style online softmax over only its kept key blocks
-// (attn_avx512.cpp, or the portable loops below). Tasks are scheduled dynamically because their cost
-// is proportional to their number of kept blocks.
+// Work: one task per (batch, head, query block) runs a flash-style online softmax over only its kept
+// key blocks (attn_avx512.cpp, or the portable loops below, which first pack each used key block
+// once per (batch, head)). Tasks are scheduled dynamically because their cost is proportional to
+// their number of kept blocks.
 #include <omp.h>
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -55,7 +56,33 @@ struct Workspace {
 
 }  // namespace
 
-// Portable task: the same algorithm with plain loops (auto-vectorised inner loops, libm exp2).
+// 2^x for x <= 0 in plain C that compilers vectorise (libm's exp2f is a scalar call and was ~4x the
+// cost of the matrix products here): 2^round(x) from the exponent bits times a degree-7 polynomial of
+// 2^f, |f| <= 1/2; x < -126 (and -inf) gives exactly 0.
+static inline float exp2_portable(float x) {
+  const bool tiny = !(x >= -126.0f);
+  x = tiny ? -126.0f : x;
+  const float n = std::floor(x + 0.5f);
+  const float f = x - n;
+  float p = 1.525273380405984e-05f;
+  p = p * f + 1.5403530393381606e-04f;
+  p = p * f + 1.3333558146428443e-03f;
+  p = p * f + 9.618129107628477e-03f;
+  p = p * f + 5.550410866482158e-02f;
+  p = p * f + 2.402265069591007e-01f;
+  p = p * f + 6.931471805599453e-01f;
+  p = p * f + 1.0f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return tiny ? 0.0f : p * scale;
+}
+
+// Simple task for any block size: the same algorithm with plain loops over packed K^T/V blocks. On x86
+// with GCC it is cloned for AVX2+FMA and dispatched at load time (ifunc).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=haswell", "default")))
+#endif
 void attn_task_generic(const AttnDims& dims, const AttnTask& t, const AttnScratch& sc) {
   const int64_t bs = dims.bs, d = dims.d, dp = dims.dp, nq = t.nq;
   if (t.nk == 0) {
@@ -86,11 +113,12 @@ void attn_task_generic(const AttnDims& dims, const AttnTask& t, const AttnScratc
       for (int64_t c = 0; c < valid; ++c) mx = std::max(mx, srow[c]);
       const float m_new = std::max(mx, sc.m[r]);
       float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
       for (int64_t c = 0; c < valid; ++c) {
-        srow[c] = std::exp2(srow[c] - m_new);
+        srow[c] = exp2_portable(srow[c] - m_new);
         sum += srow[c];
       }
-      const float alpha = std::exp2(sc.m[r] - m_new);
+      const float alpha = exp2_portable(sc.m[r] - m_new);
       sc.l[r] = sc.l[r] * alpha + sum;
       sc.m[r] = m_new;
       float* orow = sc.o + r * dp;
@@ -109,7 +137,8 @@ void attn_task_generic(const AttnDims& dims, const AttnTask& t, const AttnScratc
   }
 }
 
-// isa: 0 = best available, 1 = portable loops, 2 = AVX-512 (error when unavailable).
+// isa: 0 = best available, 1 = portable kernels (AVX2 build when the CPU has it), 2 = AVX-512 (error
+// when unavailable), 3 = portable kernels, baseline build (tests the non-AVX2 code path).
 static void block_attention_forward(const float* q, const float* k, const float* v, const uint8_t* block_mask,
                                     float* out, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D,
                                     int64_t bs, float scale, int num_threads, int isa) {
@@ -118,15 +147,18 @@ static void block_attention_forward(const float* q, const float* k, const float*
   const int64_t nqb = (Lq + bs - 1) / bs, nkb = (Lk + bs - 1) / bs;
   AttnDims dims{bs, D, (D + 15) / 16 * 16, scale * 1.4426950408889634f};
   const bool avx512_ok = cpu_has_avx512f() && attn_avx512_supported_shape(dims);
+  // Block sizes the register-tiled kernels handle; others take the simple packed loops.
+  const bool tiled_bs = bs == 16 || bs == 32 || bs == 64 || bs == 128;
+  const bool use_avx2 = isa != 3 && cpu_has_avx2_fma();
   bool use_avx512;
   if (isa == 0) use_avx512 = avx512_ok;
-  else if (isa == 1) use_avx512 = false;
+  else if (isa == 1 || isa == 3) use_avx512 = false;
   else if (isa == 2) {
     if (!avx512_ok)
       throw std::invalid_argument("block_sparse_attention: AVX-512 path needs avx512f, block_size in {16, 32, 64, 128} and D <= 256");
     use_avx512 = true;
   } else {
-    throw std::invalid_argument("block_sparse_attention: isa must be 0, 1 or 2");
+    throw std::invalid_argument("block_sparse_attention: isa must be 0, 1, 2 or 3");
   }
   if (num_threads <= 0) num_threads = omp_get_max_threads();
 
@@ -145,48 +177,52 @@ static void block_attention_forward(const float* q, const float* k, const float*
       offsets[size_t(h * nqb + qb + 1)] = int64_t(kept.size());
     }
 
-  const int64_t kt_block = D * bs, vp_block = bs * dims.dp;
+  // The portable path reads K^T / V blocks packed once per (batch, head); the AVX-512 path reads K
+  // and V in place (it transposes the query block instead, inside each task).
+  const bool in_place = use_avx512 || tiled_bs;
+  const int64_t kt_block = in_place ? 0 : D * bs, vp_block = in_place ? 0 : bs * dims.dp;
   static thread_local Workspace workspace;
-  float* const kt = workspace.get(B * H * nkb * (kt_block + vp_block));
-  float* const vp = kt + B * H * nkb * kt_block;
+  float* const kt = in_place ? nullptr : workspace.get(B * H * nkb * (kt_block + vp_block));
+  float* const vp = in_place ? nullptr : kt + B * H * nkb * kt_block;
   const int64_t tail_valid = Lk - (nkb - 1) * bs;
   const int64_t tail_kb = tail_valid < bs ? nkb - 1 : -1;
 
 #pragma omp parallel num_threads(num_threads)
   {
-    // Pack every used key block: K^T as [d][bs] and V as [j][dp], zero past Lk and past D.
+    if (!in_place) {
+      // Pack every used key block: K^T as [d][bs] and V as [j][dp], zero past Lk and past D.
 #pragma omp for collapse(3) schedule(static)
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t kb = 0; kb < nkb; ++kb) {
-          if (!used[size_t(h * nkb + kb)]) continue;
-          const int64_t bh = b * H + h;
-          const int64_t rows = std::min(bs, Lk - kb * bs);
-          const float* ksrc = k + (bh * Lk + kb * bs) * D;
-          const float* vsrc = v + (bh * Lk + kb * bs) * D;
-          float* ktd = kt + (bh * nkb + kb) * kt_block;
-          float* vpd = vp + (bh * nkb + kb) * vp_block;
-          if (use_avx512) {
-            pack_kt_avx512(ksrc, rows, D, bs, ktd);
-          } else {
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t kb = 0; kb < nkb; ++kb) {
+            if (!used[size_t(h * nkb + kb)]) continue;
+            const int64_t bh = b * H + h;
+            const int64_t rows = std::min(bs, Lk - kb * bs);
+            const float* ksrc = k + (bh * Lk + kb * bs) * D;
+            const float* vsrc = v + (bh * Lk + kb * bs) * D;
+            float* ktd = kt + (bh * nkb + kb) * kt_block;
+            float* vpd = vp + (bh * nkb + kb) * vp_block;
             for (int64_t c = 0; c < D; ++c) {
               float* dst = ktd + c * bs;
               for (int64_t j = 0; j < rows; ++j) dst[j] = ksrc[j * D + c];
               for (int64_t j = rows; j < bs; ++j) dst[j] = 0.0f;
             }
+            for (int64_t j = 0; j < bs; ++j) {
+              float* dst = vpd + j * dims.dp;
+              int64_t c = 0;
+              if (j < rows)
+                for (; c < D; ++c) dst[c] = vsrc[j * D + c];
+              for (; c < dims.dp; ++c) dst[c] = 0.0f;
+            }
           }
-          for (int64_t j = 0; j < bs; ++j) {
-            float* dst = vpd + j * dims.dp;
-            int64_t c = 0;
-            if (j < rows)
-              for (; c < D; ++c) dst[c] = vsrc[j * D + c];
-            for (; c < dims.dp; ++c) dst[c] = 0.0f;
-          }
-        }
+    }
 
     AlignedBuffer qs = aligned_floats(bs * dims.dp), s = aligned_floats(bs * bs), o = aligned_floats(bs * dims.dp);
-    AlignedBuffer stats = aligned_floats(3 * bs + 48);
-    const AttnScratch sc{qs.get(), s.get(), o.get(), stats.get(), stats.get() + bs + 16, stats.get() + 2 * bs + 32};
+    AlignedBuffer stats = aligned_floats(3 * bs + 48 + dims.dp);
+    float* zeros = stats.get() + 3 * bs + 48;
+    for (int64_t i = 0; i < dims.dp; ++i) zeros[i] = 0.0f;
+    const AttnScratch sc{qs.get(), s.get(), o.get(), stats.get(), stats.get() + bs + 16, stats.get() + 2 * bs + 32,
+                         zeros};
 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < B * H * nqb; ++task) {
@@ -195,14 +231,18 @@ static void block_attention_forward(const float* q, const float* k, const float*
       const int64_t beg = offsets[size_t(h * nqb + qb)], end = offsets[size_t(h * nqb + qb + 1)];
       AttnTask t{q + (bh * Lq + row0) * D,
                  std::min(bs, Lq - row0),
-                 kt + bh * nkb * kt_block,
-                 vp + bh * nkb * vp_block,
+                 in_place ? nullptr : kt + bh * nkb * kt_block,
+                 in_place ? nullptr : vp + bh * nkb * vp_block,
+                 k + bh * Lk * D,
+                 v + bh * Lk * D,
                  kept.data() + beg,
                  end - beg,
                  tail_kb,
                  tail_valid,
                  out + (bh * Lq + row0) * D};
       if (use_avx512) attn_task_avx512(dims, t, sc);
+      else if (tiled_bs && use_avx2) attn_task_portable_avx2(dims, t, sc);
+      else if (tiled_bs) attn_task_portable(dims, t, sc);
       else attn_task_generic(dims, t, sc);
     }
   }
