@@ -36,6 +36,10 @@ enum class ConvIsa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
 using ConvMicroKernel = void (*)(int64_t ntaps, const int64_t* tap_off, int64_t cin, int64_t ldb, const float* a,
                                  const float* b, float* const* c, const float* bias);
 
+// Two adjacent pixel panels at once (b and b + b2), writing c[m][0 .. 6*16): for blocks of few filters.
+using ConvMicroKernel2 = void (*)(int64_t ntaps, const int64_t* tap_off, int64_t cin, int64_t ldb, const float* a,
+                                  const float* b, int64_t b2, float* const* c, const float* bias);
+
 struct PatternGroup {
   std::vector<int32_t> taps;     // kept tap indices (r * kw + s)
   std::vector<int32_t> filters;  // absolute output channels in this group
@@ -102,6 +106,8 @@ class PackedPatternConv {
   ConvIsa isa_;
   int mr_ = 1, lanes_ = 1, nv_max_ = 1;          // micro-kernel shape: mr_ filters x nv_max_*lanes_ pixels
   const ConvMicroKernel* kernels_ = nullptr;     // [(mr - 1) * nv_max_ + (nv - 1)]
+  const ConvMicroKernel2* kernels2_ = nullptr;   // [mr - 1] for mr <= mr2_max_ (AVX-512 only)
+  int mr2_max_ = 0;
   double min_work_per_thread_ = 4e5;
   int64_t min_subtiles_per_thread_ = 6;
   std::vector<ConvGroupPlan> plans_;             // per conv group
