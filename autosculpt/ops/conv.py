@@ -162,7 +162,7 @@ def _eager_inference(x, weight, bias) -> bool:
     """True for a plain eager call that autograd, tracing and compilation need not see."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
-    if any(type(t) is not torch.Tensor for t in (x, weight, bias) if t is not None):
+    if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in (x, weight, bias) if t is not None):
         return False  # FakeTensor, functional or other subclasses go through the op
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias) if t is not None))
 
