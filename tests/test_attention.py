@@ -225,3 +225,27 @@ def test_auto_backend_choice():
     want = "cpu" if _ext.extension() is not None else "torch"
     assert attn_ops.resolve_backend("auto", q, 8) == want
     assert attn_ops.resolve_backend("auto", q.double(), 8) == "torch"
+
+
+@needs_ext
+def test_cpu_kernel_random_shapes():
+    # Random batch/heads/lengths/head dims (1 .. 300, past the AVX-512 path's 256) and block sizes,
+    # every kernel variant, mask density drawn per case.
+    import random
+
+    rng = random.Random(1234)
+    for case in range(16):
+        b, h = rng.randint(1, 2), rng.randint(1, 3)
+        lq, lk = rng.randint(1, 200), rng.randint(1, 200)
+        d = rng.choice([1, 7, 33, 64, 100, 257, 300])
+        bs = rng.choice([16, 32, 64, 128, 5, 24])
+        shape = (b, h, lq, lk, d, bs)
+        q, k, v = _inputs(shape, case)
+        g = torch.Generator().manual_seed(case)
+        mask = torch.rand(h, math.ceil(lq / bs), math.ceil(lk / bs), generator=g) < rng.random()
+        ref = block_sparse_attention_ref(q, k, v, mask, bs, scale=0.3)
+        for isa in [0] + _isas():
+            if isa == 2 and (bs not in (16, 32, 64, 128) or d > 256):
+                continue
+            out = _run_kernel(q, k, v, mask, bs, 0.3, isa)
+            torch.testing.assert_close(out, ref, atol=3e-5, rtol=1e-4, msg=lambda m: f"{shape} isa={isa}: {m}")
