@@ -86,8 +86,8 @@ def _compiled_flex():
     return _FLEX
 
 
-def time_interleaved(fns: Dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> Dict[str, float]:
-    """Median seconds per provider; each repeat runs every provider once, in rotating order."""
+def time_interleaved(fns: Dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> Dict[str, List[float]]:
+    """Seconds of every repeat per provider; each repeat runs every provider once, in rotating order."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
@@ -99,7 +99,7 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], reps: int, warmup: in
             t0 = time.perf_counter()
             fns[n]()
             times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(t) for n, t in times.items()}
+    return times
 
 
 def run(configs, sparsities, reps: int, threads: int, with_flex: bool, progress=print) -> List[dict]:
@@ -126,7 +126,9 @@ def run(configs, sparsities, reps: int, threads: int, with_flex: bool, progress=
                 err = float((fns["ours"]() - ref).abs().max())
                 if err > 1e-4:
                     raise RuntimeError(f"kernel disagrees with the reference: max error {err}")
-            t = time_interleaved(fns, reps)
+            samples = time_interleaved(fns, reps)
+            t = {n: statistics.median(x) for n, x in samples.items()}
+            best = {n: min(x) for n, x in samples.items()}
             row = {
                 "L": length, "H": heads, "D": HEAD_DIM, "block": BLOCK, "sparsity": sp, "kept": kept,
                 "sdpa_ms": t["sdpa"] * 1e3, "ours_ms": t["ours"] * 1e3,
@@ -137,6 +139,9 @@ def run(configs, sparsities, reps: int, threads: int, with_flex: bool, progress=
             row["speedup_over_ideal"] = row["speedup"] / row["ideal"]
             row["vs_flex"] = row["flex_ms"] / row["ours_ms"]
             row["flex_speedup"] = row["sdpa_ms"] / row["flex_ms"]
+            # the same ratios from each provider's fastest repeat (less sensitive to other processes)
+            row["best_speedup_over_ideal"] = best["sdpa"] / best["ours"] * kept
+            row["best_vs_flex"] = best["flex"] / best["ours"] if "flex" in best else float("nan")
             rows.append(row)
             progress(
                 f"L={length} H={heads} sparsity={sp:.0%}: sdpa {row['sdpa_ms']:.2f} ms, ours {row['ours_ms']:.2f} ms "
@@ -169,9 +174,17 @@ def to_markdown(rows: List[dict], threads: int, reps: int, quick: bool) -> str:
         )
     ratios = [r["speedup_over_ideal"] for r in rows]
     vs_flex = [r["vs_flex"] for r in rows if r["vs_flex"] == r["vs_flex"]]
-    info += ["", f"Median speedup÷ideal: **{statistics.median(ratios):.2f}** (target 0.7)."]
+    info += ["", f"Median over cases of speedup÷ideal: **{statistics.median(ratios):.2f}** (target 0.7); "
+             f"min {min(ratios):.2f}."]
     if vs_flex:
-        info.append(f"Median Flex/ours: **{statistics.median(vs_flex):.2f}×** (target 2×); min {min(vs_flex):.2f}×.")
+        info.append(f"Median over cases of Flex/ours: **{statistics.median(vs_flex):.2f}×** (target 2×); "
+                    f"min {min(vs_flex):.2f}×.")
+    best_r = [r["best_speedup_over_ideal"] for r in rows]
+    best_f = [r["best_vs_flex"] for r in rows if r["best_vs_flex"] == r["best_vs_flex"]]
+    line = f"From each provider's fastest repeat instead of the median: speedup÷ideal median {statistics.median(best_r):.2f}"
+    if best_f:
+        line += f", Flex/ours median {statistics.median(best_f):.2f}×"
+    info.append(line + ".")
     return "\n".join(info) + "\n"
 
 
