@@ -223,3 +223,15 @@ def test_torch_compile_fullgraph_and_export():
     torch.testing.assert_close(compiled(x)[0], want)
     exported = torch.export.export(pa, (x,))
     torch.testing.assert_close(exported.module()(x)[0], want)
+
+
+def test_macs_count_kept_heads_and_token_pairs():
+    mha = _mha(seed=13)
+    specs = ["empty", "dense", {"type": "local", "window": 0}, "dense"]
+    pa = PatternAttention.from_dense(mha, specs, block_size=16)
+    b, length, e, hd = 2, 40, 64, 16
+    x = torch.randn(b, length, e)
+    mask = head_block_mask(specs, length, 16)
+    tok = mask.repeat_interleave(16, 1).repeat_interleave(16, 2)[:, :length, :length]
+    want = b * length * e * 3 * hd * 4 + int(tok.sum()) * 2 * hd * b  # 3 heads kept: 4 projections of 3*hd
+    assert pa.macs((x,), pa(x)[0]) == want

@@ -17,7 +17,9 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention_patterns import ATTN6, AttentionPatternSet, head_block_mask, kept_token_fraction, normalize_spec
+from ..attention_patterns import (
+    ATTN6, AttentionPatternSet, attention_flops, head_block_mask, kept_token_fraction, normalize_spec,
+)
 from ..ops.attention import block_sparse_attention
 from ..plan import register_kind
 
@@ -123,6 +125,17 @@ class PatternAttention(nn.Module):
         """Fraction of the dense layer's attention token pairs (all heads) computed at ``length``."""
         full = head_block_mask(self.head_patterns, length, self.block_size)
         return kept_token_fraction(full, length, self.block_size)
+
+    def macs(self, inputs: tuple, output) -> int:
+        """Multiply-accumulates of one forward on ``inputs`` (used by ``autosculpt.flops``): the Q/K/V and
+        output projections of the kept heads plus q·k and p·v over the kept (query, key) token pairs."""
+        x = inputs[0]
+        b, length = (x.shape[0], x.shape[1]) if self.batch_first else (x.shape[1], x.shape[0])
+        width = len(self.kept_heads) * self.head_dim
+        proj = b * length * self.embed_dim * width * 4  # qkv (3 width) + output projection (width)
+        kept = self.block_mask(length)
+        pairs_flops = attention_flops(kept.cpu(), length, self.block_size, self.head_dim, batch=b)
+        return int(proj + pairs_flops // 2)  # attention_flops counts 2 FLOPs per MAC
 
     # -- conversion --------------------------------------------------------------------
     @classmethod

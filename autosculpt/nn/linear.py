@@ -100,6 +100,11 @@ class PatternLinear(nn.Module):
                 dense.bias[self.out_index] = self.bias
         return dense
 
+    def macs(self, inputs: tuple, output) -> int:
+        """Multiply-accumulates of one forward (used by ``autosculpt.flops``): the smaller GEMM only."""
+        rows = output.numel() // max(1, output.shape[-1])
+        return int(rows * self.weight.numel())
+
     def kept_fraction(self) -> float:
         """Fraction of the dense layer's weights (and MACs) computed."""
         return self.weight.numel() / max(1, self.in_features * self.out_features)
