@@ -8,6 +8,7 @@ heads, so they run as smaller dense GEMMs. The kept heads run ``block_sparse_att
 """
 from __future__ import annotations
 
+import json
 import warnings
 from functools import lru_cache
 from typing import List, Optional, Sequence, Tuple
@@ -125,6 +126,16 @@ class PatternAttention(nn.Module):
         """Fraction of the dense layer's attention token pairs (all heads) computed at ``length``."""
         full = head_block_mask(self.head_patterns, length, self.block_size)
         return kept_token_fraction(full, length, self.block_size)
+
+    def layer_plan(self) -> dict:
+        """The ``"attention"`` layer plan that rebuilds this layer from its dense module (``sparsify``): its
+        distinct head patterns as the pattern set, in order of first use."""
+        names, ids = {}, []
+        for p in self.head_patterns:
+            key = json.dumps(p, sort_keys=True)
+            ids.append(names.setdefault(key, len(names)))
+        ps = AttentionPatternSet({f"p{i}": json.loads(k) for k, i in names.items()})
+        return attention_layer_plan(ps, ids, self.block_size)
 
     def macs(self, inputs: tuple, output) -> int:
         """Multiply-accumulates of one forward on ``inputs`` (used by ``autosculpt.flops``): the Q/K/V and
