@@ -93,8 +93,8 @@ class PatternAttention(nn.Module):
         backend: kernel backend for ``block_sparse_attention`` (heads with block patterns). When every kept
             head is dense, the layer calls ``F.scaled_dot_product_attention`` instead (same function).
         path: ``"sparse"`` (the block-sparse kernel), ``"dense"`` (SDPA with the patterns as a token mask)
-            or ``"auto"``: measured once per input shape, the faster one (the per-layer dense fallback:
-            at ViT lengths of 65–197 tokens the dense path often wins; sparsity pays from ~1k tokens).
+            or ``"auto"``: the faster of the two, measured once per input shape (the per-layer dense
+            fallback; ``calibrate`` does it ahead, e.g. before ``torch.compile``).
 
     Parameters: ``qkv`` (Linear E -> 3·kept·hd, rows [q heads | k heads | v heads]) and ``proj``
     (Linear kept·hd -> E). The head patterns travel in the state dict (extra state).
