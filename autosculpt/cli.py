@@ -103,7 +103,7 @@ def _add_common(p: argparse.ArgumentParser, *, training: bool = True) -> None:
     g.add_argument("--seed", type=int, help=HELP["seed"] + " [0]")
     if training:
         t = p.add_argument_group("training")
-        t.add_argument("--finetune-epochs", type=_positive_int, help=HELP["finetune_epochs"] + " [10]")
+        t.add_argument("--finetune-epochs", type=_positive_int, help=HELP["finetune_epochs"] + " [5]")
         t.add_argument("--lr", type=_positive_float, help=HELP["lr"] + " [0.01]")
         t.add_argument("--batch-size", type=_positive_int, help=HELP["batch_size"] + " [64]")
         t.add_argument("--weight-decay", type=_nonneg_float, help=HELP["weight_decay"] + " [5e-4]")
@@ -139,9 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     bx.add_argument("--target-latency-ms", type=_positive_float, metavar="MS", help=HELP["target_latency_ms"])
     bx.add_argument("--target-flops-ratio", type=_ratio, metavar="R", help=HELP["target_flops_ratio"])
     s = p.add_argument_group("search and measurement")
-    s.add_argument("--episodes", type=_positive_int, help=HELP["episodes"])
+    s.add_argument("--episodes", type=_positive_int, help=HELP["episodes"] + " [60]")
     s.add_argument("--search-batch", type=_positive_int, help=HELP["search_batch"] + " [8]")
-    s.add_argument("--dense-epochs", type=_positive_int, help=HELP["dense_epochs"])
+    s.add_argument("--dense-epochs", type=_positive_int, help=HELP["dense_epochs"] + " [10]")
     s.add_argument("--dense-lr", type=_positive_float, help=HELP["dense_lr"] + " [0.05]")
     s.add_argument("--latency-batches", type=_positive_int, nargs="+", metavar="B", help=HELP["latency_batches"] + " [1 8]")
     s.add_argument("--latency-reps", type=_positive_int, help=HELP["latency_reps"] + " [30]")
@@ -261,8 +261,12 @@ def _cmd_finetune(args) -> int:
     from .finetune import is_main_process
     from .pipeline import run_finetune
 
+    from .config import load_config_file
+
+    file_values = load_config_file(args.config) if args.config else {}
     cfg = _resolve(args)
-    data_given = args.data or (cfg["data"] if getattr(args, "config", None) and "data" in _file_keys(args) else None)
+    # The data set recorded in the model file is used unless the flag or the config file names one.
+    data_given = args.data or file_values.get("data")
     res = run_finetune(args.model_file, cfg, data_spec=data_given, out=args.out, checkpoint=args.checkpoint,
                        resume=args.resume, model_spec=args.model, log=_say)
     if res is not None and is_main_process():
@@ -270,12 +274,6 @@ def _cmd_finetune(args) -> int:
              f"(epoch {res['best_epoch']}), test acc {res['test_acc']:.4f}")
         _say(f"saved: {res['out']}")
     return 0
-
-
-def _file_keys(args) -> set:
-    from .config import load_config_file
-
-    return set(load_config_file(args.config)) if getattr(args, "config", None) else set()
 
 
 def _load_for_cli(path: str, spec: Optional[str]):

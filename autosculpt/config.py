@@ -22,9 +22,9 @@ _SPEC: Dict[str, tuple] = {
     "target_speedup": (None, "speed budget: measured speedup over the dense model (default 2.0 if no budget is given)"),
     "target_latency_ms": (None, "speed budget: latency at the search batch size, in ms"),
     "target_flops_ratio": (None, "speed budget: kept fraction of FLOPs (paper style)"),
-    "episodes": (None, "search episodes (default: the search's own default)"),
-    "dense_epochs": (30, "epochs to train the dense model when no weights are given (cached)"),
-    "finetune_epochs": (10, "fine-tuning epochs of the pruned model"),
+    "episodes": (60, "search episodes (each evaluates one plan)"),
+    "dense_epochs": (10, "epochs to train the dense model when no weights are given (cached)"),
+    "finetune_epochs": (5, "fine-tuning epochs of the pruned model"),
     "lr": (0.01, "fine-tuning peak learning rate (cosine schedule)"),
     "dense_lr": (0.05, "learning rate for training the dense model"),
     "batch_size": (64, "training batch size (per process)"),
@@ -112,13 +112,13 @@ def resolve_config(file_values: Optional[Dict[str, Any]] = None, cli_values: Opt
 
 def save_config(cfg: Dict[str, Any], path: str) -> None:
     """Writes the resolved configuration as YAML with a comment per setting."""
-    import yaml
+    import json
 
     lines = ["# AutoSculpt run configuration (resolved: defaults < config file < command line)"]
     for k in _SPEC:
         if k in cfg:
             lines.append(f"# {HELP[k]}")
-            lines.append(yaml.safe_dump({k: cfg[k]}, default_flow_style=None, sort_keys=False).strip())
+            lines.append(f"{k}: {json.dumps(cfg[k])}")  # JSON values are valid YAML flow scalars
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")

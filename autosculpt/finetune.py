@@ -190,6 +190,17 @@ def _collate(data: Dataset, idx: List[int]):
     return torch.stack(xs), torch.as_tensor([int(y) for y in ys])
 
 
+def _sync_buffers(model: nn.Module) -> None:
+    """Copies rank 0's buffers (BN running statistics) to every rank. DDP broadcasts them at the
+    start of each forward, but each rank's last forward then updates its own copy; without this the
+    ranks would evaluate (and keep) slightly different models."""
+    import torch.distributed as dist
+
+    if world_info()[1] > 1:
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
+
+
 def _cosine_lr(base: float, step: int, total: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
@@ -315,6 +326,7 @@ def finetune(
                 bar.close()
                 bar = None
             loss_sum, seen = _all_reduce_sum([loss_sum, seen], device)
+            _sync_buffers(base)
             val_acc = evaluate(base, val_data, cfg.eval_batch_size)
             record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "val_acc": val_acc,
                       "lr": _cosine_lr(cfg.lr, (epoch + 1) * steps_per_epoch, total_steps),

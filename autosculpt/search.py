@@ -236,8 +236,23 @@ def search(
     else:
         latency_model.profile(model, example_input, progress=progress)
     env = PruningEnv(model, train_data, val_data, latency_model, example_input, budget, pattern_set, horizon,
-                     bn_batches=bn_batches, penalty=penalty, seed=seed)
-    policy = GNNActorCritic(env.graph.data.x.shape[1], len(env.menu), encoder=encoder)
+                     bn_batches=bn_batches, penalty=penalty, seed=seed, threads=torch.get_num_threads())
+    try:
+        # The policy's graphs are tiny: one thread avoids OpenMP fork/join overhead (and pathological
+        # slow-downs when the cores are shared); the accuracy evaluation uses the caller's thread count.
+        torch.set_num_threads(1)
+        return _run(env, model, train_data, val_data, latency_model, example_input, budget, settings, state,
+                    ckpt_path, checkpoint_dir, episodes, seed, ppo_config, encoder, progress, callback,
+                    verify_top, verify_tolerance, t_start)
+    finally:
+        torch.set_num_threads(env.threads)
+
+
+def _run(env, model, train_data, val_data, latency_model, example_input, budget, settings, state, ckpt_path,
+         checkpoint_dir, episodes, seed, ppo_config, encoder, progress, callback, verify_top, verify_tolerance, t_start):
+    """The episode loop of :func:`search` (arguments as there)."""
+    policy = GNNActorCritic(env.graph.data.x.shape[1], len(env.menu), encoder=encoder,
+                            init_bias=_budget_centred_bias(env))
     ppo = PPO(policy, ppo_config)  # seeds python/numpy/torch again: identical start on every run
     if state is not None:
         ppo.load_state_dict(state["ppo"])
@@ -245,9 +260,11 @@ def search(
         dense, first_episode, episode_rewards = state["dense"], state["episode"] + 1, list(state["episode_rewards"])
         elapsed_before = state["wall_time_s"]
     else:
+        torch.set_num_threads(env.threads)
         dense = {"val_acc": evaluate(model, val_data), "predicted_ms": env.dense_ms, "measured_ms": None,
                  "flops": env.dense_flops}
         first_episode, episode_rewards, elapsed_before = 0, [], 0.0
+        torch.set_num_threads(1)
 
     bar = None
     if progress:
@@ -279,6 +296,7 @@ def search(
         bar.close()
 
     history = sorted(env.evaluations.values(), key=lambda r: r["index"])
+    torch.set_num_threads(env.threads)  # end-to-end latency is measured with the caller's threads
     best, verification, met = _select(env, history, budget, example_input, verify_top, verify_tolerance, dense)
     result = SearchResult(
         best_plan=env.plan_for(best["action"]), best_record=best, history=history,
@@ -289,6 +307,21 @@ def search(
     if checkpoint_dir:
         result.save(os.path.join(checkpoint_dir, RESULT_NAME))
     return result
+
+
+def _budget_centred_bias(env: PruningEnv, sharpness: float = 1.0) -> torch.Tensor:
+    """Initial per-layer logits centred on the densest menu entry whose UNIFORM plan (every layer the
+    same entry) meets the budget: the first plans sampled are near the budget instead of uniformly
+    spread (half of them far over it, wasting evaluations). Costs come from the latency model only."""
+    n = len(env.menu)
+    j = n - 1
+    for i in range(n):
+        plan = env.plan_for([i] * env.num_layers)
+        cost = env.latency_model.flops(plan) if env.budget.uses_flops else env.latency_model.predict(plan)
+        if cost <= env.limit:
+            j = i
+            break
+    return -sharpness * (torch.arange(n) - j).abs().float()
 
 
 def _select(env: PruningEnv, history, budget: Budget, example_input, verify_top: int, tolerance: float, dense: dict):

@@ -35,10 +35,8 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-try:  # the shared shape list (bench/conv_shapes.py, written with the CPU benchmark)
-    from bench.conv_shapes import MASK_MIXES, SHAPES, ConvShape, make_tap_mask
-except ImportError:  # until it is merged: the same layers and mask mixes, defined here
-    from bench._gpu_shapes_fallback import MASK_MIXES, SHAPES, ConvShape, make_tap_mask  # type: ignore
+# The CPU benchmark's layers and masks: both benchmarks measure the same things.
+from bench.conv_shapes import MASK_MIXES, SHAPES, ConvShape, make_tap_mask  # noqa: E402
 
 GPU_SHAPE_PREFIXES = ("resnet50", "vgg16")
 BATCHES = (32, 128, 1)  # most important first: the budget may stop the sweep

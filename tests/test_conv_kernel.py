@@ -82,6 +82,7 @@ OP_CASES = {
     "depthwise": dict(n=3, c_in=12, c_out=12, h=11, w=9, groups=12),
     "depthwise-stride2-5x5": dict(n=2, c_in=6, c_out=6, h=13, w=12, k=5, padding=2, stride=2, groups=6),
     "groups2": dict(n=2, c_in=10, c_out=14, h=9, w=8, groups=2),
+    "depthwise-multiplier2": dict(n=2, c_in=6, c_out=12, h=9, w=10, groups=6),
     "tiny-image-1x1-output": dict(n=4, c_in=6, c_out=8, h=3, w=3, padding=0),
     "many-images-straddle-tiles": dict(n=7, c_in=9, c_out=26, h=5, w=7),
 }
@@ -95,6 +96,18 @@ def test_op_matches_reference(name, poison_outputs):
     x, w, m, b = _case(**kw, stride=stride, padding=padding, dilation=dilation, groups=groups)
     out = pattern_conv2d(x, w, m, b, stride, padding, dilation, groups, backend="cpu")
     _assert_close(out, _reference(x, w, m, b, stride, padding, dilation, groups))
+
+
+def test_eager_inference_and_autograd_paths_agree(poison_outputs):
+    # without autograd the op calls the kernel directly; with it, through the custom op: same numbers
+    x, w, m, b = _case(2, 9, 14, 10, 11, mask="paper6-mix", seed=5)
+    with torch.no_grad():
+        fast = pattern_conv2d(x, w, m, b, 1, 1, backend="cpu")
+    xg = x.clone().requires_grad_(True)
+    tracked = pattern_conv2d(xg, w, m, b, 1, 1, backend="cpu")
+    assert tracked.grad_fn is not None and fast.grad_fn is None
+    assert torch.equal(fast, tracked.detach())
+    _assert_close(fast, _reference(x, w, m, b, 1, 1, 1, 1))
 
 
 def test_empty_mask_output_is_bias(poison_outputs):

@@ -30,9 +30,11 @@ def _cuda_built() -> bool:
 
 
 @pytest.fixture
-def gpu():
+def gpu(monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    # One pinned Triton config: correctness does not need autotuning, and each candidate compiles.
+    monkeypatch.setenv("AUTOSCULPT_TRITON_AUTOTUNE", "0")
     return torch.device("cuda")
 
 
@@ -194,9 +196,10 @@ def test_runs_on_the_callers_stream(gpu, tf32_off, backend):
 
 
 @pytest.mark.cuda
-def test_auto_picks_a_measured_backend_once(gpu):
+def test_auto_picks_a_measured_backend_once(gpu, monkeypatch):
     from autosculpt.runtime import gpu_choice
 
+    monkeypatch.delenv("AUTOSCULPT_TRITON_AUTOTUNE")  # the real path: autotuned Triton among candidates
     gpu_choice.clear()
     x, wt, m, b = _problem(2, 32, 14, 14, 64, "paper6", torch.float16, gpu, True)
     y = asc.ops.pattern_conv2d(x, wt, m, b, 1, 1)
@@ -216,7 +219,9 @@ def test_auto_picks_a_measured_backend_once(gpu):
 def test_torch_compile_fullgraph(gpu, tf32_off, backend):
     _backend_or_skip(backend)
     x, wt, m, b = _problem(2, 16, 10, 10, 24, "paper6", torch.float32, gpu, False)
-    f = torch.compile(lambda x: asc.ops.pattern_conv2d(x, wt, m, b, 1, 1, backend=backend), fullgraph=True)
+    # aot_eager: traces through dynamo + the fake impl like inductor would, without inductor's compile time
+    f = torch.compile(lambda x: asc.ops.pattern_conv2d(x, wt, m, b, 1, 1, backend=backend), fullgraph=True,
+                      backend="aot_eager")
     torch.testing.assert_close(f(x), pattern_conv2d_ref(x, wt, m, b, (1, 1), (1, 1)), rtol=1e-4, atol=1e-4)
 
 
@@ -278,6 +283,144 @@ def test_cuda_launch_without_a_gpu_raises_runtime_error():
     with pytest.raises(ValueError, match="dtype"):
         ext.pattern_conv2d_cuda(16, 16, 0, 16, 16, 16, 16, 1, 4, 5, 5, 3, 3, 3, (100, 25, 5, 1), (36, 9, 3, 1),
                                 1, 1, 0, 0, 1, 1, 1, 9, False, 0, 0)
+
+
+def test_dense_fallback_weight_cache():
+    """The GPU dense fallback reuses a layer's masked weight until the weight changes (device-agnostic)."""
+    from autosculpt.ops import _pattern_groups
+
+    w = torch.randn(4, 3, 3, 3)
+    m = torch.rand(4, 3, 3) > 0.5
+    x_cl = torch.randn(1, 3, 5, 5).to(memory_format=torch.channels_last)
+    key = asc.ops.conv.new_cache_key()
+    a = _pattern_groups.masked_weight(w, m, key, x_cl)
+    assert a.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(a, w * m[:, None])
+    assert _pattern_groups.masked_weight(w, m, key, x_cl) is a
+    w.mul_(2)
+    b = _pattern_groups.masked_weight(w, m, key, x_cl)
+    assert b is not a and torch.equal(b, w * m[:, None])
+    asc.ops.conv.release_cache(key)
+    assert key not in _pattern_groups._MASKED
+
+
+@pytest.mark.cuda
+def test_torch_backend_with_layer_key_on_gpu(gpu, tf32_off):
+    x, wt, m, b = _problem(2, 16, 9, 9, 24, "paper6", torch.float32, gpu, True)
+    key = asc.ops.conv.new_cache_key()
+    y = asc.ops.pattern_conv2d(x, wt, m, b, 1, 1, backend="torch", _cache_key=key)
+    torch.testing.assert_close(y, pattern_conv2d_ref(x, wt, m, b, (1, 1), (1, 1)))
+    with torch.no_grad():
+        wt.mul_(-1)
+    y = asc.ops.pattern_conv2d(x, wt, m, b, 1, 1, backend="torch", _cache_key=key)
+    torch.testing.assert_close(y, pattern_conv2d_ref(x, wt, m, b, (1, 1), (1, 1)))
+    asc.ops.conv.release_cache(key)
+
+
+# ----------------------------------------------------------------- the CUDA kernel, emulated on the CPU
+
+
+def _cuda_include_dir():
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and Path(root, "include", "cuda_fp16.h").is_file():
+            return Path(root, "include")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        inc = Path(nvcc).resolve().parents[1] / "include"
+        if (inc / "cuda_fp16.h").is_file():
+            return inc
+    return None
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    """csrc/cuda/pattern_conv.cu compiled for the host with tests/cuda_emu (g++ + CUDA headers)."""
+    import ctypes
+
+    inc, gxx = _cuda_include_dir(), shutil.which("g++")
+    if inc is None or gxx is None:
+        pytest.skip("needs g++ and the CUDA headers to emulate the CUDA kernel")
+    lib = tmp_path_factory.mktemp("cuda_emu") / "emu.so"
+    cmd = [gxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-w", "-DAUTOSCULPT_CUDA_EMULATE",
+           f"-I{REPO / 'csrc'}", f"-I{REPO / 'tests' / 'cuda_emu'}", f"-I{inc}",
+           str(REPO / "tests" / "cuda_emu" / "emulate.cpp"), "-o", str(lib), "-lpthread"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return ctypes.CDLL(str(lib))
+
+
+def _emu_conv(emu, x, w, m, b, stride, padding, dilation=(1, 1), groups=1, tf32=False, out=None):
+    """Runs the emulated CUDA launcher like autosculpt/ops/_conv_cuda.py runs the real one."""
+    import ctypes
+
+    from autosculpt.ops import _pattern_groups
+    from autosculpt.ops.conv import conv_output_size
+
+    meta, packed = _pattern_groups.prepared(w, m, groups, 0)
+    n, _, h, wd = x.shape
+    oh, ow = conv_output_size(h, wd, w.shape[2], w.shape[3], stride, padding, dilation)
+    if out is None:
+        out = torch.full((n, w.shape[0], oh, ow), float("nan"), dtype=x.dtype)
+    row0, nt = meta.tile_table(64)
+    tiles = meta.tiles[row0:row0 + nt].contiguous()
+    i64 = ctypes.c_int64
+    ptrs = (i64 * 7)(x.data_ptr(), packed.data_ptr(), 0 if b is None else b.data_ptr(), out.data_ptr(),
+                     meta.perm.data_ptr(), tiles.data_ptr(), meta.taps.data_ptr())
+    code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[x.dtype]
+    sizes = (i64 * 16)(n, w.shape[1], h, wd, oh, ow, w.shape[3], stride[0], stride[1], padding[0], padding[1],
+                       dilation[0], dilation[1], nt, code, int(tf32))
+    err = ctypes.create_string_buffer(512)
+    rc = emu.emu_pattern_conv2d_forward(ptrs, sizes, (i64 * 4)(*x.stride()), (i64 * 4)(*out.stride()), err, 512)
+    assert rc == 0, err.value.decode()
+    return out
+
+
+EMU_CASES = [  # (n, c_in, h, w, c_out, kernel, stride, padding, dilation, groups, channels_last)
+    (2, 40, 7, 6, 70, 3, (1, 1), (1, 1), (1, 1), 1, False),   # K tail (40 = 32 + 8), 2 filter tiles, NCHW
+    (2, 40, 7, 6, 70, 3, (1, 1), (1, 1), (1, 1), 1, True),    # same, channels_last (vector loads)
+    (3, 16, 9, 11, 20, 3, (2, 2), (1, 1), (1, 1), 1, True),   # stride 2, > 64 output pixels
+    (1, 12, 8, 9, 10, 3, (2, 1), (2, 0), (2, 1), 2, False),   # groups, dilation, asymmetric
+    (1, 6, 5, 5, 9, 2, (1, 1), (1, 1), (1, 1), 1, True),      # 2x2 kernel; 6 channels: scalar loads
+]
+
+
+@pytest.mark.parametrize("dtype,tf32", [(torch.float32, False), (torch.float32, True), (torch.float16, False),
+                                        (torch.bfloat16, False)], ids=["fp32-simt", "fp32-tf32-wmma", "fp16-wmma",
+                                                                       "bf16-wmma"])
+@pytest.mark.parametrize("case", EMU_CASES, ids=["nchw-ktail", "nhwc-vec", "nhwc-s2", "groups-dil", "k2-scalar"])
+def test_cuda_kernel_emulated_on_cpu(emu, dtype, tf32, case):
+    """The CUDA kernel's tiling, gathers, masks and epilogue, run on the CPU through a host emulation of
+    the CUDA features it uses; output poisoned with NaN, empty filters and bias included."""
+    n, c_in, h, w_, c_out, k, stride, padding, dilation, groups, channels_last = case
+    g = torch.Generator().manual_seed(c_in * 31 + c_out)
+    x = torch.randn(n, c_in, h, w_, generator=g).to(dtype)
+    w = torch.randn(c_out, c_in // groups, k, k, generator=g).to(dtype)
+    b = torch.randn(c_out, generator=g).to(dtype)
+    if k == 3:
+        m = PAPER6.masks[torch.randint(0, len(PAPER6), (c_out,), generator=g)]
+    else:
+        m = torch.rand(c_out, k, k, generator=g) > 0.5
+    m[0] = False  # an empty filter: bias only
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    out = torch.full((n, c_out) + tuple(pattern_conv2d_ref(x[:, :, :1, :1].float().expand(n, c_in, h, w_),
+                     w.float(), m, None, stride, padding, dilation, groups).shape[2:]), float("nan"), dtype=dtype)
+    if channels_last:
+        out = out.to(memory_format=torch.channels_last)
+    y = _emu_conv(emu, x, w, m, b, stride, padding, dilation, groups, tf32, out=out)
+    ref = pattern_conv2d_ref(x.double(), w.double(), m, b.double(), stride, padding, dilation, groups)
+    scale = ref.abs().max().item()
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype] * scale
+    assert torch.isfinite(y).all(), "unwritten output elements"
+    assert (y.double() - ref).abs().max().item() <= tol
+
+
+def test_cuda_launcher_validates_arguments_emulated(emu):
+    x = torch.randn(1, 4, 5, 5)
+    w = torch.randn(3, 4, 3, 3)
+    m = torch.ones(3, 3, 3, dtype=torch.bool)
+    with pytest.raises(AssertionError, match="stride/dilation must be positive"):
+        _emu_conv(emu, x, w, m, None, (1, 1), (1, 1), dilation=(0, 1))
 
 
 # ----------------------------------------------------------------- the GPU check script, on CPU

@@ -120,3 +120,35 @@ def test_untraceable_model_gets_a_clear_error():
         build_graph(get_model("resnet20"), torch.randn(1, 5, 32, 32))
     with pytest.raises(TypeError, match="example_input"):
         build_graph(get_model("resnet20"), [1, 2])
+
+
+class TinyAttentionBlock(nn.Module):
+    """A pre-norm transformer block written out (qkv projection, scores, softmax, residual adds)."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5, dim=-1)
+        x = x + self.proj((a @ v).transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp(x)
+
+
+def test_attention_block_graph():
+    g = build_graph(TinyAttentionBlock(), torch.randn(2, 5, 16))
+    assert g.prunable == []  # no 3×3 convs; attention patterns are planned by their own plan kind
+    col = g.feature_names.index
+    ops = {t: int(g.data.x[:, col(f"op_{t}")].sum()) for t in ("matmul", "softmax", "add", "linear", "norm")}
+    assert ops == {"matmul": 2, "softmax": 1, "add": 2, "linear": 4, "norm": 2}
+    # the softmax feeds the attention-times-values matmul, whose other input comes from the qkv split
+    sm = g.node_names.index("softmax")
+    consumer = g.node_names[int(g.data.edge_index[1][g.data.edge_index[0] == sm][0])]
+    assert consumer == "matmul_1"
+    assert len(_in_edges(g, "matmul_1")) == 2

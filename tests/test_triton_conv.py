@@ -174,30 +174,62 @@ def test_torch_compile_fullgraph_and_autograd():
 
 
 def test_group_metadata_is_consistent():
+    """Every layout lists each output channel once; packed weights hold the kept taps, zeros elsewhere."""
     torch.manual_seed(8)
     c_out, c_in = 23, 3
     m = torch.rand(c_out, 3, 3) > 0.5
     m[4] = False
     w = torch.randn(c_out, c_in, 3, 3)
     meta = _pattern_groups.group_meta(m, c_in, 1)
-    assert sorted(meta.perm.tolist()) == list(range(c_out))  # every output channel exactly once
     assert meta.kept_macs_per_pixel == int(m.sum()) * c_in
     packed = _pattern_groups.pack_weight(w, meta)
-    taps = meta.taps.tolist()
+    perm, taps, a = meta.perm.tolist(), meta.taps.tolist(), _pattern_groups.ALIGN
     for bn in _pattern_groups.BLOCK_NS:
         row0, count = meta.tile_table(bn)
-        covered = []
-        for row0_, ncols, wbase, ldw, tap0, ntaps, cin_base, _ in meta.tiles[row0:row0 + count].tolist():
-            assert 0 < ncols <= bn and cin_base == 0
+        covered, work = [], 0
+        for col0, ncols, wbase16, ld16, tap0, ntaps, conv_group, ncols16 in meta.tiles[row0:row0 + count].tolist():
+            assert 0 < ncols <= bn and conv_group == 0 and ncols16 * a >= ncols and ld16 == ncols16
+            wbase, ldw = wbase16 * a, ld16 * a
+            tile_taps = taps[tap0:tap0 + ntaps]
+            assert len(set(tile_taps)) == ntaps
+            work += ntaps * c_in * bn
             for j in range(ncols):
-                co = meta.perm[row0_ + j].item()
+                co = perm[col0 + j]
                 covered.append(co)
-                kept = [t for t in range(9) if m[co].flatten()[t]]
-                assert taps[tap0:tap0 + ntaps] == kept
-                for ti, t in enumerate(kept):  # packed[k = ti * C + ci, j] == weight[co, ci, tap]
+                assert set(torch.nonzero(m[co].flatten()).flatten().tolist()) <= set(tile_taps)
+                for ti, t in enumerate(tile_taps):  # packed[(ti * C + ci) * ld + j] = weight, or 0 if dropped
                     for ci in range(c_in):
-                        assert packed[wbase + (ti * c_in + ci) * ldw + j] == w[co, ci].flatten()[t]
+                        expected = w[co, ci].flatten()[t] if m[co].flatten()[t] else 0.0
+                        assert packed[wbase + (ti * c_in + ci) * ldw + j] == expected
+            for ti in range(ntaps):  # columns past ncols (loaded, never stored) are zero padding
+                for ci in range(c_in):
+                    row = wbase + (ti * c_in + ci) * ldw
+                    assert (packed[row + ncols:row + ldw] == 0).all()
         assert sorted(covered) == list(range(c_out))
+        assert work == meta.executed_macs_per_pixel[bn] >= meta.kept_macs_per_pixel
+
+
+def test_tile_planning_merges_overlapping_partial_groups():
+    """PAPER6 mixes on few filters: partial groups with shared taps share a tile, the empty group is
+    folded in, and a layout never does more work than the dense layer."""
+    from autosculpt.ops._pattern_groups import plan_tiles
+
+    groups = [(0, (), [0, 1]), (0, (2, 5, 8), [2, 3]), (0, (6, 7, 8), [4]), (0, (1, 2, 4, 5, 7, 8), [5, 6]),
+              (0, (3, 4, 5, 6, 7, 8), [7]), (0, tuple(range(9)), [8, 9])]
+    one = plan_tiles(groups, 16)
+    assert len(one) == 1 and one[0][1] == tuple(range(9)) and sorted(one[0][2]) == list(range(10))
+    exact = plan_tiles(groups, 2)  # tiles of 2: nothing fits together except the single-filter partials
+    assert sorted(f for _, _, fs in exact for f in fs) == list(range(10))
+    assert all(len(fs) <= 2 for _, _, fs in exact)
+    # disjoint taps are not merged (no work saved), an empty group merges anywhere
+    apart = plan_tiles([(0, (0,), [0]), (0, (8,), [1]), (0, (), [2])], 16)
+    assert sorted(len(t) for _, t, _ in apart) == [1, 1] and sorted(len(fs) for _, _, fs in apart) == [1, 2]
+    # conv groups never share a tile
+    assert len(plan_tiles([(0, (1,), [0]), (1, (1,), [1])], 16)) == 2
+    m = PAPER6.masks[torch.arange(64) % 6]
+    meta = _pattern_groups.group_meta(m, 8, 1)
+    for bn in _pattern_groups.BLOCK_NS:  # never more tile work than the dense layer in the same tiles
+        assert meta.executed_macs_per_pixel[bn] <= -(-64 // bn) * bn * 9 * 8
 
 
 def test_bad_inputs(monkeypatch):
@@ -232,3 +264,24 @@ def test_import_is_lazy_and_source_checkout_loader():
     expected = REPO / "triton_kernels"
     installed = Path(path).resolve() != expected.resolve()
     assert not installed or Path(path, "pattern_conv.py").is_file()
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+def test_gpu_code_compiles_for_hopper_with_tensor_cores_and_async_copies():
+    """No GPU needed: Triton's own ptxas compiles the kernel for sm_90; the channels_last fp16 kernel
+    must use wgmma (tensor cores) and cp.async pipelined loads of input and weights."""
+    import triton
+
+    try:
+        from triton.backends import backends
+
+        if "nvidia" not in backends:
+            pytest.skip("triton without its NVIDIA backend")
+    except ImportError:
+        pytest.skip("triton backend registry not found")
+    kernel = _kernels().compile_ahead("fp16", channels_last=True, arch=90, config=(128, 64, 32, 4, 3))
+    ptx = kernel.asm["ptx"]
+    assert "wgmma.mma_async" in ptx, "no Hopper tensor-core instructions"
+    assert "cp.async" in ptx, "loads are not pipelined through shared memory"
+    assert kernel.metadata.shared > 0
+    del triton

@@ -12,6 +12,7 @@ runs can share one process. The interpreter has no bf16 arithmetic: CPU inputs m
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, Tuple
 
 import torch
@@ -30,7 +31,7 @@ def _pattern_conv_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     tile_row16, tile_row32, tile_row64, tile_row128,
     n_ftiles16, n_ftiles32, n_ftiles64, n_ftiles128,
-    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    has_bias, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # The tile table has one section per BLOCK_N so autotuned configs can use different N tiles.
@@ -54,11 +55,13 @@ def _pattern_conv_kernel(
     tile = tiles_ptr + (tile_row0 + pid_n) * 8
     row0 = tl.load(tile + 0)
     ncols = tl.load(tile + 1)
-    wbase = tl.load(tile + 2)
-    ldw = tl.load(tile + 3)
+    # Offsets are stored / 16: multiplying back tells the compiler they are 16-aligned (vector loads).
+    wbase = tl.load(tile + 2) * 16
+    ldw = tl.load(tile + 3) * 16
     tap0 = tl.load(tile + 4)
     ntaps = tl.load(tile + 5)
-    cin_base = tl.load(tile + 6)
+    cin_base = tl.load(tile + 6) * C_in_pg
+    ncols_padded = tl.load(tile + 7) * 16  # weight columns past ncols are zero padding: safe to load
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < P
@@ -68,6 +71,7 @@ def _pattern_conv_kernel(
     nb = t // OH
     offs_n = tl.arange(0, BLOCK_N)
     n_ok = offs_n < ncols
+    n_load_ok = offs_n < ncols_padded  # a mask constant over 16 columns keeps weight loads vectorized
     offs_k = tl.arange(0, BLOCK_K)
 
     x_row = nb.to(tl.int64) * sxn + cin_base.to(tl.int64) * sxc
@@ -89,11 +93,11 @@ def _pattern_conv_kernel(
             a = tl.load(x_ptr + a_row[:, None] + cc[None, :].to(tl.int64) * sxc,
                         mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
             b = tl.load(w_tap + cc[:, None].to(tl.int64) * ldw + offs_n[None, :],
-                        mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+                        mask=c_ok[:, None] & n_load_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     co = tl.load(perm_ptr + row0 + offs_n, mask=n_ok, other=0)
-    if HAS_BIAS:
+    if has_bias != 0:  # a run-time flag: one compiled kernel serves layers with and without bias
         acc += tl.load(bias_ptr + co, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     o_ptr = (out_ptr + nb.to(tl.int64)[:, None] * son + co.to(tl.int64)[None, :] * soc
              + oh.to(tl.int64)[:, None] * soh + ow.to(tl.int64)[:, None] * sow)
@@ -108,7 +112,6 @@ GPU_CONFIGS = [
     (128, 128, 32, 8, 3),
     (64, 64, 64, 4, 3),
     (128, 32, 64, 4, 3),
-    (256, 64, 32, 8, 3),
 ]
 # Under the interpreter every config would run: one small fixed config keeps CPU tests fast.
 INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16)
@@ -133,7 +136,28 @@ def _autotune(**kwargs):
     raise RuntimeError("unreachable")
 
 
-_compiled = triton.jit(_pattern_conv_kernel)
+# Integer arguments are specialised by Triton (== 1, divisible by 16), one compilation per variant. Only
+# the strides and channel count gain from it (vector loads); sizes, conv parameters and table offsets
+# would multiply compilations for nothing, so they are not specialised.
+_NOT_SPECIALISED = [
+    "P", "P_BUCKET", "H", "W", "OH", "OW", "KW", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
+    "tile_row16", "tile_row32", "tile_row64", "tile_row128", "n_ftiles16", "n_ftiles32", "n_ftiles64",
+    "n_ftiles128", "has_bias",
+]
+
+
+def _jit(fn, **kwargs):
+    # The compiled (GPU) kernel, even when TRITON_INTERPRET=1 is set at import — triton.jit would then
+    # return an interpreted function; CPU tensors get the interpreter through _interpreter_kernel().
+    try:
+        from triton.runtime.jit import JITFunction
+
+        return JITFunction(fn, **kwargs)
+    except (ImportError, TypeError):
+        return triton.jit(fn, **kwargs)
+
+
+_compiled = _jit(_pattern_conv_kernel, do_not_specialize=_NOT_SPECIALISED)
 _tuned = _autotune(
     configs=[
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
@@ -180,7 +204,8 @@ def pattern_conv2d_triton(
     ``packed_weight``/``perm``/``tiles``/``taps``/``tile_offsets`` come from
     ``autosculpt.ops._pattern_groups``. ``input_precision`` ("ieee" or "tf32") only matters for fp32
     on a GPU. ``config`` pins block sizes (BLOCK_M/N/K, optional num_warps/num_stages) instead of
-    autotuning; CPU tensors always use the interpreter and :data:`INTERPRETER_CONFIG` by default.
+    autotuning (so does ``AUTOSCULPT_TRITON_AUTOTUNE=0``: the first of :data:`GPU_CONFIGS`); CPU
+    tensors always use the interpreter and :data:`INTERPRETER_CONFIG` by default.
     ``out`` (optional) is written in place, every element of it (any strides).
     """
     n, _, h, w = x.shape
@@ -206,7 +231,8 @@ def pattern_conv2d_triton(
         rows[16][0], rows[32][0], rows[64][0], rows[128][0],
         rows[16][1], rows[32][1], rows[64][1], rows[128][1],
     )
-    flags = dict(HAS_BIAS=bias is not None, INPUT_PRECISION=input_precision)
+    args = args + (int(bias is not None),)
+    flags = dict(INPUT_PRECISION=input_precision)
 
     def grid(meta):
         return (triton.cdiv(p, meta["BLOCK_M"]) * rows[meta["BLOCK_N"]][1],)
@@ -218,8 +244,49 @@ def pattern_conv2d_triton(
         cfg.pop("num_warps", None)
         cfg.pop("num_stages", None)
         _interpreter_kernel()[grid(cfg)](*args, **flags, **cfg)
-    elif config is not None:
+    elif config is not None or os.environ.get("AUTOSCULPT_TRITON_AUTOTUNE", "1") == "0":
+        # A pinned config: one compilation per dtype/layout instead of one per autotune candidate
+        # (tests set AUTOSCULPT_TRITON_AUTOTUNE=0 to keep their compile time small).
+        if config is None:
+            m, n, k, w, st = GPU_CONFIGS[0]
+            config = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
         _compiled[grid(config)](*args, **flags, **config)
     else:
         _tuned[grid](*args, **flags)
     return out
+
+
+def compile_ahead(dtype: str = "fp16", channels_last: bool = True, arch: int = 90,
+                  config=(128, 64, 32, 4, 4), input_precision: str = "ieee"):
+    """Compiles the kernel for a CUDA architecture without a GPU (ptxas ships with Triton).
+
+    Returns the compiled kernel (``.asm["ptx"]``, ``.metadata.shared``) so CI can check that the GPU
+    path compiles and uses tensor cores. Integer arguments get the specialisations a real launch gives
+    16-aligned tensors: unit channel (channels_last) or width (NCHW) stride, other strides, channel
+    count and pointers divisible by 16.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    block_m, block_n, block_k, warps, stages = config
+    names = _compiled.arg_names
+    consts = {"INPUT_PRECISION": input_precision, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
+    unit = ("sxc", "soc") if channels_last else ("sxw", "sow")
+    consts.update({name: 1 for name in unit})
+    aligned = {"x_ptr", "w_ptr", "bias_ptr", "out_ptr", "perm_ptr", "tiles_ptr", "taps_ptr", "C_in_pg",
+               "sxn", "son", "sxc", "soc", "sxh", "soh", "sxw", "sow"} - set(unit)
+    signature, attrs = {}, {}
+    for i, name in enumerate(names):
+        if name in consts:
+            signature[name] = "constexpr"
+            continue
+        if name in ("x_ptr", "w_ptr", "bias_ptr", "out_ptr"):
+            signature[name] = "*" + dtype
+        elif name.endswith("_ptr"):
+            signature[name] = "*i32"
+        else:
+            signature[name] = "i32"
+        if name in aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=_compiled, signature=signature, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})

@@ -93,11 +93,13 @@ class PruningEnv:
         bn_batches, bn_batch_size: BN recalibration.
         penalty: the reward's over-budget weight.
         seed: fixes the BN recalibration batches.
+        threads: torch threads for the accuracy evaluation (default: the count at construction).
     """
 
     def __init__(self, model: nn.Module, train_data, val_data, latency_model, example_input: torch.Tensor,
                  budget: Budget, pattern_set: PatternSet = PAPER6, horizon: int = 1, bn_batches: int = 4,
-                 bn_batch_size: int = 128, eval_batch_size: int = 512, penalty: float = 2.0, seed: int = 0):
+                 bn_batch_size: int = 128, eval_batch_size: int = 512, penalty: float = 2.0, seed: int = 0,
+                 threads: Optional[int] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         if not isinstance(budget, Budget):
@@ -113,6 +115,7 @@ class PruningEnv:
         self.horizon = horizon
         self.bn_batches, self.bn_batch_size, self.eval_batch_size = bn_batches, bn_batch_size, eval_batch_size
         self.penalty, self.seed = float(penalty), seed
+        self.threads = int(threads) if threads is not None else torch.get_num_threads()
         self.menu = MixMenu(pattern_set)
         if not latency_model.layers:
             latency_model.profile(self.model, example_input)
@@ -155,9 +158,14 @@ class PruningEnv:
         """
         eval_plan = {"version": plan["version"],
                      "layers": {n: dict(l, path="dense") for n, l in plan["layers"].items()}}
-        pruned = sparsify(self.model, eval_plan, backend="torch")
-        recalibrate_bn(pruned, self.train_data, self.bn_batches, self.bn_batch_size, seed=self.seed)
-        return evaluate(pruned, self.val_data, self.eval_batch_size)
+        old = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            pruned = sparsify(self.model, eval_plan, backend="torch")
+            recalibrate_bn(pruned, self.train_data, self.bn_batches, self.bn_batch_size, seed=self.seed)
+            return evaluate(pruned, self.val_data, self.eval_batch_size)
+        finally:
+            torch.set_num_threads(old)
 
     def reward_of(self, val_acc: float, cost: float) -> float:
         """The reward formula of the module docstring."""

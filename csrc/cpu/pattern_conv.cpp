@@ -21,7 +21,7 @@ namespace {
 // A pixel tile's gathered input should stay in the core's L2 while every filter block reads it.
 constexpr int64_t kTileBytes = 384 * 1024;
 constexpr int64_t kMaxTileSubtiles = 8;   // at most 8 micro-kernel widths per tile
-constexpr int64_t kChunkTilesPerThread = 4;
+constexpr int64_t kChunkTilesPerThread = 4;  // tiles gathered per chunk in shared mode (<= 64 / threads)
 constexpr int64_t kPackChannelBlock = 64;  // channels per gather work item
 
 int64_t out_size(int64_t in, int64_t k, int64_t stride, int64_t pad, int64_t dil) {
@@ -380,6 +380,7 @@ void PackedPatternConv::forward_group(int64_t g, const float* x, const float* bi
 #ifdef AUTOSCULPT_X86
   // Stride-1/2 gathers use masked AVX-512 loads when the CPU has them.
   if (isa_ == ConvIsa::kAvx512 && sw <= 2) a.gather = &gather_avx512;
+  if (isa_ == ConvIsa::kAvx2 && sw == 1) a.gather = &gather_avx2;
 #endif
   const int64_t G = a.G, P = a.P, NT = a.NT, SW = a.SW, cpg = c_in_pg_;
   const int64_t nblocks = int64_t(pl.blocks.size());
@@ -394,7 +395,7 @@ void PackedPatternConv::forward_group(int64_t g, const float* x, const float* bi
   // images at small batch) threads share gathered tiles and split the filters instead.
   const bool private_tiles = subtiles >= int64_t(threads) * min_subtiles_per_thread_ || threads == 1;
   const int64_t tiles_total = nblocks ? ceil_div(G, NT) : 0;
-  const int64_t chunk_tiles = std::min<int64_t>(tiles_total, int64_t(threads) * kChunkTilesPerThread);
+  const int64_t chunk_tiles = std::min<int64_t>({tiles_total, int64_t(threads) * kChunkTilesPerThread, 64});
   const int64_t chunks = chunk_tiles ? ceil_div(tiles_total, chunk_tiles) : 0;
   float* shared_col = (nblocks && !private_tiles) ? col_scratch(size_t(chunk_tiles * a.tile_floats)) : nullptr;
   const int64_t cblocks = ceil_div(cpg, kPackChannelBlock);
@@ -420,7 +421,13 @@ void PackedPatternConv::forward_group(int64_t g, const float* x, const float* bi
       for (int64_t st = lo; st < hi; st += NT / SW) {
         const int64_t g0 = st * SW, valid = std::min({NT, (hi - st) * SW, G - g0});
         for (int64_t slot = 0; slot < a.slots; ++slot) gather_tile(a, g0, valid, slot, 0, cpg, col, segs);
-        for (const FilterBlock& blk : pl.blocks) compute_block(a, g0, valid, blk, col, tmp);
+        // sub-tile outer, filter blocks inner: one sub-tile's gathered pixels stay in L1 while all
+        // filter blocks use them; the (smaller) weight panels stream from L2.
+        for (int64_t s0 = 0; s0 < valid; s0 += SW) {
+          const int64_t vs = std::min(SW, valid - s0);
+          for (const FilterBlock& blk : pl.blocks)
+            compute_block(a, g0 + s0, vs, blk, col + (s0 / SW) * a.sub_floats, tmp);
+        }
       }
     } else if (nblocks) {
       for (int64_t chunk = 0; chunk < chunks; ++chunk) {
@@ -435,13 +442,22 @@ void PackedPatternConv::forward_group(int64_t g, const float* x, const float* bi
           gather_tile(a, g0, std::min(NT, G - g0), slot, c0, c1, shared_col + tl * a.tile_floats, segs);
         }
 #pragma omp barrier
-        // compute: (tile, filter block) items, split between threads by estimated work
-        const int64_t cost_all = tc * total_cost;
+        // compute: (tile, filter block) items, split between threads by estimated work (block cost
+        // times the tile's vectors: the last tile of the batch may be nearly empty)
+        int64_t tile_w[64];
+        int64_t cost_all = 0;
+        for (int64_t t = 0; t < tc; ++t) {
+          tile_w[t] = ceil_div(std::min(NT, G - (t0 + t) * NT), a.W);
+          cost_all += tile_w[t] * total_cost;
+        }
         auto first_item = [&](int64_t c) -> int64_t {  // first item whose cost range starts at or after c
-          const int64_t tile = c / total_cost, rc = c % total_cost;
+          int64_t t = 0;
+          while (t < tc && c >= tile_w[t] * total_cost) c -= tile_w[t++] * total_cost;
+          if (t == tc) return tc * nblocks;
+          const int64_t rc = ceil_div(c, tile_w[t]);
           const int64_t j = std::lower_bound(pl.block_cost_prefix.begin(), pl.block_cost_prefix.end() - 1, rc) -
                             pl.block_cost_prefix.begin();
-          return tile * nblocks + j;
+          return t * nblocks + j;
         };
         const int64_t ilo = first_item(cost_all * tid / T);
         const int64_t ihi = (tid + 1 == T) ? tc * nblocks : first_item(cost_all * (tid + 1) / T);

@@ -12,10 +12,14 @@
 // output channel (perm), coalesced along pixels (NCHW output) or along channels (channels_last).
 #include "cuda/pattern_conv.h"
 
+#ifdef AUTOSCULPT_CUDA_EMULATE
+#include "emulate_shim.h"  // tests/cuda_emu: runs this file's kernel on a CPU for tests without a GPU
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
+#endif
 
 #include <stdexcept>
 #include <string>
@@ -29,6 +33,7 @@ constexpr int kBlockM = 64;
 constexpr int kBlockK = 32;
 constexpr int kThreads = 128;
 constexpr int kTileFields = 8;
+constexpr int kAlign = 16;  // autosculpt/ops/_pattern_groups.py ALIGN
 
 enum Mode { kSimt = 0, kWmma16 = 1, kWmmaTf32 = 2 };
 
@@ -88,8 +93,9 @@ __global__ void __launch_bounds__(kThreads) pattern_conv_kernel(const KernelPara
   const int m0 = pid_m * kBlockM;
 
   const int32_t* tile = p.tiles + static_cast<int64_t>(pid_n) * kTileFields;
-  const int row0 = tile[0], ncols = tile[1], wbase = tile[2], ldw = tile[3];
-  const int tap0 = tile[4], ntaps = tile[5], cin_base = tile[6];
+  // Packed-weight offsets are stored divided by kAlign; the input channel base is group * C_in_pg.
+  const int row0 = tile[0], ncols = tile[1], wbase = tile[2] * kAlign, ldw = tile[3] * kAlign;
+  const int tap0 = tile[4], ntaps = tile[5], cin_base = tile[6] * p.c_in_pg;
   const T* __restrict__ x = static_cast<const T*>(p.x);
   const T* __restrict__ wgt = static_cast<const T*>(p.w);
   const int C = p.c_in_pg;
@@ -294,7 +300,12 @@ void check(cudaError_t err, const char* what) {
 
 template <typename T, int MODE>
 void launch(const KernelParams& kp, unsigned blocks, cudaStream_t stream) {
+#ifdef AUTOSCULPT_CUDA_EMULATE
+  (void)stream;
+  emu::launch(blocks, kThreads, [&] { pattern_conv_kernel<T, MODE>(kp); });
+#else
   pattern_conv_kernel<T, MODE><<<blocks, kThreads, 0, stream>>>(kp);
+#endif
   check(cudaGetLastError(), "kernel launch");
 }
 

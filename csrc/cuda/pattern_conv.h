@@ -6,9 +6,11 @@
 //   perm  [C_out]          output channel of each packed filter row (every channel exactly once)
 //   taps  [...]            kept tap indices r * kw + s of all groups, back to back
 //   tiles [n_ftiles][8]    per block of kBlockN filters of one group: first perm row, filters in the
-//                          tile, packed-weight offset of its first column, leading dimension (the
-//                          group's filter count), first tap, tap count, first input channel, spare
-// and packed weights: per group a row-major [K_g = taps * C_in_pg][n_g] block, k = tap * C_in_pg + ci.
+//                          tile, packed-weight offset of its first column / 16, leading dimension / 16
+//                          (the group's filter count rounded up to 16), first tap, tap count, conv
+//                          group index (first input channel = index * c_in_pg), spare
+// and packed weights: per group a row-major [K_g = taps * C_in_pg][ld_g] block, k = tap * C_in_pg + ci,
+// zero-padded columns; every row starts 16-element aligned.
 // This header has no CUDA types so the pybind11 bindings compile with the host compiler.
 #pragma once
 #include <cstdint>

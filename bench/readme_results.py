@@ -1,0 +1,168 @@
+"""Regenerates the README's results section from the committed benchmark files (no hand-typed numbers).
+
+Reads ``bench/results/compare.json`` (``python -m bench.compare``), ``bench/results/models-cpu.json``
+(``python -m bench.bench_models``) and, when present, the summary lines of ``cpu-conv.md`` and
+``cpu-attention.md``, and rewrites the text between ``<!-- results:start -->`` and
+``<!-- results:end -->`` in README.md (appending the markers at the end when absent). Only the text
+between the markers changes; running it twice gives the same file.
+
+    python -m bench.readme_results [--readme README.md] [--results bench/results]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+START = "<!-- results:start -->"
+END = "<!-- results:end -->"
+METHOD_ORDER = ("autosculpt", "paper_reward", "random", "uniform", "l1_filter")
+
+
+def _mean_std(vals) -> str:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "—"
+    s = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{statistics.fmean(vals):.3f} ± {s:.3f}"
+
+
+def compare_section(records: List[dict]) -> List[str]:
+    """The comparison table: one row per (model, target, method), mean ± std over seeds."""
+    if not records:
+        return []
+    machine = records[0].get("machine", "unknown CPU")
+    threads = records[0].get("threads", "?")
+    bb = records[0].get("budget_batch", 8)
+    seeds = sorted({r["seed"] for r in records})
+    groups = {}
+    for r in records:
+        groups.setdefault((r["model"], float(r["target_speedup"])), {}).setdefault(r["method"], []).append(r)
+    out = [
+        "### AutoSculpt vs baselines at the same measured-latency budget",
+        "",
+        f"Same dense model, data, latency budget (target speedup at batch {bb}) and fine-tuning for every method; "
+        f"{len(seeds)} seed(s); accuracies mean ± std; speedups measured beside the dense model ({threads} thread(s)) "
+        f"on {machine}. *met* = budget met by the method's own end-to-end check. Details and settings: "
+        "[bench/results/compare.md](bench/results/compare.md).",
+        "",
+        "| model | target | method | test acc | val acc | speedup b1 | speedup b8 | met | search s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (model, target), by_method in sorted(groups.items()):
+        first = next(iter(by_method.values()))[0]
+        if first.get("dense_test_acc") is not None:
+            out.append(f"| {model} | {target:g}× | *dense* | {first['dense_test_acc']:.3f} | {first['dense_val_acc']:.3f} "
+                       "| 1 | 1 | | |")
+        for method in sorted(by_method, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99):
+            rs = by_method[method]
+            out.append(
+                f"| {model} | {target:g}× | {method} | {_mean_std([r['test_acc'] for r in rs])} "
+                f"| {_mean_std([r['val_acc'] for r in rs])} | {_mean_std([r['speedup_b1'] for r in rs])} "
+                f"| {_mean_std([r['speedup_b8'] for r in rs])} | {sum(bool(r['met_budget']) for r in rs)}/{len(rs)} "
+                f"| {statistics.fmean(r['search_seconds'] for r in rs):.0f} |")
+    out += ["", "Reproduce: `python -m bench.compare` (about 30–40 min on 2 cores; `--quick` for a smoke run).", ""]
+    return out
+
+
+def models_section(data) -> List[str]:
+    """The whole-model speedup table from models-cpu.json (a list of rows, or {"machine", "records"})."""
+    if isinstance(data, dict):
+        machine, threads, rows, notes = data.get("machine"), data.get("threads"), data.get("records", []), data.get("notes", [])
+    else:
+        machine, threads, rows, notes = None, None, data, []
+    if not rows and not notes:
+        return []
+    out = [
+        "### Whole pruned models on the CPU",
+        "",
+        "Uniform pattern plans at 2× / 3× whole-model MAC reduction, eager dense vs pruned (and dense under "
+        "`torch.compile`)" + (f", {threads} thread(s) on {machine}" if machine else "") + ". ideal = dense MACs ÷ pruned "
+        "MACs. Details: [bench/results/models-cpu.md](bench/results/models-cpu.md).",
+        "",
+        "| model | MAC cut | batch | ideal | speedup | ÷ ideal | vs compiled |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['target']:g}× | {r['batch']} | {r['ideal']:.2f} | {r['speedup']:.2f} "
+                   f"| {r['speedup'] / r['ideal']:.2f} | {r['speedup_vs_compiled']:.2f} |")
+    out += [""] + [f"- {n}" for n in notes] + (["" ] if notes else [])
+    out += ["Reproduce: `python -m bench.bench_models`.", ""]
+    return out
+
+
+def kernel_summaries(results: Path) -> List[str]:
+    """Summary lines of the kernel benchmark reports, when they exist."""
+    out = []
+    for name, title in (("cpu-conv.md", "Pattern conv kernel (CPU)"), ("cpu-attention.md", "Block-sparse attention (CPU)")):
+        path = results / name
+        if not path.exists():
+            continue
+        lines = [l.strip() for l in path.read_text().splitlines()]
+        keep = [l for l in lines if l.startswith(("Machine:", "- ")) or "median" in l.lower() and not l.startswith("|")]
+        out.append(f"**{title}** ([bench/results/{name}](bench/results/{name})):")
+        out.append("")
+        out += [l if l.startswith("- ") else f"- {l}" for l in keep[:5]]
+        out.append("")
+    if out:
+        out = ["### Kernels", ""] + out
+    return out
+
+
+def build_section(results: Path) -> str:
+    """The Markdown that goes between the markers."""
+    parts = ["", "## Results", "",
+             "_Generated by `python -m bench.readme_results` from the files in `bench/results/`; do not edit by hand._", ""]
+    cmp_path, models_path = results / "compare.json", results / "models-cpu.json"
+    body = []
+    if cmp_path.exists():
+        body += compare_section(json.loads(cmp_path.read_text()))
+    if models_path.exists():
+        body += models_section(json.loads(models_path.read_text()))
+    body += kernel_summaries(results)
+    if not body:
+        body = ["No results yet: run `python -m bench.compare` and `python -m bench.bench_models`.", ""]
+    return "\n".join(parts + body) + "\n"
+
+
+def update_readme(readme: Path, section: str) -> bool:
+    """Replaces the text between the markers with ``section`` (markers appended at the end when
+    absent). Returns whether the file changed."""
+    text = readme.read_text() if readme.exists() else ""
+    if text.count(START) > 1 or text.count(END) > 1:
+        raise ValueError(f"{readme}: the results markers appear more than once; keep one {START} ... {END} pair")
+    if (START in text) != (END in text):
+        raise ValueError(f"{readme}: found only one of {START} / {END}; add the missing marker")
+    if START not in text:
+        new = text.rstrip("\n") + ("\n\n" if text.strip() else "") + f"{START}\n{END}\n"
+    else:
+        new = text
+    i, j = new.index(START) + len(START), new.index(END)
+    if j < i:
+        raise ValueError(f"{readme}: {END} comes before {START}")
+    new = new[:i] + "\n" + section.strip("\n") + "\n" + new[j:]
+    if new != text:
+        readme.write_text(new)
+        return True
+    return False
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--readme", type=Path, default=REPO / "README.md")
+    ap.add_argument("--results", type=Path, default=REPO / "bench" / "results")
+    args = ap.parse_args(argv)
+    changed = update_readme(args.readme, build_section(args.results))
+    print(f"[readme_results] {args.readme}: {'updated' if changed else 'already up to date'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

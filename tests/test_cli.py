@@ -1,0 +1,290 @@
+"""The ``autosculpt`` command end to end on a tiny budget, config precedence, resume, bad arguments.
+
+Every test points the cache at a temporary folder (AUTOSCULPT_CACHE) and writes runs under tmp."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import autosculpt as asc
+import autosculpt.finetune as ft
+import autosculpt.pipeline as pipeline
+from autosculpt.cli import build_parser, main
+from autosculpt.data import get_dataset
+from autosculpt.finetune import evaluate
+from autosculpt.nn import PatternConv2d
+from autosculpt.report import PLOTS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model-arg", "channels=[8,16,16,8]", "--dense-epochs", "1", "--episodes", "2", "--finetune-epochs", "1",
+        "--latency-reps", "3", "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    # `--threads` sets torch's global thread count; other tests in this process keep theirs.
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("AUTOSCULPT_CACHE")
+    os.environ["AUTOSCULPT_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("AUTOSCULPT_CACHE", None)
+    else:
+        os.environ["AUTOSCULPT_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def tiny_run(cache, tmp_path_factory):
+    """One tiny `autosculpt prune` run shared by the tests that inspect its outputs."""
+    root = tmp_path_factory.mktemp("runs")
+    cfg = root / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"seed": 1, "finetune_epochs": 3, "latency_batches": [1, 2], "search_batch": 4}))
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    n = torch.get_num_threads()
+    with redirect_stdout(buf):
+        rc = main(["prune", "--config", str(cfg), *TINY, "--runs-dir", str(root), "--name", "tiny"])
+    torch.set_num_threads(n)
+    return {"rc": rc, "out": buf.getvalue(), "dir": root / "tiny", "cache": cache}
+
+
+def test_prune_end_to_end(tiny_run):
+    assert tiny_run["rc"] == 0, tiny_run["out"]
+    run = tiny_run["dir"]
+    for name in ("config.yaml", "summary.json", "search_result.json", "plan.json", "layer_latency.json", "model.pt",
+                 "report.md", "finetune.json"):
+        assert (run / name).is_file(), name
+    for name in PLOTS:
+        assert (run / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    out = tiny_run["out"]
+    for row in ("validation accuracy", "test accuracy", "FLOPs", "parameters", "latency, batch 1", "latency, batch 2",
+                f"run folder: {run}"):
+        assert row in out, row
+    # The dense model was cached in the temporary cache, not the user's.
+    assert list((tiny_run["cache"] / "models").glob("digits_cnn-digits-seed1-*.pt"))
+
+
+def test_config_file_and_flags_precedence_in_the_run(tiny_run):
+    saved = yaml.safe_load((tiny_run["dir"] / "config.yaml").read_text())
+    assert saved["seed"] == 1  # from the file (default 0)
+    assert saved["finetune_epochs"] == 1  # the flag beats the file's 3
+    assert saved["latency_batches"] == [1, 2] and saved["search_batch"] == 4
+    assert saved["lr"] == 0.01 and saved["target_speedup"] == 2.0  # defaults
+    summary = json.loads((tiny_run["dir"] / "summary.json").read_text())
+    assert set(summary["latency_ms"]) == {"1", "2"}
+    assert summary["finetune"]["epochs"] == 1
+
+
+def test_saved_model_loads_and_reproduces_the_summary(tiny_run):
+    run = tiny_run["dir"]
+    summary = json.loads((run / "summary.json").read_text())
+    plan = json.loads((run / "plan.json").read_text())
+    model = asc.load(run / "model.pt").eval()  # built-in model named in the file
+    layers = [m for m in model.modules() if isinstance(m, PatternConv2d)]
+    assert len(layers) == len(plan["layers"])
+    for m in layers:
+        assert torch.count_nonzero(m.weight * ~m.tap_mask[:, None]) == 0
+    _, val, test = get_dataset("digits", seed=1)
+    assert evaluate(model, test) == summary["pruned"]["test_acc"]
+    assert evaluate(model, val) == summary["pruned"]["val_acc"]
+    assert summary["pruned"]["flops"] <= summary["dense"]["flops"]
+    for b, lat in summary["latency_ms"].items():
+        assert lat["dense"] > 0 and lat["pruned"] > 0 and abs(lat["speedup"] - lat["dense"] / lat["pruned"]) < 1e-9
+
+
+def test_report_rerenders_from_the_run_folder(tiny_run, capsys):
+    run = tiny_run["dir"]
+    for name in PLOTS:
+        (run / "plots" / name).unlink()
+    (run / "report.md").unlink()
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.md").is_file()
+    assert all((run / "plots" / n).stat().st_size > 1000 for n in PLOTS)
+
+
+def test_export_and_bench_model(tiny_run, tmp_path, capsys):
+    model_file = str(tiny_run["dir"] / "model.pt")
+    assert main(["export", model_file, "--out", str(tmp_path / "exp"), "--batch", "2"]) == 0
+    model = asc.load(model_file).eval()
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+        for name in ("pruned.pt2", "dense_equivalent.pt2"):
+            prog = torch.export.load(str(tmp_path / "exp" / name))
+            got = prog.module()(x[:2])
+            assert torch.allclose(got, want[:2], atol=1e-4), name
+    onnx = pytest.importorskip("onnx")
+    from onnx.reference import ReferenceEvaluator
+
+    sess = ReferenceEvaluator(onnx.load(str(tmp_path / "exp" / "dense_equivalent.onnx")))
+    got = sess.run(None, {sess.input_names[0]: x.numpy()})[0]  # another batch size than exported
+    assert abs(torch.from_numpy(got) - want).max() < 1e-4
+    capsys.readouterr()
+    assert main(["bench", "model", model_file, "--batches", "1", "--reps", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "latency, batch 1" in out and "FLOPs" in out
+
+
+def test_resume_after_interruptions(cache, tmp_path, monkeypatch, capsys):
+    args = ["prune", *TINY, "--runs-dir", str(tmp_path), "--name", "r"]
+    run = tmp_path / "r"
+    real_search = pipeline._search_fn()
+
+    def search_interrupted_after_first_episode(*a, **k):
+        def stop(episode, record):
+            if episode == 0:
+                raise KeyboardInterrupt
+        return real_search(*a, callback=stop, **k)
+
+    monkeypatch.setattr(pipeline, "_search_fn", lambda: search_interrupted_after_first_episode)
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "search interrupted" in err and "--resume" in err
+    assert (run / "search").is_dir() and not (run / "search_result.json").exists()
+
+    monkeypatch.setattr(pipeline, "_search_fn", lambda: real_search)
+    real_collate, calls = ft._collate, {"n": 0}
+
+    def collate_interrupted_at_third_step(data, idx):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_collate(data, idx)
+
+    monkeypatch.setattr(ft, "_collate", collate_interrupted_at_third_step)
+    assert main(["prune", "--resume", str(run), "--no-progress"]) == 130
+    assert "fine-tuning interrupted" in capsys.readouterr().err
+    result = json.loads((run / "search_result.json").read_text())
+    assert len(result["episode_rewards"]) == 2  # the search finished both episodes across the two runs
+    assert (run / "finetune_checkpoint.pt").is_file() and not (run / "model.pt").exists()
+
+    monkeypatch.setattr(ft, "_collate", real_collate)
+    assert main(["prune", "--resume", str(run), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "search: done before" in out
+    assert json.loads((run / "finetune.json").read_text())["resumed_from"] == {"epoch": 0, "step": 2}
+    assert (run / "report.md").is_file()
+
+
+def test_parser_precedence_yaml_and_toml(tmp_path):
+    from autosculpt.cli import _resolve
+
+    (tmp_path / "a.yaml").write_text("seed: 4\nlr: 0.2\ntarget-latency-ms: 3.5\n")
+    (tmp_path / "b.toml").write_text('seed = 5\ndata = "cifar10:/x"\nmodel_args = { width_mult = 0.5 }\n')
+    p = build_parser()
+    cfg = _resolve(p.parse_args(["prune", "--config", str(tmp_path / "a.yaml"), "--lr", "0.3"]))
+    assert (cfg["seed"], cfg["lr"], cfg["target_latency_ms"], cfg["target_speedup"]) == (4, 0.3, 3.5, None)
+    # A budget flag replaces the file's budget of another kind.
+    cfg = _resolve(p.parse_args(["prune", "--config", str(tmp_path / "a.yaml"), "--target-speedup", "1.5"]))
+    assert (cfg["target_speedup"], cfg["target_latency_ms"]) == (1.5, None)
+    cfg = _resolve(p.parse_args(["prune", "--config", str(tmp_path / "b.toml"), "--model-arg", "width_mult=0.25"]))
+    assert (cfg["seed"], cfg["data"], cfg["model_args"]) == (5, "cifar10:/x", {"width_mult": 0.25})
+    assert cfg["target_speedup"] == 2.0  # the default budget
+
+
+@pytest.fixture
+def user_model_module(tmp_path, monkeypatch):
+    (tmp_path / "my_nets.py").write_text(
+        "import torch.nn as nn\n"
+        "class Branchy(nn.Module):\n"
+        "    def __init__(self, num_classes=10, in_chans=1, width=8):\n"
+        "        super().__init__()\n"
+        "        self.a = nn.Conv2d(in_chans, width, 3, padding=1)\n"
+        "        self.b = nn.Conv2d(width, width, 3, padding=1)\n"
+        "        self.c = nn.Conv2d(width, width, 3, padding=1)\n"
+        "        self.head = nn.Linear(width, num_classes)\n"
+        "    def forward(self, x):\n"
+        "        x = self.a(x).relu()\n"
+        "        x = self.b(x).relu() + self.c(x).relu()\n"
+        "        return self.head(x.mean((2, 3)))\n"
+        "def make(num_classes=10, in_chans=1, width=8):\n"
+        "    return Branchy(num_classes, in_chans, width)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "my_nets:make"
+
+
+def test_user_model_spec_builds_and_round_trips(user_model_module, tmp_path):
+    from autosculpt.models.pretrained import resolve_model
+    from autosculpt.patterns import PAPER6
+    from autosculpt.plan import conv_layer_plan
+
+    factory, meta = resolve_model(user_model_module, 7, (3, 8, 8), {"width": 4})
+    model = factory()
+    assert model.head.out_features == 7 and model.a.in_channels == 3 and model.b.out_channels == 4
+    assert meta == {"model": "my_nets:make", "model_args": {"num_classes": 7, "in_chans": 3, "width": 4}}
+    plan = {"version": 1, "layers": {"b": conv_layer_plan(PAPER6, [1, 2, 3, 4])}}
+    pruned = asc.sparsify(model, plan).eval()
+    asc.save(pruned, tmp_path / "u.pt", plan=plan, meta=meta)
+    with pytest.raises(ValueError, match="not built in"):
+        asc.load(tmp_path / "u.pt")  # a file never makes us import code
+    loaded = asc.load(tmp_path / "u.pt", factory).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))
+    with pytest.raises(ValueError, match="cannot import 'no_such_pkg.mod'"):
+        resolve_model("no_such_pkg.mod:make", 10, (1, 8, 8))
+    with pytest.raises(ValueError, match="has no callable 'nope'"):
+        resolve_model("my_nets:nope", 10, (1, 8, 8))
+
+
+BAD = [
+    (["prune", "--episodes", "0"], "expected a positive integer"),
+    (["prune", "--target-speedup", "2", "--target-latency-ms", "3"], "not allowed with argument"),
+    (["prune", "--target-flops-ratio", "1.5"], "fraction in (0, 1)"),
+    (["prune", "--data", "mnist:/x"], "unknown kind 'mnist'"),
+    (["prune", "--model", "resnet21"], "unknown model 'resnet21'"),
+    (["prune", "--config", "/nonexistent/run.yaml"], "does not exist"),
+    (["prune", "--resume"], "--resume needs the run folder"),
+    (["prune", "--weights", "/nonexistent.pt"], "weights: file"),
+    (["prune", "--device", "cuda:7"], "device"),
+    (["report", "/nonexistent/run"], "does not exist"),
+    (["finetune", "/nonexistent/model.pt"], "does not exist"),
+    (["export", "/nonexistent/model.pt"], "does not exist"),
+    (["bench", "model"], "needs a MODEL_FILE"),
+    (["frobnicate"], "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_arguments_one_line_error(argv, message, cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("autosculpt: error:"), captured.err
+    assert message in lines[0]
+    assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+def test_unknown_config_key_message(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("episods: 3\n")
+    assert main(["prune", "--config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown setting 'episods'" in err and "did you mean 'episodes'" in err
+
+
+def test_console_entry_point_in_a_subprocess(tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO, "AUTOSCULPT_CACHE": str(tmp_path)}
+    bad = subprocess.run([sys.executable, "-m", "autosculpt", "prune", "--episodes", "zero"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().count("\n") == 0 and "expected a positive integer" in bad.stderr
+    helped = subprocess.run([sys.executable, "-m", "autosculpt", "prune", "--help"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0
+    for flag in ("--target-speedup", "--data", "--model", "--config", "--resume", "--episodes", "examples:"):
+        assert flag in helped.stdout

@@ -1,0 +1,258 @@
+"""The evaluation harness (bench/compare.py), the baselines it compares against, and the README
+results generator, on tiny budgets with a deterministic latency model (latency ∝ MACs that run)."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from autosculpt.baselines import l1_filter_baseline, l1_filter_prune, random_search, uniform_baseline
+from autosculpt.models import get_model
+from autosculpt.runtime.latency import FlopsLatencyModel
+
+pytest.importorskip("torch_pruning")
+
+
+def mac_latency_model():
+    return FlopsLatencyModel(ms_per_mflop=1.0, overhead_ms=0.0, remainder_ms=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_cnn():
+    torch.manual_seed(0)
+    return get_model("digits_cnn", channels=(8, 16, 16, 16)).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_resnet():
+    torch.manual_seed(0)
+    return get_model("resnet20", num_classes=10, in_chans=1).eval()
+
+
+def x8(shape=(1, 8, 8)):
+    return torch.randn(8, *shape, generator=torch.Generator().manual_seed(1))
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+@pytest.mark.parametrize("target", [2.0, 3.0])
+def test_uniform_baseline_meets_budget_and_is_the_largest_that_does(tiny_cnn, target):
+    from autosculpt.plan import uniform_plan
+
+    lm = mac_latency_model()
+    r = uniform_baseline(tiny_cnn, lm, x8(), target)
+    limit = lm.dense_ms() / target
+    assert r.met_budget and r.plan is not None
+    assert lm.predict(r.plan) <= limit * (1 + 1e-9)
+    assert lm.measure_model(r.model, x8()) <= lm.measure_model(tiny_cnn, x8()) / target * (1 + 1e-9)
+    # a visibly larger kept fraction would miss: the bisection did not stop early
+    looser = uniform_plan(tiny_cnn, lm.pattern_set, min(1.0, r.setting + 0.05), layers=set(lm.layers))
+    assert lm.predict(looser) > limit
+    # the same mix in every layer
+    fracs = {n: m.kept_fraction() for n, m in r.model.named_modules() if hasattr(m, "tap_mask")}
+    assert len(fracs) == 4 and max(fracs.values()) - min(fracs.values()) < 0.1
+
+
+def test_l1_filter_prune_removes_lowest_l1_channels(tiny_cnn):
+    x = x8()
+    pruned = l1_filter_prune(tiny_cnn, x, 0.5)
+    convs = [m for m in pruned.modules() if isinstance(m, nn.Conv2d)]
+    dense_convs = [m for m in tiny_cnn.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [c.out_channels // 2 for c in dense_convs]
+    assert pruned(x).shape == tiny_cnn(x).shape  # the classifier keeps its 10 classes
+    # the last conv (nothing downstream couples its channels except BN + linear) keeps its largest-L1 filters
+    w, wp = dense_convs[-1].weight, convs[-1].weight
+    norms = w.abs().sum((1, 2, 3))
+    kept = sorted(norms.topk(wp.shape[0]).indices.tolist())
+    assert torch.allclose(wp, w[kept][:, _kept_inputs(convs[-2], dense_convs[-2])])
+    with pytest.raises(ValueError, match="ratio"):
+        l1_filter_prune(tiny_cnn, x, 1.0)
+
+
+def _kept_inputs(pruned_prev, dense_prev):
+    norms = dense_prev.weight.abs().sum((1, 2, 3))
+    return sorted(norms.topk(pruned_prev.out_channels).indices.tolist())
+
+
+@pytest.mark.parametrize("target", [2.0, 3.0])
+def test_l1_filter_baseline_meets_measured_budget_on_a_residual_net(tiny_resnet, target):
+    x = x8((1, 32, 32))
+    lm = mac_latency_model()
+    r = l1_filter_baseline(tiny_resnet, lm, x, target, tolerance=0.0)
+    assert r.met_budget and r.plan is None
+    assert lm.measure_model(tiny_resnet, x) / lm.measure_model(r.model, x) >= target
+    assert r.model(x).shape == (8, 10)
+    # the smallest ratio that meets it (within the bisection's resolution): a bit less pruning misses
+    less = l1_filter_prune(tiny_resnet, x, max(0.0, r.setting - 0.05))
+    assert lm.measure_model(tiny_resnet, x) / lm.measure_model(less, x) < target
+
+
+def test_random_search_evaluates_the_requested_number_of_plans(tiny_cnn):
+    from autosculpt.data.digits import load_digits_splits
+
+    train, val, _ = load_digits_splits(0)
+    lm = mac_latency_model()
+    res = random_search(tiny_cnn, train, val, num_plans=6, latency_model=lm, example_input=x8(), target_speedup=2.0,
+                        seed=3, bn_batches=1)
+    assert len(res.history) == 6
+    assert len({tuple(h["action"]) for h in res.history}) == 6
+    if res.met_budget:
+        assert res.best_record["meets_budget"]
+        assert res.best_record["val_acc"] == max(h["val_acc"] for h in res.history if h["meets_budget"])
+    with pytest.raises(ValueError, match="num_plans"):
+        random_search(tiny_cnn, train, val, num_plans=0, latency_model=lm, example_input=x8(), target_speedup=2.0)
+
+
+def test_baselines_reject_bad_targets(tiny_cnn):
+    with pytest.raises(ValueError, match="target_speedup"):
+        uniform_baseline(tiny_cnn, mac_latency_model(), x8(), 1.0)
+    with pytest.raises(ValueError, match="target_speedup"):
+        l1_filter_baseline(tiny_cnn, mac_latency_model(), x8(), "2")
+
+
+# --------------------------------------------------------------------------- the harness
+
+
+def tiny_config():
+    from bench.compare import CompareConfig
+
+    return CompareConfig(models=["digits_cnn"], targets=[2.0], seeds=[0], episodes=3, finetune_epochs=1, dense_epochs=2,
+                         repeats=3, train_subset=200, latency="flops",
+                         model_kwargs={"digits_cnn": {"channels": [8, 16, 16, 16]}})
+
+
+def test_compare_runs_every_method_with_complete_records_and_resumes(tmp_path, cache_dir, monkeypatch):
+    import bench.compare as cmp
+
+    out = tmp_path / "compare.json"
+    cfg = tiny_config()
+    records = cmp.run_compare(cfg, out, work=tmp_path / "work", log=lambda *_: None)
+    assert sorted(r["method"] for r in records) == sorted(cmp.METHODS)
+    for r in records:
+        for k in cmp.RECORD_FIELDS:
+            assert k in r, (r["method"], k)
+        for k in ("val_acc", "test_acc", "latency_ms_b1", "latency_ms_b8", "speedup_b1", "speedup_b8", "search_seconds"):
+            assert isinstance(r[k], float) and math.isfinite(r[k]) and r[k] >= 0, (r["method"], k, r[k])
+        assert 0 <= r["val_acc"] <= 1 and 0 <= r["test_acc"] <= 1
+        assert r["model"] == "digits_cnn" and r["target_speedup"] == 2.0 and r["seed"] == 0
+    by = {r["method"]: r for r in records}
+    # baselines meet the budget they were given, according to the (deterministic) latency model
+    for m in ("uniform", "l1_filter"):
+        assert by[m]["met_budget"], by[m]["budget_check"]
+        assert by[m]["budget_check"]["measured_speedup"] >= 2.0 * (1 - cmp.TOLERANCE)
+        assert by[m]["macs_ratio"] < 0.6
+    assert by["random"]["evaluated_plans"] == by["autosculpt"]["evaluated_plans"]
+    assert json.loads(out.read_text()) == json.loads(json.dumps(records))
+    md = out.with_suffix(".md").read_text()
+    assert all(m in md for m in cmp.METHODS) and "| digits_cnn | 2× | *dense* |" in md
+
+    # resume: nothing is recomputed, records unchanged
+    def boom(*a, **k):
+        raise AssertionError("a completed record was run again")
+
+    monkeypatch.setattr(cmp, "run_method", boom)
+    again = cmp.run_compare(cfg, out, work=tmp_path / "work", log=lambda *_: None)
+    assert json.loads(json.dumps(again)) == json.loads(json.dumps(records))
+    # a file from other settings is not silently mixed in
+    other = tiny_config()
+    other.finetune_epochs = 2
+    with pytest.raises(ValueError, match="other settings"):
+        cmp.run_compare(other, out, work=tmp_path / "work", log=lambda *_: None)
+
+
+def test_compare_resumes_after_an_interruption(tmp_path, cache_dir, monkeypatch):
+    """A run killed after two records keeps them and the next run only does the rest."""
+    import bench.compare as cmp
+
+    out = tmp_path / "compare.json"
+    cfg = tiny_config()
+    cfg.methods = ["autosculpt", "uniform", "l1_filter"]
+    real, calls = cmp.run_method, []
+
+    def flaky(method, *a, **k):
+        calls.append(method)
+        if method == "l1_filter" and calls.count("l1_filter") == 1:
+            raise KeyboardInterrupt
+        return real(method, *a, **k)
+
+    monkeypatch.setattr(cmp, "run_method", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        cmp.run_compare(cfg, out, work=tmp_path / "work", log=lambda *_: None)
+    assert [r["method"] for r in json.loads(out.read_text())] == ["autosculpt", "uniform"]
+    records = cmp.run_compare(cfg, out, work=tmp_path / "work", log=lambda *_: None)
+    assert calls == ["autosculpt", "uniform", "l1_filter", "l1_filter"]
+    assert [r["method"] for r in records] == ["autosculpt", "uniform", "l1_filter"]
+
+
+def test_compare_config_rejects_bad_settings():
+    from bench.compare import CompareConfig
+
+    with pytest.raises(ValueError, match="models"):
+        CompareConfig(models=["nope"]).check()
+    with pytest.raises(ValueError, match="random"):
+        CompareConfig(methods=["random"]).check()
+    with pytest.raises(ValueError, match="targets"):
+        CompareConfig(targets=[1.0]).check()
+    with pytest.raises(SystemExit):
+        from bench.compare import main
+
+        main(["--seeds", "0"])
+
+
+# --------------------------------------------------------------------------- README generator
+
+
+def _fake_results(folder):
+    recs = []
+    for method in ("autosculpt", "uniform"):
+        for seed in (0, 1):
+            recs.append({"method": method, "model": "resnet20", "target_speedup": 2.0, "seed": seed, "val_acc": 0.9 + seed / 100,
+                         "test_acc": 0.8 + seed / 100, "latency_ms_b1": 1.0, "latency_ms_b8": 4.0, "speedup_b1": 1.5,
+                         "speedup_b8": 2.1, "search_seconds": 10.0, "met_budget": method == "autosculpt",
+                         "dense_val_acc": 0.95, "dense_test_acc": 0.94, "machine": "TestCPU", "threads": 1, "budget_batch": 8})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "compare.json").write_text(json.dumps(recs))
+    (folder / "models-cpu.json").write_text(json.dumps({"machine": "TestCPU", "threads": 2, "notes": ["a note"], "records": [
+        {"model": "vgg16", "target": 2.0, "batch": 1, "ideal": 2.0, "speedup": 1.7, "speedup_vs_compiled": 1.5}]}))
+
+
+def test_readme_results_rewrites_only_between_markers_and_is_idempotent(tmp_path):
+    from bench.readme_results import END, START, build_section, update_readme
+
+    results = tmp_path / "results"
+    _fake_results(results)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nintro\n\n{START}\nold stuff 123\n{END}\n\n## After\ntail text\n")
+    section = build_section(results)
+    assert update_readme(readme, section)
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nintro\n\n" + START) and text.endswith(END + "\n\n## After\ntail text\n")
+    assert "old stuff 123" not in text
+    assert "| resnet20 | 2× | autosculpt | 0.805 ± 0.007 | 0.905 ± 0.007 | 1.500 ± 0.000 | 2.100 ± 0.000 | 2/2 | 10 |" in text
+    assert "| resnet20 | 2× | uniform |" in text and "0/2" in text
+    assert "| vgg16 | 2× | 1 | 2.00 | 1.70 | 0.85 | 1.50 |" in text and "TestCPU" in text and "- a note" in text
+    assert "python -m bench.compare" in text and "python -m bench.bench_models" in text
+    assert not update_readme(readme, build_section(results))  # idempotent
+    assert readme.read_text() == text
+
+
+def test_readme_results_appends_markers_when_absent_and_rejects_broken_ones(tmp_path):
+    from bench.readme_results import END, START, build_section, update_readme
+
+    results = tmp_path / "results"
+    _fake_results(results)
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\nbody\n")
+    update_readme(readme, build_section(results))
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nbody\n\n" + START) and text.rstrip().endswith(END)
+    assert not update_readme(readme, build_section(results))
+    readme.write_text(f"# T\n{START}\nx\n")
+    with pytest.raises(ValueError, match="marker"):
+        update_readme(readme, "s")
+    readme.write_text(f"# T\n{END}\nx\n{START}\n")
+    with pytest.raises(ValueError, match="before"):
+        update_readme(readme, "s")
