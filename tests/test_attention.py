@@ -214,10 +214,21 @@ def test_bad_inputs(over, exc, words, monkeypatch):
 
 
 @needs_ext
-def test_cpu_backend_rejects_non_float32():
+def test_cpu_backend_rejects_float64():
     with pytest.raises(TypeError, match="float32"):
         _bad_call(q=torch.randn(1, 2, 20, 8, dtype=torch.float64), k=torch.randn(1, 2, 20, 8, dtype=torch.float64),
                   v=torch.randn(1, 2, 20, 8, dtype=torch.float64), backend="cpu")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_backend_half_inputs_match_reference(dtype):
+    shape = (1, 2, 65, 65, 32, 16)
+    q, k, v = (t.to(dtype) for t in _inputs(shape, 31))
+    mask = _mask(shape, "random", 31)
+    out = block_sparse_attention(q, k, v, mask, 16, backend="auto")
+    assert out.dtype == dtype and attn_ops.resolve_backend("auto", q, 16) == "cpu"
+    torch.testing.assert_close(out, block_sparse_attention_ref(q, k, v, mask, 16))
 
 
 def test_auto_backend_choice():
@@ -225,6 +236,7 @@ def test_auto_backend_choice():
     want = "cpu" if _ext.extension() is not None else "torch"
     assert attn_ops.resolve_backend("auto", q, 8) == want
     assert attn_ops.resolve_backend("auto", q.double(), 8) == "torch"
+    assert attn_ops.resolve_backend("auto", q.bfloat16(), 8) == want
 
 
 @needs_ext
