@@ -158,13 +158,17 @@ def run(configs, sparsities, reps: int, threads: int, with_flex: bool, progress=
     return rows
 
 
-def to_markdown(rows: List[dict], threads: int, reps: int, quick: bool) -> str:
+def to_markdown(rows: List[dict], threads: int, reps: int, quick: bool, load_before=None) -> str:
+    load_now = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load = ""
+    if load_before is not None and load_now is not None:
+        load = f"; load average (1 min) {load_before[0]:.1f} at start, {load_now[0]:.1f} at end"
     info = [
         "# CPU block-sparse attention: AutoSculpt vs dense SDPA vs FlexAttention",
         "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores; threads: {threads}; torch {torch.__version__}; kernel SIMD: "
-        f"{_ext.require().simd_level()}",
+        f"{_ext.require().simd_level()}{load}",
         f"- B=1, D={HEAD_DIM}, block {BLOCK}, random per-head block masks (diagonal kept); median of {reps} "
         f"interleaved repeats{' (--quick)' if quick else ''}",
         "- speedup = sdpa / ours; ideal = 1 / kept token-pair fraction; targets: speedup÷ideal >= 0.7, "
@@ -208,8 +212,9 @@ def main(argv=None) -> None:
     reps = args.reps or (5 if args.quick else 15)
     configs = QUICK_CONFIGS if args.quick else CONFIGS
     sparsities = QUICK_SPARSITIES if args.quick else SPARSITIES
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     rows = run(configs, sparsities, reps, args.threads, not args.no_flex)
-    text = to_markdown(rows, args.threads, reps, args.quick)
+    text = to_markdown(rows, args.threads, reps, args.quick, load_before)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)
