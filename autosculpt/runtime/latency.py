@@ -479,7 +479,9 @@ class LatencyModel(_BaseLatencyModel):
         if k <= pts[0][0]:
             return pts[0][1]
         for (k0, t0), (k1, t1) in zip(pts, pts[1:]):
-            if k <= k1:
+            if k == k1:
+                return t1  # a measured point exactly (no rounding through the interpolation formula)
+            if k < k1:
                 return t0 + (t1 - t0) * (k - k0) / max(k1 - k0, 1e-12)
         return pts[-1][1]
 
