@@ -171,6 +171,10 @@ class _BaseLatencyModel:
         """End-to-end latency of ``model`` on ``example_input`` in ms."""
         raise NotImplementedError
 
+    def measure_models(self, models, example_input: torch.Tensor, reps: Optional[int] = None) -> List[float]:
+        """End-to-end latency of several models (ms each)."""
+        return [self.measure_model(m, example_input, reps=reps) for m in models]
+
     # -- public -----------------------------------------------------------------------
     def profile(self, model: nn.Module, example_input: torch.Tensor, progress: bool = False) -> "_BaseLatencyModel":
         """Finds the prunable layers of ``model`` and their input shapes, and measures what the
@@ -275,8 +279,7 @@ class _BaseLatencyModel:
         if not self.layers:
             self.profile(model, example_input)
         sparse_model = sparsify(model, dict(plan), backend=getattr(self, "backend", "auto")).eval()
-        measured = self.measure_model(sparse_model, example_input, reps=reps)
-        dense_measured = self.measure_model(model, example_input, reps=reps)
+        measured, dense_measured = self.measure_models([sparse_model, model], example_input, reps=reps)
         predicted = self.predict(plan)
         return {
             "predicted_ms": predicted, "measured_ms": measured, "rel_error": abs(predicted - measured) / measured,
@@ -479,12 +482,46 @@ class LatencyModel(_BaseLatencyModel):
         if k <= pts[0][0]:
             return pts[0][1]
         for (k0, t0), (k1, t1) in zip(pts, pts[1:]):
-            if k <= k1:
+            if k == k1:
+                return t1  # a measured point exactly (no rounding through the interpolation formula)
+            if k < k1:
                 return t0 + (t1 - t0) * (k - k0) / max(k1 - k0, 1e-12)
         return pts[-1][1]
 
+    def measure_models(self, models, example_input: torch.Tensor, reps: Optional[int] = None) -> List[float]:
+        """End-to-end latency of several models in ms, timed INTERLEAVED (one call of each per round), so
+        that load changes on a shared machine hit all of them alike and their ratios stay meaningful."""
+        x = example_input.to(self.device)
+        modes = [m.training for m in models]
+        for m in models:
+            m.eval()
+        old = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            with torch.no_grad():
+                for _ in range(max(1, self.warmup)):  # also lets sparse layers decide their path
+                    for m in models:
+                        m(x)
+                self._sync()
+                times: List[List[float]] = [[] for _ in models]
+                for _ in range(reps or self.reps):
+                    for i, m in enumerate(models):
+                        t0 = time.perf_counter()
+                        m(x)
+                        self._sync()
+                        times[i].append(time.perf_counter() - t0)
+        finally:
+            torch.set_num_threads(old)
+            for m, mode in zip(models, modes):
+                m.train(mode)
+        out = []
+        for ts in times:
+            ts.sort()
+            out.append((ts[0] if self.stat == "min" else ts[len(ts) // 2]) * 1e3)
+        return out
+
     def measure_model(self, model: nn.Module, example_input: torch.Tensor, reps: Optional[int] = None) -> float:
-        """Median end-to-end latency of ``model`` (eval mode, no grad) on ``example_input`` in ms.
+        """End-to-end latency of ``model`` (eval mode, no grad) on ``example_input`` in ms.
         Sparse layers pick their path (sparse kernel or dense fallback) during the warm-up."""
         was_training = model.training
         model.eval()
