@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("search and measurement")
     s.add_argument("--episodes", type=_positive_int, help=HELP["episodes"] + " [60]")
     s.add_argument("--search-batch", type=_positive_int, help=HELP["search_batch"] + " [8]")
-    s.add_argument("--dense-epochs", type=_positive_int, help=HELP["dense_epochs"] + " [10]")
+    s.add_argument("--dense-epochs", type=_positive_int, help=HELP["dense_epochs"] + " [8]")
     s.add_argument("--dense-lr", type=_positive_float, help=HELP["dense_lr"] + " [0.05]")
     s.add_argument("--latency-cache", choices=["user", "run"], help=HELP["latency_cache"] + " [user]")
     s.add_argument("--latency-batches", type=_positive_int, nargs="+", metavar="B", help=HELP["latency_batches"] + " [1 8]")

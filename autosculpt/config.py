@@ -23,7 +23,7 @@ _SPEC: Dict[str, tuple] = {
     "target_latency_ms": (None, "speed budget: latency at the search batch size, in ms"),
     "target_flops_ratio": (None, "speed budget: kept fraction of FLOPs (paper style)"),
     "episodes": (60, "search episodes (each evaluates one plan)"),
-    "dense_epochs": (10, "epochs to train the dense model when no weights are given (cached)"),
+    "dense_epochs": (8, "epochs to train the dense model when no weights are given (cached)"),
     "finetune_epochs": (5, "fine-tuning epochs of the pruned model"),
     "lr": (0.01, "fine-tuning peak learning rate (cosine schedule)"),
     "dense_lr": (0.05, "learning rate for training the dense model"),
