@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from typing import Dict
 
 import torch
@@ -58,7 +59,9 @@ def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: str, *,
     model = model.eval()
     dense = dense_equivalent(model).eval()
     paths: Dict[str, str] = {}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch.export's own pytree deprecation notices say nothing about the user's model.
+        warnings.filterwarnings("ignore", category=FutureWarning)
         want = model(example_input)
         for kind, m in (("pruned", model), ("dense_equivalent", dense)):
             ep = torch.export.export(m, (example_input,))
