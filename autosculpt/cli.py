@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--search-batch", type=_positive_int, help=HELP["search_batch"] + " [8]")
     s.add_argument("--dense-epochs", type=_positive_int, help=HELP["dense_epochs"] + " [10]")
     s.add_argument("--dense-lr", type=_positive_float, help=HELP["dense_lr"] + " [0.05]")
+    s.add_argument("--latency-cache", choices=["user", "run"], help=HELP["latency_cache"] + " [user]")
     s.add_argument("--latency-batches", type=_positive_int, nargs="+", metavar="B", help=HELP["latency_batches"] + " [1 8]")
     s.add_argument("--latency-reps", type=_positive_int, help=HELP["latency_reps"] + " [30]")
     o = p.add_argument_group("output")
@@ -191,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 _CONFIG_FLAGS = ("model", "model_args", "data", "image_size", "seed", "finetune_epochs", "lr", "batch_size",
                  "weight_decay", "momentum", "device", "threads", "backend", "progress", "weights", "target_speedup",
                  "target_latency_ms", "target_flops_ratio", "episodes", "search_batch", "dense_epochs", "dense_lr",
-                 "latency_batches", "latency_reps", "runs_dir", "name")
+                 "latency_cache", "latency_batches", "latency_reps", "runs_dir", "name")
 
 
 def _cli_values(args) -> dict:

@@ -70,6 +70,8 @@ def validate_config(cfg: dict) -> None:
     lb = cfg.get("latency_batches")
     if not isinstance(lb, list) or not lb or not all(isinstance(b, int) and b > 0 for b in lb):
         raise ValueError(f"latency_batches: expected a list of positive ints, got {lb!r}")
+    if cfg.get("latency_cache") not in ("user", "run"):
+        raise ValueError(f"latency_cache: expected 'user' or 'run', got {cfg.get('latency_cache')!r}")
     if cfg.get("weights") and not os.path.isfile(cfg["weights"]):
         raise FileNotFoundError(f"weights: file {cfg['weights']!r} does not exist")
     _device(cfg)
@@ -169,8 +171,8 @@ def run_prune(cfg: dict, run_dir: str, *, resume: bool = False, log: Log = print
     else:
         from .runtime.latency import LatencyModel
 
-        lm = LatencyModel(device, cache_path=os.path.join(cfgmod.cache_dir(), "latency_cache.json"),
-                          backend=cfg["backend"])
+        cache_folder = cfgmod.cache_dir() if cfg["latency_cache"] == "user" else os.path.join(run_dir, "search")
+        lm = LatencyModel(device, cache_path=os.path.join(cache_folder, "latency_cache.json"), backend=cfg["backend"])
         kwargs = {k: cfg[k] for k in ("target_speedup", "target_latency_ms", "target_flops_ratio") if cfg.get(k) is not None}
         if cfg.get("episodes") is not None:
             kwargs["episodes"] = cfg["episodes"]

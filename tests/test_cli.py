@@ -139,7 +139,7 @@ def test_export_and_bench_model(tiny_run, tmp_path, capsys):
 
 
 def test_resume_after_interruptions(cache, tmp_path, monkeypatch, capsys):
-    args = ["prune", *TINY, "--runs-dir", str(tmp_path), "--name", "r"]
+    args = ["prune", *TINY, "--runs-dir", str(tmp_path), "--name", "r", "--latency-cache", "run"]
     run = tmp_path / "r"
     real_search = pipeline._search_fn()
 
@@ -175,6 +175,7 @@ def test_resume_after_interruptions(cache, tmp_path, monkeypatch, capsys):
     assert main(["prune", "--resume", str(run), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "search: done before" in out
+    assert (run / "search" / "latency_cache.json").is_file()  # measured afresh, kept in the run folder
     assert json.loads((run / "finetune.json").read_text())["resumed_from"] == {"epoch": 0, "step": 2}
     assert (run / "report.md").is_file()
 
