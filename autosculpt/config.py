@@ -31,6 +31,7 @@ _SPEC: Dict[str, tuple] = {
     "weight_decay": (5e-4, "SGD weight decay"),
     "momentum": (0.9, "SGD momentum"),
     "search_batch": (8, "batch size whose latency the search budget applies to"),
+    "latency_cache": ("user", "measured kernel latencies: 'user' (cache folder, reused by later runs) or 'run' (measure afresh, keep in the run folder)"),
     "latency_batches": ([1, 8], "batch sizes of the latency measurement in the summary"),
     "latency_reps": (30, "timed repeats per latency measurement"),
     "threads": (None, "torch threads (default: torch's choice)"),

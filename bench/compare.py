@@ -75,18 +75,23 @@ class CompareConfig:
     """Which methods to run."""
     data: str = "digits"
     """``digits`` (8×8 for the digits CNN, upsampled to 32×32 for the other models) or ``cifar10:PATH``."""
-    episodes: int = 30
+    episodes: int = 32
     """Search episodes (one plan each) for autosculpt and paper_reward."""
-    finetune_epochs: int = 4
+    episodes_per_model: Dict[str, int] = field(default_factory=lambda: {"resnet20": 12})
+    """Per-model overrides of ``episodes`` (a ResNet-20 plan takes ~30× longer to evaluate than a digits CNN plan)."""
+    finetune_epochs: int = 2
     """Fine-tuning epochs for every method."""
+    finetune_epochs_per_model: Dict[str, int] = field(default_factory=lambda: {"resnet20": 1})
+    """Per-model overrides of ``finetune_epochs``."""
     finetune_lr: float = 0.01
     """Peak fine-tuning learning rate (cosine)."""
-    dense_epochs: int = 20
+    dense_epochs: int = 15
     """Training epochs of the dense model (cached)."""
     budget_batch: int = 8
     """Batch size the budget is stated and checked at (the search's latency-model input)."""
     threads: int = 1
-    """Threads for every latency measurement (training uses all cores)."""
+    """Threads for every latency measurement, and for training (on a shared 2-core machine one thread
+    trained 6-9× faster than two: OpenMP threads wait on each other when the cores are busy)."""
     latency: str = "measured"
     """``measured`` (``LatencyModel`` on this CPU) or ``flops`` (deterministic ``FlopsLatencyModel``, tests)."""
     repeats: int = 15
@@ -232,7 +237,7 @@ def run_method(method: str, cfg: CompareConfig, model_name: str, target: float, 
         budget = ({"target_speedup": target} if method == "autosculpt"
                   else {"target_flops_ratio": 1.0 - 1.0 / target})
         ck = work / "searches" / f"{model_name}-{method}-t{target:g}-s{seed}"
-        res = search(dense, train, val, **budget, episodes=cfg.episodes, seed=seed, checkpoint_dir=str(ck), resume=True,
+        res = search(dense, train, val, **budget, episodes=cfg.episodes_per_model.get(model_name, cfg.episodes), seed=seed, checkpoint_dir=str(ck), resume=True,
                      latency_model=lm, example_input=example, progress=False)
         plan, search_s = res.best_plan, res.wall_time_s
         extra.update(evaluated_plans=len(res.history), val_acc_before_finetune=res.best_record["val_acc"],
@@ -264,7 +269,7 @@ def run_method(method: str, cfg: CompareConfig, model_name: str, target: float, 
         extra["val_acc_before_finetune"] = evaluate(pruned, val)
 
     t_ft = time.perf_counter()
-    ft = finetune(pruned, train, val, test, FinetuneConfig(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, seed=seed),
+    ft = finetune(pruned, train, val, test, FinetuneConfig(epochs=cfg.finetune_epochs_per_model.get(model_name, cfg.finetune_epochs), lr=cfg.finetune_lr, seed=seed),
                   progress=False)
     ft_s = time.perf_counter() - t_ft
     _set_auto_path(pruned)
@@ -360,8 +365,8 @@ def run_compare(cfg: CompareConfig, out_json: Path, *, fresh: bool = False, work
         dense.eval()
         dense_acc = {"dense_val_acc": evaluate(dense, splits.val), "dense_test_acc": evaluate(dense, splits.test)}
         lm = make_latency_model(cfg, work)
-        for target in cfg.targets:
-            for seed in cfg.seeds:
+        for seed in cfg.seeds:  # seeds outermost: a run cut short still has whole seeds for every target
+            for target in cfg.targets:
                 plans_to_match = None
                 for method in cfg.methods:
                     key = (method, model_name, float(target), int(seed))
@@ -420,7 +425,8 @@ def summarize(records: List[dict]) -> List[dict]:
     return rows
 
 
-def render_markdown(records: List[dict], cfg: CompareConfig, command: str = "python -m bench.compare") -> str:
+def render_markdown(records: List[dict], cfg: CompareConfig, command: str = "python -m bench.compare",
+                    notes: Sequence[str] = ()) -> str:
     rows = summarize(records)
     seeds = sorted({r["seed"] for r in records})
     lines = [
@@ -431,26 +437,30 @@ def render_markdown(records: List[dict], cfg: CompareConfig, command: str = "pyt
         f"Data: `{cfg.data}` (digits: 8×8 for the digits CNN, upsampled to 32×32 for the others; fixed split, seed 0). "
         f"Dense models trained {cfg.dense_epochs} epochs once (seed 0); seeds {seeds} vary search, baselines and "
         f"fine-tuning.",
-        f"Budgets: search {cfg.episodes} episodes (one plan each; random search evaluates as many distinct plans as "
-        f"autosculpt did); fine-tuning {cfg.finetune_epochs} epochs, lr {cfg.finetune_lr}, for every method; latency "
+        f"Budgets: search {cfg.episodes} episodes (one plan each; overrides {cfg.episodes_per_model}; random search "
+        "evaluates as many distinct plans as "
+        f"autosculpt did); fine-tuning {cfg.finetune_epochs} epochs (overrides {cfg.finetune_epochs_per_model}), lr {cfg.finetune_lr}, the same for every method; latency "
         f"model: {cfg.latency}" + (f"; training subset {cfg.train_subset} images" if cfg.train_subset else "") + ".",
         "Accuracies: mean ± std over seeds (val = best fine-tuning epoch; test evaluated once). Latency: median over "
         "seeds of interleaved medians beside the dense model. met = the method's own end-to-end check with the "
         f"latency model at batch {cfg.budget_batch} (speedup ≥ 0.95 × target); final = the same on the final timing. "
         "paper_reward = the search with a FLOPs band (1 − 1/target of the prunable convs' MACs) and no latency term.",
         "",
-        "| model | target | method | val acc | test acc | ms b1 | ms b8 | speedup b1 | speedup b8 | met | final | MACs kept | search s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+    lines += [
+        "| model | target | method | n | val acc | test acc | ms b1 | ms b8 | speedup b1 | speedup b8 | met | final | MACs kept | search s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     last = None
     for r in rows:
         if (r["model"], r["target_speedup"]) != last:
             last = (r["model"], r["target_speedup"])
             dv, dt = r["dense_val_acc"], r["dense_test_acc"]
-            lines.append(f"| {r['model']} | {r['target_speedup']:g}× | *dense* | {dv:.3f} | {dt:.3f} | {r['dense_ms_b1']:.3f} "
+            lines.append(f"| {r['model']} | {r['target_speedup']:g}× | *dense* | | {dv:.3f} | {dt:.3f} | {r['dense_ms_b1']:.3f} "
                          f"| {r['dense_ms_b8']:.3f} | 1 | 1 | | | 1.00 | |")
         lines.append(
-            f"| {r['model']} | {r['target_speedup']:g}× | {r['method']} | {r['val_acc']} | {r['test_acc']} "
+            f"| {r['model']} | {r['target_speedup']:g}× | {r['method']} | {r['n']} | {r['val_acc']} | {r['test_acc']} "
             f"| {r['latency_ms_b1']:.3f} | {r['latency_ms_b8']:.3f} | {r['speedup_b1']} | {r['speedup_b8']} "
             f"| {r['met']} | {r['met_final']} | {r['macs_ratio']:.2f} | {r['search_seconds']:.0f} |")
     lines += ["", f"Reproduce: `{command}`", ""]
@@ -466,31 +476,44 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--models", nargs="+", default=None)
     ap.add_argument("--targets", nargs="+", type=float, default=None)
     ap.add_argument("--seeds", type=int, default=None, help=f"number of seeds (default {len(d.seeds)})")
+    ap.add_argument("--seed-offset", type=int, default=0, help="first seed (e.g. to run seeds in separate processes)")
     ap.add_argument("--methods", nargs="+", default=None, choices=METHODS)
     ap.add_argument("--data", default=None, help="digits (default) or cifar10:PATH")
     ap.add_argument("--episodes", type=int, default=None)
     ap.add_argument("--finetune-epochs", type=int, default=None)
     ap.add_argument("--dense-epochs", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None, help="threads of every latency measurement (default 1)")
+    ap.add_argument("--threads", type=int, default=None, help="threads of every latency measurement and of training (default 1)")
     ap.add_argument("--latency", choices=("measured", "flops"), default=None)
     ap.add_argument("--train-subset", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None, help="records JSON (default bench/results/compare.json)")
     ap.add_argument("--fresh", action="store_true", help="ignore earlier records in --out and start over")
+    ap.add_argument("--report-only", action="store_true", help="only rewrite the .md from the records in --out")
+    ap.add_argument("--note", action="append", default=[], help="a note for the .md (repeatable)")
+    ap.add_argument("--merge", nargs="+", type=Path, default=[],
+                    help="with --report-only: add the records of these files (same settings, e.g. runs of other "
+                         "seeds or models in separate processes) to --out first")
     args = ap.parse_args(argv)
 
     cfg = CompareConfig()
     if args.quick:
-        cfg = dataclasses.replace(cfg, models=["digits_cnn"], targets=[2.0], seeds=[0], episodes=4, finetune_epochs=1,
+        cfg = dataclasses.replace(cfg, models=["digits_cnn"], targets=[2.0], seeds=[0], episodes=4, episodes_per_model={},
+                                  finetune_epochs=1, finetune_epochs_per_model={},
                                   dense_epochs=3, repeats=5, train_subset=300)
     for name in ("models", "targets", "methods", "data", "episodes", "finetune_epochs", "dense_epochs", "threads",
                  "latency", "train_subset"):
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, name, v)
+    if args.episodes is not None:
+        cfg.episodes_per_model = {}
+    if args.finetune_epochs is not None:
+        cfg.finetune_epochs_per_model = {}
     if args.seeds is not None:
         if args.seeds < 1:
             ap.error("--seeds: expected a positive number of seeds")
-        cfg.seeds = list(range(args.seeds))
+        cfg.seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
+    elif args.seed_offset:
+        cfg.seeds = [s + args.seed_offset for s in cfg.seeds]
     if args.data and args.data != "digits" and args.models is None and not args.quick:
         cfg.models = ["resnet20"]  # the digits CNN is built for 8×8 inputs
     out = args.out
@@ -502,6 +525,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as exc:
         ap.error(str(exc))
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.report_only:
+        records = load_records(out, cfg.config_id())
+        done = {_key(r) for r in records}
+        for extra in args.merge:
+            for r in load_records(extra, cfg.config_id()):
+                if _key(r) not in done:
+                    records.append(r)
+                    done.add(_key(r))
+        if args.merge:
+            _atomic_write(out, json.dumps(records, indent=1))
+        _atomic_write(out.with_suffix(".md"), render_markdown(records, cfg, "python -m bench.compare", args.note))
+        print(f"[compare] wrote {out.with_suffix('.md')} from {len(records)} records")
+        return 0
     command = "python -m bench.compare" + "".join(" " + a for a in (argv if argv is not None else sys.argv[1:]))
     records = run_compare(cfg, out, fresh=args.fresh, command=command)
     print(render_markdown(records, cfg, command))

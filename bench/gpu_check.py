@@ -323,6 +323,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--providers", default="cuda,triton,auto")
     ap.add_argument("--batches", default="", help="comma-separated batch sizes instead of the default sweep")
     ap.add_argument("--max-shapes", type=int, default=0, help="only the first N layer shapes")
+    ap.add_argument("--with-models", action="store_true",
+                    help="afterwards, whole pruned models vs dense (bench/bench_models.py) -> OUTDIR/models-<card>.md")
     args = ap.parse_args(argv)
     if args.dry_run:
         args.device, args.quick = "cpu", True
@@ -337,6 +339,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     batches = [int(b) for b in args.batches.split(",") if b]
     run(args.outdir, args.device, args.quick, args.budget_s, providers, requested_batches=batches,
         max_shapes=args.max_shapes or None)
+    if args.with_models:  # optional section: the end-to-end model benchmark on the same device
+        from bench.bench_models import MODELS, run as run_models
+
+        card = card_slug(torch.cuda.get_device_name()) if args.device == "cuda" else "cpu-dryrun"
+        run_models(MODELS if not args.quick else MODELS[:1], [1, 8] if not args.quick else [1],
+                   10 if not args.quick else 2, args.outdir / f"models-{card}.md", device=args.device,
+                   compile_dense=not args.quick)
     return 0
 
 

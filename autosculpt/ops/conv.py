@@ -187,13 +187,26 @@ def _pattern_conv2d_op(
     if fn is None:
         _load_backend(backend)
         fn = CONV_BACKENDS[backend]
-    return fn(x, weight, tap_mask, bias, stride, padding, dilation, groups, cache_key)
+    out = fn(x, weight, tap_mask, bias, stride, padding, dilation, groups, cache_key)
+    # Inductor trusts the fake's strides: every backend's output must have exactly those.
+    fmt = output_memory_format(x)
+    if out.stride() != torch.empty(out.shape, device="meta", memory_format=fmt).stride():
+        out = torch.empty(out.shape, dtype=out.dtype, device=out.device, memory_format=fmt).copy_(out)
+    return out
+
+
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The op's output layout: channels_last for a channels_last CUDA input (as cuDNN does), otherwise
+    contiguous. The fake impl and all backends follow it, so torch.compile sees the real strides."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if (channels_last and x.device.type == "cuda") else torch.contiguous_format
 
 
 @_pattern_conv2d_op.register_fake
 def _(x, weight, tap_mask, bias, stride, padding, dilation, groups, backend, cache_key):
     oh, ow = conv_output_size(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding, dilation)
-    return x.new_empty((x.shape[0], weight.shape[0], oh, ow))
+    shape = (x.shape[0], weight.shape[0], oh, ow)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
 
 
 def _setup_context(ctx, inputs, output):
