@@ -26,8 +26,10 @@ TINY = ["--model-arg", "channels=[8,16,16,8]", "--dense-epochs", "1", "--episode
 
 @pytest.fixture(autouse=True)
 def keep_thread_count():
-    # `--threads` sets torch's global thread count; other tests in this process keep theirs.
+    # `--threads` sets torch's global thread count; other tests in this process keep theirs. Tiny
+    # models run on one thread (on a loaded 2-core machine OpenMP barriers make 2 threads 10x slower).
     n = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
 
@@ -279,7 +281,7 @@ def test_unknown_config_key_message(tmp_path, capsys):
 
 
 def test_console_entry_point_in_a_subprocess(tmp_path):
-    env = {**os.environ, "PYTHONPATH": REPO, "AUTOSCULPT_CACHE": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": REPO, "AUTOSCULPT_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
     bad = subprocess.run([sys.executable, "-m", "autosculpt", "prune", "--episodes", "zero"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
@@ -326,7 +328,7 @@ def test_real_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_run, tmp_path):
     import signal
     import time
 
-    env = {**os.environ, "PYTHONPATH": REPO, "AUTOSCULPT_CACHE": str(tiny_run["cache"])}
+    env = {**os.environ, "PYTHONPATH": REPO, "AUTOSCULPT_CACHE": str(tiny_run["cache"]), "OMP_NUM_THREADS": "1"}
     # Same model, data, seed and dense settings as the shared run: the dense model comes from the cache.
     # Batch 8 makes an epoch last long enough to be interrupted in the middle of one.
     args = [sys.executable, "-m", "autosculpt", "prune", *TINY, "--seed", "1", "--search-batch", "4",
