@@ -476,6 +476,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--models", nargs="+", default=None)
     ap.add_argument("--targets", nargs="+", type=float, default=None)
     ap.add_argument("--seeds", type=int, default=None, help=f"number of seeds (default {len(d.seeds)})")
+    ap.add_argument("--seed-offset", type=int, default=0, help="first seed (e.g. to run seeds in separate processes)")
     ap.add_argument("--methods", nargs="+", default=None, choices=METHODS)
     ap.add_argument("--data", default=None, help="digits (default) or cifar10:PATH")
     ap.add_argument("--episodes", type=int, default=None)
@@ -488,6 +489,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--fresh", action="store_true", help="ignore earlier records in --out and start over")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the .md from the records in --out")
     ap.add_argument("--note", action="append", default=[], help="a note for the .md (repeatable)")
+    ap.add_argument("--merge", nargs="+", type=Path, default=[],
+                    help="with --report-only: add the records of these files (same settings, e.g. runs of other "
+                         "seeds or models in separate processes) to --out first")
     args = ap.parse_args(argv)
 
     cfg = CompareConfig()
@@ -507,7 +511,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.seeds is not None:
         if args.seeds < 1:
             ap.error("--seeds: expected a positive number of seeds")
-        cfg.seeds = list(range(args.seeds))
+        cfg.seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
+    elif args.seed_offset:
+        cfg.seeds = [s + args.seed_offset for s in cfg.seeds]
     if args.data and args.data != "digits" and args.models is None and not args.quick:
         cfg.models = ["resnet20"]  # the digits CNN is built for 8×8 inputs
     out = args.out
@@ -521,6 +527,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     if args.report_only:
         records = load_records(out, cfg.config_id())
+        done = {_key(r) for r in records}
+        for extra in args.merge:
+            for r in load_records(extra, cfg.config_id()):
+                if _key(r) not in done:
+                    records.append(r)
+                    done.add(_key(r))
+        if args.merge:
+            _atomic_write(out, json.dumps(records, indent=1))
         _atomic_write(out.with_suffix(".md"), render_markdown(records, cfg, "python -m bench.compare", args.note))
         print(f"[compare] wrote {out.with_suffix('.md')} from {len(records)} records")
         return 0

@@ -346,12 +346,14 @@ class LatencyModel(_BaseLatencyModel):
         pattern_set: the patterns of the plans to predict (defines the grid).
         reps, warmup: timing repeats and warm-up calls per measurement.
         stat: "min" (default, robust to one-sided noise on shared machines) or "median" of the repeats.
+        rounds: ``profile`` spreads each measurement's repeats over this many passes over all layers
+            (minimum kept), see :meth:`_measure_in_rounds`.
         threads: CPU threads during measurement (default: ``torch.get_num_threads()`` now).
     """
 
     def __init__(self, device: str | torch.device = "cpu", cache_path: Optional[str] = None, backend: str = "auto",
                  pattern_set: PatternSet = PAPER6, reps: int = 15, warmup: int = 3, threads: Optional[int] = None,
-                 stat: str = "min"):
+                 stat: str = "min", rounds: int = 3):
         super().__init__(pattern_set)
         try:
             self.device = torch.device(device)
@@ -360,6 +362,9 @@ class LatencyModel(_BaseLatencyModel):
         if not isinstance(reps, int) or reps < 1:
             raise ValueError(f"reps: expected a positive int, got {reps!r}")
         self.backend = self._resolve_backend(backend)
+        if not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"rounds: expected a positive int, got {rounds!r}")
+        self.rounds = rounds
         if stat not in ("min", "median"):
             raise ValueError(f"stat: expected 'min' or 'median', got {stat!r}")
         self.reps, self.warmup, self.stat = reps, warmup, stat
@@ -369,6 +374,7 @@ class LatencyModel(_BaseLatencyModel):
         self._cache: Dict[str, float] = {}
         self._grid: Dict[str, List[Tuple[float, float]]] = {}
         self.measurements = 0  # timings actually run (cache misses)
+        self._model_ms: Optional[float] = None
         if self.cache_path is not None:
             self._cache = self._load_cache()
 
@@ -536,12 +542,68 @@ class LatencyModel(_BaseLatencyModel):
             model.train(was_training)
 
     def _measure_remainder(self, model, example_input):
-        total = self.measure_model(model, example_input)
+        total = self._model_ms if self._model_ms is not None else self.measure_model(model, example_input)
         return max(0.0, total - sum(self._dense_ms.values()))
+
+    def _measure_in_rounds(self, model: nn.Module, example_input: torch.Tensor, progress: bool) -> None:
+        """Fills the cache for every uncached (layer shape, dense | grid mix) and times the whole dense
+        model, in ``rounds`` passes over all of them, keeping each one's minimum. Spreading a
+        measurement's repeats over the whole profiling time (instead of one burst) makes the minimum
+        robust to load that comes and goes on a shared machine, and times the model and its layers
+        under the same conditions (their difference is the remainder)."""
+        from ..nn.conv import PatternConv2d
+
+        jobs: Dict[str, Callable[[], object]] = {}
+        for info in _collect_layers(model, example_input, self.pattern_set).values():
+            sig = self._layer_signature(info)
+            conv, x = self._make_conv(info)
+            dense_key = self._key(sig, "dense")
+            if dense_key not in self._cache and dense_key not in jobs:
+                jobs[dense_key] = (lambda c, t: lambda: c(t))(conv, x)
+            for g in keep_level_grid(self.pattern_set):
+                mask = grid_mask(self.pattern_set, g, info["c_out"])
+                key = self._key(sig, "sparse", _mix_signature(mask))
+                if key not in self._cache and key not in jobs:
+                    layer = PatternConv2d.from_dense(conv, mask.to(self.device), backend=self.backend, path="sparse").eval()
+                    jobs[key] = (lambda c, t: lambda: c(t))(layer, x)
+        was_training = model.training
+        model.eval()
+        xm = example_input.to(self.device)
+        jobs["__model__"] = lambda: model(xm)
+        best: Dict[str, float] = {}
+        per_round = max(1, -(-self.reps // self.rounds))
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.rounds * len(jobs), desc="latency profile", unit="timing")
+        old = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            with torch.no_grad():
+                for r in range(self.rounds):
+                    for key, fn in jobs.items():
+                        t = _time_ms(fn, per_round, self.warmup if r == 0 else 1, self._sync, self.stat)
+                        best[key] = min(best.get(key, float("inf")), t)
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            torch.set_num_threads(old)
+            model.train(was_training)
+            if bar is not None:
+                bar.close()
+        self._model_ms = best.pop("__model__")
+        self.measurements += len(best)
+        self._cache.update(best)
 
     def profile(self, model, example_input, progress: bool = False):
         """Measures (or loads from the cache) every prunable layer's dense time and its sparse grid,
         and the dense model's remainder; saves the cache. Returns self."""
-        super().profile(model, example_input, progress)
+        if not isinstance(model, nn.Module) or not isinstance(example_input, torch.Tensor):
+            return super().profile(model, example_input, progress)  # raises the argument errors
+        self._model_ms = None
+        self._measure_in_rounds(model, example_input, progress)
+        super().profile(model, example_input, progress=False)
+        self._model_ms = None
         self.save_cache()
         return self
