@@ -8,6 +8,15 @@ from torch import nn
 from autosculpt.rl.ppo import PPO, MLPActorCritic, PPOConfig, compute_gae
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny networks: one thread avoids OpenMP fork/join overhead, which dominates on 2 shared cores."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 class MatchTargetEnv:
     """Each step shows a random target in {0..k-1} (one-hot) plus the step counter; action == target
     earns 1. Episodes last ``length`` steps, so the optimal return is ``length`` and a random policy
