@@ -140,8 +140,11 @@ class PatternConv2d(nn.Module):
 
     def __del__(self):
         key = self.__dict__.get("_cache_key")
-        if key:
-            conv_ops.release_cache(key)
+        if key and conv_ops is not None:  # module globals may already be gone at interpreter exit
+            try:
+                conv_ops.release_cache(key)
+            except Exception:  # noqa: BLE001 - never raise from a finalizer
+                pass
 
     # -- accounting ----------------------------------------------------------------------
     def kept_fraction(self) -> float:

@@ -8,6 +8,7 @@ so ``torch.compile`` and ``torch.export`` see one op). Backends are plain functi
 from __future__ import annotations
 
 import itertools
+import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -271,8 +272,6 @@ def _packed_weights(ext, weight: torch.Tensor, tap_mask: torch.Tensor, groups: i
 def release_cache(cache_key: int) -> None:
     """Drops the packed weights cached under ``cache_key`` (a layer being deleted or replaced)."""
     _PACKED.pop(cache_key, None)
-    import sys
-
     gpu_groups = sys.modules.get("autosculpt.ops._pattern_groups")  # GPU backends' cache, if loaded
     if gpu_groups is not None:
         gpu_groups.release(cache_key)
