@@ -9,6 +9,8 @@ import difflib
 import os
 from typing import Any, Dict, Optional
 
+from ._atomic import atomic_write_text
+
 __all__ = ["DEFAULTS", "HELP", "load_config_file", "resolve_config", "save_config", "cache_dir"]
 
 # key -> (default, help). Order is the order of config.yaml.
@@ -120,7 +122,4 @@ def save_config(cfg: Dict[str, Any], path: str) -> None:
         if k in cfg:
             lines.append(f"# {HELP[k]}")
             lines.append(f"{k}: {json.dumps(cfg[k])}")  # JSON values are valid YAML flow scalars
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines) + "\n")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
@@ -21,6 +20,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
+from ._atomic import atomic_torch_save
 from ._version import __version__
 from .plan import PLAN_VERSION, sparsify, validate_plan
 
@@ -40,23 +40,6 @@ class SavedModel:
     meta: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     extra_state: dict = field(default_factory=dict)
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, then an atomic rename: a crash or
-    Ctrl-C never leaves a half-written file under ``path``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def plan_from_model(model: nn.Module) -> dict:

@@ -29,7 +29,6 @@ import copy
 import json
 import os
 import platform
-import tempfile
 import time
 import warnings
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
+from .._atomic import atomic_write_text
 from ..patterns import PAPER6, PatternSet, masks_from_ids
 
 __all__ = ["LatencyModel", "FlopsLatencyModel", "plan_tap_masks", "keep_level_grid", "device_name"]
@@ -413,17 +413,7 @@ class LatencyModel(_BaseLatencyModel):
         """Writes the cache atomically (temp file in the same folder, then ``os.replace``)."""
         if self.cache_path is None:
             return
-        folder = os.path.dirname(os.path.abspath(self.cache_path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".latency-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"format": CACHE_FORMAT, "entries": self._cache}, f, indent=0, sort_keys=True)
-            os.replace(tmp, self.cache_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_text(self.cache_path, json.dumps({"format": CACHE_FORMAT, "entries": self._cache}, indent=0, sort_keys=True))
 
     # -- timing ---------------------------------------------------------------------------
     def _sync(self):
