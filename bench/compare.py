@@ -75,13 +75,13 @@ class CompareConfig:
     """Which methods to run."""
     data: str = "digits"
     """``digits`` (8×8 for the digits CNN, upsampled to 32×32 for the other models) or ``cifar10:PATH``."""
-    episodes: int = 32
+    episodes: int = 48
     """Search episodes (one plan each) for autosculpt and paper_reward."""
-    episodes_per_model: Dict[str, int] = field(default_factory=lambda: {"resnet20": 12})
+    episodes_per_model: Dict[str, int] = field(default_factory=lambda: {"resnet20": 24})
     """Per-model overrides of ``episodes`` (a ResNet-20 plan takes ~30× longer to evaluate than a digits CNN plan)."""
-    finetune_epochs: int = 2
+    finetune_epochs: int = 4
     """Fine-tuning epochs for every method."""
-    finetune_epochs_per_model: Dict[str, int] = field(default_factory=lambda: {"resnet20": 1})
+    finetune_epochs_per_model: Dict[str, int] = field(default_factory=dict)
     """Per-model overrides of ``finetune_epochs``."""
     finetune_lr: float = 0.01
     """Peak fine-tuning learning rate (cosine)."""
@@ -524,7 +524,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg.check()
     except ValueError as exc:
         ap.error(str(exc))
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(cfg.threads)  # training too: see CompareConfig.threads
     if args.report_only:
         records = load_records(out, cfg.config_id())
         done = {_key(r) for r in records}

@@ -68,14 +68,28 @@ def compare_section(records: List[dict]) -> List[str]:
                 f"| {_mean_std([r['val_acc'] for r in rs])} | {_mean_std([r['speedup_b1'] for r in rs])} "
                 f"| {_mean_std([r['speedup_b8'] for r in rs])} | {sum(bool(r['met_budget']) for r in rs)}/{len(rs)} "
                 f"| {statistics.fmean(r['search_seconds'] for r in rs):.0f} |")
-    out += ["", "Reproduce: `python -m bench.compare` (about 30–40 min on 2 cores; `--quick` for a smoke run).", ""]
+    out.append("")
+    for (model, target), by_method in sorted(groups.items()):
+        ok = {m: rs for m, rs in by_method.items() if 2 * sum(bool(r["met_budget"]) for r in rs) > len(rs)}
+        if ok:
+            best = max(ok, key=lambda m: statistics.fmean(r["test_acc"] for r in ok[m]))
+            out.append(f"- {model} at {target:g}×: methods meeting the budget in most seeds: {', '.join(sorted(ok))}; "
+                       f"most accurate of them: **{best}** "
+                       f"(test {statistics.fmean(r['test_acc'] for r in ok[best]):.3f}).")
+        else:
+            out.append(f"- {model} at {target:g}×: no method met the budget in most seeds.")
+    minutes = sum(r.get("wall_seconds", 0.0) for r in records) / 60
+    out += ["", f"Reproduce: `python -m bench.compare` (the records above took {minutes:.0f} min of run time in all, "
+                "dense training excluded; `--quick` for a smoke run).", ""]
     return out
 
 
 def models_section(data) -> List[str]:
     """The whole-model speedup table from models-cpu.json (a list of rows, or {"machine", "records"})."""
+    summary, load = None, None
     if isinstance(data, dict):
         machine, threads, rows, notes = data.get("machine"), data.get("threads"), data.get("records", []), data.get("notes", [])
+        summary, load = data.get("summary"), data.get("loadavg_start_end")
     else:
         machine, threads, rows, notes = None, None, data, []
     if not rows and not notes:
@@ -93,7 +107,10 @@ def models_section(data) -> List[str]:
     for r in rows:
         out.append(f"| {r['model']} | {r['target']:g}× | {r['batch']} | {r['ideal']:.2f} | {r['speedup']:.2f} "
                    f"| {r['speedup'] / r['ideal']:.2f} | {r['speedup_vs_compiled']:.2f} |")
-    out += [""] + [f"- {n}" for n in notes] + (["" ] if notes else [])
+    extra = ([summary] if summary else []) + notes
+    if load and load[0] is not None:
+        extra.append(f"load average during the run {load[0]:.1f} / {load[1]:.1f} (shared machine)")
+    out += [""] + [f"- {n}" for n in extra] + ([""] if extra else [])
     out += ["Reproduce: `python -m bench.bench_models`.", ""]
     return out
 

@@ -243,6 +243,7 @@ def test_readme_results_rewrites_only_between_markers_and_is_idempotent(tmp_path
     assert "old stuff 123" not in text
     assert "| resnet20 | 2× | autosculpt | 0.805 ± 0.007 | 0.905 ± 0.007 | 1.500 ± 0.000 | 2.100 ± 0.000 | 2/2 | 10 |" in text
     assert "| resnet20 | 2× | uniform |" in text and "0/2" in text
+    assert "resnet20 at 2×: methods meeting the budget in most seeds: autosculpt; most accurate of them: **autosculpt**" in text
     assert "| vgg16 | 2× | 1 | 2.00 | 1.70 | 0.85 | 1.50 |" in text and "TestCPU" in text and "- a note" in text
     assert "python -m bench.compare" in text and "python -m bench.bench_models" in text
     assert not update_readme(readme, build_section(results))  # idempotent
