@@ -141,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("search and measurement")
     s.add_argument("--episodes", type=_positive_int, help=HELP["episodes"] + " [60]")
     s.add_argument("--search-batch", type=_positive_int, help=HELP["search_batch"] + " [8]")
-    s.add_argument("--dense-epochs", type=_positive_int, help=HELP["dense_epochs"] + " [10]")
+    s.add_argument("--dense-epochs", type=_positive_int, help=HELP["dense_epochs"] + " [8]")
     s.add_argument("--dense-lr", type=_positive_float, help=HELP["dense_lr"] + " [0.05]")
+    s.add_argument("--latency-cache", choices=["user", "run"], help=HELP["latency_cache"] + " [user]")
     s.add_argument("--latency-batches", type=_positive_int, nargs="+", metavar="B", help=HELP["latency_batches"] + " [1 8]")
     s.add_argument("--latency-reps", type=_positive_int, help=HELP["latency_reps"] + " [30]")
     o = p.add_argument_group("output")
@@ -191,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 _CONFIG_FLAGS = ("model", "model_args", "data", "image_size", "seed", "finetune_epochs", "lr", "batch_size",
                  "weight_decay", "momentum", "device", "threads", "backend", "progress", "weights", "target_speedup",
                  "target_latency_ms", "target_flops_ratio", "episodes", "search_batch", "dense_epochs", "dense_lr",
-                 "latency_batches", "latency_reps", "runs_dir", "name")
+                 "latency_cache", "latency_batches", "latency_reps", "runs_dir", "name")
 
 
 def _cli_values(args) -> dict:
@@ -219,7 +220,7 @@ def _say(msg: str) -> None:
 
 def _cmd_prune(args) -> int:
     from .config import load_config_file
-    from .pipeline import new_run_dir, run_prune
+    from .pipeline import Interrupted, new_run_dir, run_prune
     from .report import format_table, summary_table
 
     resume = args.resume is not None and args.resume is not False
@@ -243,7 +244,10 @@ def _cmd_prune(args) -> int:
 
     validate_config(cfg)
     _say(f"autosculpt prune -> {run_dir}")
-    summary = run_prune(cfg, run_dir, resume=resume, log=_say)
+    try:
+        summary = run_prune(cfg, run_dir, resume=resume, log=_say)
+    except (Interrupted, KeyboardInterrupt) as e:
+        raise Interrupted(f"{str(e) or 'interrupted'}; continue with 'autosculpt prune --resume {run_dir}'") from None
     _say("")
     _say(format_table(summary_table(summary), header=("", "dense", "pruned", "dense/pruned")))
     _say("")
@@ -268,7 +272,9 @@ def _cmd_finetune(args) -> int:
     # The data set recorded in the model file is used unless the flag or the config file names one.
     data_given = args.data or file_values.get("data")
     res = run_finetune(args.model_file, cfg, data_spec=data_given, out=args.out, checkpoint=args.checkpoint,
-                       resume=args.resume, model_spec=args.model, log=_say)
+                       resume=args.resume, model_spec=args.model,
+                       image_size_given=args.image_size or file_values.get("image_size"),
+                       log=_say if os.environ.get("RANK", "0") == "0" else (lambda msg: None))
     if res is not None and is_main_process():
         _say(f"fine-tuned on {res['data']} with {res['world_size']} process(es): best val acc {res['best_val_acc']:.4f} "
              f"(epoch {res['best_epoch']}), test acc {res['test_acc']:.4f}")
@@ -359,10 +365,39 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _terminate_like_ctrl_c():
+    """SIGTERM (a scheduler's or torchrun's stop) saves a checkpoint like Ctrl-C does. Returns the
+    previous handler (restored when ``main`` returns), or None where handlers cannot be set."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):  # not allowed here (embedded interpreters)
+        return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``autosculpt`` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("AUTOSCULPT_DEBUG", "") not in ("", "0")
+    previous_sigterm = _terminate_like_ctrl_c()
+    try:
+        return _run(argv, debug)
+    finally:
+        if previous_sigterm is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _run(argv: List[str], debug: bool) -> int:
     from .pipeline import Interrupted
 
     try:
@@ -380,7 +415,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (Interrupted, KeyboardInterrupt) as e:
         msg = str(e) or "interrupted"
         hint = ""
-        if argv and argv[0] == "prune":
+        if "--resume" in msg:
+            pass
+        elif argv and argv[0] == "prune":
             hint = "; continue with 'autosculpt prune --resume RUN_DIR'"
         elif argv and argv[0] == "finetune":
             hint = "; continue with the same command plus --resume"

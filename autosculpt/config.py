@@ -9,6 +9,8 @@ import difflib
 import os
 from typing import Any, Dict, Optional
 
+from ._atomic import atomic_write_text
+
 __all__ = ["DEFAULTS", "HELP", "load_config_file", "resolve_config", "save_config", "cache_dir"]
 
 # key -> (default, help). Order is the order of config.yaml.
@@ -23,7 +25,7 @@ _SPEC: Dict[str, tuple] = {
     "target_latency_ms": (None, "speed budget: latency at the search batch size, in ms"),
     "target_flops_ratio": (None, "speed budget: kept fraction of FLOPs (paper style)"),
     "episodes": (60, "search episodes (each evaluates one plan)"),
-    "dense_epochs": (10, "epochs to train the dense model when no weights are given (cached)"),
+    "dense_epochs": (8, "epochs to train the dense model when no weights are given (cached)"),
     "finetune_epochs": (5, "fine-tuning epochs of the pruned model"),
     "lr": (0.01, "fine-tuning peak learning rate (cosine schedule)"),
     "dense_lr": (0.05, "learning rate for training the dense model"),
@@ -31,6 +33,7 @@ _SPEC: Dict[str, tuple] = {
     "weight_decay": (5e-4, "SGD weight decay"),
     "momentum": (0.9, "SGD momentum"),
     "search_batch": (8, "batch size whose latency the search budget applies to"),
+    "latency_cache": ("user", "measured kernel latencies: 'user' (cache folder, reused by later runs) or 'run' (measure afresh, keep in the run folder)"),
     "latency_batches": ([1, 8], "batch sizes of the latency measurement in the summary"),
     "latency_reps": (30, "timed repeats per latency measurement"),
     "threads": (None, "torch threads (default: torch's choice)"),
@@ -119,7 +122,4 @@ def save_config(cfg: Dict[str, Any], path: str) -> None:
         if k in cfg:
             lines.append(f"# {HELP[k]}")
             lines.append(f"{k}: {json.dumps(cfg[k])}")  # JSON values are valid YAML flow scalars
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines) + "\n")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from typing import Dict
 
 import torch
@@ -58,7 +59,9 @@ def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: str, *,
     model = model.eval()
     dense = dense_equivalent(model).eval()
     paths: Dict[str, str] = {}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch.export's own pytree deprecation notices say nothing about the user's model.
+        warnings.filterwarnings("ignore", category=FutureWarning)
         want = model(example_input)
         for kind, m in (("pruned", model), ("dense_equivalent", dense)):
             ep = torch.export.export(m, (example_input,))
@@ -78,11 +81,13 @@ def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: str, *,
         # The exporter logs one warning per torchvision op it cannot find; irrelevant here.
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         path = os.path.join(out_dir, "dense_equivalent.onnx")
-        with torch.no_grad():
+        arg = _forward_arg(dense)  # the batch dimension of the ONNX input stays dynamic
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
             prog = torch.onnx.export(dense, (example_input,), dynamo=True, opset_version=opset,
                                      input_names=["input"], output_names=["logits"],
-                                     dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}}
-                                     if _forward_arg(dense) == "x" else None, verbose=False)
+                                     dynamic_shapes={arg: {0: torch.export.Dim("batch", min=1, max=4096)}}
+                                     if arg else None, verbose=False)
         prog.save(path)
         import onnx as _onnx
 

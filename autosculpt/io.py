@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
@@ -21,6 +20,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
+from ._atomic import atomic_torch_save
 from ._version import __version__
 from .plan import PLAN_VERSION, sparsify, validate_plan
 
@@ -39,23 +39,7 @@ class SavedModel:
     state_dict: dict
     meta: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, then an atomic rename: a crash or
-    Ctrl-C never leaves a half-written file under ``path``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    extra_state: dict = field(default_factory=dict)
 
 
 def plan_from_model(model: nn.Module) -> dict:
@@ -105,11 +89,17 @@ def save(model: nn.Module, path: str, plan: Optional[dict] = None, *, meta: Opti
         meta_json = json.dumps(meta or {})
     except TypeError as e:
         raise TypeError(f"plan/meta: must be JSON-serialisable ({e})") from None
-    state = {}
+    state, extra = {}, {}
     for k, v in model.state_dict().items():
-        if not isinstance(v, torch.Tensor):
-            raise TypeError(f"state_dict entry {k!r} is a {type(v).__name__}; only tensors can be saved safely")
-        state[k] = v.detach().cpu().clone()
+        if isinstance(v, torch.Tensor):
+            state[k] = v.detach().cpu().clone()
+            continue
+        # Module extra state (e.g. PatternAttention's head patterns) travels as JSON, never pickled.
+        try:
+            extra[k] = json.loads(json.dumps(v))
+        except (TypeError, ValueError):
+            raise TypeError(f"state_dict entry {k!r} is a {type(v).__name__} that is not JSON data; "
+                            "only tensors and JSON-able extra state can be saved safely") from None
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -117,6 +107,7 @@ def save(model: nn.Module, path: str, plan: Optional[dict] = None, *, meta: Opti
         "plan_json": plan_json,
         "meta_json": meta_json,
         "state_dict": state,
+        "extra_state_json": json.dumps(extra),
     }
     atomic_torch_save(payload, path)
     return os.fspath(path)
@@ -144,6 +135,7 @@ def read(path: str, map_location="cpu") -> SavedModel:
     try:
         plan = json.loads(payload["plan_json"])
         meta = json.loads(payload.get("meta_json") or "{}")
+        extra = json.loads(payload.get("extra_state_json") or "{}")
         state = payload["state_dict"]
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path!r} is corrupt: {type(e).__name__}: {e}") from None
@@ -154,7 +146,9 @@ def read(path: str, map_location="cpu") -> SavedModel:
             raise ValueError(f"{path!r} holds an invalid plan: {e}") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise ValueError(f"{path!r} is corrupt: state_dict must map names to tensors")
-    return SavedModel(plan, state, meta if isinstance(meta, dict) else {}, payload.get("versions") or {})
+    if not isinstance(extra, dict):
+        raise ValueError(f"{path!r} is corrupt: extra state must be a JSON object")
+    return SavedModel(plan, state, meta if isinstance(meta, dict) else {}, payload.get("versions") or {}, extra)
 
 
 def _factory_from_meta(meta: dict, path: str) -> Callable[[], nn.Module]:
@@ -209,7 +203,7 @@ def load(path: str, model_factory: Union[Callable[[], nn.Module], nn.Module, str
             msg = e.args[0] if e.args else str(e)
             raise ValueError(f"{path!r} does not match the model: {msg}") from None
     expected_masks = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("tap_mask")}
-    _load_state_strict(model, saved.state_dict, path)
+    _load_state_strict(model, {**saved.state_dict, **saved.extra_state}, path)
     for k, m in expected_masks.items():
         if not torch.equal(model.state_dict()[k].cpu(), m.cpu()):
             raise ValueError(f"{path!r} is inconsistent: {k} in its weights disagrees with its plan")
@@ -221,7 +215,8 @@ def _load_state_strict(model: nn.Module, state: dict, path: str) -> None:
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own
-              if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+              if k in state and isinstance(own[k], torch.Tensor) and isinstance(state[k], torch.Tensor)
+              and tuple(own[k].shape) != tuple(state[k].shape)]
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} entries (e.g. {', '.join(missing[:3])})")
@@ -231,4 +226,7 @@ def _load_state_strict(model: nn.Module, state: dict, path: str) -> None:
         problems.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:2])})")
     if problems:
         raise ValueError(f"{path!r} does not match the model: " + "; ".join(problems))
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError) as e:  # e.g. extra state that disagrees with the plan
+        raise ValueError(f"{path!r} does not match the model: {' '.join(str(e).split())[:300]}") from None

@@ -40,12 +40,27 @@ def count_params(model: nn.Module) -> int:
 @torch.no_grad()
 def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
     """Multiply-accumulates of conv and linear layers for ONE sample of ``example_input``'s shape."""
+    from .nn.attention import PatternAttention
+    from .nn.linear import PatternLinear
+
     pc = _pattern_conv_cls()
     total = [0]
 
     def hook(m, inputs, out):
+        if isinstance(out, tuple):  # attention modules return (output, weights)
+            out = out[0]
         n = out.shape[0]
-        if isinstance(m, pc):
+        if isinstance(m, (nn.MultiheadAttention, PatternAttention)):
+            x = inputs[0]
+            length = x.shape[1] if m.batch_first else x.shape[0]
+            e = m.embed_dim
+            if isinstance(m, PatternAttention):  # projections are nn.Linear children, counted there
+                total[0] += int(2 * length * length * e * m.kept_fraction(length))
+            else:  # in/out projections are raw parameters here: count them with the attention
+                total[0] += 4 * length * e * e + 2 * length * length * e
+        elif isinstance(m, PatternLinear):
+            total[0] += (out.numel() // n // max(out.shape[-1], 1)) * m.weight.numel()
+        elif isinstance(m, pc):
             oh, ow = out.shape[2], out.shape[3]
             total[0] += int(m.tap_mask.sum()) * (m.in_channels // m.groups) * oh * ow
         elif isinstance(m, nn.Conv2d):
@@ -57,8 +72,9 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
             if callable(fn):
                 total[0] += int(fn(inputs[0][:1]))
 
+    kinds = (nn.Conv2d, nn.Linear, pc, nn.MultiheadAttention, PatternAttention, PatternLinear)
     handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear, pc)) or callable(getattr(m, "flops", None))]
+               if isinstance(m, kinds) or callable(getattr(m, "flops", None))]
     was = model.training
     model.eval()
     try:

@@ -70,6 +70,8 @@ def validate_config(cfg: dict) -> None:
     lb = cfg.get("latency_batches")
     if not isinstance(lb, list) or not lb or not all(isinstance(b, int) and b > 0 for b in lb):
         raise ValueError(f"latency_batches: expected a list of positive ints, got {lb!r}")
+    if cfg.get("latency_cache") not in ("user", "run"):
+        raise ValueError(f"latency_cache: expected 'user' or 'run', got {cfg.get('latency_cache')!r}")
     if cfg.get("weights") and not os.path.isfile(cfg["weights"]):
         raise FileNotFoundError(f"weights: file {cfg['weights']!r} does not exist")
     _device(cfg)
@@ -169,8 +171,8 @@ def run_prune(cfg: dict, run_dir: str, *, resume: bool = False, log: Log = print
     else:
         from .runtime.latency import LatencyModel
 
-        lm = LatencyModel(device, cache_path=os.path.join(cfgmod.cache_dir(), "latency_cache.json"),
-                          backend=cfg["backend"])
+        cache_folder = cfgmod.cache_dir() if cfg["latency_cache"] == "user" else os.path.join(run_dir, "search")
+        lm = LatencyModel(device, cache_path=os.path.join(cache_folder, "latency_cache.json"), backend=cfg["backend"])
         kwargs = {k: cfg[k] for k in ("target_speedup", "target_latency_ms", "target_flops_ratio") if cfg.get(k) is not None}
         if cfg.get("episodes") is not None:
             kwargs["episodes"] = cfg["episodes"]
@@ -184,7 +186,8 @@ def run_prune(cfg: dict, run_dir: str, *, resume: bool = False, log: Log = print
         except KeyboardInterrupt:
             raise Interrupted(f"search interrupted; its state is saved in {os.path.join(run_dir, 'search')}") from None
         for w in caught:
-            log(f"search: warning: {w.message}")
+            text = str(w.message)
+            log(f"search: warning: {text[len('search: '):] if text.startswith('search: ') else text}")
         result.save(result_path)
     stage_s["search"] = time.perf_counter() - t0
     plan = result.best_plan
@@ -269,7 +272,7 @@ def run_prune(cfg: dict, run_dir: str, *, resume: bool = False, log: Log = print
 
 def run_finetune(model_file: str, cfg: dict, *, data_spec: Optional[str] = None, out: Optional[str] = None,
                  checkpoint: Optional[str] = None, resume: bool = False, model_spec: Optional[str] = None,
-                 log: Log = print) -> Optional[dict]:
+                 image_size_given: Optional[int] = None, log: Log = print) -> Optional[dict]:
     """Fine-tunes a saved pruned model (``autosculpt finetune``); DDP when launched by torchrun.
 
     The data set, model and seed default to those recorded in the file. Rank 0 writes ``out``
@@ -285,8 +288,16 @@ def run_finetune(model_file: str, cfg: dict, *, data_spec: Optional[str] = None,
     device = dist_device if dist_device is not None else _device(cfg)
     saved = read(model_file)
     meta = saved.meta
+    from_file = data_spec is None
     data_spec = data_spec or meta.get("data") or cfg["data"]
-    splits = get_dataset(data_spec, cfg["seed"], image_size=cfg["image_size"])
+    image_size = cfg["image_size"]
+    if from_file and image_size_given is None and meta.get("input_shape"):
+        image_size = int(meta["input_shape"][-1])  # the resolution the model was trained at
+    elif image_size_given is not None:
+        image_size = image_size_given
+    splits = get_dataset(data_spec, cfg["seed"], image_size=image_size)
+    if meta.get("input_shape") and tuple(meta["input_shape"]) != tuple(splits.input_shape):
+        log(f"finetune: note: the model was trained on inputs {tuple(meta['input_shape'])}, the data gives {splits.input_shape}")
     if model_spec:
         factory, _ = resolve_model(model_spec, splits.num_classes, splits.input_shape, cfg.get("model_args") or meta.get("model_args"))
         model = load(model_file, factory, backend=cfg["backend"])

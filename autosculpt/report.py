@@ -16,6 +16,8 @@ import json
 import os
 from typing import Dict, List, Optional, Sequence
 
+from ._atomic import atomic_write_text
+
 __all__ = ["render_report", "write_json", "read_json", "pareto_front", "history_series", "PLOTS"]
 
 PLOTS = ("search_progress.png", "pareto.png", "pattern_mix.png", "layer_latency.png")
@@ -31,11 +33,7 @@ _FLOPS_KEYS = ("flops", "macs")
 
 def write_json(obj, path: str) -> None:
     """Writes JSON atomically (temporary file + rename)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
 def _json_default(o):
@@ -318,7 +316,5 @@ def render_report(run_dir: str) -> str:
         "- `plan.json`, `search_result.json`, `summary.json`, `layer_latency.json`, `config.yaml`.", "",
     ]
     out = os.path.join(run_dir, "report.md")
-    with open(out + ".tmp", "w") as f:
-        f.write("\n".join(lines))
-    os.replace(out + ".tmp", out)
+    atomic_write_text(out, "\n".join(lines))
     return out

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import nn
 
+from ._atomic import atomic_torch_save, atomic_write_text
 from .patterns import PAPER6, PatternSet
 from .rl.env import Budget, PruningEnv
 from .rl.policy import GNNActorCritic
@@ -84,7 +84,7 @@ class SearchResult:
         return cls(**data)
 
     def save(self, path: str) -> None:
-        _atomic_write_text(path, self.to_json())
+        atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str) -> "SearchResult":
@@ -98,34 +98,6 @@ def _json_default(o):
     if isinstance(o, float):
         return o
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_torch_save(obj, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _default_example_input(data, batch: int) -> torch.Tensor:
@@ -281,7 +253,7 @@ def _run(env, model, train_data, val_data, latency_model, example_input, budget,
                 ppo.update(obs, done)
         episode_rewards.append(ep_reward)
         if ckpt_path:
-            _atomic_torch_save({
+            atomic_torch_save({
                 "settings": settings, "episode": episode, "ppo": ppo.state_dict(), "env": env.state_dict(),
                 "latency": latency_model.state_dict(), "dense": dense, "episode_rewards": episode_rewards,
                 "wall_time_s": elapsed_before + time.perf_counter() - t_start,

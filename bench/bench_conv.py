@@ -98,7 +98,7 @@ def kernel_only(x, weight, tap_mask, bias, stride: int, padding: int, threads: i
     return run
 
 
-def time_interleaved(fns: Dict[str, Callable], reps: int) -> Dict[str, List[float]]:
+def time_interleaved(fns: Dict[str, Callable], reps: int, clock=time.perf_counter) -> Dict[str, List[float]]:
     """Seconds of every repeat per provider; every repeat runs all providers once, in rotating order."""
     names = list(fns)
     for name in names:  # warm-up: packing, oneDNN primitive creation, allocator
@@ -108,13 +108,14 @@ def time_interleaved(fns: Dict[str, Callable], reps: int) -> Dict[str, List[floa
     for r in range(reps):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
-            t0 = time.perf_counter()
+            t0 = clock()
             fns[name]()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return times
 
 
-def bench_one(shape: ConvShape, batch: int, mix: str, threads: int, reps: int, check: bool = True) -> dict:
+def bench_one(shape: ConvShape, batch: int, mix: str, threads: int, reps: int, check: bool = True,
+              clock=time.perf_counter) -> dict:
     x, w, b = make_layer_inputs(shape, batch)
     mask = make_tap_mask(mix, shape.c_out)
     wm = w * mask[:, None].to(w.dtype)
@@ -141,7 +142,7 @@ def bench_one(shape: ConvShape, batch: int, mix: str, threads: int, reps: int, c
                 err = float((fn() - ref).abs().max()) / scale
                 if not err <= 1e-4:
                     raise AssertionError(f"{shape.name} b{batch} {mix}: provider {name} differs, rel err {err:.2e}")
-        samples = time_interleaved(fns, reps)
+        samples = time_interleaved(fns, reps, clock)
     t = {k: statistics.median(v) for k, v in samples.items()}
     best = {k: min(v) for k, v in samples.items()}  # noise-robust companion figure (shared machines)
     kept = float(mask.float().mean())
@@ -219,7 +220,13 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="", help="comma-separated shape names (default: all, or the quick set)")
     ap.add_argument("--masks", default="", help="comma-separated mask-name prefixes, e.g. 50,11")
     ap.add_argument("--budget", type=float, default=0.0, help="seconds of timing per row (default 0.5, quick 0.2)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with the calling thread's CPU time (only with --threads 1: then torch and the kernel "
+                         "run in that thread), which other processes on a shared machine barely disturb")
     args = ap.parse_args(argv)
+    if args.cpu_time and args.threads != 1:
+        ap.error("--cpu-time needs --threads 1 (other threads' CPU time would not be counted)")
+    clock = time.thread_time if args.cpu_time else time.perf_counter
 
     torch.set_num_threads(args.threads)
     shapes = SHAPES
@@ -239,7 +246,9 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "threads": f"{args.threads} (torch.set_num_threads and the kernel's num_threads)",
         "kernel SIMD": ext.simd_level(),
-        "timing": "median of interleaved repeats, after 2 warm-up calls per provider; outputs checked against dense first",
+        "timing": ("median of interleaved repeats, after 2 warm-up calls per provider; outputs checked against dense first; "
+                   + ("clock: CPU time of the calling thread" if args.cpu_time else "clock: wall time (perf_counter)")),
+        "load average at start (1/5/15 min)": " / ".join(f"{v:.1f}" for v in os.getloadavg()),
         "command": "python -m bench.bench_conv " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     rows = []
@@ -249,7 +258,7 @@ def main(argv=None) -> int:
         for batch in batches:
             reps = reps_for(shape, batch, budget, lo, hi)
             for mix in mixes:
-                r = bench_one(shape, batch, mix, args.threads, reps)
+                r = bench_one(shape, batch, mix, args.threads, reps, clock=clock)
                 rows.append(r)
                 print(f"[{len(rows)}/{total} {time.time() - t_start:5.0f}s] {shape.name:20s} b{batch} "
                       f"{mix.split(':')[0]:>4s} dense {r['dense_ms']:8.3f}ms sparse {r['sparse_ms']:8.3f}ms "
@@ -257,6 +266,7 @@ def main(argv=None) -> int:
                       f"(kernel {r['kernel_ratio']:4.2f}) layer {r['layer_speedup']:4.2f} "
                       f"existing {r['existing_speedup']:4.2f}", flush=True)
     meta["wall time"] = f"{time.time() - t_start:.0f} s"
+    meta["load average at end (1/5/15 min)"] = " / ".join(f"{v:.1f}" for v in os.getloadavg())
     for line in summary_lines(rows):
         print(line)
     if args.out:

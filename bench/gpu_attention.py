@@ -1,6 +1,7 @@
 """GPU block-sparse attention check: the Triton kernel vs dense SDPA vs FlexAttention on the same mask.
 
-Run on a machine with a CUDA GPU: ``python -m bench.gpu_attention [--out bench/results/gpu-attention.md]``.
+Run on a machine with a CUDA GPU: ``python -m bench.gpu_attention [--quick] [--out bench/results/gpu-attention.md]``
+(``--quick``: fp16, two shapes, fits a few minutes; FlexAttention compiles once per shape and dtype).
 Targets: at every sparsity, ours >= 1.0x FlexAttention (same block mask); with the dense pattern,
 ours >= 0.85x SDPA. Exit status 1 when a target or a correctness check fails.
 
@@ -32,7 +33,9 @@ GPU_CASES = [  # (B, H, L, D, block)
     (1, 12, 4096, 64, 128),
     (1, 12, 4096, 128, 64),
 ]
+QUICK_CASES = [(1, 12, 1024, 64, 64), (1, 12, 4096, 64, 64)]
 DRY_CASES = [(1, 2, 96, 32, 32)]
+_FLEX = None
 SPARSITIES = (0.0, 0.5, 0.75, 0.9)
 
 
@@ -67,14 +70,17 @@ def _flex(q, k, v, mask: torch.Tensor, bs: int):
     m = mask.clone()
     blk = create_block_mask(lambda bb, hh, qi, ki: m[hh, qi // bs, ki // bs], None, h, length, length,
                             device=q.device, BLOCK_SIZE=bs)
-    compiled = torch.compile(flex_attention, dynamic=False)
+    global _FLEX
+    if _FLEX is None:  # one compiled function: it recompiles per shape/dtype only, not per mask
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    compiled = _FLEX
     return lambda: compiled(q, k, v, block_mask=blk)
 
 
-def run(dry_run: bool, reps: int, progress=print) -> List[dict]:
+def run(dry_run: bool, reps: int, quick: bool = False, progress=print) -> List[dict]:
     device = "cpu" if dry_run else "cuda"
-    dtypes = [torch.float32] if dry_run else [torch.float16, torch.bfloat16]
-    cases = DRY_CASES if dry_run else GPU_CASES
+    dtypes = [torch.float32] if dry_run else ([torch.float16] if quick else [torch.float16, torch.bfloat16])
+    cases = DRY_CASES if dry_run else (QUICK_CASES if quick else GPU_CASES)
     timer = _timer(device)
     rows = []
     for dtype in dtypes:
@@ -132,6 +138,7 @@ def to_markdown(rows: List[dict], dry_run: bool) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU tensors under TRITON_INTERPRET=1, tiny shapes")
+    ap.add_argument("--quick", action="store_true", help="fp16 only, L=1024 and 4096 at H=12, D=64, block 64")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -139,7 +146,7 @@ def main(argv=None) -> int:
         ap.error("--dry-run needs TRITON_INTERPRET=1 in the environment (set before triton is imported)")
     if not args.dry_run and not torch.cuda.is_available():
         ap.error("no CUDA GPU here; use --dry-run (with TRITON_INTERPRET=1) to exercise the script on CPU")
-    rows = run(args.dry_run, args.reps or (2 if args.dry_run else 50))
+    rows = run(args.dry_run, args.reps or (2 if args.dry_run else 50), quick=args.quick)
     text = to_markdown(rows, args.dry_run)
     out = args.out or Path(__file__).resolve().parent / "results" / ("gpu-attention-dryrun.md" if args.dry_run else "gpu-attention.md")
     out.parent.mkdir(parents=True, exist_ok=True)

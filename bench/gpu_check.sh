@@ -71,6 +71,7 @@ echo "[gpu_check] tests done at $(elapsed)s"
 
 # 3. Benchmark within what is left (the script stops measuring at its budget and writes what it has).
 left=$(( TOTAL - $(elapsed) ))
+[ $left -lt 60 ] && left=60  # always leave the benchmark a minute, even if the steps above overran
 bench_budget=$(( left - 70 )); [ $bench_budget -lt 30 ] && bench_budget=30
 echo "[gpu_check] benchmark (measuring budget ${bench_budget}s, hard limit $(( left - 5 ))s) -> $OUT/bench.log"
 ( cd "$REPO" && timeout $(( left - 5 )) "$PY" -m bench.gpu_check "$OUT" --budget-s "$bench_budget" ) 2>&1 | tee "$OUT/bench.log" | grep -v "^  " 

@@ -214,10 +214,21 @@ def test_bad_inputs(over, exc, words, monkeypatch):
 
 
 @needs_ext
-def test_cpu_backend_rejects_non_float32():
+def test_cpu_backend_rejects_float64():
     with pytest.raises(TypeError, match="float32"):
         _bad_call(q=torch.randn(1, 2, 20, 8, dtype=torch.float64), k=torch.randn(1, 2, 20, 8, dtype=torch.float64),
                   v=torch.randn(1, 2, 20, 8, dtype=torch.float64), backend="cpu")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_backend_half_inputs_match_reference(dtype):
+    shape = (1, 2, 65, 65, 32, 16)
+    q, k, v = (t.to(dtype) for t in _inputs(shape, 31))
+    mask = _mask(shape, "random", 31)
+    out = block_sparse_attention(q, k, v, mask, 16, backend="auto")
+    assert out.dtype == dtype and attn_ops.resolve_backend("auto", q, 16) == "cpu"
+    torch.testing.assert_close(out, block_sparse_attention_ref(q, k, v, mask, 16))
 
 
 def test_auto_backend_choice():
@@ -225,3 +236,28 @@ def test_auto_backend_choice():
     want = "cpu" if _ext.extension() is not None else "torch"
     assert attn_ops.resolve_backend("auto", q, 8) == want
     assert attn_ops.resolve_backend("auto", q.double(), 8) == "torch"
+    assert attn_ops.resolve_backend("auto", q.bfloat16(), 8) == want
+
+
+@needs_ext
+def test_cpu_kernel_random_shapes():
+    # Random batch/heads/lengths/head dims (1 .. 300, past the AVX-512 path's 256) and block sizes,
+    # every kernel variant, mask density drawn per case.
+    import random
+
+    rng = random.Random(1234)
+    for case in range(16):
+        b, h = rng.randint(1, 2), rng.randint(1, 3)
+        lq, lk = rng.randint(1, 200), rng.randint(1, 200)
+        d = rng.choice([1, 7, 33, 64, 100, 257, 300])
+        bs = rng.choice([16, 32, 64, 128, 5, 24])
+        shape = (b, h, lq, lk, d, bs)
+        q, k, v = _inputs(shape, case)
+        g = torch.Generator().manual_seed(case)
+        mask = torch.rand(h, math.ceil(lq / bs), math.ceil(lk / bs), generator=g) < rng.random()
+        ref = block_sparse_attention_ref(q, k, v, mask, bs, scale=0.3)
+        for isa in [0] + _isas():
+            if isa == 2 and (bs not in (16, 32, 64, 128) or d > 256):
+                continue
+            out = _run_kernel(q, k, v, mask, bs, 0.3, isa)
+            torch.testing.assert_close(out, ref, atol=3e-5, rtol=1e-4, msg=lambda m: f"{shape} isa={isa}: {m}")

@@ -26,8 +26,10 @@ TINY = ["--model-arg", "channels=[8,16,16,8]", "--dense-epochs", "1", "--episode
 
 @pytest.fixture(autouse=True)
 def keep_thread_count():
-    # `--threads` sets torch's global thread count; other tests in this process keep theirs.
+    # `--threads` sets torch's global thread count; other tests in this process keep theirs. Tiny
+    # models run on one thread (on a loaded 2-core machine OpenMP barriers make 2 threads 10x slower).
     n = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
 
@@ -139,7 +141,7 @@ def test_export_and_bench_model(tiny_run, tmp_path, capsys):
 
 
 def test_resume_after_interruptions(cache, tmp_path, monkeypatch, capsys):
-    args = ["prune", *TINY, "--runs-dir", str(tmp_path), "--name", "r"]
+    args = ["prune", *TINY, "--runs-dir", str(tmp_path), "--name", "r", "--latency-cache", "run"]
     run = tmp_path / "r"
     real_search = pipeline._search_fn()
 
@@ -175,6 +177,7 @@ def test_resume_after_interruptions(cache, tmp_path, monkeypatch, capsys):
     assert main(["prune", "--resume", str(run), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "search: done before" in out
+    assert (run / "search" / "latency_cache.json").is_file()  # measured afresh, kept in the run folder
     assert json.loads((run / "finetune.json").read_text())["resumed_from"] == {"epoch": 0, "step": 2}
     assert (run / "report.md").is_file()
 
@@ -278,7 +281,7 @@ def test_unknown_config_key_message(tmp_path, capsys):
 
 
 def test_console_entry_point_in_a_subprocess(tmp_path):
-    env = {**os.environ, "PYTHONPATH": REPO, "AUTOSCULPT_CACHE": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": REPO, "AUTOSCULPT_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
     bad = subprocess.run([sys.executable, "-m", "autosculpt", "prune", "--episodes", "zero"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
@@ -288,3 +291,65 @@ def test_console_entry_point_in_a_subprocess(tmp_path):
     assert helped.returncode == 0
     for flag in ("--target-speedup", "--data", "--model", "--config", "--resume", "--episodes", "examples:"):
         assert flag in helped.stdout
+
+
+def test_finetune_command_uses_the_files_data_and_resolution(cache, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    import autosculpt.data as data_mod
+    from autosculpt.patterns import PAPER6
+    from autosculpt.plan import conv_layer_plan
+
+    for c in range(3):
+        (tmp_path / "imgs" / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (12, 12), (80 * c, 10 * i, 0)).save(tmp_path / "imgs" / f"c{c}" / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    args = {"channels": [4, 8, 8, 4], "num_classes": 3, "in_chans": 3}
+    from autosculpt.models import get_model
+
+    dense = get_model("digits_cnn", **args)
+    plan = {"version": 1, "layers": {"features.1.0": conv_layer_plan(PAPER6, [1, 2, 3, 4, 5, 5, 5, 0])}}
+    asc.save(asc.sparsify(dense, plan), "m.pt", plan=plan,
+             meta={"model": "digits_cnn", "model_args": args, "data": "imagefolder:imgs", "input_shape": [3, 8, 8]})
+    seen = []
+    real = data_mod.get_dataset
+    monkeypatch.setattr(data_mod, "get_dataset", lambda spec, seed=0, **kw: seen.append((spec, kw)) or real(spec, seed, **kw))
+    assert main(["finetune", "m.pt", "--finetune-epochs", "1", "--batch-size", "8", "--no-progress", "--threads", "1"]) == 0
+    assert seen == [("imagefolder:imgs", {"image_size": 8})]  # the data and resolution recorded in the file
+    out = capsys.readouterr().out
+    assert "fine-tuned on imagefolder:imgs with 1 process(es)" in out
+    tuned = asc.io.read(tmp_path / "m-finetuned.pt")
+    assert tuned.plan == plan and tuned.meta["data"] == "imagefolder:imgs"
+
+
+def test_real_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_run, tmp_path):
+    """SIGINT to a running `autosculpt prune` (in fine-tuning), then `--resume` finishes the run."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": REPO, "AUTOSCULPT_CACHE": str(tiny_run["cache"]), "OMP_NUM_THREADS": "1"}
+    # Same model, data, seed and dense settings as the shared run: the dense model comes from the cache.
+    # Batch 8 makes an epoch last long enough to be interrupted in the middle of one.
+    args = [sys.executable, "-m", "autosculpt", "prune", *TINY, "--seed", "1", "--search-batch", "4",
+            "--finetune-epochs", "4", "--batch-size", "8", "--runs-dir", str(tmp_path), "--name", "sig"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / "sig" / "finetune_checkpoint.pt"
+    deadline = time.time() + 150
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert "fine-tuning interrupted; checkpoint saved" in last and f"--resume {tmp_path / 'sig'}" in last
+    saved = torch.load(ckpt, weights_only=True)
+    assert 1 <= saved["epoch"] < 4 and not (tmp_path / "sig" / "model.pt").exists()
+    done = subprocess.run([sys.executable, "-m", "autosculpt", "prune", "--resume", str(tmp_path / "sig"), "--no-progress"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed = json.loads((tmp_path / "sig" / "finetune.json").read_text())
+    assert resumed["resumed_from"] == {"epoch": saved["epoch"], "step": saved["step"]}
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]
+    assert (tmp_path / "sig" / "model.pt").is_file()

@@ -69,6 +69,7 @@ def _case(n, c_in, c_out, h, w, k=3, stride=1, padding=1, dilation=1, groups=1, 
 OP_CASES = {
     "odd-hw": dict(n=2, c_in=13, c_out=24, h=11, w=9),
     "stride2-batch3": dict(n=3, c_in=16, c_out=20, h=15, w=13, stride=2),
+    "stride3-generic-gather": dict(n=2, c_in=5, c_out=7, h=14, w=13, stride=3),
     "stride-2x1-pad0": dict(n=2, c_in=8, c_out=9, h=10, w=7, stride=(2, 1), padding=0),
     "cin-not-multiple-of-8": dict(n=1, c_in=5, c_out=19, h=8, w=8),
     "empty-mask": dict(n=2, c_in=12, c_out=10, h=7, w=7, mask="empty"),

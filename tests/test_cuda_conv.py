@@ -170,12 +170,12 @@ def test_cuda_kernel_writes_every_output_element(gpu, tf32_off, channels_last_ou
     out = torch.full((2, 12, 5, 4), float("nan"), device=gpu)
     if channels_last_out:
         out = out.to(memory_format=torch.channels_last)
-    row0, nt = meta.tile_table(ext.cuda_block_n)
+    row0, nt = meta.tile_table(64)
     tiles = meta.tiles[row0 : row0 + nt]
     ext.pattern_conv2d_cuda(
         x.data_ptr(), packed.data_ptr(), b.data_ptr(), out.data_ptr(), meta.perm.data_ptr(), tiles.data_ptr(),
         meta.taps.data_ptr(), 2, 16, 9, 7, 5, 4, 3, tuple(x.stride()), tuple(out.stride()),
-        2, 2, 1, 1, 1, 1, nt, 0, False, gpu.index or 0, torch.cuda.current_stream().cuda_stream,
+        2, 2, 1, 1, 1, 1, nt, 64, 0, False, gpu.index or 0, torch.cuda.current_stream().cuda_stream,
     )
     torch.cuda.synchronize()
     torch.testing.assert_close(out, pattern_conv2d_ref(x, wt, m, b, (2, 2), (1, 1)), rtol=1e-5, atol=1e-5)
@@ -223,6 +223,25 @@ def test_torch_compile_fullgraph(gpu, tf32_off, backend):
     f = torch.compile(lambda x: asc.ops.pattern_conv2d(x, wt, m, b, 1, 1, backend=backend), fullgraph=True,
                       backend="aot_eager")
     torch.testing.assert_close(f(x), pattern_conv2d_ref(x, wt, m, b, (1, 1), (1, 1)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_fake_impl_strides_match_real_output_on_gpu(gpu, backend, channels_last):
+    """torch.compile trusts the fake impl's strides: channels_last in -> channels_last out on CUDA."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if backend != "torch":
+        _backend_or_skip(backend)
+    x, wt, m, _ = _problem(2, 16, 6, 7, 8, "paper6", torch.float16, gpu, channels_last)
+    args = ([1, 1], [1, 1], [1, 1], 1, backend, 0)
+    real = torch.ops.autosculpt.pattern_conv2d(x, wt, m, None, *args)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = torch.ops.autosculpt.pattern_conv2d(mode.from_tensor(x), mode.from_tensor(wt), mode.from_tensor(m),
+                                                   None, *args)
+    assert fake.stride() == real.stride()
+    assert real.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 @pytest.mark.cuda
@@ -279,10 +298,10 @@ def test_cuda_launch_without_a_gpu_raises_runtime_error():
     ext = _ext.require()
     with pytest.raises(RuntimeError, match="autosculpt CUDA pattern_conv2d: .* failed"):
         ext.pattern_conv2d_cuda(16, 16, 0, 16, 16, 16, 16, 1, 4, 5, 5, 3, 3, 3, (100, 25, 5, 1), (36, 9, 3, 1),
-                                1, 1, 0, 0, 1, 1, 1, 1, False, 0, 0)
+                                1, 1, 0, 0, 1, 1, 1, 64, 1, False, 0, 0)
     with pytest.raises(ValueError, match="dtype"):
         ext.pattern_conv2d_cuda(16, 16, 0, 16, 16, 16, 16, 1, 4, 5, 5, 3, 3, 3, (100, 25, 5, 1), (36, 9, 3, 1),
-                                1, 1, 0, 0, 1, 1, 1, 9, False, 0, 0)
+                                1, 1, 0, 0, 1, 1, 1, 64, 9, False, 0, 0)
 
 
 def test_dense_fallback_weight_cache():
@@ -317,6 +336,62 @@ def test_torch_backend_with_layer_key_on_gpu(gpu, tf32_off):
     asc.ops.conv.release_cache(key)
 
 
+def test_auto_chooser_logic_without_a_gpu(monkeypatch):
+    """gpu_choice with its timer and candidates replaced: fastest wins, decisions are cached per mask,
+    a failing backend is warned about and excluded, and traced calls reuse eager decisions."""
+    from autosculpt.ops import conv as conv_ops
+    from autosculpt.runtime import gpu_choice
+
+    gpu_choice.clear()
+    calls = []
+
+    def fake(name):
+        def fn(*args):
+            calls.append(name)
+            if name == "cuda":
+                raise RuntimeError("boom")
+            return None
+        fn.fake_ms = {"triton": 1.0, "torch": 2.0}.get(name, 0.5)
+        return fn
+
+    for name in ("cuda", "triton", "torch"):
+        monkeypatch.setitem(conv_ops.CONV_BACKENDS, name, fake(name))
+    monkeypatch.setattr(gpu_choice, "candidates", lambda x: [b for b in ("cuda", "triton", "torch")
+                                                             if b not in gpu_choice._FAILED])
+
+    def fake_time(run, device, **kw):
+        run()
+        return run.__defaults__[0].fake_ms
+
+    monkeypatch.setattr(gpu_choice, "time_ms", fake_time)
+    x, w = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    m = torch.rand(4, 3, 3) > 0.5
+    args = ((1, 1), (1, 1), (1, 1), 1)
+    with pytest.warns(RuntimeWarning, match="backend 'cuda' failed"):
+        assert gpu_choice.choose(x, w, m, *args) == "triton"
+    n_calls = len(calls)
+    assert gpu_choice.choose(x, w, m, *args) == "triton" and len(calls) == n_calls  # cached
+    assert gpu_choice.choose(x, w, ~m, *args) == "triton" and "cuda" not in calls[n_calls:]  # new mask, cuda out
+    (choice, timings), *_ = gpu_choice.decisions().values()
+    assert choice == "triton" and timings == {"triton": 1.0, "torch": 2.0}
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert gpu_choice.choose(x, w, m, *args) == "triton"  # tracing: the eager decision for these shapes
+    assert gpu_choice.choose(torch.randn(2, 3, 8, 8), w, m, *args) == "torch"  # unseen shape: dense
+    gpu_choice.clear()
+
+
+def test_cuda_tile_width_choice():
+    """32-wide CUDA tiles only where they skip clearly more work than 64-wide ones."""
+    pytest.importorskip("autosculpt.ops._conv_cuda")
+    from autosculpt.ops import _pattern_groups
+    from autosculpt.ops._conv_cuda import choose_block_n
+
+    six_way = PAPER6.masks[torch.arange(64) % 6]  # 6 groups of ~11: 64-wide tiles save nothing
+    assert choose_block_n(_pattern_groups.group_meta(six_way, 16, 1)) == 32
+    two_way = PAPER6.masks[torch.tensor([1, 2] * 64)]  # 2 groups of 64: full 64-wide tiles
+    assert choose_block_n(_pattern_groups.group_meta(two_way, 16, 1)) == 64
+
+
 # ----------------------------------------------------------------- the CUDA kernel, emulated on the CPU
 
 
@@ -349,7 +424,7 @@ def emu(tmp_path_factory):
     return ctypes.CDLL(str(lib))
 
 
-def _emu_conv(emu, x, w, m, b, stride, padding, dilation=(1, 1), groups=1, tf32=False, out=None):
+def _emu_conv(emu, x, w, m, b, stride, padding, dilation=(1, 1), groups=1, tf32=False, out=None, block_n=64):
     """Runs the emulated CUDA launcher like autosculpt/ops/_conv_cuda.py runs the real one."""
     import ctypes
 
@@ -361,14 +436,14 @@ def _emu_conv(emu, x, w, m, b, stride, padding, dilation=(1, 1), groups=1, tf32=
     oh, ow = conv_output_size(h, wd, w.shape[2], w.shape[3], stride, padding, dilation)
     if out is None:
         out = torch.full((n, w.shape[0], oh, ow), float("nan"), dtype=x.dtype)
-    row0, nt = meta.tile_table(64)
+    row0, nt = meta.tile_table(block_n)
     tiles = meta.tiles[row0:row0 + nt].contiguous()
     i64 = ctypes.c_int64
     ptrs = (i64 * 7)(x.data_ptr(), packed.data_ptr(), 0 if b is None else b.data_ptr(), out.data_ptr(),
                      meta.perm.data_ptr(), tiles.data_ptr(), meta.taps.data_ptr())
     code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[x.dtype]
-    sizes = (i64 * 16)(n, w.shape[1], h, wd, oh, ow, w.shape[3], stride[0], stride[1], padding[0], padding[1],
-                       dilation[0], dilation[1], nt, code, int(tf32))
+    sizes = (i64 * 17)(n, w.shape[1], h, wd, oh, ow, w.shape[3], stride[0], stride[1], padding[0], padding[1],
+                       dilation[0], dilation[1], nt, code, int(tf32), block_n)
     err = ctypes.create_string_buffer(512)
     rc = emu.emu_pattern_conv2d_forward(ptrs, sizes, (i64 * 4)(*x.stride()), (i64 * 4)(*out.stride()), err, 512)
     assert rc == 0, err.value.decode()
@@ -388,7 +463,8 @@ EMU_CASES = [  # (n, c_in, h, w, c_out, kernel, stride, padding, dilation, group
                                         (torch.bfloat16, False)], ids=["fp32-simt", "fp32-tf32-wmma", "fp16-wmma",
                                                                        "bf16-wmma"])
 @pytest.mark.parametrize("case", EMU_CASES, ids=["nchw-ktail", "nhwc-vec", "nhwc-s2", "groups-dil", "k2-scalar"])
-def test_cuda_kernel_emulated_on_cpu(emu, dtype, tf32, case):
+@pytest.mark.parametrize("block_n", [64, 32], ids=["bn64", "bn32"])
+def test_cuda_kernel_emulated_on_cpu(emu, dtype, tf32, case, block_n):
     """The CUDA kernel's tiling, gathers, masks and epilogue, run on the CPU through a host emulation of
     the CUDA features it uses; output poisoned with NaN, empty filters and bias included."""
     n, c_in, h, w_, c_out, k, stride, padding, dilation, groups, channels_last = case
@@ -407,7 +483,7 @@ def test_cuda_kernel_emulated_on_cpu(emu, dtype, tf32, case):
                      w.float(), m, None, stride, padding, dilation, groups).shape[2:]), float("nan"), dtype=dtype)
     if channels_last:
         out = out.to(memory_format=torch.channels_last)
-    y = _emu_conv(emu, x, w, m, b, stride, padding, dilation, groups, tf32, out=out)
+    y = _emu_conv(emu, x, w, m, b, stride, padding, dilation, groups, tf32, out=out, block_n=block_n)
     ref = pattern_conv2d_ref(x.double(), w.double(), m, b.double(), stride, padding, dilation, groups)
     scale = ref.abs().max().item()
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype] * scale
@@ -421,6 +497,8 @@ def test_cuda_launcher_validates_arguments_emulated(emu):
     m = torch.ones(3, 3, 3, dtype=torch.bool)
     with pytest.raises(AssertionError, match="stride/dilation must be positive"):
         _emu_conv(emu, x, w, m, None, (1, 1), (1, 1), dilation=(0, 1))
+    with pytest.raises(AssertionError, match="block_n must be 32 or 64"):
+        _emu_conv(emu, x, w, m, None, (1, 1), (1, 1), block_n=16)
 
 
 # ----------------------------------------------------------------- the GPU check script, on CPU

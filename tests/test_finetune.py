@@ -11,6 +11,16 @@ from autosculpt.patterns import PAPER6
 from autosculpt.plan import conv_layer_plan
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models gain nothing from threads, and on a loaded 2-core machine OpenMP barriers waiting
+    # for a descheduled thread make 2-thread runs 10x slower. Restored after each test.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def toy_data(n, seed, classes=4):
     """Learnable 1×8×8 images: the class decides which quadrant is bright."""
     g = torch.Generator().manual_seed(seed)

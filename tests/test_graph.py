@@ -19,9 +19,10 @@ def _in_edges(g, node_name):
 def test_digits_cnn_is_a_chain():
     m = get_model("digits_cnn")
     g = build_graph(m, torch.randn(2, 1, 8, 8))
-    # placeholder + 4×(conv, bn, relu) + maxpool + avgpool + flatten + linear + output = 18 nodes, a chain
-    assert g.num_nodes == 18 and g.num_edges == 17
-    assert g.prunable == ["features.0.0", "features.1.0", "features.3.0", "features.4.0"]
+    # placeholder + 4×(conv, bn, relu) + avgpool + flatten + linear + output = 17 nodes, a chain
+    assert g.num_nodes == 17 and g.num_edges == 16
+    assert g.prunable == ["features.0.0", "features.1.0", "features.2.0", "features.3.0"]
+    assert g.layers["features.2.0"]["in_shape"] == [2, 128, 8, 8] and g.layers["features.2.0"]["stride"] == [2, 2]
     assert g.layers["features.3.0"]["in_shape"] == [2, 128, 4, 4]
     assert g.layers["features.1.0"]["flops"] == 2 * 128 * 8 * 8 * 64 * 9
 

@@ -1,4 +1,5 @@
 """Save / load of pruned models: exact round trip, safety (no code runs on load), clear errors."""
+import json
 import os
 
 import pytest
@@ -9,6 +10,16 @@ from autosculpt.models import get_model
 from autosculpt.nn import PatternConv2d
 from autosculpt.patterns import PAPER6
 from autosculpt.plan import conv_layer_plan
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models gain nothing from threads, and on a loaded 2-core machine OpenMP barriers waiting
+    # for a descheduled thread make 2-thread runs 10x slower. Restored after each test.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def small_cnn():
@@ -166,3 +177,34 @@ def test_save_is_atomic_and_checks_arguments(tmp_path):
     assert not (tmp_path / "x.pt").exists()
     asc.save(model, tmp_path / "x.pt", plan=plan)
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]  # no temporary files left behind
+
+
+def test_vit_with_attention_and_mlp_plans_round_trips(tmp_path):
+    from autosculpt.attention_patterns import ATTN6
+    from autosculpt.models.vit import vit_attention_names, vit_mlp_pairs
+    from autosculpt.nn.attention import attention_layer_plan
+    from autosculpt.nn.linear import mlp_pair_plan
+
+    args = dict(num_classes=10, image_size=8, patch_size=2, in_chans=1, embed_dim=48, depth=2, num_heads=3)
+    torch.manual_seed(0)
+    dense = get_model("vit_tiny", **args).eval()
+    layers = {n: attention_layer_plan(ATTN6, [0, 1 + i, 5], block_size=4) for i, n in enumerate(vit_attention_names(dense))}
+    for i, (fc1, fc2) in enumerate(vit_mlp_pairs(dense)):
+        layers.update(mlp_pair_plan(fc1, fc2, [0, 2 + i], block_size=16))
+    plan = {"version": 1, "layers": layers}
+    sparse = asc.sparsify(dense, plan).eval()
+    asc.save(sparse, tmp_path / "vit.pt", plan=plan, meta={"model": "vit_tiny", "model_args": args})
+    assert asc.io.read(tmp_path / "vit.pt").extra_state  # the head patterns travel as JSON
+    loaded = asc.load(tmp_path / "vit.pt").eval()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), sparse(x))
+    # A plan with other head patterns cannot silently take these weights.
+    other = json.loads(json.dumps(plan))
+    first = vit_attention_names(dense)[0]
+    other["layers"][first] = attention_layer_plan(ATTN6, [5, 1, 0], block_size=4)
+    payload = torch.load(tmp_path / "vit.pt", weights_only=True)
+    payload["plan_json"] = json.dumps(other)
+    torch.save(payload, tmp_path / "t.pt")
+    with pytest.raises(ValueError, match="does not match the model"):
+        asc.load(tmp_path / "t.pt")

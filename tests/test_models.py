@@ -8,6 +8,15 @@ from autosculpt.models import MODEL_NAMES, get_model
 from autosculpt.train import evaluate, recalibrate_bn, train_classifier
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one thread avoids OpenMP fork/join overhead, which dominates on 2 shared cores."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("name,shape,n3x3", [
     ("digits_cnn", (3, 1, 8, 8), 4), ("resnet20", (2, 3, 32, 32), 19), ("resnet56", (2, 3, 32, 32), 55),
     ("vgg16", (2, 3, 32, 32), 13), ("mobilenetv2", (2, 3, 32, 32), 18),

@@ -223,3 +223,40 @@ def test_torch_compile_fullgraph_and_export():
     torch.testing.assert_close(compiled(x)[0], want)
     exported = torch.export.export(pa, (x,))
     torch.testing.assert_close(exported.module()(x)[0], want)
+
+
+def test_macs_count_kept_heads_and_token_pairs():
+    mha = _mha(seed=13)
+    specs = ["empty", "dense", {"type": "local", "window": 0}, "dense"]
+    pa = PatternAttention.from_dense(mha, specs, block_size=16)
+    b, length, e, hd = 2, 40, 64, 16
+    x = torch.randn(b, length, e)
+    mask = head_block_mask(specs, length, 16)
+    tok = mask.repeat_interleave(16, 1).repeat_interleave(16, 2)[:, :length, :length]
+    want = b * length * e * 3 * hd * 4 + int(tok.sum()) * 2 * hd * b  # 3 heads kept: 4 projections of 3*hd
+    assert pa.macs((x,), pa(x)[0]) == want
+
+
+@pytest.mark.parametrize("path", ["sparse", "dense", "auto"])
+def test_paths_compute_the_same_function(path):
+    mha = _mha(seed=14)
+    specs = ["empty", "local", {"type": "global_local", "window": 0}, "strided"]
+    pa = PatternAttention.from_dense(mha, specs, block_size=16, path=path)
+    x = torch.randn(2, 70, 64)
+    torch.testing.assert_close(pa(x)[0], _masked_reference(mha, x, specs, 16), atol=2e-5, rtol=1e-4)
+    if path == "auto":
+        assert pa.active_path(x) in ("sparse", "dense") and pa.calibrate(x) == pa.active_path(x)
+    else:
+        assert pa.active_path(x) == path
+    with pytest.raises(ValueError, match="path"):
+        PatternAttention(64, 4, path="fast")
+
+
+def test_masked_sdpa_rows_without_keys_are_zero():
+    from autosculpt.nn.attention import pattern_masked_sdpa
+
+    q = torch.randn(1, 2, 20, 8)
+    key = ((("type", "empty"),), (("type", "dense"),))
+    out = pattern_masked_sdpa(q, q, q, key, 8)
+    assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0]))
+    torch.testing.assert_close(out[:, 1], torch.nn.functional.scaled_dot_product_attention(q, q, q)[:, 1])

@@ -114,3 +114,17 @@ def test_bad_inputs():
             "0": linear_layer_plan(16, compact_input=True)}})
     with pytest.raises(TypeError, match="needs an nn.Linear"):
         asc.sparsify(nn.Sequential(nn.ReLU()), {"version": 1, "layers": {"0": linear_layer_plan(16, [0])}})
+
+
+def test_macs_count_the_smaller_gemm():
+    from autosculpt.flops import count_macs
+
+    model = nn.Sequential()
+    model.add_module("fc1", _linear(32, 80, 7))
+    model.add_module("act", nn.GELU())
+    model.add_module("fc2", _linear(80, 32, 8))
+    x = torch.randn(5, 32)
+    dense = count_macs(model, x)["total"]
+    assert dense == 5 * (32 * 80 + 80 * 32)
+    sparse = asc.sparsify(model, {"version": 1, "layers": mlp_pair_plan("fc1", "fc2", [0, 2], 16)})
+    assert count_macs(sparse, x)["total"] == 5 * (32 * 32 + 32 * 32)

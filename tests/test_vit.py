@@ -95,3 +95,16 @@ def test_identity_plan_keeps_outputs():
         layers.update(mlp_pair_plan(fc1, fc2, range(6), 16))
     x = torch.randn(2, 1, 8, 8)
     torch.testing.assert_close(asc.sparsify(model, {"version": 1, "layers": layers})(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_layer_plans_rebuild_the_sparsified_model():
+    model = _digits_vit()
+    plan = _plan(model)
+    sparse = asc.sparsify(model, plan)
+    rebuilt_plan = {"version": 1, "layers": {
+        name: m.layer_plan() for name, m in sparse.named_modules() if isinstance(m, (PatternAttention, PatternLinear))
+    }}
+    again = asc.sparsify(_digits_vit(), json.loads(json.dumps(rebuilt_plan)))
+    again.load_state_dict(sparse.state_dict())
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(again(x), sparse(x))

@@ -108,14 +108,16 @@ def load_dense_weights(model: nn.Module, path: str) -> nn.Module:
     return model
 
 
-def dense_cache_path(meta: dict, data_spec: str, seed: int, train_settings: dict) -> str:
-    """Cache file of a trained dense model (the key covers everything that changes the weights)."""
+def dense_cache_path(meta: dict, data_spec: str, seed: int, train_settings: dict, architecture: str = "") -> str:
+    """Cache file of a trained dense model (the key covers everything that changes the weights,
+    including ``architecture``: a fingerprint of the model's parameter names and shapes)."""
     from .._version import __version__
     from ..config import cache_dir
 
     kind, _, path = data_spec.partition(":")
     key = json.dumps({"model": meta, "data": kind, "data_path": os.path.abspath(path) if path else "", "seed": seed,
-                      "train": train_settings, "version": __version__}, sort_keys=True, default=str)
+                      "train": train_settings, "version": __version__, "architecture": architecture},
+                     sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     name = meta["model"].replace(":", "_").replace("/", "_").replace(".", "_")
     return os.path.join(cache_dir(), "models", f"{name}-{kind}-seed{seed}-v{__version__}-{digest}.pt")
@@ -136,7 +138,8 @@ def dense_model(factory: Callable[[], nn.Module], meta: dict, splits, seed: int,
     if weights:
         return load_dense_weights(model, weights), os.path.abspath(weights)
     settings = {"epochs": epochs, "lr": lr, "batch_size": batch_size}
-    path = dense_cache_path(meta, splits.spec, seed, settings)
+    arch = hashlib.sha256(repr([(k, tuple(v.shape)) for k, v in model.state_dict().items()]).encode()).hexdigest()[:16]
+    path = dense_cache_path(meta, splits.spec, seed, settings, arch)
     if os.path.exists(path):
         try:
             model.load_state_dict(read(path).state_dict)

@@ -8,20 +8,38 @@ heads, so they run as smaller dense GEMMs. The kept heads run ``block_sparse_att
 """
 from __future__ import annotations
 
+import json
+import time
 import warnings
 from functools import lru_cache
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention_patterns import ATTN6, AttentionPatternSet, head_block_mask, kept_token_fraction, normalize_spec
+from ..attention_patterns import (
+    ATTN6, AttentionPatternSet, attention_flops, head_block_mask, kept_token_fraction, normalize_spec,
+)
 from ..ops.attention import block_sparse_attention
 from ..plan import register_kind
 
 __all__ = ["PatternAttention", "attention_layer_plan"]
+
+
+# (input shape, dtype, device, threads, layer config) -> "sparse" | "dense", shared by identical layers
+_PATH_DECISIONS: Dict[tuple, str] = {}
+
+
+def _median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
 
 
 @lru_cache(maxsize=256)
@@ -40,7 +58,25 @@ def pattern_self_attention(q, k, v, specs_key: tuple, block_size: int, backend: 
     return block_sparse_attention(q, k, v, mask, block_size, backend=backend)
 
 
+@lru_cache(maxsize=64)
+def _cached_token_mask(specs_key: tuple, length: int, block_size: int, device: str):
+    blocks = _cached_block_mask.__wrapped__(specs_key, length, block_size, device)
+    tok = blocks.repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)[:, :length, :length]
+    empty = ~tok.any(-1, keepdim=True)
+    return tok, (empty if bool(empty.any()) else None)
+
+
+def pattern_masked_sdpa(q, k, v, specs_key: tuple, block_size: int):
+    """The same function as :func:`pattern_self_attention` through dense SDPA with the patterns expanded
+    to a token mask (the dense fallback path); rows with no kept key output zeros."""
+    build = _cached_token_mask.__wrapped__ if torch.compiler.is_compiling() else _cached_token_mask
+    tok, empty = build(specs_key, q.shape[2], block_size, str(q.device))
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=tok)
+    return o if empty is None else o.masked_fill(empty, 0.0)
+
+
 torch.fx.wrap("pattern_self_attention")
+torch.fx.wrap("pattern_masked_sdpa")
 
 
 class PatternAttention(nn.Module):
@@ -56,6 +92,9 @@ class PatternAttention(nn.Module):
         return_weights_tuple: return ``(out, None)`` like ``nn.MultiheadAttention`` (True) or ``out``.
         backend: kernel backend for ``block_sparse_attention`` (heads with block patterns). When every kept
             head is dense, the layer calls ``F.scaled_dot_product_attention`` instead (same function).
+        path: ``"sparse"`` (the block-sparse kernel), ``"dense"`` (SDPA with the patterns as a token mask)
+            or ``"auto"``: the faster of the two, measured once per input shape (the per-layer dense
+            fallback; ``calibrate`` does it ahead, e.g. before ``torch.compile``).
 
     Parameters: ``qkv`` (Linear E -> 3·kept·hd, rows [q heads | k heads | v heads]) and ``proj``
     (Linear kept·hd -> E). The head patterns travel in the state dict (extra state).
@@ -71,10 +110,13 @@ class PatternAttention(nn.Module):
         batch_first: bool = True,
         return_weights_tuple: bool = True,
         backend: str = "auto",
+        path: str = "auto",
         device=None,
         dtype=None,
     ):
         super().__init__()
+        if path not in ("auto", "sparse", "dense"):
+            raise ValueError(f"path: expected 'auto', 'sparse' or 'dense', got {path!r}")
         if num_heads < 1 or embed_dim % num_heads:
             raise ValueError(f"num_heads: must be >= 1 and divide embed_dim={embed_dim}, got {num_heads}")
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -84,6 +126,8 @@ class PatternAttention(nn.Module):
         self.batch_first = batch_first
         self.return_weights_tuple = return_weights_tuple
         self.backend = backend
+        self.path = path
+        self._decided: Dict[tuple, str] = {}
         self.has_bias = bias
         self._factory = {"device": device, "dtype": dtype}
         self._set_patterns(head_patterns if head_patterns is not None else ["dense"] * num_heads)
@@ -124,15 +168,36 @@ class PatternAttention(nn.Module):
         full = head_block_mask(self.head_patterns, length, self.block_size)
         return kept_token_fraction(full, length, self.block_size)
 
+    def layer_plan(self) -> dict:
+        """The ``"attention"`` layer plan that rebuilds this layer from its dense module (``sparsify``): its
+        distinct head patterns as the pattern set, in order of first use."""
+        names, ids = {}, []
+        for p in self.head_patterns:
+            key = json.dumps(p, sort_keys=True)
+            ids.append(names.setdefault(key, len(names)))
+        ps = AttentionPatternSet({f"p{i}": json.loads(k) for k, i in names.items()})
+        return attention_layer_plan(ps, ids, self.block_size)
+
+    def macs(self, inputs: tuple, output) -> int:
+        """Multiply-accumulates of one forward on ``inputs`` (used by ``autosculpt.flops``): the Q/K/V and
+        output projections of the kept heads plus q·k and p·v over the kept (query, key) token pairs."""
+        x = inputs[0]
+        b, length = (x.shape[0], x.shape[1]) if self.batch_first else (x.shape[1], x.shape[0])
+        width = len(self.kept_heads) * self.head_dim
+        proj = b * length * self.embed_dim * width * 4  # qkv (3 width) + output projection (width)
+        kept = self.block_mask(length)
+        pairs_flops = attention_flops(kept.cpu(), length, self.block_size, self.head_dim, batch=b)
+        return int(proj + pairs_flops // 2)  # attention_flops counts 2 FLOPs per MAC
+
     # -- conversion --------------------------------------------------------------------
     @classmethod
     def from_dense(cls, attn: nn.Module, head_patterns: Sequence, block_size: int = 16,
-                   backend: str = "auto") -> "PatternAttention":
+                   backend: str = "auto", path: str = "auto") -> "PatternAttention":
         """Builds a PatternAttention with the weights of ``attn`` (``nn.MultiheadAttention`` or a timm-style
         module with ``qkv``, ``proj`` and ``num_heads``), keeping only the heads whose pattern is not empty."""
         w_in, b_in, w_out, b_out, e, h, batch_first, is_mha = _dense_weights(attn)
         layer = cls(e, h, head_patterns, block_size, bias=b_in is not None, batch_first=batch_first,
-                    return_weights_tuple=is_mha, backend=backend, device=w_in.device, dtype=w_in.dtype)
+                    return_weights_tuple=is_mha, backend=backend, path=path, device=w_in.device, dtype=w_in.dtype)
         rows = layer._qkv_rows()
         cols = layer._proj_cols()
         with torch.no_grad():
@@ -228,14 +293,74 @@ class PatternAttention(nn.Module):
         qkv = self.qkv(x).reshape(b, length, 3, kept, self.head_dim).permute(2, 0, 3, 1, 4)
         if self._all_dense:  # only dense heads left: plain SDPA computes exactly this (and is tuned for it)
             o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        elif self._choose_path(x) == "dense":
+            o = pattern_masked_sdpa(qkv[0], qkv[1], qkv[2], self._specs_key, self.block_size)
         else:
             o = pattern_self_attention(qkv[0], qkv[1], qkv[2], self._specs_key, self.block_size, self.backend)
         return self.proj(o.transpose(1, 2).reshape(b, length, kept * self.head_dim))
 
+    # -- dense fallback ------------------------------------------------------------------
+    def _decision_key(self, x: torch.Tensor) -> tuple:
+        return (tuple(x.shape), x.dtype, x.device.type, torch.get_num_threads())
+
+    def _choose_path(self, x: torch.Tensor) -> str:
+        """The path for batch-first ``x``: fixed, or measured once per input shape when ``path="auto"``."""
+        if self.path != "auto":
+            return self.path
+        if isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling():
+            # Decisions are measured eagerly (calibrate() first); tracing keeps the one decided path
+            # when there is exactly one, else the kernel.
+            decided = set(self._decided.values())
+            return decided.pop() if len(decided) == 1 else "sparse"
+        return self._decided.get(self._decision_key(x)) or self._calibrate(x)
+
+    def calibrate(self, query: torch.Tensor, reps: int = 7) -> str:
+        """Times the block-sparse kernel against masked dense SDPA on ``query``'s shape (the layer's layout)
+        and remembers the faster path (call before ``torch.compile``); identical layers share the choice."""
+        return self._calibrate(query if self.batch_first else query.transpose(0, 1), reps)
+
+    @torch.no_grad()
+    def _calibrate(self, x: torch.Tensor, reps: int = 7) -> str:
+        key = self._decision_key(x)
+        shared = key + (self.embed_dim, self.head_dim, self._specs_key, self.block_size, self.backend)
+        choice = _PATH_DECISIONS.get(shared)
+        if choice is None:
+            b, length, kept = x.shape[0], x.shape[1], len(self.kept_heads)
+            qkv = self.qkv(x.detach()).reshape(b, length, 3, kept, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+
+            def sparse():
+                pattern_self_attention(q, k, v, self._specs_key, self.block_size, self.backend)
+                sync()
+
+            def dense():
+                pattern_masked_sdpa(q, k, v, self._specs_key, self.block_size)
+                sync()
+
+            for fn in (sparse, dense):  # warm-up (mask caches, allocator)
+                fn()
+            t_sparse, t_dense = _median_time(sparse, reps), _median_time(dense, reps)
+            choice = "sparse" if t_sparse <= t_dense else "dense"
+            _PATH_DECISIONS[shared] = choice
+        self._decided[key] = choice
+        return choice
+
+    def active_path(self, x: Optional[torch.Tensor] = None) -> str:
+        """The path used for ``x`` (batch-first) or the only one decided: "sparse", "dense", "undecided"."""
+        if self._all_dense:
+            return "dense"
+        if self.path != "auto":
+            return self.path
+        if x is not None:
+            return self._decided.get(self._decision_key(x), "undecided")
+        paths = set(self._decided.values())
+        return paths.pop() if len(paths) == 1 else ("undecided" if not paths else "mixed")
+
     def extra_repr(self) -> str:
         names = [p["type"] + "".join(f",{k}={v}" for k, v in p.items() if k != "type") for p in self.head_patterns]
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kept_heads={len(self.kept_heads)}, "
-                f"block_size={self.block_size}, patterns={names}, backend={self.backend}")
+                f"block_size={self.block_size}, patterns={names}, backend={self.backend}, path={self.active_path()}")
 
 
 def _dense_weights(attn: nn.Module):
@@ -290,7 +415,7 @@ def _apply_attention(module: nn.Module, layer: dict, backend: str) -> nn.Module:
         if not isinstance(i, int) or not 0 <= i < len(ps):
             raise ValueError(f"head_pattern_ids: {i!r} is not an index into the plan's {len(ps)} patterns")
     return PatternAttention.from_dense(module, [ps.spec(i) for i in ids], block_size=int(layer.get("block_size", 16)),
-                                       backend=backend)
+                                       backend=backend, path=layer.get("path", "auto"))
 
 
 register_kind("attention", _apply_attention)

@@ -60,6 +60,7 @@ class PatternLinear(nn.Module):
             if idx.ndim != 1 or (idx.numel() and (idx.min() < 0 or idx.max() >= n)) or idx.unique().numel() != idx.numel():
                 raise ValueError(f"{name}: expected distinct indices in [0, {n}), got {idx.tolist()[:8]}...")
         self.compact_output, self.compact_input = bool(compact_output), bool(compact_input)
+        self._blocks = None  # (block_size, out_blocks, in_blocks) when built by from_dense
         self.register_buffer("out_index", out_index.sort().values.to(device))
         self.register_buffer("in_index", in_index.sort().values.to(device))
         self._full_in = in_index.numel() == in_features
@@ -81,6 +82,8 @@ class PatternLinear(nn.Module):
         w = linear.weight
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, out_idx, in_idx,
                     compact_output, compact_input, device=w.device, dtype=w.dtype)
+        layer._blocks = (int(block_size), None if out_blocks is None else sorted(set(int(b) for b in out_blocks)),
+                         None if in_blocks is None else sorted(set(int(b) for b in in_blocks)))
         with torch.no_grad():
             layer.weight.copy_(w[layer.out_index][:, layer.in_index])
             if linear.bias is not None:
@@ -99,6 +102,20 @@ class PatternLinear(nn.Module):
                 dense.bias.zero_()
                 dense.bias[self.out_index] = self.bias
         return dense
+
+    def layer_plan(self) -> dict:
+        """The ``"linear"`` layer plan that rebuilds this layer from its dense ``nn.Linear`` (``sparsify``).
+        Available for layers built by :meth:`from_dense` (which knows the blocks)."""
+        blocks = self._blocks
+        if blocks is None:
+            raise ValueError("PatternLinear: layer_plan() needs a layer built with from_dense (its blocks are unknown)")
+        bs, out_blocks, in_blocks = blocks
+        return linear_layer_plan(bs, out_blocks, in_blocks, self.compact_output, self.compact_input)
+
+    def macs(self, inputs: tuple, output) -> int:
+        """Multiply-accumulates of one forward (used by ``autosculpt.flops``): the smaller GEMM only."""
+        rows = output.numel() // max(1, output.shape[-1])
+        return int(rows * self.weight.numel())
 
     def kept_fraction(self) -> float:
         """Fraction of the dense layer's weights (and MACs) computed."""

@@ -10,7 +10,7 @@ import torch
 from .._triton import kernels
 from . import _pattern_groups
 from ._pattern_groups import fp32_conv_precision
-from .conv import CONV_BACKENDS
+from .conv import CONV_BACKENDS, conv_output_size
 
 _kernels = kernels("pattern_conv")
 
@@ -26,10 +26,12 @@ def triton_conv(x, weight, tap_mask, bias, stride, padding, dilation, groups, ca
         x = x.contiguous()
     b = bias.detach().contiguous() if bias is not None else None
     precision = fp32_conv_precision() if (x.dtype == torch.float32 and x.is_cuda) else "ieee"
+    oh, ow = conv_output_size(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding, dilation)
+    out = _pattern_groups.empty_output(x, weight.shape[0], oh, ow)
     return _kernels.pattern_conv2d_triton(
         x, packed, b, meta.perm, meta.tiles, meta.taps, meta.tile_offsets,
         (weight.shape[2], weight.shape[3]), weight.shape[0], weight.shape[1],
-        tuple(stride), tuple(padding), tuple(dilation), input_precision=precision, config=config,
+        tuple(stride), tuple(padding), tuple(dilation), input_precision=precision, config=config, out=out,
     )
 
 

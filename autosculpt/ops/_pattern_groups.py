@@ -243,7 +243,9 @@ def fp32_conv_precision() -> str:
 
 
 def empty_output(x: torch.Tensor, c_out: int, out_h: int, out_w: int) -> torch.Tensor:
-    """Output buffer in x's dtype, device and memory format (channels_last in, channels_last out)."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty((x.shape[0], c_out, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=fmt)
+    """Output buffer in x's dtype and device, in the op's layout (``ops.conv.output_memory_format``:
+    channels_last for a channels_last CUDA input), so the fake impl's strides are the real ones."""
+    from .conv import output_memory_format
+
+    return torch.empty((x.shape[0], c_out, out_h, out_w), dtype=x.dtype, device=x.device,
+                       memory_format=output_memory_format(x))

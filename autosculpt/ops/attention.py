@@ -5,7 +5,8 @@ and calls the custom op ``torch.ops.autosculpt.block_sparse_attention`` (fake im
 registered, so ``torch.compile`` and ``torch.export`` see one op). Backends are plain functions in
 ``ATTENTION_BACKENDS``:
 
-- ``"cpu"``: the C++ kernel (fp32): flash-style online softmax over only the kept key blocks.
+- ``"cpu"``: the C++ kernel (computes in fp32; fp16/bf16 inputs are converted): flash-style online
+  softmax over only the kept key blocks.
 - ``"triton"``: the Triton kernel (GPU fp16/bf16/fp32; CPU tensors under ``TRITON_INTERPRET=1``).
 - ``"torch"``: the dense masked reference (any device and dtype).
 - ``"cuda"``: no CUDA C++ attention kernel exists yet; asking for it raises a clear error.
@@ -25,6 +26,8 @@ from ..runtime.backends import check_backend
 
 __all__ = ["block_sparse_attention", "block_sparse_attention_backward", "ATTENTION_BACKENDS", "num_blocks"]
 
+# dtypes the C++ kernel takes (half types are computed in float32)
+_CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # name -> fn(q, k, v, block_mask, block_size, scale) -> Tensor
 ATTENTION_BACKENDS: Dict[str, Callable[..., torch.Tensor]] = {}
 
@@ -83,8 +86,8 @@ def resolve_backend(backend: str, q: torch.Tensor, block_size: int) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a string, got {type(backend).__name__}")
     backend = check_backend(backend, q.device, "block_sparse_attention")
-    if backend == "cpu" and q.dtype != torch.float32:
-        raise TypeError(f"q: backend 'cpu' computes float32 only, got {q.dtype}")
+    if backend == "cpu" and q.dtype not in _CPU_DTYPES:
+        raise TypeError(f"q: backend 'cpu' takes float32, float16 or bfloat16 (computes in float32), got {q.dtype}")
     if backend == "cuda":
         raise ValueError(
             "backend: 'cuda' has no block_sparse_attention kernel in this build; use 'triton' on GPUs or 'torch'"
@@ -94,7 +97,7 @@ def resolve_backend(backend: str, q: torch.Tensor, block_size: int) -> str:
     if backend != "auto":
         return backend
     if q.device.type == "cpu":
-        return "cpu" if q.dtype == torch.float32 and _ext.extension() is not None else "torch"
+        return "cpu" if q.dtype in _CPU_DTYPES and _ext.extension() is not None else "torch"
     if q.device.type == "cuda" and _triton_usable(q, block_size):
         return "triton"
     return "torch"
@@ -137,7 +140,7 @@ def block_sparse_attention(
             the key block. The last block of each axis may be partial (masked tails).
         block_size: tokens per block (the CPU kernel is vectorised for multiples of 16; any size works).
         scale: softmax scale, default ``1/sqrt(D)``.
-        backend: "auto", "cpu" (C++, fp32), "triton", "torch" (reference); "cuda" is not built.
+        backend: "auto", "cpu" (C++, computes in fp32), "triton", "torch" (reference); "cuda" is not built.
     """
     _validate(q, k, v, block_mask, block_size, scale)
     chosen = resolve_backend(backend, q, block_size)
@@ -226,9 +229,11 @@ def _torch_backend(q, k, v, block_mask, block_size, scale):
 
 def _cpu_backend(q, k, v, block_mask, block_size, scale, isa: int = 0):
     ext = _ext.require()
-    if q.dtype != torch.float32:
-        raise TypeError(f"q: backend 'cpu' computes float32 only, got {q.dtype}")
-    q, k, v = q.detach().contiguous(), k.detach().contiguous(), v.detach().contiguous()
+    if q.dtype not in _CPU_DTYPES:
+        raise TypeError(f"q: backend 'cpu' takes float32, float16 or bfloat16, got {q.dtype}")
+    # Half inputs are computed in float32, like the reference (which promotes them the same way).
+    dtype = q.dtype
+    q, k, v = (t.detach().to(torch.float32).contiguous() for t in (q, k, v))
     mask = block_mask.detach().contiguous().view(torch.uint8)
     b, h, lq, d = q.shape
     out = torch.empty_like(q)
@@ -236,7 +241,7 @@ def _cpu_backend(q, k, v, block_mask, block_size, scale, isa: int = 0):
         q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(),
         b, h, lq, k.shape[2], d, block_size, scale, torch.get_num_threads(), isa,
     )
-    return out
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 ATTENTION_BACKENDS["torch"] = _torch_backend

@@ -8,6 +8,7 @@ so ``torch.compile`` and ``torch.export`` see one op). Backends are plain functi
 from __future__ import annotations
 
 import itertools
+import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -162,7 +163,7 @@ def _eager_inference(x, weight, bias) -> bool:
     """True for a plain eager call that autograd, tracing and compilation need not see."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
-    if any(type(t) is not torch.Tensor for t in (x, weight, bias) if t is not None):
+    if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in (x, weight, bias) if t is not None):
         return False  # FakeTensor, functional or other subclasses go through the op
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias) if t is not None))
 
@@ -187,13 +188,26 @@ def _pattern_conv2d_op(
     if fn is None:
         _load_backend(backend)
         fn = CONV_BACKENDS[backend]
-    return fn(x, weight, tap_mask, bias, stride, padding, dilation, groups, cache_key)
+    out = fn(x, weight, tap_mask, bias, stride, padding, dilation, groups, cache_key)
+    # Inductor trusts the fake's strides: every backend's output must have exactly those.
+    fmt = output_memory_format(x)
+    if out.stride() != torch.empty(out.shape, device="meta", memory_format=fmt).stride():
+        out = torch.empty(out.shape, dtype=out.dtype, device=out.device, memory_format=fmt).copy_(out)
+    return out
+
+
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The op's output layout: channels_last for a channels_last CUDA input (as cuDNN does), otherwise
+    contiguous. The fake impl and all backends follow it, so torch.compile sees the real strides."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if (channels_last and x.device.type == "cuda") else torch.contiguous_format
 
 
 @_pattern_conv2d_op.register_fake
 def _(x, weight, tap_mask, bias, stride, padding, dilation, groups, backend, cache_key):
     oh, ow = conv_output_size(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding, dilation)
-    return x.new_empty((x.shape[0], weight.shape[0], oh, ow))
+    shape = (x.shape[0], weight.shape[0], oh, ow)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
 
 
 def _setup_context(ctx, inputs, output):
@@ -258,8 +272,6 @@ def _packed_weights(ext, weight: torch.Tensor, tap_mask: torch.Tensor, groups: i
 def release_cache(cache_key: int) -> None:
     """Drops the packed weights cached under ``cache_key`` (a layer being deleted or replaced)."""
     _PACKED.pop(cache_key, None)
-    import sys
-
     gpu_groups = sys.modules.get("autosculpt.ops._pattern_groups")  # GPU backends' cache, if loaded
     if gpu_groups is not None:
         gpu_groups.release(cache_key)

@@ -85,12 +85,15 @@ def measure(x, weight, tap_mask, stride, padding, dilation, groups, backends: Op
     key = conv_ops.new_cache_key()
     with torch.no_grad():
         for name in backends or candidates(x):
-            def run(name=name):
-                return torch.ops.autosculpt.pattern_conv2d(
-                    x, weight, tap_mask, None, list(stride), list(padding), list(dilation), groups, name, key
-                )
-
             try:
+                # The backend function itself, as eager inference calls it (no dispatcher overhead).
+                if name not in conv_ops.CONV_BACKENDS:
+                    conv_ops._load_backend(name)
+                fn = conv_ops.CONV_BACKENDS[name]
+
+                def run(fn=fn):
+                    return fn(x, weight, tap_mask, None, list(stride), list(padding), list(dilation), groups, key)
+
                 timings[name] = time_ms(run, x.device)
             except Exception as exc:  # noqa: BLE001 - reported, then excluded
                 _FAILED[name] = f"{type(exc).__name__}: {exc}"

@@ -29,7 +29,6 @@ import copy
 import json
 import os
 import platform
-import tempfile
 import time
 import warnings
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
+from .._atomic import atomic_write_text
 from ..patterns import PAPER6, PatternSet, masks_from_ids
 
 __all__ = ["LatencyModel", "FlopsLatencyModel", "plan_tap_masks", "keep_level_grid", "device_name"]
@@ -171,6 +171,10 @@ class _BaseLatencyModel:
         """End-to-end latency of ``model`` on ``example_input`` in ms."""
         raise NotImplementedError
 
+    def measure_models(self, models, example_input: torch.Tensor, reps: Optional[int] = None) -> List[float]:
+        """End-to-end latency of several models (ms each)."""
+        return [self.measure_model(m, example_input, reps=reps) for m in models]
+
     # -- public -----------------------------------------------------------------------
     def profile(self, model: nn.Module, example_input: torch.Tensor, progress: bool = False) -> "_BaseLatencyModel":
         """Finds the prunable layers of ``model`` and their input shapes, and measures what the
@@ -275,8 +279,7 @@ class _BaseLatencyModel:
         if not self.layers:
             self.profile(model, example_input)
         sparse_model = sparsify(model, dict(plan), backend=getattr(self, "backend", "auto")).eval()
-        measured = self.measure_model(sparse_model, example_input, reps=reps)
-        dense_measured = self.measure_model(model, example_input, reps=reps)
+        measured, dense_measured = self.measure_models([sparse_model, model], example_input, reps=reps)
         predicted = self.predict(plan)
         return {
             "predicted_ms": predicted, "measured_ms": measured, "rel_error": abs(predicted - measured) / measured,
@@ -343,12 +346,14 @@ class LatencyModel(_BaseLatencyModel):
         pattern_set: the patterns of the plans to predict (defines the grid).
         reps, warmup: timing repeats and warm-up calls per measurement.
         stat: "min" (default, robust to one-sided noise on shared machines) or "median" of the repeats.
+        rounds: ``profile`` spreads each measurement's repeats over this many passes over all layers
+            (minimum kept), see :meth:`_measure_in_rounds`.
         threads: CPU threads during measurement (default: ``torch.get_num_threads()`` now).
     """
 
     def __init__(self, device: str | torch.device = "cpu", cache_path: Optional[str] = None, backend: str = "auto",
                  pattern_set: PatternSet = PAPER6, reps: int = 15, warmup: int = 3, threads: Optional[int] = None,
-                 stat: str = "min"):
+                 stat: str = "min", rounds: int = 3):
         super().__init__(pattern_set)
         try:
             self.device = torch.device(device)
@@ -357,6 +362,9 @@ class LatencyModel(_BaseLatencyModel):
         if not isinstance(reps, int) or reps < 1:
             raise ValueError(f"reps: expected a positive int, got {reps!r}")
         self.backend = self._resolve_backend(backend)
+        if not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"rounds: expected a positive int, got {rounds!r}")
+        self.rounds = rounds
         if stat not in ("min", "median"):
             raise ValueError(f"stat: expected 'min' or 'median', got {stat!r}")
         self.reps, self.warmup, self.stat = reps, warmup, stat
@@ -366,6 +374,7 @@ class LatencyModel(_BaseLatencyModel):
         self._cache: Dict[str, float] = {}
         self._grid: Dict[str, List[Tuple[float, float]]] = {}
         self.measurements = 0  # timings actually run (cache misses)
+        self._model_ms: Optional[float] = None
         if self.cache_path is not None:
             self._cache = self._load_cache()
 
@@ -404,17 +413,7 @@ class LatencyModel(_BaseLatencyModel):
         """Writes the cache atomically (temp file in the same folder, then ``os.replace``)."""
         if self.cache_path is None:
             return
-        folder = os.path.dirname(os.path.abspath(self.cache_path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".latency-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"format": CACHE_FORMAT, "entries": self._cache}, f, indent=0, sort_keys=True)
-            os.replace(tmp, self.cache_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_text(self.cache_path, json.dumps({"format": CACHE_FORMAT, "entries": self._cache}, indent=0, sort_keys=True))
 
     # -- timing ---------------------------------------------------------------------------
     def _sync(self):
@@ -479,12 +478,46 @@ class LatencyModel(_BaseLatencyModel):
         if k <= pts[0][0]:
             return pts[0][1]
         for (k0, t0), (k1, t1) in zip(pts, pts[1:]):
-            if k <= k1:
+            if k == k1:
+                return t1  # a measured point exactly (no rounding through the interpolation formula)
+            if k < k1:
                 return t0 + (t1 - t0) * (k - k0) / max(k1 - k0, 1e-12)
         return pts[-1][1]
 
+    def measure_models(self, models, example_input: torch.Tensor, reps: Optional[int] = None) -> List[float]:
+        """End-to-end latency of several models in ms, timed INTERLEAVED (one call of each per round), so
+        that load changes on a shared machine hit all of them alike and their ratios stay meaningful."""
+        x = example_input.to(self.device)
+        modes = [m.training for m in models]
+        for m in models:
+            m.eval()
+        old = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            with torch.no_grad():
+                for _ in range(max(1, self.warmup)):  # also lets sparse layers decide their path
+                    for m in models:
+                        m(x)
+                self._sync()
+                times: List[List[float]] = [[] for _ in models]
+                for _ in range(reps or self.reps):
+                    for i, m in enumerate(models):
+                        t0 = time.perf_counter()
+                        m(x)
+                        self._sync()
+                        times[i].append(time.perf_counter() - t0)
+        finally:
+            torch.set_num_threads(old)
+            for m, mode in zip(models, modes):
+                m.train(mode)
+        out = []
+        for ts in times:
+            ts.sort()
+            out.append((ts[0] if self.stat == "min" else ts[len(ts) // 2]) * 1e3)
+        return out
+
     def measure_model(self, model: nn.Module, example_input: torch.Tensor, reps: Optional[int] = None) -> float:
-        """Median end-to-end latency of ``model`` (eval mode, no grad) on ``example_input`` in ms.
+        """End-to-end latency of ``model`` (eval mode, no grad) on ``example_input`` in ms.
         Sparse layers pick their path (sparse kernel or dense fallback) during the warm-up."""
         was_training = model.training
         model.eval()
@@ -499,12 +532,68 @@ class LatencyModel(_BaseLatencyModel):
             model.train(was_training)
 
     def _measure_remainder(self, model, example_input):
-        total = self.measure_model(model, example_input)
+        total = self._model_ms if self._model_ms is not None else self.measure_model(model, example_input)
         return max(0.0, total - sum(self._dense_ms.values()))
+
+    def _measure_in_rounds(self, model: nn.Module, example_input: torch.Tensor, progress: bool) -> None:
+        """Fills the cache for every uncached (layer shape, dense | grid mix) and times the whole dense
+        model, in ``rounds`` passes over all of them, keeping each one's minimum. Spreading a
+        measurement's repeats over the whole profiling time (instead of one burst) makes the minimum
+        robust to load that comes and goes on a shared machine, and times the model and its layers
+        under the same conditions (their difference is the remainder)."""
+        from ..nn.conv import PatternConv2d
+
+        jobs: Dict[str, Callable[[], object]] = {}
+        for info in _collect_layers(model, example_input, self.pattern_set).values():
+            sig = self._layer_signature(info)
+            conv, x = self._make_conv(info)
+            dense_key = self._key(sig, "dense")
+            if dense_key not in self._cache and dense_key not in jobs:
+                jobs[dense_key] = (lambda c, t: lambda: c(t))(conv, x)
+            for g in keep_level_grid(self.pattern_set):
+                mask = grid_mask(self.pattern_set, g, info["c_out"])
+                key = self._key(sig, "sparse", _mix_signature(mask))
+                if key not in self._cache and key not in jobs:
+                    layer = PatternConv2d.from_dense(conv, mask.to(self.device), backend=self.backend, path="sparse").eval()
+                    jobs[key] = (lambda c, t: lambda: c(t))(layer, x)
+        was_training = model.training
+        model.eval()
+        xm = example_input.to(self.device)
+        jobs["__model__"] = lambda: model(xm)
+        best: Dict[str, float] = {}
+        per_round = max(1, -(-self.reps // self.rounds))
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.rounds * len(jobs), desc="latency profile", unit="timing")
+        old = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            with torch.no_grad():
+                for r in range(self.rounds):
+                    for key, fn in jobs.items():
+                        t = _time_ms(fn, per_round, self.warmup if r == 0 else 1, self._sync, self.stat)
+                        best[key] = min(best.get(key, float("inf")), t)
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            torch.set_num_threads(old)
+            model.train(was_training)
+            if bar is not None:
+                bar.close()
+        self._model_ms = best.pop("__model__")
+        self.measurements += len(best)
+        self._cache.update(best)
 
     def profile(self, model, example_input, progress: bool = False):
         """Measures (or loads from the cache) every prunable layer's dense time and its sparse grid,
         and the dense model's remainder; saves the cache. Returns self."""
-        super().profile(model, example_input, progress)
+        if not isinstance(model, nn.Module) or not isinstance(example_input, torch.Tensor):
+            return super().profile(model, example_input, progress)  # raises the argument errors
+        self._model_ms = None
+        self._measure_in_rounds(model, example_input, progress)
+        super().profile(model, example_input, progress=False)
+        self._model_ms = None
         self.save_cache()
         return self

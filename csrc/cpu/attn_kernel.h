@@ -2,9 +2,10 @@
 //
 // A task walks only its kept key blocks with a flash-style online softmax (exp2 domain: the query is
 // pre-scaled by scale * log2(e)), so the bs x bs score tile never leaves L1 and no L x L matrix is
-// formed. The AVX-512 task works transposed (S^T = K Q^T, O^T += V^T P^T, vectorised over the query
-// rows): it reads K and V in place, and the softmax max/sum run down the columns without horizontal
-// reductions. The portable task instead uses K^T/V blocks packed once per (batch, head) by the driver.
+// formed. The AVX-512 and portable tasks work transposed (S^T = K Q^T, O^T += V^T P^T, vectorised over
+// the query rows): they read K and V in place, and the softmax max/sum run down the columns without
+// horizontal reductions. The generic task (any block size) uses K^T/V blocks packed once per
+// (batch, head) by the driver.
 #pragma once
 #include <cstdint>
 
@@ -22,8 +23,8 @@ struct AttnTask {
   int64_t nq;               // valid query rows (< bs only in the tail block)
   const float* kt;          // generic path: packed K^T of this (batch, head): block kb at kt + kb * d * bs
   const float* vp;          // generic path: packed V of this (batch, head): block kb at vp + kb * bs * dp
-  const float* k;           // AVX-512 path: K of this (batch, head), row stride d (read in place)
-  const float* v;           // AVX-512 path: V of this (batch, head), row stride d
+  const float* k;           // AVX-512/portable paths: K of this (batch, head), row stride d (in place)
+  const float* v;           // AVX-512/portable paths: V of this (batch, head), row stride d
   const int32_t* kblocks;   // kept key blocks, ascending
   int64_t nk;               // how many
   int64_t tail_kb;          // key block whose columns >= tail_valid are past Lk (-1: none)
@@ -42,6 +43,7 @@ struct AttnScratch {
   const float* zeros;  // dp zeros: stands in for key rows past Lk
 };
 
+// Simple loops over packed blocks, any block size.
 void attn_task_generic(const AttnDims& dims, const AttnTask& task, const AttnScratch& scratch);
 // Portable transposed kernel (reads K/V in place like the AVX-512 one): bs in {16, 32, 64, 128}.
 void attn_task_portable(const AttnDims& dims, const AttnTask& task, const AttnScratch& scratch);

@@ -1,13 +1,15 @@
-// Block-sparse attention on the CPU (fp32), torch-free.
+// Block-sparse attention on the CPU (fp32), torch-free: driver, simple kernel and Python binding.
 //
 // Semantics: out = softmax(scale * q k^T + M) v per (batch, head), where M is the per-head block
 // mask (H, ceil(Lq/bs), ceil(Lk/bs)) expanded to tokens (0 kept, -inf dropped). A query block with no
 // kept key block outputs zeros. q, k, v, out are contiguous (B, H, L, D).
 //
 // Work: one task per (batch, head, query block) runs a flash-style online softmax over only its kept
-// key blocks (attn_avx512.cpp, or the portable loops below, which first pack each used key block
-// once per (batch, head)). Tasks are scheduled dynamically because their cost is proportional to
-// their number of kept blocks.
+// key blocks. Kernels, by preference: attn_avx512.cpp (AVX-512, run-time checked), attn_portable.cpp
+// (vector extensions; AVX2+FMA entry when the CPU has it, else baseline) for block sizes 16/32/64/128,
+// and the simple loops below for any other block size (these first pack each used key block once
+// per (batch, head)). Tasks are scheduled dynamically: their cost is proportional to their number of
+// kept blocks.
 #include <omp.h>
 #include <pybind11/pybind11.h>
 
@@ -177,8 +179,8 @@ static void block_attention_forward(const float* q, const float* k, const float*
       offsets[size_t(h * nqb + qb + 1)] = int64_t(kept.size());
     }
 
-  // The portable path reads K^T / V blocks packed once per (batch, head); the AVX-512 path reads K
-  // and V in place (it transposes the query block instead, inside each task).
+  // The register-tiled kernels read K and V in place (they transpose the query block instead, inside
+  // each task); the simple loops read K^T / V blocks packed once per (batch, head).
   const bool in_place = use_avx512 || tiled_bs;
   const int64_t kt_block = in_place ? 0 : D * bs, vp_block = in_place ? 0 : bs * dims.dp;
   static thread_local Workspace workspace;

@@ -114,6 +114,7 @@ PackedPatternConv::PackedPatternConv(const float* weight, const uint8_t* tap_mas
     case ConvIsa::kAvx512:
       mr_ = ukernels::kAvx512MR, lanes_ = ukernels::kAvx512Lanes, nv_max_ = ukernels::kAvx512NV;
       kernels_ = ukernels::avx512_table();
+      kernels2_ = ukernels::avx512_table_2panels(), mr2_max_ = ukernels::kAvx512MR2;
       break;
     case ConvIsa::kAvx2:
       mr_ = ukernels::kAvx2MR, lanes_ = ukernels::kAvx2Lanes, nv_max_ = ukernels::kAvx2NV;
@@ -341,6 +342,15 @@ void PackedPatternConv::compute_block(const GroupCall& a, int64_t g0, int64_t va
   const int64_t SW = a.SW, P = a.P;
   for (int64_t s0 = 0; s0 < valid; s0 += SW) {
     const int64_t gs = g0 + s0, vs = std::min(SW, valid - s0);
+    if (blk.mr <= mr2_max_ && valid - s0 >= 2 * SW && (gs % P) + 2 * SW <= P) {
+      // two full panels of one image: one call with twice the accumulators
+      const int64_t b = gs / P, p = gs % P;
+      for (int m = 0; m < blk.mr; ++m) rows[m] = a.out + (b * c_out_ + blk.filters[m]) * P + p;
+      kernels2_[blk.mr - 1](int64_t(grp.taps.size()), grp.tap_off.data(), c_in_pg_, SW, wp,
+                            colt + (s0 / SW) * a.sub_floats, a.sub_floats, rows, bvals);
+      s0 += SW;
+      continue;
+    }
     const int64_t nv = ceil_div(vs, a.W);
     const int64_t b = gs / P, p = gs % P;
     const bool direct = (vs == nv * a.W) && (p + vs <= P);
@@ -423,8 +433,8 @@ void PackedPatternConv::forward_group(int64_t g, const float* x, const float* bi
         for (int64_t slot = 0; slot < a.slots; ++slot) gather_tile(a, g0, valid, slot, 0, cpg, col, segs);
         // sub-tile outer, filter blocks inner: one sub-tile's gathered pixels stay in L1 while all
         // filter blocks use them; the (smaller) weight panels stream from L2.
-        for (int64_t s0 = 0; s0 < valid; s0 += SW) {
-          const int64_t vs = std::min(SW, valid - s0);
+        for (int64_t s0 = 0; s0 < valid; s0 += 2 * SW) {  // pairs: small blocks take both at once
+          const int64_t vs = std::min(2 * SW, valid - s0);
           for (const FilterBlock& blk : pl.blocks)
             compute_block(a, g0 + s0, vs, blk, col + (s0 / SW) * a.sub_floats, tmp);
         }

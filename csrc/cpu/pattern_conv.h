@@ -5,17 +5,21 @@
 // channels. Filters are grouped by identical mask; a group with kept taps T is an implicit GEMM with
 // K = C_in * |T| over output pixels. Filters whose mask is empty are never computed (output = bias).
 //
-// Algorithm (see conv_microkernels.h for the register-blocked inner loop):
-//  * The constructor groups filters by mask, splits every group into blocks of MR filters and packs
-//    each block's weights as a K x MR panel (K ordered tap-major, then input channel).
-//  * forward() walks the N*P output pixels of the batch (images concatenated) in tiles of NT pixels.
-//    For a chunk of tiles it first gathers, in parallel, the input rows of only the taps some group
-//    uses ("col": [tile][tap slot][c_in][NT], zero padding resolved here), then, after a barrier,
-//    every (tile, filter block) pair runs the micro-kernel: MR filters x up to 3 vectors of pixels
-//    held in registers over the whole K. Work is split between threads by estimated FLOPs, so small
-//    images at batch 1 still use all cores (filter blocks share a tile).
-//  * The micro-kernel is selected at run time (AVX-512, AVX2+FMA, or portable C++), so the library
-//    is built for plain x86-64 and still uses the widest vectors the CPU has.
+// Algorithm (micro-kernels in conv_microkernels.h, input gathering in conv_gather.h):
+//  * The constructor groups filters by mask, splits every group into balanced blocks of at most MR
+//    filters and packs each block's weights as a K x MR panel (K ordered tap-major, then channel).
+//  * forward() walks the N*P output pixels of the batch (images concatenated, so 7x7 at batch 8 is 392
+//    pixels) in tiles of NT pixels. For a tile it gathers the input of only the taps some group uses
+//    ("col": [48-pixel sub-tile][tap slot][channel][48], zero padding resolved while gathering, masked
+//    AVX-512/AVX2 loads), then runs the micro-kernel for every (sub-tile, filter block): MR filters x up
+//    to 3 vectors of pixels held in registers over the whole K, bias added on store.
+//  * Threads: with enough pixels each thread gathers and computes its own contiguous pixel range (no
+//    barrier; its tile stays in its L2). With few pixels (small images at batch 1) the threads gather a
+//    chunk of tiles together and split the (tile, filter block) items by estimated work. Tiny layers use
+//    fewer threads than asked (a fork/join costs microseconds).
+//  * Depthwise convs take a separate per-channel path vectorised along output rows.
+//  * The micro-kernel is picked at run time (AVX-512, AVX2+FMA, or portable C++), so the library is
+//    built for plain x86-64 (or any other CPU) and still uses the widest vectors the CPU has.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -31,6 +35,10 @@ enum class ConvIsa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
 // (tap t < ntaps, channel ci < cin) and B_(t,ci) = b + tap_off[t] + ci * ldb.
 using ConvMicroKernel = void (*)(int64_t ntaps, const int64_t* tap_off, int64_t cin, int64_t ldb, const float* a,
                                  const float* b, float* const* c, const float* bias);
+
+// Two adjacent pixel panels at once (b and b + b2), writing c[m][0 .. 6*16): for blocks of few filters.
+using ConvMicroKernel2 = void (*)(int64_t ntaps, const int64_t* tap_off, int64_t cin, int64_t ldb, const float* a,
+                                  const float* b, int64_t b2, float* const* c, const float* bias);
 
 struct PatternGroup {
   std::vector<int32_t> taps;     // kept tap indices (r * kw + s)
@@ -98,6 +106,8 @@ class PackedPatternConv {
   ConvIsa isa_;
   int mr_ = 1, lanes_ = 1, nv_max_ = 1;          // micro-kernel shape: mr_ filters x nv_max_*lanes_ pixels
   const ConvMicroKernel* kernels_ = nullptr;     // [(mr - 1) * nv_max_ + (nv - 1)]
+  const ConvMicroKernel2* kernels2_ = nullptr;   // [mr - 1] for mr <= mr2_max_ (AVX-512 only)
+  int mr2_max_ = 0;
   double min_work_per_thread_ = 4e5;
   int64_t min_subtiles_per_thread_ = 6;
   std::vector<ConvGroupPlan> plans_;             // per conv group

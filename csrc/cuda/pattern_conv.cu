@@ -1,7 +1,7 @@
 // Pattern-sparse conv2d on CUDA: implicit GEMM over the kept taps of each pattern group.
 //
-// One thread block (4 warps) computes a kBlockM (output pixels) x kBlockN (filters of one pattern
-// group) tile. The K loop runs over (kept tap, block of kBlockK input channels): the input pixels a
+// One thread block (4 warps) computes a kBlockM (output pixels) x BN (32 or 64 filters of one tile of
+// the host's plan) tile. The K loop runs over (kept tap, block of kBlockK input channels): the input pixels a
 // tap reads are gathered straight from x (any strides; 16-byte vector loads when x is channels_last
 // and the channel count allows), the weights come pre-packed [K_g][n_g]. Tiles of the next K step are
 // loaded into registers while the tensor cores work on the current one (register double buffering).
@@ -63,12 +63,12 @@ template <> __device__ __forceinline__ __half from_float<__half>(float v) { retu
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Shared-memory tiles. Padding keeps WMMA leading dimensions multiples of 16 bytes and spreads banks.
-template <typename T>
+template <typename T, int BN>
 struct SharedTiles {
   static constexpr int kPadA = 16 / sizeof(T);
   static constexpr int kLdA = kBlockK + kPadA;
-  static constexpr int kLdB = kBlockN + kPadA;
-  static constexpr int kLdC = kBlockN + 4;
+  static constexpr int kLdB = BN + kPadA;
+  static constexpr int kLdC = BN + 4;
   union {
     struct {
       T a[kBlockM][kLdA];  // [pixel][channel]
@@ -78,14 +78,14 @@ struct SharedTiles {
   };
 };
 
-template <typename T, int MODE>
+template <typename T, int MODE, int BN>
 __global__ void __launch_bounds__(kThreads) pattern_conv_kernel(const KernelParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   if (MODE != kSimt || sizeof(T) != 4) {  // bf16 / tf32 WMMA need sm_80; the host refuses earlier
     __trap();
   }
 #endif
-  using Tiles = SharedTiles<T>;
+  using Tiles = SharedTiles<T, BN>;
   __shared__ __align__(128) Tiles sm;
   const int tid = threadIdx.x;
   const int pid_n = blockIdx.x % p.n_ftiles;
@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(kThreads) pattern_conv_kernel(const KernelPara
   constexpr int kRowsPerPass = kThreads / kVecPerRow;
   constexpr int kPasses = kBlockM / kRowsPerPass;
   constexpr int kAPer = kBlockM * kBlockK / kThreads;  // 16
-  constexpr int kBPer = kBlockK * kBlockN / kThreads;  // 16
+  constexpr int kBPer = kBlockK * BN / kThreads;  // 16
   static_assert(kAPer * sizeof(T) == kPasses * 16, "generic and vector A registers share one buffer");
 
   // Per-thread pixel coordinates: the generic loader uses slot 0, the vector loader kPasses slots.
@@ -129,9 +129,9 @@ __global__ void __launch_bounds__(kThreads) pattern_conv_kernel(const KernelPara
   }
   const int a_row = tid % kBlockM, a_c0 = tid / kBlockM;  // generic mapping
   const int v_col = (tid % kVecPerRow) * kVec;              // vector mapping
-  const int b_col = tid % kBlockN, b_k0 = tid / kBlockN;
+  const int b_col = tid % BN, b_k0 = tid / BN;
   constexpr int kAStep = kThreads / kBlockM;  // 2
-  constexpr int kBStep = kThreads / kBlockN;  // 2
+  constexpr int kBStep = kThreads / BN;  // 2
 
   // Raw 16-byte storage viewed as kAPer scalars (generic) or kPasses vectors: one register buffer.
   uint4 a_raw[kPasses];
@@ -187,11 +187,12 @@ __global__ void __launch_bounds__(kThreads) pattern_conv_kernel(const KernelPara
   };
 
   if constexpr (MODE == kSimt) {
-    // 16 x 8 threads; thread (tx, ty) owns pixels ty + 8i and filters tx + 16q.
-    const int tx = tid % 16, ty = tid / 16;
-    float acc[8][4];
+    // kTx x kTy threads; thread (tx, ty) owns pixels ty + kTy * i and filters tx + kTx * q.
+    constexpr int kTx = BN / 4, kTy = kThreads / kTx, kRows = kBlockM / kTy;
+    const int tx = tid % kTx, ty = tid / kTx;
+    float acc[kRows][4];
 #pragma unroll
-    for (int i = 0; i < 8; ++i)
+    for (int i = 0; i < kRows; ++i)
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[i][q] = 0.f;
     if (steps > 0) load_step(0);
@@ -201,36 +202,38 @@ __global__ void __launch_bounds__(kThreads) pattern_conv_kernel(const KernelPara
       if (s + 1 < steps) load_step(s + 1);
 #pragma unroll 8
       for (int k = 0; k < kBlockK; ++k) {
-        float av[8], bv[4];
+        float av[kRows], bv[4];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) av[i] = to_float(sm.ab.a[ty + 8 * i][k]);
+        for (int i = 0; i < kRows; ++i) av[i] = to_float(sm.ab.a[ty + kTy * i][k]);
 #pragma unroll
-        for (int q = 0; q < 4; ++q) bv[q] = to_float(sm.ab.b[k][tx + 16 * q]);
+        for (int q = 0; q < 4; ++q) bv[q] = to_float(sm.ab.b[k][tx + kTx * q]);
 #pragma unroll
-        for (int i = 0; i < 8; ++i)
+        for (int i = 0; i < kRows; ++i)
 #pragma unroll
           for (int q = 0; q < 4; ++q) acc[i][q] = fmaf(av[i], bv[q], acc[i][q]);
       }
       __syncthreads();
     }
 #pragma unroll
-    for (int i = 0; i < 8; ++i)
+    for (int i = 0; i < kRows; ++i)
 #pragma unroll
-      for (int q = 0; q < 4; ++q) sm.c[ty + 8 * i][tx + 16 * q] = acc[i][q];
+      for (int q = 0; q < 4; ++q) sm.c[ty + kTy * i][tx + kTx * q] = acc[i][q];
   } else {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
     using namespace nvcuda;
-    // 2 x 2 warps, each a 32 x 32 block = 2 x 2 fragments of 16 x 16.
+    // Warps tile the block: BN = 64: 2 x 2 warps of 32 x 32; BN = 32: 4 x 1 warps of 16 x 32. Each warp
+    // holds kFm x 2 accumulator fragments of 16 x 16.
     constexpr int kFragK = MODE == kWmmaTf32 ? 8 : 16;
     using ElemT = typename std::conditional<MODE == kWmmaTf32, wmma::precision::tf32, T>::type;
     using FragA = wmma::fragment<wmma::matrix_a, 16, 16, kFragK, ElemT, wmma::row_major>;
     using FragB = wmma::fragment<wmma::matrix_b, 16, 16, kFragK, ElemT, wmma::row_major>;
     using FragC = wmma::fragment<wmma::accumulator, 16, 16, kFragK, float>;
+    constexpr int kWarpsN = BN / 32, kWarpsM = (kThreads / 32) / kWarpsN, kFm = kBlockM / kWarpsM / 16;
     const int warp = tid / 32;
-    const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
-    FragC acc[2][2];
+    const int wm = (warp / kWarpsN) * (16 * kFm), wn = (warp % kWarpsN) * 32;
+    FragC acc[kFm][2];
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < kFm; ++i)
 #pragma unroll
       for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
     if (steps > 0) load_step(0);
@@ -240,10 +243,10 @@ __global__ void __launch_bounds__(kThreads) pattern_conv_kernel(const KernelPara
       if (s + 1 < steps) load_step(s + 1);
 #pragma unroll
       for (int kk = 0; kk < kBlockK; kk += kFragK) {
-        FragA fa[2];
+        FragA fa[kFm];
         FragB fb[2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
+        for (int i = 0; i < kFm; ++i) {
           wmma::load_matrix_sync(fa[i], &sm.ab.a[wm + 16 * i][kk], Tiles::kLdA);
           if constexpr (MODE == kWmmaTf32)
             for (int e = 0; e < fa[i].num_elements; ++e) fa[i].x[e] = wmma::__float_to_tf32(fa[i].x[e]);
@@ -255,14 +258,14 @@ __global__ void __launch_bounds__(kThreads) pattern_conv_kernel(const KernelPara
             for (int e = 0; e < fb[j].num_elements; ++e) fb[j].x[e] = wmma::__float_to_tf32(fb[j].x[e]);
         }
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
+        for (int i = 0; i < kFm; ++i)
 #pragma unroll
           for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
       }
       __syncthreads();
     }
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < kFm; ++i)
 #pragma unroll
       for (int j = 0; j < 2; ++j)
         wmma::store_matrix_sync(&sm.c[wm + 16 * i][wn + 16 * j], acc[i][j], Tiles::kLdC, wmma::mem_row_major);
@@ -274,12 +277,12 @@ __global__ void __launch_bounds__(kThreads) pattern_conv_kernel(const KernelPara
   const T* bias = static_cast<const T*>(p.bias);
   T* out = static_cast<T*>(p.out);
   const bool channels_fast = p.soc == 1;
-  constexpr int kOutPer = kBlockM * kBlockN / kThreads;
+  constexpr int kOutPer = kBlockM * BN / kThreads;
 #pragma unroll 4
   for (int e = 0; e < kOutPer; ++e) {
     const int idx = tid + kThreads * e;
-    const int j = channels_fast ? idx % kBlockN : idx / kBlockM;
-    const int r = channels_fast ? idx / kBlockN : idx % kBlockM;
+    const int j = channels_fast ? idx % BN : idx / kBlockM;
+    const int r = channels_fast ? idx / BN : idx % kBlockM;
     const int m = m0 + r;
     if (j >= ncols || m >= p.pixels) continue;
     const int co = p.perm[row0 + j];
@@ -298,15 +301,23 @@ void check(cudaError_t err, const char* what) {
                              cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
 }
 
-template <typename T, int MODE>
-void launch(const KernelParams& kp, unsigned blocks, cudaStream_t stream) {
+template <typename T, int MODE, int BN>
+void launch_bn(const KernelParams& kp, unsigned blocks, cudaStream_t stream) {
 #ifdef AUTOSCULPT_CUDA_EMULATE
   (void)stream;
-  emu::launch(blocks, kThreads, [&] { pattern_conv_kernel<T, MODE>(kp); });
+  emu::launch(blocks, kThreads, [&] { pattern_conv_kernel<T, MODE, BN>(kp); });
 #else
-  pattern_conv_kernel<T, MODE><<<blocks, kThreads, 0, stream>>>(kp);
+  pattern_conv_kernel<T, MODE, BN><<<blocks, kThreads, 0, stream>>>(kp);
 #endif
   check(cudaGetLastError(), "kernel launch");
+}
+
+template <typename T, int MODE>
+void launch(const KernelParams& kp, int block_n, unsigned blocks, cudaStream_t stream) {
+  if (block_n == 32)
+    launch_bn<T, MODE, 32>(kp, blocks, stream);
+  else
+    launch_bn<T, MODE, 64>(kp, blocks, stream);
 }
 
 constexpr int kMaxDevices = 64;
@@ -333,6 +344,7 @@ void pattern_conv2d_forward(const PatternConvArgs& a) {
   require(a.n > 0 && a.c_in_pg > 0 && a.h > 0 && a.w > 0 && a.out_h > 0 && a.out_w > 0 && a.kw > 0,
           "sizes must be positive");
   require(a.n_ftiles > 0, "n_ftiles must be positive");
+  require(a.block_n == 32 || a.block_n == 64, "block_n must be 32 or 64 (and tiles its section)");
   require(a.stride_h > 0 && a.stride_w > 0 && a.dil_h > 0 && a.dil_w > 0 && a.pad_h >= 0 && a.pad_w >= 0,
           "stride/dilation must be positive and padding non-negative");
   const int64_t pixels = a.n * a.out_h * a.out_w;
@@ -392,17 +404,17 @@ void pattern_conv2d_forward(const PatternConvArgs& a) {
   switch (a.dtype) {
     case DType::kFloat16:
       require(tensor_core_ok, "float16 needs a GPU of compute capability >= 8.0");
-      launch<__half, kWmma16>(kp, blocks, stream);
+      launch<__half, kWmma16>(kp, int(a.block_n), blocks, stream);
       break;
     case DType::kBFloat16:
       require(tensor_core_ok, "bfloat16 needs a GPU of compute capability >= 8.0");
-      launch<__nv_bfloat16, kWmma16>(kp, blocks, stream);
+      launch<__nv_bfloat16, kWmma16>(kp, int(a.block_n), blocks, stream);
       break;
     case DType::kFloat32:
       if (a.allow_tf32 && tensor_core_ok)
-        launch<float, kWmmaTf32>(kp, blocks, stream);
+        launch<float, kWmmaTf32>(kp, int(a.block_n), blocks, stream);
       else
-        launch<float, kSimt>(kp, blocks, stream);
+        launch<float, kSimt>(kp, int(a.block_n), blocks, stream);
       break;
     default:
       throw std::invalid_argument("pattern_conv2d_forward: dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");

@@ -5,7 +5,7 @@
 // passes three small int32 tables plus the packed weights:
 //   perm  [C_out]          output channel of each packed filter row (every channel exactly once)
 //   taps  [...]            kept tap indices r * kw + s of all groups, back to back
-//   tiles [n_ftiles][8]    per block of kBlockN filters of one group: first perm row, filters in the
+//   tiles [n_ftiles][8]    per tile of <= block_n filters (one layout per block_n): first perm row, filters in the
 //                          tile, packed-weight offset of its first column / 16, leading dimension / 16
 //                          (the group's filter count rounded up to 16), first tap, tap count, conv
 //                          group index (first input channel = index * c_in_pg), spare
@@ -18,7 +18,7 @@
 namespace autosculpt {
 namespace cuda {
 
-constexpr int kBlockN = 64;  // filters per tile: the tiles table must be the block_n = 64 section
+constexpr int kBlockNs[2] = {32, 64};  // filters per tile: args.tiles is the matching layout section
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
@@ -29,7 +29,8 @@ struct PatternConvArgs {
   int64_t x_stride[4] = {0, 0, 0, 0};    // elements, NCHW order of dimensions
   int64_t out_stride[4] = {0, 0, 0, 0};  // elements, NCHW order of dimensions
   int64_t stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0, dil_h = 1, dil_w = 1;
-  int64_t n_ftiles = 0;  // rows of the tiles table (block_n = 64 section, pointer already offset)
+  int64_t n_ftiles = 0;  // rows of the tiles table (the block_n section, pointer already offset)
+  int64_t block_n = 64;  // 32 or 64: the tile layout the tables were cut for
   DType dtype = DType::kFloat32;
   bool allow_tf32 = false;  // fp32 inputs: use TF32 tensor cores (as cuDNN does when torch allows it)
   int device = 0;

@@ -12,6 +12,7 @@ extern "C" int emu_pattern_conv2d_forward(const int64_t* ptrs, const int64_t* si
   a.dil_h = sizes[11]; a.dil_w = sizes[12]; a.n_ftiles = sizes[13];
   a.dtype = static_cast<autosculpt::cuda::DType>(sizes[14]);
   a.allow_tf32 = sizes[15] != 0;
+  a.block_n = sizes[16];
   for (int i = 0; i < 4; ++i) {
     a.x_stride[i] = x_stride[i];
     a.out_stride[i] = out_stride[i];

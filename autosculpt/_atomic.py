@@ -1,0 +1,39 @@
+"""Atomic file writes: a temporary file in the target's folder, then ``os.replace``. A crash or
+Ctrl-C never leaves a half-written checkpoint, cache or report under the final name."""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Callable
+
+
+def _atomic(path, suffix: str, write: Callable[[str], None]) -> None:
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Writes ``text`` to ``path`` atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    _atomic(path, ".txt", write)
+
+
+def atomic_torch_save(obj, path) -> None:
+    """``torch.save(obj)`` to ``path`` atomically."""
+    import torch
+
+    _atomic(path, ".pt", lambda tmp: torch.save(obj, tmp))
