@@ -125,10 +125,19 @@ def kernel_summaries(results: Path) -> List[str]:
         if not path.exists():
             continue
         lines = [l.strip() for l in path.read_text().splitlines()]
-        keep = [l for l in lines if l.startswith(("Machine:", "- ")) or "median" in l.lower() and not l.startswith("|")]
+        keep = [l for l in lines if l.startswith(("- machine:", "- threads:", "Machine:"))]
+        if "## Summary" in lines:  # the report's own summary section: its bullet lines
+            i = lines.index("## Summary") + 1
+            while i < len(lines) and not lines[i].startswith("#"):
+                if lines[i].startswith("- "):
+                    keep.append(lines[i])
+                i += 1
+        else:
+            keep += [l for l in lines if "median" in l.lower() and not l.startswith("|")]
+        keep = keep[:8]
         out.append(f"**{title}** ([bench/results/{name}](bench/results/{name})):")
         out.append("")
-        out += [l if l.startswith("- ") else f"- {l}" for l in keep[:5]]
+        out += [l if l.startswith("- ") else f"- {l}" for l in keep]
         out.append("")
     if out:
         out = ["### Kernels", ""] + out

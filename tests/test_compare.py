@@ -234,6 +234,7 @@ def test_readme_results_rewrites_only_between_markers_and_is_idempotent(tmp_path
 
     results = tmp_path / "results"
     _fake_results(results)
+    (results / "cpu-conv.md").write_text("# conv\n\n- machine: TestCPU\n- date: x\n\n| a |\n\n## Summary\n\n- batch 8: median 0.9\n")
     readme = tmp_path / "README.md"
     readme.write_text(f"# Title\n\nintro\n\n{START}\nold stuff 123\n{END}\n\n## After\ntail text\n")
     section = build_section(results)
@@ -246,6 +247,7 @@ def test_readme_results_rewrites_only_between_markers_and_is_idempotent(tmp_path
     assert "resnet20 at 2×: methods meeting the budget in most seeds: autosculpt; most accurate of them: **autosculpt**" in text
     assert "| vgg16 | 2× | 1 | 2.00 | 1.70 | 0.85 | 1.50 |" in text and "TestCPU" in text and "- a note" in text
     assert "python -m bench.compare" in text and "python -m bench.bench_models" in text
+    assert "- batch 8: median 0.9" in text and "- machine: TestCPU" in text and "- date: x" not in text
     assert not update_readme(readme, build_section(results))  # idempotent
     assert readme.read_text() == text
 
