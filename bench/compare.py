@@ -539,7 +539,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"[compare] wrote {out.with_suffix('.md')} from {len(records)} records")
         return 0
     command = "python -m bench.compare" + "".join(" " + a for a in (argv if argv is not None else sys.argv[1:]))
-    records = run_compare(cfg, out, fresh=args.fresh, command=command)
+    fresh = args.fresh or (args.quick and args.out is None)  # a smoke run in the temp folder starts over
+    records = run_compare(cfg, out, fresh=fresh, command=command)
     print(render_markdown(records, cfg, command))
     print(f"[compare] wrote {out} and {out.with_suffix('.md')}")
     return 0
