@@ -72,10 +72,19 @@ echo "[gpu_check] tests done at $(elapsed)s"
 # 3. Benchmark within what is left (the script stops measuring at its budget and writes what it has).
 left=$(( TOTAL - $(elapsed) ))
 [ $left -lt 60 ] && left=60  # always leave the benchmark a minute, even if the steps above overran
-bench_budget=$(( left - 70 )); [ $bench_budget -lt 30 ] && bench_budget=30
-echo "[gpu_check] benchmark (measuring budget ${bench_budget}s, hard limit $(( left - 5 ))s) -> $OUT/bench.log"
-( cd "$REPO" && timeout $(( left - 5 )) "$PY" -m bench.gpu_check "$OUT" --budget-s "$bench_budget" ) 2>&1 | tee "$OUT/bench.log" | grep -v "^  " 
+# 150 s of what is left are kept for the attention cases and the whole-model run that follow.
+bench_budget=$(( left - 70 - 150 )); [ $bench_budget -lt 30 ] && bench_budget=30
+echo "[gpu_check] benchmark (measuring budget ${bench_budget}s, hard limit $(( left - 155 ))s) -> $OUT/bench.log"
+( cd "$REPO" && timeout $(( left - 155 > 60 ? left - 155 : 60 )) "$PY" -m bench.gpu_check "$OUT" --budget-s "$bench_budget" --with-models ) 2>&1 | tee "$OUT/bench.log" | grep -v "^  " 
 rc=${PIPESTATUS[0]}
 [ $rc -ne 0 ] && { echo "[gpu_check] BENCHMARK FAILED or timed out (rc=$rc): see bench.log"; status=1; }
+
+# 4. Block-sparse attention: Triton vs SDPA vs FlexAttention on the same masks (quick set).
+left=$(( TOTAL - $(elapsed) )); [ $left -lt 40 ] && left=40
+echo "[gpu_check] attention (hard limit $(( left - 5 ))s) -> $OUT/attention.log"
+( cd "$REPO" && timeout $(( left - 5 )) "$PY" -m bench.gpu_attention --quick --out "$OUT/gpu-attention.md" ) >"$OUT/attention.log" 2>&1
+rc=$?
+tail -6 "$OUT/attention.log"
+[ $rc -ne 0 ] && { echo "[gpu_check] ATTENTION CHECK FAILED, missed a target or timed out (rc=$rc): see attention.log"; status=1; }
 echo "[gpu_check] finished in $(elapsed)s, status $status; reports: $(ls "$OUT"/gpu-*.md 2>/dev/null | tr '\n' ' ')"
 exit $status
