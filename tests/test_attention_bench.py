@@ -20,6 +20,8 @@ def test_cpu_bench_runs_and_writes_markdown():
     assert rows[0]["ideal"] == pytest.approx(1 / rows[0]["kept"])
     text = ba.to_markdown(rows, threads=1, reps=1, quick=True)
     assert "| 256 | 2 | 50% |" in text and "speedup÷ideal" in text
+    with pytest.raises(ValueError, match="threads=1"):
+        ba.run([(256, 2)], (0.5,), reps=1, threads=2, with_flex=False, clock="cpu")
 
 
 def test_random_block_mask_sparsity_and_diagonal():
