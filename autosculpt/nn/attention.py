@@ -9,7 +9,6 @@ heads, so they run as smaller dense GEMMs. The kept heads run ``block_sparse_att
 from __future__ import annotations
 
 import json
-import time
 import warnings
 from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -24,22 +23,13 @@ from ..attention_patterns import (
 )
 from ..ops.attention import block_sparse_attention
 from ..plan import register_kind
+from .conv import _median_time
 
 __all__ = ["PatternAttention", "attention_layer_plan"]
 
 
 # (input shape, dtype, device, threads, layer config) -> "sparse" | "dense", shared by identical layers
 _PATH_DECISIONS: Dict[tuple, str] = {}
-
-
-def _median_time(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
 
 
 @lru_cache(maxsize=256)
