@@ -19,6 +19,11 @@ def _layer_macs(module: nn.Module, inputs: tuple, output) -> int:
     own = getattr(module, "macs", None)
     if callable(own):
         return int(own(inputs, output))
+    if isinstance(module, nn.MultiheadAttention):  # in/out projections + q·k and p·v over all pairs
+        x = inputs[0]
+        b, length = (x.shape[0], x.shape[1]) if module.batch_first else (x.shape[1], x.shape[0])
+        e = module.embed_dim
+        return b * (4 * length * e * e + 2 * length * length * e)
     if isinstance(module, PatternConv2d):
         n, _, oh, ow = output.shape
         return int(module.tap_mask.sum()) * (module.in_channels // module.groups) * oh * ow * n
@@ -40,7 +45,7 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> Dict[str, objec
     for name, module in model.named_modules():
         if not name or any(name.startswith(p + ".") for p in self_counting):
             continue
-        counts_itself = callable(getattr(module, "macs", None))
+        counts_itself = callable(getattr(module, "macs", None)) or isinstance(module, nn.MultiheadAttention)
         if counts_itself:
             self_counting.append(name)
         elif any(True for _ in module.children()):

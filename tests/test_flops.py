@@ -41,3 +41,19 @@ def test_uniform_plan_reaches_the_mac_ratio_and_counts_params():
     assert count_params(pruned) < count_params(model) == count_params(model, nonzero=False)
     with pytest.raises(ValueError, match="kept_fraction"):
         uniform_plan(model, PAPER6, 1.5)
+
+
+def test_multihead_attention_counts_projections_and_pairs_once():
+    mha = nn.MultiheadAttention(16, 4, batch_first=True)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = mha
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    b, length, e = 2, 10, 16
+    macs = count_macs(Net(), torch.randn(b, length, e))
+    assert macs["layers"] == {"attn": b * (4 * length * e * e + 2 * length * length * e)}
