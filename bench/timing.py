@@ -1,7 +1,6 @@
 """Shared timing helpers for the CPU benchmarks: fixed threads, warm-up, interleaved medians."""
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from typing import Callable, Dict
@@ -10,14 +9,10 @@ import torch
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name (the same name the latency cache is keyed by)."""
+    from autosculpt.runtime.latency import device_name
+
+    return device_name("cpu")
 
 
 def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 2,

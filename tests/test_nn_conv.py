@@ -162,3 +162,13 @@ def test_sparsify_errors_name_the_problem():
         asc.sparsify(model, {"version": 1, "layers": {"3": conv_layer_plan(PAPER6, [5] * 3)}})
     with pytest.raises(TypeError, match="nn.Conv2d"):
         asc.sparsify(model, {"version": 1, "layers": {"1": conv_layer_plan(PAPER6, [5] * 8)}})
+
+
+def test_faster_path_picks_the_cheaper_callable():
+    import time
+
+    from autosculpt.nn.conv import faster_path
+
+    slow, fast = (lambda: time.sleep(0.004)), (lambda: None)
+    assert faster_path(slow, fast, reps=3) == "dense"
+    assert faster_path(fast, slow, reps=3) == "sparse"

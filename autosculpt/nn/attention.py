@@ -23,7 +23,7 @@ from ..attention_patterns import (
 )
 from ..ops.attention import block_sparse_attention
 from ..plan import register_kind
-from .conv import _median_time
+from .conv import faster_path
 
 __all__ = ["PatternAttention", "attention_layer_plan"]
 
@@ -328,10 +328,7 @@ class PatternAttention(nn.Module):
                 pattern_masked_sdpa(q, k, v, self._specs_key, self.block_size)
                 sync()
 
-            for fn in (sparse, dense):  # warm-up (mask caches, allocator)
-                fn()
-            t_sparse, t_dense = _median_time(sparse, reps), _median_time(dense, reps)
-            choice = "sparse" if t_sparse <= t_dense else "dense"
+            choice = faster_path(sparse, dense, reps)
             _PATH_DECISIONS[shared] = choice
         self._decided[key] = choice
         return choice

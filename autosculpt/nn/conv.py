@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -14,14 +14,20 @@ from ..ops import conv as conv_ops
 _PATH_DECISIONS: Dict[tuple, str] = {}
 
 
-def _median_time(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+def faster_path(sparse: Callable[[], object], dense: Callable[[], object], reps: int) -> str:
+    """Runs both paths once (warm-up), then ``reps`` interleaved rounds, and returns "sparse" or
+    "dense", whichever had the smaller minimum: another process stealing the CPU can only add time,
+    so the minimum is the stable estimate of what each path costs."""
+    sparse()
+    dense()  # warm-up: packing, mask caches, allocator, oneDNN primitives
+    best = {"sparse": float("inf"), "dense": float("inf")}
+    for i in range(reps):
+        order = (("sparse", sparse), ("dense", dense)) if i % 2 == 0 else (("dense", dense), ("sparse", sparse))
+        for name, fn in order:
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return "sparse" if best["sparse"] <= best["dense"] else "dense"
 
 
 class PatternConv2d(nn.Module):
@@ -185,23 +191,9 @@ class PatternConv2d(nn.Module):
             sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
 
             def run(fn):
-                fn(x)
-                sync()
+                return lambda: (fn(x), sync())
 
-            for fn in (self._sparse, self._dense):  # warm up (packing, allocator, oneDNN primitives)
-                run(fn)
-            # Interleaved rounds and the minimum of each: another process stealing the CPU can only
-            # add time, so the minimum is the stable estimate of what each path costs.
-            t_sparse = t_dense = float("inf")
-            for i in range(reps):
-                order = (self._sparse, self._dense) if i % 2 == 0 else (self._dense, self._sparse)
-                for fn in order:
-                    t = _median_time(lambda: run(fn), 1)
-                    if fn == self._sparse:
-                        t_sparse = min(t_sparse, t)
-                    else:
-                        t_dense = min(t_dense, t)
-            choice = "sparse" if t_sparse <= t_dense else "dense"
+            choice = faster_path(run(self._sparse), run(self._dense), reps)
             _PATH_DECISIONS[shared] = choice
         self._decided[key] = choice
         return choice
