@@ -37,6 +37,10 @@ class PatternConv2d(nn.Module):
     weights at dropped taps are kept at exactly zero (also after training steps: their gradient is
     zero, and :meth:`enforce_mask` re-zeroes them on demand).
 
+    ``activation`` ("relu" or None) and the optional ``residual`` argument of ``forward`` fuse what
+    usually follows a conv (``relu(conv(x) + shortcut)``) into the kernel's epilogue;
+    :func:`autosculpt.fuse.fuse_for_inference` sets them up from a model's graph.
+
     Path: ``"auto"`` measures once per input shape whether the sparse kernel beats the dense conv and
     uses the faster (the per-layer dense fallback); ``"sparse"`` or ``"dense"`` force one. ``repr``
     shows the path in use.
@@ -57,8 +61,11 @@ class PatternConv2d(nn.Module):
         path: str = "auto",
         device=None,
         dtype=None,
+        activation: Optional[str] = None,
     ):
         super().__init__()
+        if activation not in conv_ops.ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {conv_ops.ACTIVATIONS}, got {activation!r}")
         kh, kw = conv_ops._pair(kernel_size, "kernel_size")
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups: {groups} must divide in_channels={in_channels} and out_channels={out_channels}")
@@ -72,6 +79,7 @@ class PatternConv2d(nn.Module):
         self.groups = groups
         self.backend = backend
         self.path = path
+        self.activation = activation
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kh, kw, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
@@ -115,6 +123,9 @@ class PatternConv2d(nn.Module):
 
     def to_dense(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` computing the same function (dropped taps as zero weights)."""
+        if self.activation is not None:
+            raise ValueError(f"to_dense: this layer has a fused activation ({self.activation!r}) that nn.Conv2d "
+                             "cannot hold; convert the model before fuse_for_inference")
         conv = nn.Conv2d(
             self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
             self.groups, self.bias is not None, device=self.weight.device, dtype=self.weight.dtype,
@@ -161,13 +172,20 @@ class PatternConv2d(nn.Module):
         return conv_ops.conv_output_size(h, w, *self.kernel_size, self.stride, self.padding, self.dilation)
 
     # -- forward -------------------------------------------------------------------------
-    def _sparse(self, x: torch.Tensor) -> torch.Tensor:
+    def _sparse(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         return conv_ops.pattern_conv2d(
             x, self.weight, self.tap_mask, self.bias, self.stride, self.padding, self.dilation, self.groups,
-            self.backend, _cache_key=self._cache_key,
+            self.backend, residual=residual, activation=self.activation, _cache_key=self._cache_key,
         )
 
-    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+    def _dense(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        out = self._dense_conv(x)
+        if residual is None and self.activation is None:
+            return out
+        inplace = not (torch.is_grad_enabled() and (out.requires_grad or residual is not None and residual.requires_grad))
+        return conv_ops.apply_epilogue(out, residual, self.activation, inplace=inplace and not torch.compiler.is_compiling())
+
+    def _dense_conv(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and self.weight.requires_grad:
             w = self.weight * self.tap_mask[:, None].to(self.weight.dtype)
         else:  # inference: the masked weight cached until weight or mask change (no per-call multiply)
@@ -193,7 +211,8 @@ class PatternConv2d(nn.Module):
             def run(fn):
                 return lambda: (fn(x), sync())
 
-            choice = faster_path(run(self._sparse), run(self._dense), reps)
+            # the conv alone: the epilogue costs both paths about the same
+            choice = faster_path(run(self._sparse), run(self._dense_conv), reps)
             _PATH_DECISIONS[shared] = choice
         self._decided[key] = choice
         return choice
@@ -207,14 +226,14 @@ class PatternConv2d(nn.Module):
         paths = set(self._decided.values())
         return paths.pop() if len(paths) == 1 else ("undecided" if not paths else "mixed")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         path = self.path
         if path == "auto":
             if torch.compiler.is_compiling():
                 path = "sparse"  # decisions are measured eagerly (call calibrate() before compiling)
             else:
                 path = self._decided.get(self._decision_key(x)) or self.calibrate(x)
-        return self._sparse(x) if path == "sparse" else self._dense(x)
+        return self._sparse(x, residual) if path == "sparse" else self._dense(x, residual)
 
     def extra_repr(self) -> str:
         s = (
@@ -227,4 +246,6 @@ class PatternConv2d(nn.Module):
             s += f", groups={self.groups}"
         if self.bias is None:
             s += ", bias=False"
+        if self.activation is not None:
+            s += f", activation={self.activation}"
         return s + f", kept={self.kept_fraction():.3f}, backend={self.backend}, path={self.active_path()}"

@@ -129,6 +129,8 @@ def pattern_conv2d(
     groups: int = 1,
     backend: str = "auto",
     *,
+    residual: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
     _cache_key: int = 0,
 ) -> torch.Tensor:
     """Pattern-sparse conv2d: equals ``F.conv2d(x, weight * tap_mask[:, None], bias, stride, padding,
@@ -142,21 +144,61 @@ def pattern_conv2d(
         stride, padding, dilation: int or pair.
         groups: as in ``F.conv2d``.
         backend: "auto", "cpu" (C++ kernel, fp32), "cuda", "triton" or "torch" (reference).
+        residual: optional tensor of the output's shape added after the bias (a ResNet shortcut).
+        activation: None or "relu", applied last.
+
+    The C++ CPU kernel applies ``residual`` and ``activation`` while each output tile is still in
+    cache (one pass over memory instead of three); other backends, and calls that autograd or a
+    compiler must see, apply them with ordinary torch ops (same result).
     """
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     _validate(x, weight, tap_mask, bias, stride, padding, dilation, groups)
+    _validate_epilogue(x, weight, residual, activation, stride, padding, dilation)
     chosen = resolve_backend(backend, x, weight, tap_mask, stride, padding, dilation, groups)
-    if _eager_inference(x, weight, bias):
+    eager = _eager_inference(x, weight, bias) and (residual is None or _eager_inference(residual, weight, None))
+    if eager:
         # Same backend function the custom op runs, minus ~20 us of dispatcher overhead per call
         # (as much as a whole small CIFAR layer takes).
         fn = CONV_BACKENDS.get(chosen)
         if fn is None:
             _load_backend(chosen)
             fn = CONV_BACKENDS[chosen]
-        return fn(x, weight, tap_mask, bias, list(stride), list(padding), list(dilation), groups, int(_cache_key))
-    return torch.ops.autosculpt.pattern_conv2d(
+        args = (x, weight, tap_mask, bias, list(stride), list(padding), list(dilation), groups, int(_cache_key))
+        if chosen == "cpu":
+            return fn(*args, residual=residual, relu=activation == "relu")
+        return apply_epilogue(fn(*args), residual, activation, inplace=True)
+    out = torch.ops.autosculpt.pattern_conv2d(
         x, weight, tap_mask, bias, list(stride), list(padding), list(dilation), groups, chosen, int(_cache_key)
     )
+    return apply_epilogue(out, residual, activation, inplace=False)
+
+
+ACTIVATIONS = (None, "relu")
+
+
+def apply_epilogue(out: torch.Tensor, residual: Optional[torch.Tensor], activation: Optional[str],
+                   inplace: bool) -> torch.Tensor:
+    """``activation(out + residual)`` with torch ops (in place on ``out`` when ``inplace``)."""
+    if residual is not None:
+        out = out.add_(residual) if inplace else out + residual
+    if activation == "relu":
+        out = out.relu_() if inplace else torch.relu(out)
+    return out
+
+
+def _validate_epilogue(x, weight, residual, activation, stride, padding, dilation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    if residual is None:
+        return
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual: expected a torch.Tensor or None, got {type(residual).__name__}")
+    oh, ow = conv_output_size(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding, dilation)
+    want = (x.shape[0], weight.shape[0], oh, ow)
+    if tuple(residual.shape) != want:
+        raise ValueError(f"residual: expected the output's shape {want}, got {tuple(residual.shape)}")
+    if residual.dtype != x.dtype or residual.device != x.device:
+        raise TypeError(f"residual: expected {x.dtype} on {x.device}, got {residual.dtype} on {residual.device}")
 
 
 def _eager_inference(x, weight, bias) -> bool:
@@ -282,7 +324,7 @@ def _new_output(shape, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
-def _cpu_backend(x, weight, tap_mask, bias, stride, padding, dilation, groups, cache_key):
+def _cpu_backend(x, weight, tap_mask, bias, stride, padding, dilation, groups, cache_key, residual=None, relu=False):
     ext = _ext.require()
     x = x.contiguous()
     packed = _packed_weights(ext, weight, tap_mask, groups, cache_key)
@@ -290,9 +332,11 @@ def _cpu_backend(x, weight, tap_mask, bias, stride, padding, dilation, groups, c
     oh, ow = conv_output_size(h, w, weight.shape[2], weight.shape[3], stride, padding, dilation)
     out = _new_output((n, weight.shape[0], oh, ow), x)
     b = bias.detach().contiguous() if bias is not None else None
+    r = residual.detach().contiguous() if residual is not None else None
     packed.forward(
         x.data_ptr(), b.data_ptr() if b is not None else 0, out.data_ptr(), n, h, w,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], torch.get_num_threads(),
+        r.data_ptr() if r is not None else 0, bool(relu),
     )
     return out
 

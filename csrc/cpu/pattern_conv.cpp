@@ -92,6 +92,29 @@ inline void split_even(int64_t total, int tid, int nthreads, int64_t& lo, int64_
 
 }  // namespace
 
+void ConvEpilogue::apply(float* o, int64_t at, int64_t len) const {
+  // Branch-free loops (std::max through a reference defeated vectorisation of the ReLU-only case).
+  if (residual) {
+    const float* r = residual + at;
+    if (relu) {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        const float v = o[i] + r[i];
+        o[i] = v > 0.f ? v : 0.f;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) o[i] += r[i];
+    }
+  } else if (relu) {
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      const float v = o[i];
+      o[i] = v > 0.f ? v : 0.f;
+    }
+  }
+}
+
 PackedPatternConv::PackedPatternConv(const float* weight, const uint8_t* tap_mask, int64_t c_out,
                                      int64_t c_in_pg, int64_t kh, int64_t kw, int64_t groups,
                                      const std::string& isa)
@@ -228,23 +251,24 @@ std::string PackedPatternConv::isa_name() const {
 
 void PackedPatternConv::forward(const float* x, const float* bias, float* out, int64_t n, int64_t h, int64_t w,
                                 int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
-                                int num_threads) const {
+                                int num_threads, const ConvEpilogue& epi) const {
   if (n <= 0 || h <= 0 || w <= 0 || sh <= 0 || sw <= 0 || ph < 0 || pw < 0 || dh <= 0 || dw <= 0)
     throw std::invalid_argument("PackedPatternConv.forward: bad sizes");
   const int64_t oh = out_size(h, kh_, sh, ph, dh), ow = out_size(w, kw_, sw, pw, dw);
   if (oh <= 0 || ow <= 0) throw std::invalid_argument("PackedPatternConv.forward: empty output");
   if (num_threads <= 0) num_threads = omp_get_max_threads();
   if (depthwise_) {
-    forward_depthwise(x, bias, out, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, num_threads);
+    forward_depthwise(x, bias, out, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, num_threads, epi);
     return;
   }
   for (int64_t g = 0; g < groups_; ++g)
-    forward_group(g, x, bias, out, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, num_threads);
+    forward_group(g, x, bias, out, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, num_threads, epi);
 }
 
 void PackedPatternConv::forward_depthwise(const float* x, const float* bias, float* out, int64_t n, int64_t h,
                                           int64_t w, int64_t oh, int64_t ow, int64_t sh, int64_t sw, int64_t ph,
-                                          int64_t pw, int64_t dh, int64_t dw, int threads) const {
+                                          int64_t pw, int64_t dh, int64_t dw, int threads,
+                                          const ConvEpilogue& epi) const {
   const int64_t P = oh * ow, taps_n = kh_ * kw_;
 #pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
   for (int64_t b = 0; b < n; ++b)
@@ -274,6 +298,7 @@ void PackedPatternConv::forward_depthwise(const float* x, const float* bias, flo
           }
         }
       }
+      if (epi.active()) epi.apply(o, (b * c_out_ + c) * P, P);
     }
 }
 
@@ -286,6 +311,7 @@ struct PackedPatternConv::GroupCall {
   int64_t n, h, w, oh, ow, P, G, sh, sw, ph, pw, dh, dw, c_in;
   int64_t slots, NT, SW, W, tile_floats, sub_floats;
   GatherFn gather;
+  ConvEpilogue epi;
 };
 
 // Gathers channels [c0, c1) of one tap slot for output pixels [g0, g0 + valid) into a tile block.
@@ -348,6 +374,8 @@ void PackedPatternConv::compute_block(const GroupCall& a, int64_t g0, int64_t va
       for (int m = 0; m < blk.mr; ++m) rows[m] = a.out + (b * c_out_ + blk.filters[m]) * P + p;
       kernels2_[blk.mr - 1](int64_t(grp.taps.size()), grp.tap_off.data(), c_in_pg_, SW, wp,
                             colt + (s0 / SW) * a.sub_floats, a.sub_floats, rows, bvals);
+      if (a.epi.active())
+        for (int m = 0; m < blk.mr; ++m) a.epi.apply(rows[m], rows[m] - a.out, 2 * SW);
       s0 += SW;
       continue;
     }
@@ -361,12 +389,17 @@ void PackedPatternConv::compute_block(const GroupCall& a, int64_t g0, int64_t va
     }
     row[nv - 1](int64_t(grp.taps.size()), grp.tap_off.data(), c_in_pg_, SW, wp, colt + (s0 / SW) * a.sub_floats,
                 rows, bvals);
+    if (direct && a.epi.active())
+      for (int m = 0; m < blk.mr; ++m) a.epi.apply(rows[m], rows[m] - a.out, vs);
     if (!direct) {  // scatter the valid lanes, which may span two or more images
       int64_t j = 0;
       while (j < vs) {
         const int64_t gj = gs + j, bj = gj / P, pj = gj % P, len = std::min(vs - j, P - pj);
-        for (int m = 0; m < blk.mr; ++m)
-          std::memcpy(a.out + (bj * c_out_ + blk.filters[m]) * P + pj, tmp + m * SW + j, size_t(len) * sizeof(float));
+        for (int m = 0; m < blk.mr; ++m) {
+          const int64_t at = (bj * c_out_ + blk.filters[m]) * P + pj;
+          std::memcpy(a.out + at, tmp + m * SW + j, size_t(len) * sizeof(float));
+          if (a.epi.active()) a.epi.apply(a.out + at, at, len);
+        }
         j += len;
       }
     }
@@ -375,7 +408,8 @@ void PackedPatternConv::compute_block(const GroupCall& a, int64_t g0, int64_t va
 
 void PackedPatternConv::forward_group(int64_t g, const float* x, const float* bias, float* out, int64_t n,
                                       int64_t h, int64_t w, int64_t oh, int64_t ow, int64_t sh, int64_t sw,
-                                      int64_t ph, int64_t pw, int64_t dh, int64_t dw, int threads) const {
+                                      int64_t ph, int64_t pw, int64_t dh, int64_t dw, int threads,
+                                      const ConvEpilogue& epi) const {
   const ConvGroupPlan& pl = plans_[size_t(g)];
   GroupCall a{};
   a.pl = &pl;
@@ -387,6 +421,7 @@ void PackedPatternConv::forward_group(int64_t g, const float* x, const float* bi
   a.NT = pl.tile, a.W = lanes_, a.SW = int64_t(lanes_) * nv_max_;
   a.tile_floats = a.slots * c_in_pg_ * a.NT, a.sub_floats = a.slots * c_in_pg_ * a.SW;
   a.gather = &gather_generic;
+  a.epi = epi;
 #ifdef AUTOSCULPT_X86
   // Stride-1/2 gathers use masked AVX-512 loads when the CPU has them.
   if (isa_ == ConvIsa::kAvx512 && sw <= 2) a.gather = &gather_avx512;
@@ -420,6 +455,7 @@ void PackedPatternConv::forward_group(int64_t g, const float* x, const float* bi
       const int64_t b = i / n_empty, co = pl.empty_filters[size_t(i % n_empty)];
       float* o = out + (b * c_out_ + co) * P;
       std::fill(o, o + P, bias ? bias[co] : 0.f);
+      if (epi.active()) epi.apply(o, (b * c_out_ + co) * P, P);
     }
     std::vector<GatherSeg> segs;
     segs.reserve(size_t(NT + 64));
@@ -498,13 +534,19 @@ void register_pattern_conv(pybind11::module_& m) {
       .def(
           "forward",
           [](const PackedPatternConv& self, uintptr_t x, uintptr_t bias, uintptr_t out, int64_t n, int64_t h,
-             int64_t w, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int threads) {
+             int64_t w, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int threads,
+             uintptr_t residual, bool relu) {
+            ConvEpilogue epi;
+            epi.residual = reinterpret_cast<const float*>(residual);
+            epi.relu = relu;
             self.forward(reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(bias),
-                         reinterpret_cast<float*>(out), n, h, w, sh, sw, ph, pw, dh, dw, threads);
+                         reinterpret_cast<float*>(out), n, h, w, sh, sw, ph, pw, dh, dw, threads, epi);
           },
           py::arg("x_ptr"), py::arg("bias_ptr"), py::arg("out_ptr"), py::arg("n"), py::arg("h"), py::arg("w"),
           py::arg("stride_h"), py::arg("stride_w"), py::arg("pad_h"), py::arg("pad_w"), py::arg("dil_h"),
-          py::arg("dil_w"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>())
+          py::arg("dil_w"), py::arg("num_threads"), py::arg("residual_ptr") = 0, py::arg("relu") = false,
+          py::call_guard<py::gil_scoped_release>(),
+          "out = conv(x) + bias, then + residual (same shape as out, when residual_ptr != 0), then ReLU (relu)")
       .def_property_readonly("kept_taps", &PackedPatternConv::kept_taps)
       .def("set_scheduling", &PackedPatternConv::set_scheduling, py::arg("min_work_per_thread"),
            py::arg("min_subtiles_per_thread"),

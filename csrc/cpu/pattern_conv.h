@@ -64,6 +64,16 @@ struct ConvGroupPlan {
   int64_t tile = 0;                    // NT: output pixels per tile
 };
 
+// Fused epilogue applied to every output element after bias: out = act(conv + bias + residual).
+// residual (may be null) has out's shape and layout; relu clamps at zero.
+struct ConvEpilogue {
+  const float* residual = nullptr;
+  bool relu = false;
+  bool active() const { return residual != nullptr || relu; }
+  // o[0 .. len) at flat output offset `at` (residual read at the same offset).
+  void apply(float* o, int64_t at, int64_t len) const;
+};
+
 class PackedPatternConv {
  public:
   // isa: "" (best the CPU supports), "avx512", "avx2" or "generic" (tests force each path).
@@ -71,10 +81,10 @@ class PackedPatternConv {
                     int64_t kh, int64_t kw, int64_t groups, const std::string& isa = "");
 
   // x: (n, c_in, h, w); out: (n, c_out, out_h, out_w); bias may be null. Every element of out is
-  // written. num_threads <= 0 means OpenMP's default.
+  // written. num_threads <= 0 means OpenMP's default. `epi` fuses a residual add and/or ReLU.
   void forward(const float* x, const float* bias, float* out, int64_t n, int64_t h, int64_t w,
                int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
-               int64_t dil_w, int num_threads) const;
+               int64_t dil_w, int num_threads, const ConvEpilogue& epi = ConvEpilogue()) const;
 
   int64_t c_out() const { return c_out_; }
   int64_t kept_taps() const;  // sum over filters of kept taps (FLOPs numerator)
@@ -91,7 +101,7 @@ class PackedPatternConv {
  private:
   void forward_depthwise(const float* x, const float* bias, float* out, int64_t n, int64_t h, int64_t w,
                          int64_t oh, int64_t ow, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
-                         int64_t dw, int threads) const;
+                         int64_t dw, int threads, const ConvEpilogue& epi) const;
   struct GroupCall;
   void gather_tile(const GroupCall& a, int64_t g0, int64_t valid, int64_t slot, int64_t c0, int64_t c1,
                    float* colt, std::vector<GatherSeg>& segs) const;
@@ -99,7 +109,7 @@ class PackedPatternConv {
                      float* tmp) const;
   void forward_group(int64_t g, const float* x, const float* bias, float* out, int64_t n, int64_t h, int64_t w,
                      int64_t oh, int64_t ow, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
-                     int64_t dw, int threads) const;
+                     int64_t dw, int threads, const ConvEpilogue& epi) const;
 
   int64_t c_out_, c_in_pg_, kh_, kw_, groups_;
   bool depthwise_ = false;
