@@ -152,7 +152,8 @@ def _available_isas():
     return {"avx512": ["avx512", "avx2", "generic"], "avx2": ["avx2", "generic"]}.get(level, ["generic"])
 
 
-def _direct(x, w, m, b, stride, padding, dilation, groups, isa, threads, scheduling=None):
+def _direct(x, w, m, b, stride, padding, dilation, groups, isa, threads, scheduling=None, direct_mode=None,
+            residual=None, relu=False):
     ext = _ext.require()
     w = w.contiguous()
     m8 = m.to(torch.uint8).contiguous()  # kept alive while the constructor reads it
@@ -160,13 +161,15 @@ def _direct(x, w, m, b, stride, padding, dilation, groups, isa, threads, schedul
     packed = ext.PackedPatternConv(w.data_ptr(), m8.data_ptr(), c_out, c_in_pg, kh, kw, groups, isa)
     if scheduling is not None:
         packed.set_scheduling(*scheduling)
+    if direct_mode is not None:
+        packed.set_direct(direct_mode)
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
     n, _, h, wd = x.shape
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     out = torch.full((n, c_out, oh, ow), float("nan"))
     packed.forward(x.data_ptr(), 0 if b is None else b.data_ptr(), out.data_ptr(), n, h, wd, sh, sw, ph, pw, dh, dw,
-                   threads)
+                   threads, 0 if residual is None else residual.data_ptr(), relu)
     return out, packed
 
 
@@ -254,3 +257,89 @@ def test_bad_isa_name_is_a_value_error():
     m8 = torch.ones(4, 3, 3, dtype=torch.uint8)
     with pytest.raises(ValueError, match="isa"):
         _ext.require().PackedPatternConv(w.data_ptr(), m8.data_ptr(), 4, 2, 3, 3, 1, "sse9")
+
+
+# ------------------------------------------------------------------ gather-free stride-1 path
+
+
+# stride-1 cases: wide and narrow rows, no padding, dilation, asymmetric padding, groups, empty filters,
+# small groups (2-panel micro-kernel) and big ones; batch > 1 so panels cross image boundaries
+STRIDE1_CASES = {
+    "paper6-mix-wide": dict(n=3, c_in=16, c_out=16, h=32, w=32, mask="paper6-mix"),
+    "random-narrow": dict(n=2, c_in=9, c_out=21, h=5, w=3, mask="random"),
+    "no-padding": dict(n=2, c_in=7, c_out=12, h=15, w=19, padding=0),
+    "dilation2": dict(n=2, c_in=6, c_out=13, h=14, w=16, k=5, padding=(2, 4), dilation=2),
+    "groups2": dict(n=2, c_in=12, c_out=10, h=13, w=14, groups=2),
+    "one-pattern-big-blocks": dict(n=1, c_in=33, c_out=40, h=12, w=17, mask="full"),
+    "1x1": dict(n=2, c_in=5, c_out=9, h=6, w=13, k=1, padding=0),
+}
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("case", sorted(STRIDE1_CASES))
+@pytest.mark.parametrize("isa", _available_isas())
+def test_gather_free_path_matches_gather_path_and_reference(isa, case, mode, threads):
+    kw = dict(STRIDE1_CASES[case])
+    conf = {k: kw.pop(k, d) for k, d in (("padding", 1), ("dilation", 1), ("groups", 1))}
+    x, w, m, b = _case(**kw, **conf, seed=hash((case, isa, mode)) % 1000)
+    out, packed = _direct(x, w, m, b, 1, conf["padding"], conf["dilation"], conf["groups"], isa, threads,
+                          scheduling=(1.0, 1), direct_mode=mode)
+    assert packed.uses_direct(out.shape[3], 1, 1) == bool(mode)
+    _assert_close(out, _reference(x, w, m, b, 1, conf["padding"], conf["dilation"], conf["groups"]))
+
+
+def test_direct_path_default_choice_by_width():
+    x, w, m, b = _case(1, 4, 4, 20, 20, seed=1)
+    _, packed = _direct(x, w, m, b, 1, 1, 1, 1, "", 1)
+    assert packed.uses_direct(32, 1, 1) and not packed.uses_direct(4, 1, 1)
+    assert not packed.uses_direct(32, 2, 2), "stride 2 always gathers"
+
+
+# ------------------------------------------------------------------ fused epilogue (residual, ReLU)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("case", ["stride1-direct", "stride1-gather", "stride2", "depthwise", "empty-filters"])
+def test_epilogue_matches_reference(case, with_residual, relu):
+    conf = {
+        "stride1-direct": (dict(n=2, c_in=16, c_out=20, h=16, w=16, mask="paper6-mix"), 1, 1),
+        "stride1-gather": (dict(n=2, c_in=16, c_out=20, h=16, w=16, mask="paper6-mix"), 1, 0),
+        "stride2": (dict(n=3, c_in=8, c_out=12, h=15, w=13, stride=2), 2, None),
+        "depthwise": (dict(n=2, c_in=6, c_out=6, h=9, w=9, groups=6), 1, None),
+        "empty-filters": (dict(n=2, c_in=5, c_out=7, h=14, w=14, mask="empty"), 1, 1),
+    }[case]
+    kw, stride, mode = conf
+    groups = kw.get("groups", 1)
+    x, w, m, b = _case(**kw, seed=5)
+    ref = _reference(x, w, m, b, stride, 1, 1, groups)
+    residual = torch.randn(ref.shape, dtype=torch.float32) if with_residual else None
+    if residual is not None:
+        ref = ref + residual.double()
+    if relu:
+        ref = ref.clamp_min(0)
+    for threads in (1, 2):
+        out, _ = _direct(x, w, m, b, stride, 1, 1, groups, "", threads, scheduling=(1.0, 1), direct_mode=mode,
+                         residual=residual, relu=relu)
+        _assert_close(out, ref)
+    # the public op, CPU kernel and torch reference backend (eager inference and autograd)
+    for backend in ("cpu", "torch"):
+        got = pattern_conv2d(x, w, m, b, stride, 1, 1, groups, backend, residual=residual,
+                             activation="relu" if relu else None)
+        _assert_close(got, ref)
+    xg = x.clone().requires_grad_()
+    got = pattern_conv2d(xg, w, m, b, stride, 1, 1, groups, "cpu", residual=residual, activation="relu" if relu else None)
+    _assert_close(got.detach(), ref)
+    got.sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
+def test_epilogue_bad_arguments():
+    x, w, m, b = _case(1, 4, 6, 8, 8, seed=2)
+    with pytest.raises(ValueError, match="activation"):
+        pattern_conv2d(x, w, m, b, 1, 1, activation="gelu")
+    with pytest.raises(ValueError, match="residual"):
+        pattern_conv2d(x, w, m, b, 1, 1, residual=torch.zeros(1, 6, 7, 8))
+    with pytest.raises(TypeError, match="residual"):
+        pattern_conv2d(x, w, m, b, 1, 1, residual=torch.zeros(1, 6, 8, 8, dtype=torch.float64))

@@ -20,6 +20,11 @@
 namespace autosculpt {
 namespace ukernels {
 
+// Keeps a loaded vector in a register: without it GCC folds the load into every FMA that uses it
+// (MR loads of the same pixels per k step instead of one), and the kernels become load-bound (worse
+// still on the gather-free path, whose pixel loads are mostly split across cache lines).
+#define AS_PIN(v) __asm__("" : "+v"(v))
+
 // ---------------------------------------------------------------- portable (any CPU)
 constexpr int kGenericMR = 4, kGenericLanes = 16, kGenericNV = 1;
 
@@ -67,7 +72,10 @@ __attribute__((target("avx2,fma"))) void avx2_kernel(int64_t ntaps, const int64_
     for (int64_t ci = 0; ci < cin; ++ci) {
       __m256 bv[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(br + v * kAvx2Lanes);
+      for (int v = 0; v < NV; ++v) {
+        bv[v] = _mm256_loadu_ps(br + v * kAvx2Lanes);
+        AS_PIN(bv[v]);
+      }
 #pragma GCC unroll 8
       for (int m = 0; m < MR; ++m) {
         const __m256 av = _mm256_broadcast_ss(a + m);
@@ -111,7 +119,10 @@ __attribute__((target("avx512f,fma"))) void avx512_kernel(int64_t ntaps, const i
     for (int64_t ci = 0; ci < cin; ++ci) {
       __m512 bv[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(br + v * kAvx512Lanes);
+      for (int v = 0; v < NV; ++v) {
+        bv[v] = _mm512_loadu_ps(br + v * kAvx512Lanes);
+        AS_PIN(bv[v]);
+      }
 #pragma GCC unroll 8
       for (int m = 0; m < MR; ++m) {
         const __m512 av = _mm512_set1_ps(a[m]);
@@ -162,6 +173,8 @@ __attribute__((target("avx512f,fma"))) void avx512_kernel_2panels(int64_t ntaps,
       for (int v = 0; v < 3; ++v) {
         bv[v] = _mm512_loadu_ps(br + v * kAvx512Lanes);
         bv[v + 3] = _mm512_loadu_ps(br + b2 + v * kAvx512Lanes);
+        AS_PIN(bv[v]);
+        AS_PIN(bv[v + 3]);
       }
 #pragma GCC unroll 4
       for (int m = 0; m < MR; ++m) {
@@ -188,5 +201,6 @@ inline const ConvMicroKernel2* avx512_table_2panels() {
 }
 #endif  // AUTOSCULPT_X86
 
+#undef AS_PIN
 }  // namespace ukernels
 }  // namespace autosculpt

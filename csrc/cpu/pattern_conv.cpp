@@ -23,6 +23,7 @@ constexpr int64_t kTileBytes = 384 * 1024;
 constexpr int64_t kMaxTileSubtiles = 8;   // at most 8 micro-kernel widths per tile
 constexpr int64_t kChunkTilesPerThread = 4;  // tiles gathered per chunk in shared mode (<= 64 / threads)
 constexpr int64_t kPackChannelBlock = 64;  // channels per gather work item
+constexpr int64_t kDirectMinWidth = 12;    // stride-1 output width from which the direct path is used
 
 int64_t out_size(int64_t in, int64_t k, int64_t stride, int64_t pad, int64_t dil) {
   return (in + 2 * pad - dil * (k - 1) - 1) / stride + 1;
@@ -67,6 +68,7 @@ ConvIsa pick_isa(const std::string& name) {
 
 // Scratch for the gathered input tiles, owned by the calling thread and reused across calls (so a
 // call allocates nothing once warm). Concurrent forward() calls from different threads get their own.
+template <int Which = 0>
 float* col_scratch(size_t floats) {
   struct Free {
     void operator()(float* p) const { std::free(p); }
@@ -112,6 +114,32 @@ void ConvEpilogue::apply(float* o, int64_t at, int64_t len) const {
       const float v = o[i];
       o[i] = v > 0.f ? v : 0.f;
     }
+  }
+}
+
+void ConvEpilogue::store(float* dst, const float* src, int64_t at, int64_t len) const {
+  // Inline loops, not memcpy: rows are short (a few dozen floats) and there are many of them.
+  if (residual) {
+    const float* r = residual + at;
+    if (relu) {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        const float v = src[i] + r[i];
+        dst[i] = v > 0.f ? v : 0.f;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) dst[i] = src[i] + r[i];
+    }
+  } else if (relu) {
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      const float v = src[i];
+      dst[i] = v > 0.f ? v : 0.f;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) dst[i] = src[i];
   }
 }
 
@@ -261,8 +289,129 @@ void PackedPatternConv::forward(const float* x, const float* bias, float* out, i
     forward_depthwise(x, bias, out, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, num_threads, epi);
     return;
   }
-  for (int64_t g = 0; g < groups_; ++g)
-    forward_group(g, x, bias, out, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, num_threads, epi);
+  const bool direct = uses_direct(ow, sh, sw);
+  for (int64_t g = 0; g < groups_; ++g) {
+    if (direct)
+      forward_group_direct(g, x, bias, out, n, h, w, oh, ow, ph, pw, dh, dw, num_threads, epi);
+    else
+      forward_group(g, x, bias, out, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, num_threads, epi);
+  }
+}
+
+bool PackedPatternConv::uses_direct(int64_t out_w, int64_t sh, int64_t sw) const {
+  if (depthwise_ || sh != 1 || sw != 1 || direct_mode_ == 0) return false;
+  if (direct_mode_ == 1) return true;
+  // The direct path also computes the (kw - 1) * dilation padding columns of every row and drops
+  // them: worth it once rows are wide enough that this waste costs less than the gather it saves.
+  return out_w >= kDirectMinWidth;
+}
+
+// Gather-free stride-1 convolution. Each image is copied once into a zero-padded buffer with row
+// pitch Wp = w + 2 * pw. In that layout the input of tap (r, s) for output position q = y * Wp + x is
+// padded[q + r * dh * Wp + s * dw]: a constant offset per tap, so the micro-kernels read their pixel
+// vectors straight from the padded image (tap_off = those offsets, ldb = one channel plane) instead of
+// from a gathered tile. Positions with x >= ow (the pitch's padding columns) are computed into a
+// staging buffer and dropped when the rows are copied out (with the bias already added and the
+// epilogue applied). Threads pad a share of the (image, channel) planes, meet at a barrier, then each
+// computes its own range of 96-position panel pairs for all filter blocks.
+void PackedPatternConv::forward_group_direct(int64_t g, const float* x, const float* bias, float* out, int64_t n,
+                                             int64_t h, int64_t w, int64_t oh, int64_t ow, int64_t ph, int64_t pw,
+                                             int64_t dh, int64_t dw, int threads, const ConvEpilogue& epi) const {
+  const ConvGroupPlan& pl = plans_[size_t(g)];
+  const int64_t P = oh * ow, cpg = c_in_pg_, c_in = c_in_pg_ * groups_;
+  const int64_t Hp = h + 2 * ph, Wp = w + 2 * pw, plane = Hp * Wp;
+  const int64_t W = lanes_, SW = int64_t(lanes_) * nv_max_, PAIR = 2 * SW;
+  const int64_t Q = (oh - 1) * Wp + ow;                  // positions up to the last valid output
+  const int64_t panels = ceil_div(Q, PAIR);              // panel pairs per image
+  const int64_t nblocks = int64_t(pl.blocks.size()), n_empty = int64_t(pl.empty_filters.size());
+  const int64_t total_cost = nblocks ? pl.block_cost_prefix.back() : 0;
+  // Lanes past Q read up to PAIR + the largest tap offset beyond the last plane: zeroed slack.
+  const int64_t slack = PAIR + (kh_ - 1) * dh * Wp + (kw_ - 1) * dw + 16;
+  const int64_t img_floats = cpg * plane;
+  const double work = double(n * P) * double(total_cost) + double(n * n_empty * P);
+  threads = int(std::clamp<double>(work / min_work_per_thread_, 1.0, double(threads)));
+  float* padded = nblocks ? col_scratch<1>(size_t(n * img_floats + slack)) : nullptr;
+  // per pattern group: its taps' offsets in the padded layout
+  std::vector<std::vector<int64_t>> offs(pl.groups.size());
+  for (size_t gi = 0; gi < pl.groups.size(); ++gi)
+    for (int32_t t : pl.groups[gi].taps) offs[gi].push_back((t / kw_) * dh * Wp + (t % kw_) * dw);
+  const float* xg = x + g * cpg * h * w;
+
+#pragma omp parallel num_threads(threads)
+  {
+    const int T = omp_get_num_threads(), tid = omp_get_thread_num();
+    int64_t lo, hi;
+    split_even(n * n_empty, tid, T, lo, hi);
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t b = i / n_empty, co = pl.empty_filters[size_t(i % n_empty)];
+      float* o = out + (b * c_out_ + co) * P;
+      std::fill(o, o + P, bias ? bias[co] : 0.f);
+      if (epi.active()) epi.apply(o, (b * c_out_ + co) * P, P);
+    }
+    if (nblocks) {
+      // 1. pad: (image, channel) planes
+      split_even(n * cpg, tid, T, lo, hi);
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t b = i / cpg, c = i % cpg;
+        const float* src = xg + (b * c_in + c) * h * w;
+        float* dst = padded + b * img_floats + c * plane;
+        std::fill(dst, dst + ph * Wp, 0.f);
+        for (int64_t y = 0; y < h; ++y) {
+          float* row = dst + (ph + y) * Wp;
+          std::fill(row, row + pw, 0.f);
+          std::memcpy(row + pw, src + y * w, size_t(w) * sizeof(float));
+          std::fill(row + pw + w, row + Wp, 0.f);
+        }
+        std::fill(dst + (ph + h) * Wp, dst + plane, 0.f);
+      }
+      if (tid == T - 1) std::fill(padded + n * img_floats, padded + n * img_floats + slack, 0.f);
+#pragma omp barrier
+      // 2. compute: panel pairs of all images, split evenly
+      alignas(64) float tmp[16 * 2 * 48];
+      float* rows[16];
+      float bvals[16];
+      struct RowSeg {
+        int64_t out_off, tmp_off, len;
+      };
+      std::vector<RowSeg> segs(size_t(PAIR / Wp + 2));  // rows a panel pair can touch
+      split_even(n * panels, tid, T, lo, hi);
+      for (int64_t item = lo; item < hi; ++item) {
+        const int64_t b = item / panels, q0 = (item % panels) * PAIR, valid = std::min(PAIR, Q - q0);
+        const float* src = padded + b * img_floats + q0;
+        // the panel's valid output columns, row by row (the same for every filter)
+        int nseg = 0;
+        for (int64_t q = q0; q < q0 + valid;) {
+          const int64_t y = q / Wp, x0 = q % Wp, x1 = std::min(Wp, x0 + (q0 + valid - q));
+          if (x0 < ow) segs[nseg++] = RowSeg{y * ow + x0, q - q0, std::min(x1, ow) - x0};
+          q += x1 - x0;
+        }
+        for (const FilterBlock& blk : pl.blocks) {
+          const PatternGroup& grp = pl.groups[size_t(blk.group)];
+          const float* wp = packed_.data() + blk.a_offset;
+          const int64_t nt = int64_t(grp.taps.size());
+          const int64_t* to = offs[size_t(blk.group)].data();
+          for (int m = 0; m < blk.mr; ++m) bvals[m] = bias ? bias[blk.filters[m]] : 0.f;
+          if (blk.mr <= mr2_max_ && valid > SW) {
+            for (int m = 0; m < blk.mr; ++m) rows[m] = tmp + m * PAIR;
+            kernels2_[blk.mr - 1](nt, to, cpg, plane, wp, src, SW, rows, bvals);
+          } else {
+            for (int64_t s0 = 0; s0 < valid; s0 += SW) {
+              const int64_t nv = ceil_div(std::min(SW, valid - s0), W);
+              for (int m = 0; m < blk.mr; ++m) rows[m] = tmp + m * PAIR + s0;
+              kernels_[(blk.mr - 1) * nv_max_ + (nv - 1)](nt, to, cpg, plane, wp, src + s0, rows, bvals);
+            }
+          }
+          // copy the valid columns out, applying the epilogue on the way
+          for (int m = 0; m < blk.mr; ++m) {
+            const int64_t base = (b * c_out_ + blk.filters[m]) * P;
+            for (int si = 0; si < nseg; ++si)
+              epi.store(out + base + segs[si].out_off, tmp + m * PAIR + segs[si].tmp_off, base + segs[si].out_off,
+                        segs[si].len);
+          }
+        }
+      }
+    }
+  }
 }
 
 void PackedPatternConv::forward_depthwise(const float* x, const float* bias, float* out, int64_t n, int64_t h,
@@ -552,6 +701,9 @@ void register_pattern_conv(pybind11::module_& m) {
            py::arg("min_subtiles_per_thread"),
            "Tuning/testing: work (multiply-adds) that justifies a thread, and sub-tiles per thread below which "
            "threads share gathered tiles and split the filters (0 forces that path)")
+      .def("set_direct", &PackedPatternConv::set_direct, py::arg("mode"),
+           "Tuning/testing: the gather-free stride-1 path: -1 by output width (default), 0 never, 1 always")
+      .def("uses_direct", &PackedPatternConv::uses_direct, py::arg("out_w"), py::arg("stride_h"), py::arg("stride_w"))
       .def_property_readonly("isa", &PackedPatternConv::isa_name,
                              "micro-kernel in use: 'avx512', 'avx2' or 'generic'")
       .def_property_readonly("num_pattern_groups", &PackedPatternConv::num_pattern_groups)

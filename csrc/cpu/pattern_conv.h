@@ -72,6 +72,8 @@ struct ConvEpilogue {
   bool active() const { return residual != nullptr || relu; }
   // o[0 .. len) at flat output offset `at` (residual read at the same offset).
   void apply(float* o, int64_t at, int64_t len) const;
+  // dst[0 .. len) = epilogue(src[0 .. len)), dst at flat output offset `at`.
+  void store(float* dst, const float* src, int64_t at, int64_t len) const;
 };
 
 class PackedPatternConv {
@@ -97,6 +99,11 @@ class PackedPatternConv {
     min_work_per_thread_ = min_work_per_thread > 0 ? min_work_per_thread : 1.0;
     min_subtiles_per_thread_ = min_subtiles_per_thread;
   }
+  // Stride-1 layers can skip the gather (see forward_group_direct): -1 decides by output width,
+  // 0 never, 1 always (tests force both).
+  void set_direct(int mode) { direct_mode_ = mode; }
+  // Whether a forward() with these sizes takes the gather-free stride-1 path.
+  bool uses_direct(int64_t out_w, int64_t stride_h, int64_t stride_w) const;
 
  private:
   void forward_depthwise(const float* x, const float* bias, float* out, int64_t n, int64_t h, int64_t w,
@@ -110,6 +117,9 @@ class PackedPatternConv {
   void forward_group(int64_t g, const float* x, const float* bias, float* out, int64_t n, int64_t h, int64_t w,
                      int64_t oh, int64_t ow, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
                      int64_t dw, int threads, const ConvEpilogue& epi) const;
+  void forward_group_direct(int64_t g, const float* x, const float* bias, float* out, int64_t n, int64_t h,
+                            int64_t w, int64_t oh, int64_t ow, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                            int threads, const ConvEpilogue& epi) const;
 
   int64_t c_out_, c_in_pg_, kh_, kw_, groups_;
   bool depthwise_ = false;
@@ -120,6 +130,7 @@ class PackedPatternConv {
   int mr2_max_ = 0;
   double min_work_per_thread_ = 4e5;
   int64_t min_subtiles_per_thread_ = 6;
+  int direct_mode_ = -1;
   std::vector<ConvGroupPlan> plans_;             // per conv group
   std::vector<float> packed_;                    // all blocks' weight panels
   std::vector<float> dw_weight_;                 // depthwise: weights (c_out, kh*kw)
