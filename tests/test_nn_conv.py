@@ -7,6 +7,9 @@ import autosculpt as asc
 from autosculpt.nn import PatternConv2d
 from autosculpt.patterns import PAPER6
 from autosculpt.plan import conv_layer_plan, dense_plan, validate_plan
+from autosculpt.reference import pattern_conv2d_ref
+
+from conftest import requires_ext
 
 
 def _masked_conv(conv, mask):
@@ -172,3 +175,34 @@ def test_faster_path_picks_the_cheaper_callable():
     slow, fast = (lambda: time.sleep(0.004)), (lambda: None)
     assert faster_path(slow, fast, reps=3) == "dense"
     assert faster_path(fast, slow, reps=3) == "sparse"
+
+
+@requires_ext
+def test_eager_inference_shortcut_follows_weight_changes_and_copies():
+    import copy
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 3, padding=1)
+    mask = torch.rand(8, 3, 3) < 0.5
+    layer = PatternConv2d.from_dense(conv, mask, path="sparse").eval()
+    x = torch.randn(2, 6, 9, 9)
+
+    def ref(mod):
+        return pattern_conv2d_ref(x, mod.weight, mod.tap_mask, mod.bias, (1, 1), (1, 1), (1, 1), 1)
+
+    with torch.no_grad():
+        layer(x)  # the first call validates and remembers the direct kernel call
+        assert layer._fast, "eager CPU inference should cache a direct kernel call"
+        torch.testing.assert_close(layer(x), ref(layer))
+        twin = copy.deepcopy(layer)
+        assert twin._cache_key != layer._cache_key and not twin._fast
+        twin.weight.mul_(2.0)  # in place: the packed weights must be rebuilt
+        layer.load_state_dict({k: v * -1 for k, v in layer.state_dict().items() if k != "tap_mask"} | {"tap_mask": layer.tap_mask})
+        for _ in range(2):  # alternate: neither may run with the other's packed weights
+            torch.testing.assert_close(twin(x), ref(twin))
+            torch.testing.assert_close(layer(x), ref(layer))
+        layer.bias = None  # a structural change takes the validated path again
+        torch.testing.assert_close(layer(x), ref(layer))
+        layer.double()
+        with pytest.raises(TypeError, match="dtype"):
+            layer(x)

@@ -91,6 +91,7 @@ class PatternConv2d(nn.Module):
         self.register_buffer("tap_mask", self._checked_mask(tap_mask).to(device=self.weight.device))
         self._cache_key = conv_ops.new_cache_key()
         self._decided: Dict[tuple, str] = {}
+        self._fast: Dict[tuple, Callable] = {}  # eager CPU inference: input shape -> direct kernel call
         self.enforce_mask()
 
     # -- construction ------------------------------------------------------------------
@@ -140,6 +141,7 @@ class PatternConv2d(nn.Module):
         """Replaces the tap mask (re-zeroes dropped weights, forgets path decisions)."""
         self.tap_mask = self._checked_mask(tap_mask).to(self.weight.device)
         self._decided.clear()
+        self._fast.clear()
         self.enforce_mask()
 
     @torch.no_grad()
@@ -154,6 +156,17 @@ class PatternConv2d(nn.Module):
             conv_ops.release_cache(self.__dict__["_cache_key"])
             object.__setattr__(self, "_cache_key", conv_ops.new_cache_key())
         super().__setattr__(name, value)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_fast"] = {}  # kernel shortcuts are rebuilt on first use
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # a copy (deepcopy, unpickling) caches its packed weights under its own key
+        object.__setattr__(self, "_cache_key", conv_ops.new_cache_key())
+        self.__dict__.setdefault("_fast", {})
 
     def __del__(self):
         key = self.__dict__.get("_cache_key")
@@ -227,13 +240,58 @@ class PatternConv2d(nn.Module):
         return paths.pop() if len(paths) == 1 else ("undecided" if not paths else "mixed")
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        fast_key = None
+        if not torch.is_grad_enabled() and type(x) is torch.Tensor and x.is_cpu:
+            # eager CPU inference: after one validated call per input shape, go straight to the kernel
+            fast_key = (x.shape, x.dtype, torch.get_num_threads(), self.path, self.backend, self.activation,
+                        self.weight.dtype, self.weight.device, self.bias is None)
+            fast = self._fast.get(fast_key)
+            if fast is not None and not torch.compiler.is_compiling():
+                return fast(self, x, residual)
         path = self.path
         if path == "auto":
             if torch.compiler.is_compiling():
                 path = "sparse"  # decisions are measured eagerly (call calibrate() before compiling)
             else:
                 path = self._decided.get(self._decision_key(x)) or self.calibrate(x)
-        return self._sparse(x, residual) if path == "sparse" else self._dense(x, residual)
+        if path != "sparse":
+            return self._dense(x, residual)
+        out = self._sparse(x, residual)
+        if fast_key is not None and not torch.compiler.is_compiling():
+            self._remember_fast_call(fast_key, x)
+        return out
+
+    def _remember_fast_call(self, key: tuple, x: torch.Tensor) -> None:
+        """Caches a direct call of the C++ kernel for this input shape, when the op would pick it."""
+        backend = conv_ops.resolve_backend(self.backend, x, self.weight, self.tap_mask, self.stride, self.padding,
+                                           self.dilation, self.groups)
+        if backend != "cpu" or (self.bias is not None and not self.bias.is_contiguous()):
+            return
+        from .. import _ext
+
+        ext = _ext.require()
+        n, _, h, w = x.shape
+        oh, ow = self.output_size(h, w)
+        out_shape = (n, self.out_channels, oh, ow)
+        conf = (n, h, w, self.stride[0], self.stride[1], self.padding[0], self.padding[1], self.dilation[0],
+                self.dilation[1], torch.get_num_threads())
+        relu = self.activation == "relu"
+
+        # `self` is an argument, not captured: a copied module must run with its own weights
+        def call(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+            x = x if x.is_contiguous() else x.contiguous()
+            if residual is not None:
+                if residual.shape != out_shape or residual.dtype != x.dtype or not residual.is_cpu:
+                    conv_ops._validate_epilogue(x, self.weight, residual, self.activation, self.stride, self.padding,
+                                                self.dilation)
+                residual = residual if residual.is_contiguous() else residual.contiguous()
+            packed = conv_ops._packed_weights(ext, self.weight, self.tap_mask, self.groups, self._cache_key)
+            out = conv_ops._new_output(out_shape, x)
+            packed.forward(x.data_ptr(), 0 if self.bias is None else self.bias.data_ptr(), out.data_ptr(), *conf,
+                           0 if residual is None else residual.data_ptr(), relu)
+            return out
+
+        self._fast[key] = call
 
     def extra_repr(self) -> str:
         s = (
