@@ -193,3 +193,20 @@ def fuse_for_inference(model: nn.Module, example_input: torch.Tensor, *, fold_bn
     gm.eval()
     gm.fusion_report = report
     return gm
+
+
+def for_inference(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
+    """``model`` in the form AutoSculpt times and deploys it: :func:`fuse_for_inference` of it (eval
+    mode) when ``torch.fx`` can trace it, otherwise the model itself with a ``RuntimeWarning`` saying
+    why (timings of an unfused model are still correct, only slower)."""
+    import warnings
+
+    was_training = model.training
+    model.eval()
+    try:
+        return fuse_for_inference(model, example_input)
+    except ValueError as exc:
+        warnings.warn(f"fusion skipped, timing {type(model).__name__} unfused: {exc}", RuntimeWarning, stacklevel=2)
+        return model
+    finally:
+        model.train(was_training)

@@ -93,7 +93,8 @@ def _median(xs: List[float]) -> float:
 
 @torch.no_grad()
 def measure_latency(models: Dict[str, nn.Module], example_input: torch.Tensor, *, reps: int = 30, warmup: int = 3,
-                    min_seconds: float = 0.0, progress: bool = False, desc: str = "latency") -> Dict[str, float]:
+                    min_seconds: float = 0.0, progress: bool = False, desc: str = "latency",
+                    fuse: bool = True) -> Dict[str, float]:
     """Median forward latency in milliseconds of each model on ``example_input``, interleaved.
 
     Args:
@@ -101,6 +102,8 @@ def measure_latency(models: Dict[str, nn.Module], example_input: torch.Tensor, *
         example_input: the batch to time (its batch size is the one measured).
         reps: timed repeats per model (at least; more if ``min_seconds`` is not reached).
         warmup: untimed calls first (pattern layers pick their path, packing, allocator).
+        fuse: time each model in its inference form (:func:`autosculpt.fuse.for_inference`: BatchNorm
+            folded for every model, shortcut adds and ReLUs fused into pattern convs), as deployed.
     """
     if reps < 1:
         raise ValueError(f"reps: expected >= 1, got {reps}")
@@ -108,6 +111,12 @@ def measure_latency(models: Dict[str, nn.Module], example_input: torch.Tensor, *
     modes = {k: m.training for k, m in models.items()}
     for m in models.values():
         m.eval()
+    if fuse:
+        from .fuse import for_inference
+
+        timed_models = {k: for_inference(m, example_input) for k, m in models.items()}
+    else:
+        timed_models = models
     times: Dict[str, List[float]] = {k: [] for k in models}
     bar = None
     if progress:
@@ -115,13 +124,13 @@ def measure_latency(models: Dict[str, nn.Module], example_input: torch.Tensor, *
 
         bar = tqdm(total=reps, desc=desc, unit="rep", leave=False, dynamic_ncols=True)
     try:
-        for m in models.values():
+        for m in timed_models.values():
             for _ in range(warmup):
                 m(example_input)
         sync()
         start, i = time.perf_counter(), 0
         while i < reps or time.perf_counter() - start < min_seconds:
-            for k, m in models.items():
+            for k, m in timed_models.items():
                 t0 = time.perf_counter()
                 m(example_input)
                 sync()

@@ -226,7 +226,8 @@ def _fake_results(folder):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "compare.json").write_text(json.dumps(recs))
     (folder / "models-cpu.json").write_text(json.dumps({"machine": "TestCPU", "threads": 2, "notes": ["a note"], "records": [
-        {"model": "vgg16", "target": 2.0, "batch": 1, "ideal": 2.0, "speedup": 1.7, "speedup_vs_compiled": 1.5}]}))
+        {"model": "vgg16", "target": 2.0, "batch": 1, "ideal": 2.0, "speedup": 1.7, "speedup_vs_bn_folded": 1.6,
+         "speedup_vs_compiled": 1.5}]}))
 
 
 def test_readme_results_rewrites_only_between_markers_and_is_idempotent(tmp_path):
@@ -245,7 +246,7 @@ def test_readme_results_rewrites_only_between_markers_and_is_idempotent(tmp_path
     assert "| resnet20 | 2× | autosculpt | 0.805 ± 0.007 | 0.905 ± 0.007 | 1.500 ± 0.000 | 2.100 ± 0.000 | 2/2 | 0/2 | 10 |" in text
     assert "| resnet20 | 2× | uniform |" in text and "0/2" in text
     assert "resnet20 at 2×: methods meeting the budget in most seeds: autosculpt; most accurate of them: **autosculpt**" in text
-    assert "| vgg16 | 2× | 1 | 2.00 | 1.70 | 0.85 | 1.50 |" in text and "TestCPU" in text and "- a note" in text
+    assert "| vgg16 | 2× | 1 | 2.00 | 1.70 | 0.85 | 1.60 | 0.80 | 1.50 |" in text and "TestCPU" in text and "- a note" in text
     assert "python -m bench.compare" in text and "python -m bench.bench_models" in text
     assert "- batch 8: median 0.9" in text and "- machine: TestCPU" in text and "- date: x" not in text
     assert not update_readme(readme, build_section(results))  # idempotent

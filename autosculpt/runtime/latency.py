@@ -349,12 +349,17 @@ class LatencyModel(_BaseLatencyModel):
         rounds: ``profile`` spreads each measurement's repeats over this many passes over all layers
             (minimum kept), see :meth:`_measure_in_rounds`.
         threads: CPU threads during measurement (default: ``torch.get_num_threads()`` now).
+        fuse: whole models are timed in their inference form (:func:`autosculpt.fuse.for_inference`:
+            BatchNorm folded, shortcut adds and ReLUs fused into pattern convs). The remainder is then
+            the folded dense model minus its convs, which still counts the ReLUs and adds a pruned
+            model fuses away, so predictions of pruned plans lean slow (on the safe side of a budget).
     """
 
     def __init__(self, device: str | torch.device = "cpu", cache_path: Optional[str] = None, backend: str = "auto",
                  pattern_set: PatternSet = PAPER6, reps: int = 15, warmup: int = 3, threads: Optional[int] = None,
-                 stat: str = "min", rounds: int = 3):
+                 stat: str = "min", rounds: int = 3, fuse: bool = True):
         super().__init__(pattern_set)
+        self.fuse = bool(fuse)
         try:
             self.device = torch.device(device)
         except (RuntimeError, TypeError) as exc:
@@ -491,17 +496,18 @@ class LatencyModel(_BaseLatencyModel):
         modes = [m.training for m in models]
         for m in models:
             m.eval()
+        timed = [self._inference_form(m, x) for m in models]
         old = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
             with torch.no_grad():
                 for _ in range(max(1, self.warmup)):  # also lets sparse layers decide their path
-                    for m in models:
+                    for m in timed:
                         m(x)
                 self._sync()
                 times: List[List[float]] = [[] for _ in models]
                 for _ in range(reps or self.reps):
-                    for i, m in enumerate(models):
+                    for i, m in enumerate(timed):
                         t0 = time.perf_counter()
                         m(x)
                         self._sync()
@@ -522,14 +528,23 @@ class LatencyModel(_BaseLatencyModel):
         was_training = model.training
         model.eval()
         x = example_input.to(self.device)
+        timed = self._inference_form(model, x)
         old = self.reps
         if reps is not None:
             self.reps = reps
         try:
-            return self._timed(lambda: model(x))
+            return self._timed(lambda: timed(x))
         finally:
             self.reps = old
             model.train(was_training)
+
+    def _inference_form(self, model: nn.Module, x: torch.Tensor) -> nn.Module:
+        if not self.fuse:
+            return model
+        from ..fuse import for_inference
+
+        with torch.no_grad():
+            return for_inference(model, x)
 
     def _measure_remainder(self, model, example_input):
         total = self._model_ms if self._model_ms is not None else self.measure_model(model, example_input)
@@ -559,7 +574,8 @@ class LatencyModel(_BaseLatencyModel):
         was_training = model.training
         model.eval()
         xm = example_input.to(self.device)
-        jobs["__model__"] = lambda: model(xm)
+        timed_model = self._inference_form(model, xm)
+        jobs["__model__"] = lambda: timed_model(xm)
         best: Dict[str, float] = {}
         per_round = max(1, -(-self.reps // self.rounds))
         bar = None
