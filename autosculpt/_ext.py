@@ -42,3 +42,23 @@ def require() -> Any:
             f"({_error}). Reinstall with `pip install .` (needs a C++17 compiler and OpenMP)."
         )
     return mod
+
+
+_signature: Optional[str] = None
+
+
+def build_signature() -> str:
+    """A short hash of the compiled extension's file ("none" when it is not built): measured kernel
+    timings cached on disk are only valid for the build that produced them."""
+    global _signature
+    if _signature is None:
+        mod = extension()
+        path = getattr(mod, "__file__", None) if mod is not None else None
+        if not path:
+            _signature = "none"
+        else:
+            import hashlib
+
+            with open(path, "rb") as f:
+                _signature = hashlib.sha1(f.read()).hexdigest()[:12]
+    return _signature

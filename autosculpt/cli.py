@@ -250,6 +250,7 @@ def _cmd_prune(args) -> int:
         raise Interrupted(f"{str(e) or 'interrupted'}; continue with 'autosculpt prune --resume {run_dir}'") from None
     _say("")
     _say(format_table(summary_table(summary), header=("", "dense", "pruned", "dense/pruned")))
+    _say(f"latency: {summary.get('latency_timed_as', 'eager models')}")
     _say("")
     t = summary["stage_seconds"]
     _say(f"budget: {summary['budget']} at batch {cfg['search_batch']}"
@@ -328,7 +329,8 @@ def _cmd_bench(args) -> int:
         t = measure_latency({"dense": dense, "pruned": model}, x, reps=args.reps, progress=args.progress,
                             desc=f"batch {b}")
         rows.append([f"latency, batch {b}", f"{t['dense']:.3f} ms", f"{t['pruned']:.3f} ms", f"{t['dense'] / t['pruned']:.2f}x"])
-    _say(f"{args.model_file}: dense-equivalent vs pruned, {torch.get_num_threads()} threads, median of {args.reps}")
+    _say(f"{args.model_file}: dense-equivalent vs pruned, {torch.get_num_threads()} threads, median of {args.reps}; "
+         "both timed as deployed (BatchNorm folded, ReLU and shortcut adds fused into pattern convs)")
     _say(format_table(rows, header=("", "dense", "pruned", "speedup")))
     return 0
 

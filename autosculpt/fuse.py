@@ -201,6 +201,11 @@ def for_inference(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
     why (timings of an unfused model are still correct, only slower)."""
     import warnings
 
+    from .nn import PatternConv2d
+
+    if not any(isinstance(m, (nn.BatchNorm2d, PatternConv2d)) for m in model.modules()) or isinstance(
+            model, (nn.Conv2d, nn.BatchNorm2d, PatternConv2d)):
+        return model  # nothing to fuse (a single layer, or a model without BN or pattern convs)
     was_training = model.training
     model.eval()
     try:

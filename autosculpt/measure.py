@@ -173,7 +173,7 @@ def layer_latency(dense: nn.Module, pruned: nn.Module, example_input: torch.Tens
         it = tqdm(targets, desc="layer latency", unit="layer", leave=False, dynamic_ncols=True)
     for name, m in it:
         x = inputs[name]
-        t = measure_latency({"dense": dense_mods[name], "pruned": m}, x, reps=reps, warmup=2)
+        t = measure_latency({"dense": dense_mods[name], "pruned": m}, x, reps=reps, warmup=2, fuse=False)
         rows.append({"layer": name, "dense_ms": t["dense"], "pruned_ms": t["pruned"], "path": m.active_path(x),
                      "kept": m.kept_fraction(), "input_shape": list(x.shape)})
     return rows

@@ -31,6 +31,10 @@ class Interrupted(Exception):
         super().__init__(message)
 
 
+INFERENCE_FORM = ("both models as deployed for inference: BatchNorm folded into the convs; the pruned model's "
+                  "shortcut adds and ReLUs fused into its pattern convs (autosculpt.fuse_for_inference)")
+
+
 def new_run_dir(cfg: dict) -> str:
     """``<runs_dir>/<name>`` (or a UTC timestamp); a taken timestamp gets a numeric suffix."""
     name = cfg.get("name") or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -252,6 +256,7 @@ def run_prune(cfg: dict, run_dir: str, *, resume: bool = False, log: Log = print
         "pruned": {"val_acc": ft["best_val_acc"], "test_acc": ft["test_acc"], "flops": count_flops(pruned, one),
                    "params": count_params(pruned), "file": os.path.abspath(model_path)},
         "latency_ms": latency,
+        "latency_timed_as": INFERENCE_FORM,
         "search": {
             "episodes": result.settings.get("episodes"), "evaluated_plans": len(hist), "seconds": result.wall_time_s,
             "chosen_index": chosen_index, "chosen_val_acc": result.best_record.get("val_acc"),

@@ -292,7 +292,8 @@ def render_report(run_dir: str) -> str:
     lines += [
         "",
         "Validation accuracy selected every plan and checkpoint; test accuracy was measured once per model, at the end. "
-        "Latency is the median of interleaved repeats of whole-model forward passes on this machine.",
+        "Latency is the median of interleaved repeats of whole-model forward passes on this machine"
+        + (f", {summary['latency_timed_as']}." if summary.get("latency_timed_as") else "."),
         "",
         "## Search", "",
         f"{len(history)} plans evaluated in {s.get('episodes', '?')} episodes ({s.get('seconds') or 0:.0f} s). "

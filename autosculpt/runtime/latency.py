@@ -398,7 +398,11 @@ class LatencyModel(_BaseLatencyModel):
         return backend
 
     def _key(self, *parts) -> str:
-        return "|".join([self.device_name, self.backend, f"t{self.threads}", self.stat, __version__, *map(str, parts)])
+        from .._ext import build_signature
+
+        # the build's hash: a rebuilt (e.g. faster) kernel never reuses the old build's timings
+        return "|".join([self.device_name, self.backend, f"t{self.threads}", self.stat, __version__,
+                         f"build-{build_signature()}", *map(str, parts)])
 
     def _load_cache(self) -> Dict[str, float]:
         if not os.path.exists(self.cache_path):
