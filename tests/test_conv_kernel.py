@@ -289,11 +289,19 @@ def test_gather_free_path_matches_gather_path_and_reference(isa, case, mode, thr
     _assert_close(out, _reference(x, w, m, b, 1, conf["padding"], conf["dilation"], conf["groups"]))
 
 
-def test_direct_path_default_choice_by_width():
-    x, w, m, b = _case(1, 4, 4, 20, 20, seed=1)
+def test_direct_path_default_choice():
+    x, w, m, b = _case(1, 4, 4, 20, 20, seed=1, mask="full")
     _, packed = _direct(x, w, m, b, 1, 1, 1, 1, "", 1)
     assert packed.uses_direct(32, 1, 1) and not packed.uses_direct(4, 1, 1)
     assert not packed.uses_direct(32, 2, 2), "stride 2 always gathers"
+    x, w, m, b = _case(1, 64, 4, 20, 20, seed=1, mask="full")
+    _, packed = _direct(x, w, m, b, 1, 1, 1, 1, "", 1)
+    assert not packed.uses_direct(32, 1, 1), "many input channels: the gather pays"
+    centre = torch.zeros(4, 3, 3, dtype=torch.bool)
+    centre[:, 1, 1] = True
+    x, w, m, b = _case(1, 4, 4, 20, 20, seed=1, mask=centre)
+    _, packed = _direct(x, w, m, b, 1, 1, 1, 1, "", 1)
+    assert not packed.uses_direct(32, 1, 1), "one tap slot: nothing to save"
 
 
 # ------------------------------------------------------------------ fused epilogue (residual, ReLU)

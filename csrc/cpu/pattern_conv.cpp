@@ -23,7 +23,14 @@ constexpr int64_t kTileBytes = 384 * 1024;
 constexpr int64_t kMaxTileSubtiles = 8;   // at most 8 micro-kernel widths per tile
 constexpr int64_t kChunkTilesPerThread = 4;  // tiles gathered per chunk in shared mode (<= 64 / threads)
 constexpr int64_t kPackChannelBlock = 64;  // channels per gather work item
-constexpr int64_t kDirectMinWidth = 12;    // stride-1 output width from which the direct path is used
+// The gather-free stride-1 path pays where gathering costs most relative to the multiply-adds: few
+// input channels (the gathered tile holds slots x C_in floats per pixel for C_out x taps x C_in
+// multiply-adds, and with few channels the padded image stays in L1) and several tap slots. Measured
+// on AVX-512 (bench/NOTES.md): 16-channel CIFAR layers gain 1.3-1.6x, while 64-512-channel layers and
+// single-tap masks run 10-40% slower than with the gather.
+constexpr int64_t kDirectMinWidth = 12;    // output width from which the (kw-1) dropped columns are cheap
+constexpr int64_t kDirectMaxChannels = 24;  // input channels per group up to which the direct path is used
+constexpr int64_t kDirectMinSlots = 2;     // distinct kept taps (over all filters) from which it is used
 
 int64_t out_size(int64_t in, int64_t k, int64_t stride, int64_t pad, int64_t dil) {
   return (in + 2 * pad - dil * (k - 1) - 1) / stride + 1;
@@ -302,8 +309,10 @@ bool PackedPatternConv::uses_direct(int64_t out_w, int64_t sh, int64_t sw) const
   if (depthwise_ || sh != 1 || sw != 1 || direct_mode_ == 0) return false;
   if (direct_mode_ == 1) return true;
   // The direct path also computes the (kw - 1) * dilation padding columns of every row and drops
-  // them: worth it once rows are wide enough that this waste costs less than the gather it saves.
-  return out_w >= kDirectMinWidth;
+  // them: worth it once rows are wide enough that this waste costs less than the gather it saves
+  // (and see kDirectMaxChannels).
+  const int64_t slots = plans_.empty() ? 0 : int64_t(plans_[0].slot_taps.size());
+  return out_w >= kDirectMinWidth && c_in_pg_ <= kDirectMaxChannels && slots >= kDirectMinSlots;
 }
 
 // Gather-free stride-1 convolution. Each image is copied once into a zero-padded buffer with row
