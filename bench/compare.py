@@ -194,7 +194,11 @@ def _set_auto_path(model: nn.Module) -> None:
 
 def measure_pair(dense: nn.Module, pruned: nn.Module, input_shape, batches: Sequence[int], threads: int,
                  repeats: int) -> Dict[int, Dict[str, float]]:
-    """Milliseconds of dense and pruned at each batch, interleaved medians with ``threads`` threads."""
+    """Milliseconds of dense and pruned at each batch, interleaved medians with ``threads`` threads, both
+    in their inference form (:func:`autosculpt.fuse.for_inference`: BatchNorm folded in every model, ReLUs
+    and shortcut adds fused into pattern convs), as the latency model times them."""
+    from autosculpt.fuse import for_inference
+
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     out = {}
@@ -203,7 +207,8 @@ def measure_pair(dense: nn.Module, pruned: nn.Module, input_shape, batches: Sequ
         for b in batches:
             x = torch.randn(b, *input_shape, generator=torch.Generator().manual_seed(b))
             with torch.no_grad():
-                t = interleaved_medians({"dense": lambda: dense(x), "pruned": lambda: pruned(x)},
+                d, p = for_inference(dense, x), for_inference(pruned, x)
+                t = interleaved_medians({"dense": lambda: d(x), "pruned": lambda: p(x)},
                                         repeats=repeats, warmup=3, min_time=0.01)
             out[b] = {"dense_ms": t["dense"] * 1e3, "pruned_ms": t["pruned"] * 1e3}
     finally:
@@ -442,7 +447,8 @@ def render_markdown(records: List[dict], cfg: CompareConfig, command: str = "pyt
         f"autosculpt did); fine-tuning {cfg.finetune_epochs} epochs (overrides {cfg.finetune_epochs_per_model}), lr {cfg.finetune_lr}, the same for every method; latency "
         f"model: {cfg.latency}" + (f"; training subset {cfg.train_subset} images" if cfg.train_subset else "") + ".",
         "Accuracies: mean ± std over seeds (val = best fine-tuning epoch; test evaluated once). Latency: median over "
-        "seeds of interleaved medians beside the dense model. met = the method's own end-to-end check with the "
+        "seeds of interleaved medians beside the dense model, every model in its inference form (BatchNorm folded; "
+        "pattern convs with ReLU and shortcut adds fused). met = the method's own end-to-end check with the "
         f"latency model at batch {cfg.budget_batch} (speedup ≥ 0.95 × target); final = the same on the final timing. "
         "paper_reward = the search with a FLOPs band (1 − 1/target of the prunable convs' MACs) and no latency term.",
         "",
