@@ -116,3 +116,22 @@ def test_to_dense_refuses_a_fused_activation():
         layer.to_dense()
     with pytest.raises(ValueError, match="activation"):
         PatternConv2d(3, 4, 3, activation="tanh")
+
+
+def test_for_inference_warns_and_falls_back_for_untraceable_models():
+    from autosculpt.fuse import for_inference
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return y if y.sum() > 0 else -y  # data-dependent control flow: fx cannot trace it
+
+    model = Branchy().eval()
+    with pytest.warns(RuntimeWarning, match="fusion skipped"):
+        assert for_inference(model, torch.randn(1, 2, 5, 5)) is model
+    single = nn.Conv2d(2, 3, 3)
+    assert for_inference(single, torch.randn(1, 2, 5, 5)) is single  # nothing to fuse: no warning
