@@ -102,30 +102,12 @@ inline void split_even(int64_t total, int tid, int nthreads, int64_t& lo, int64_
 }  // namespace
 
 void ConvEpilogue::apply(float* o, int64_t at, int64_t len) const {
-  // Branch-free loops (std::max through a reference defeated vectorisation of the ReLU-only case).
-  if (residual) {
-    const float* r = residual + at;
-    if (relu) {
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) {
-        const float v = o[i] + r[i];
-        o[i] = v > 0.f ? v : 0.f;
-      }
-    } else {
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) o[i] += r[i];
-    }
-  } else if (relu) {
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      const float v = o[i];
-      o[i] = v > 0.f ? v : 0.f;
-    }
-  }
+  if (active()) store(o, o, at, len);  // element-wise: in place is safe
 }
 
 void ConvEpilogue::store(float* dst, const float* src, int64_t at, int64_t len) const {
   // Inline loops, not memcpy: rows are short (a few dozen floats) and there are many of them.
+  // Branch-free ReLU (std::max through a reference defeated vectorisation of the ReLU-only case).
   if (residual) {
     const float* r = residual + at;
     if (relu) {
@@ -305,6 +287,19 @@ void PackedPatternConv::forward(const float* x, const float* bias, float* out, i
   }
 }
 
+// Filters with an empty mask: output = epilogue(bias). Thread `tid` of `T` takes its share.
+void PackedPatternConv::fill_empty_filters(const ConvGroupPlan& pl, const float* bias, float* out, int64_t n,
+                                           int64_t P, const ConvEpilogue& epi, int tid, int T) const {
+  const int64_t n_empty = int64_t(pl.empty_filters.size());
+  int64_t lo, hi;
+  split_even(n * n_empty, tid, T, lo, hi);
+  for (int64_t i = lo; i < hi; ++i) {
+    const int64_t b = i / n_empty, co = pl.empty_filters[size_t(i % n_empty)], at = (b * c_out_ + co) * P;
+    std::fill(out + at, out + at + P, bias ? bias[co] : 0.f);
+    epi.apply(out + at, at, P);
+  }
+}
+
 bool PackedPatternConv::uses_direct(int64_t out_w, int64_t sh, int64_t sw) const {
   if (depthwise_ || sh != 1 || sw != 1 || direct_mode_ == 0) return false;
   if (direct_mode_ == 1) return true;
@@ -350,13 +345,7 @@ void PackedPatternConv::forward_group_direct(int64_t g, const float* x, const fl
   {
     const int T = omp_get_num_threads(), tid = omp_get_thread_num();
     int64_t lo, hi;
-    split_even(n * n_empty, tid, T, lo, hi);
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t b = i / n_empty, co = pl.empty_filters[size_t(i % n_empty)];
-      float* o = out + (b * c_out_ + co) * P;
-      std::fill(o, o + P, bias ? bias[co] : 0.f);
-      if (epi.active()) epi.apply(o, (b * c_out_ + co) * P, P);
-    }
+    fill_empty_filters(pl, bias, out, n, P, epi, tid, T);
     if (nblocks) {
       // 1. pad: (image, channel) planes
       split_even(n * cpg, tid, T, lo, hi);
@@ -607,14 +596,7 @@ void PackedPatternConv::forward_group(int64_t g, const float* x, const float* bi
   {
     const int T = omp_get_num_threads(), tid = omp_get_thread_num();
     int64_t lo, hi;
-    // Filters with an empty mask: output = bias.
-    split_even(n * n_empty, tid, T, lo, hi);
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t b = i / n_empty, co = pl.empty_filters[size_t(i % n_empty)];
-      float* o = out + (b * c_out_ + co) * P;
-      std::fill(o, o + P, bias ? bias[co] : 0.f);
-      if (epi.active()) epi.apply(o, (b * c_out_ + co) * P, P);
-    }
+    fill_empty_filters(pl, bias, out, n, P, epi, tid, T);
     std::vector<GatherSeg> segs;
     segs.reserve(size_t(NT + 64));
     alignas(64) float tmp[16 * 48];  // partial sub-tiles: MR x SW staging

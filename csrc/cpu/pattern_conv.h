@@ -109,6 +109,8 @@ class PackedPatternConv {
   void forward_depthwise(const float* x, const float* bias, float* out, int64_t n, int64_t h, int64_t w,
                          int64_t oh, int64_t ow, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
                          int64_t dw, int threads, const ConvEpilogue& epi) const;
+  void fill_empty_filters(const ConvGroupPlan& pl, const float* bias, float* out, int64_t n, int64_t P,
+                          const ConvEpilogue& epi, int tid, int T) const;
   struct GroupCall;
   void gather_tile(const GroupCall& a, int64_t g0, int64_t valid, int64_t slot, int64_t c0, int64_t c1,
                    float* colt, std::vector<GatherSeg>& segs) const;
