@@ -40,7 +40,9 @@ def test_cache_round_trip(tmp_path):
     assert list(lm.layers) == ["0", "2"]  # only the 3×3 convs are prunable; the 1×1 is part of the remainder
     assert lm.layers["2"]["in_shape"] == (2, 8, 10, 10)
     n_grid = len(keep_level_grid(PAPER6))
-    assert lm.measurements == 2 * (1 + n_grid)  # dense + grid points per layer
+    # dense + grid points per layer, + each layer's ReLU (fused into the sparse kernel, separate after dense)
+    assert lm.measurements == 2 * (1 + n_grid) + 2
+    assert lm.epilogue_ms("0") > 0 and lm.epilogue_ms("2") > 0
     data = json.loads(path.read_text())
     assert data["format"] == 1 and len(data["entries"]) == lm.measurements
     key = next(iter(data["entries"]))
@@ -49,7 +51,10 @@ def test_cache_round_trip(tmp_path):
     lm2 = LatencyModel(cache_path=path, reps=2, warmup=1).profile(tiny_net(), X)
     assert lm2.measurements == 0  # everything came from the cache (the remainder is re-measured, uncached)
     assert lm2.dense_layer_ms("0") == lm.dense_layer_ms("0")
-    assert lm2.layer_ms("2", plan_tap_masks(plan)["2"]) == lm.layer_ms("2", plan_tap_masks(plan)["2"])
+    mask = plan_tap_masks(plan)["2"]
+    # (layer_ms also scales by the in-model factor, re-measured with the remainder)
+    assert lm2.layer_ms("2", mask) / lm2.in_model_factor == pytest.approx(lm.layer_ms("2", mask) / lm.in_model_factor)
+    assert lm2.epilogue_ms("2") == lm.epilogue_ms("2")
 
 
 def test_corrupt_cache_is_reported_and_rebuilt(tmp_path):
@@ -70,14 +75,16 @@ def test_prediction_interpolates_between_measured_grid_points():
     info = lm.layers["2"]
     for g in keep_level_grid(PAPER6):
         m = grid_mask(PAPER6, g, info["c_out"])
-        want = lm.measure_sparse(info, m)  # cached: the same number the grid holds
-        assert lm.layer_ms("2", m, path="sparse") == want
-        assert lm.layer_ms("2", m) == min(want, lm.dense_layer_ms("2"))  # dense fallback
+        f = lm.in_model_factor
+        want = f * lm.measure_sparse(info, m)  # cached: the same number the grid holds, scaled to in-model
+        assert lm.layer_ms("2", m, path="sparse") == pytest.approx(want)
+        # dense fallback: the dense conv plus the ReLU it cannot fuse
+        assert lm.layer_ms("2", m) == pytest.approx(min(want, f * lm.dense_layer_ms("2") + lm.epilogue_ms("2")))
     (k0, t0), (k1, t1) = lm._grid["2"][2], lm._grid["2"][3]
     mid = torch.zeros(16, 3, 3, dtype=torch.bool)
     mid.view(16, -1)[:, : round(9 * (k0 + k1) / 2)] = True
     kmid = float(mid.float().mean())
-    assert lm.layer_ms("2", mid, path="sparse") == pytest.approx(t0 + (t1 - t0) * (kmid - k0) / (k1 - k0))
+    assert lm.layer_ms("2", mid, path="sparse") == pytest.approx(f * (t0 + (t1 - t0) * (kmid - k0) / (k1 - k0)))
     total = lm.predict(half_plan(tiny_net()))
     assert math.isfinite(total) and total > 0
     assert lm.predict({"version": 1, "layers": {}}) == pytest.approx(lm.dense_ms())

@@ -12,9 +12,19 @@ The grid points are the pattern set's "keep levels" (distinct kept-tap counts: 9
 and half/half mixes of adjacent levels, with the filters of each level spread over all patterns of that
 level (the worst case for the number of groups). A layer's predicted time is ``min(sparse, dense)``,
 because ``PatternConv2d`` falls back to the dense conv where the kernel would lose. Layers that are not
-prunable, BN, activations, pooling... are one measured remainder: end-to-end dense model time minus the
-sum of the dense prunable layers. ``verify`` runs the sparsified model end to end and reports how far
+prunable, BN, activations, pooling... are one measured remainder: the model timed end to end with every
+prunable conv replaced by a stub that returns a ready output tensor (so the remainder is measured in the
+model, with its real call overheads, rather than as a difference of two larger times). Layers run a
+little slower inside the model than when timed alone (their input was just written by another layer):
+``in_model_factor`` = (whole model - remainder) / sum of the dense layers timed alone (at least 1) scales
+every layer's time, which makes the dense prediction match the measured dense model. ``verify`` runs the sparsified model end to end and reports how far
 the prediction is off.
+
+Whole models are timed in their inference form (``autosculpt.fuse``): BatchNorm folded, and a pattern
+conv's following ReLU / shortcut add fused into its kernel. The dense model still runs those ops
+separately, so their time is part of the remainder; for each prunable layer whose epilogue fusion
+absorbs them, that time is measured too (``epilogue_ms``), taken out of the remainder and charged to the
+layer only when it runs the dense conv (a layer on the sparse kernel gets it for free).
 
 Results are cached on disk (JSON, written atomically through a temp file + ``os.replace``), keyed by
 device name, backend, thread count, library version, layer shape and mix. A corrupt cache file is
@@ -137,6 +147,60 @@ def _collect_layers(model: nn.Module, example_input: torch.Tensor, pattern_set: 
     return layers
 
 
+class _ConvStub(nn.Module):
+    """Stands in for a conv: returns its output tensor (zeros, recorded once) at no compute cost."""
+
+    def __init__(self, out: torch.Tensor):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x, residual=None):
+        return self.out if residual is None else self.out + residual
+
+
+def stub_layers(model: nn.Module, example_input: torch.Tensor, names: List[str]) -> nn.Module:
+    """A copy of ``model`` whose modules ``names`` return a fixed zero tensor of their output's shape."""
+    model = copy.deepcopy(model).eval()
+    outs: Dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda mod, args, out, n=n: outs.__setitem__(n, torch.zeros_like(out))) for n in names]
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+    for n in names:
+        parent, _, leaf = n.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, _ConvStub(outs[n]))
+    return model
+
+
+def fusable_epilogues(model: nn.Module, example_input: torch.Tensor, pattern_set: PatternSet,
+                      names: List[str]) -> Dict[str, Tuple[bool, bool]]:
+    """For each prunable layer in ``names``: (ReLU fused, shortcut add fused) when it becomes a pattern
+    conv and the model is fused for inference. Empty when the model cannot be fused (fx)."""
+    from ..fuse import fuse_for_inference
+    from ..plan import dense_plan, sparsify
+
+    plan = dense_plan(model, pattern_set)
+    plan["layers"] = {n: layer for n, layer in plan["layers"].items() if n in names}
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            gm = fuse_for_inference(sparsify(model.eval(), plan, backend="torch").eval(), example_input)
+    except ValueError:
+        return {}
+    finally:
+        model.train(was_training)
+    out: Dict[str, Tuple[bool, bool]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in plan["layers"]:
+            out[node.target] = (getattr(gm.get_submodule(node.target), "activation", None) == "relu",
+                                "residual" in node.kwargs)
+    return out
+
+
 def _layer_flops(info: dict, mask: Optional[torch.Tensor] = None) -> float:
     n, _, h, w = info["in_shape"]
     kh, kw = info["kernel_size"]
@@ -155,6 +219,8 @@ class _BaseLatencyModel:
         self.layers: Dict[str, dict] = {}
         self.remainder_ms = 0.0
         self._dense_ms: Dict[str, float] = {}
+        self._epi_ms: Dict[str, float] = {}  # per layer: its ReLU / shortcut add, which fusion absorbs
+        self.in_model_factor = 1.0  # layer times inside the model / timed alone (see the module docstring)
         self._profiled_for: Optional[int] = None
 
     # -- to implement -----------------------------------------------------------------
@@ -166,6 +232,10 @@ class _BaseLatencyModel:
 
     def _measure_remainder(self, model: nn.Module, example_input: torch.Tensor) -> float:
         raise NotImplementedError
+
+    def _measure_epilogue(self, name: str, info: dict, relu: bool, residual: bool) -> float:
+        """Time of the ReLU / residual add after layer ``name`` when they run as separate ops."""
+        return 0.0
 
     def measure_model(self, model: nn.Module, example_input: torch.Tensor) -> float:
         """End-to-end latency of ``model`` on ``example_input`` in ms."""
@@ -199,6 +269,10 @@ class _BaseLatencyModel:
             self._dense_ms[name] = self._measure_dense_layer(name, self.layers[name])
             self._prepare_layer(name, self.layers[name])
         self.remainder_ms = self._measure_remainder(model, example_input)
+        self._epi_ms = {}
+        if type(self)._measure_epilogue is not _BaseLatencyModel._measure_epilogue:
+            fused = fusable_epilogues(model, example_input, self.pattern_set, list(self.layers))
+            self._epi_ms = {n: self._measure_epilogue(n, self.layers[n], *fused[n]) for n in self.layers if n in fused}
         self._profiled_for = id(model)
         return self
 
@@ -208,12 +282,15 @@ class _BaseLatencyModel:
     def state_dict(self) -> dict:
         """The profile (layers and their costs), so a resumed search predicts exactly as before."""
         return copy.deepcopy({"layers": self.layers, "dense_ms": self._dense_ms, "remainder_ms": self.remainder_ms,
+                              "epilogue_ms": self._epi_ms, "in_model_factor": self.in_model_factor,
                               "grid": getattr(self, "_grid", None)})
 
     def load_state_dict(self, state: dict) -> None:
         self.layers = copy.deepcopy(state["layers"])
         self._dense_ms = dict(state["dense_ms"])
         self.remainder_ms = float(state["remainder_ms"])
+        self._epi_ms = {k: float(v) for k, v in state.get("epilogue_ms", {}).items()}
+        self.in_model_factor = float(state.get("in_model_factor", 1.0))
         if state.get("grid") is not None:
             self._grid = copy.deepcopy(state["grid"])
         self._profiled_for = None
@@ -227,22 +304,31 @@ class _BaseLatencyModel:
         self._require_profile()
         return self._dense_ms[name]
 
+    def epilogue_ms(self, name: str) -> float:
+        """Measured time of the ReLU / shortcut add that fusion moves into layer ``name``'s kernel (0 if none)."""
+        return self._epi_ms.get(name, 0.0)
+
     def layer_ms(self, name: str, tap_mask: Optional[torch.Tensor], path: str = "auto") -> float:
-        """Predicted time of layer ``name`` with ``tap_mask`` (None = dense) in ms. ``path`` "auto" takes
-        the faster of sparse kernel and dense conv (as ``PatternConv2d`` does)."""
+        """Predicted time of layer ``name`` with ``tap_mask`` (None = dense) in ms, with its fusable
+        epilogue (:meth:`epilogue_ms`): separate ops after the dense conv, free in the sparse kernel.
+        ``path`` "auto" takes the faster of sparse kernel and dense conv (as ``PatternConv2d`` does)."""
         self._require_profile()
         if name not in self.layers:
             raise KeyError(f"layer {name!r} is not a profiled prunable layer (known: {list(self.layers)[:5]}...)")
-        dense = self._dense_ms[name]
+        f = self.in_model_factor
+        dense = f * self._dense_ms[name] + self.epilogue_ms(name)
         if tap_mask is None or path == "dense":
             return dense
-        sparse = self._sparse_layer_ms(name, self.layers[name], tap_mask)
+        sparse = f * self._sparse_layer_ms(name, self.layers[name], tap_mask)
         return sparse if path == "sparse" else min(sparse, dense)
+
+    def _unfusable_remainder_ms(self) -> float:
+        return max(0.0, self.remainder_ms - sum(self._epi_ms.values()))
 
     def dense_ms(self) -> float:
         """Predicted latency of the dense model (remainder + dense prunable layers) in ms."""
         self._require_profile()
-        return self.remainder_ms + sum(self._dense_ms.values())
+        return self._unfusable_remainder_ms() + sum(self.layer_ms(n, None) for n in self.layers)
 
     def predict(self, plan: Mapping) -> float:
         """Predicted latency of the model sparsified by ``plan`` in ms."""
@@ -252,7 +338,7 @@ class _BaseLatencyModel:
         unknown = [n for n in masks if n not in self.layers]
         if unknown:
             raise KeyError(f"plan: layers {unknown[:3]} are not prunable layers of the profiled model")
-        total = self.remainder_ms
+        total = self._unfusable_remainder_ms()
         for name in self.layers:
             total += self.layer_ms(name, masks.get(name), paths.get(name, "auto"))
         return total
@@ -260,7 +346,7 @@ class _BaseLatencyModel:
     def latency_shares(self) -> Dict[str, float]:
         """Each prunable layer's share of the dense model's predicted latency."""
         total = self.dense_ms()
-        return {n: ms / total for n, ms in self._dense_ms.items()}
+        return {n: self.layer_ms(n, None) / total for n in self.layers}
 
     def flops(self, plan: Optional[Mapping] = None) -> float:
         """Multiply-accumulates of the prunable layers that actually run under ``plan`` (None = dense)."""
@@ -379,7 +465,7 @@ class LatencyModel(_BaseLatencyModel):
         self._cache: Dict[str, float] = {}
         self._grid: Dict[str, List[Tuple[float, float]]] = {}
         self.measurements = 0  # timings actually run (cache misses)
-        self._model_ms: Optional[float] = None
+        self._model_ms: Optional[float] = None  # the stubbed model's time from the profiling rounds
         if self.cache_path is not None:
             self._cache = self._load_cache()
 
@@ -457,6 +543,27 @@ class LatencyModel(_BaseLatencyModel):
         if key not in self._cache:
             conv, x = self._make_conv(info)
             self._cache[key] = self._timed(lambda: conv(x))
+            self.measurements += 1
+        return self._cache[key]
+
+    def _measure_epilogue(self, name, info, relu, residual):
+        if not (relu or residual):
+            return 0.0
+        n, _, h, w = info["in_shape"]
+        kh, kw = info["kernel_size"]
+        oh = (h + 2 * info["padding"][0] - info["dilation"][0] * (kh - 1) - 1) // info["stride"][0] + 1
+        ow = (w + 2 * info["padding"][1] - info["dilation"][1] * (kw - 1) - 1) // info["stride"][1] + 1
+        shape = [n, info["c_out"], oh, ow]
+        key = self._key("epilogue", json.dumps(shape), f"relu{int(relu)}", f"res{int(residual)}")
+        if key not in self._cache:
+            y = torch.randn(shape, device=self.device)
+            r = torch.randn(shape, device=self.device)
+
+            def ops():  # what the unfused model runs after the conv
+                z = y + r if residual else y
+                return torch.relu_(z) if relu else z
+
+            self._cache[key] = self._timed(ops)
             self.measurements += 1
         return self._cache[key]
 
@@ -550,9 +657,17 @@ class LatencyModel(_BaseLatencyModel):
         with torch.no_grad():
             return for_inference(model, x)
 
+    def _stubbed(self, model: nn.Module, x: torch.Tensor) -> nn.Module:
+        """``model`` in inference form with its prunable convs stubbed out (see the module docstring)."""
+        names = list(_collect_layers(model, x, self.pattern_set))
+        return stub_layers(self._inference_form(model, x), x, names)
+
     def _measure_remainder(self, model, example_input):
-        total = self._model_ms if self._model_ms is not None else self.measure_model(model, example_input)
-        return max(0.0, total - sum(self._dense_ms.values()))
+        if self._model_ms is not None:
+            return self._model_ms
+        x = example_input.to(self.device)
+        stubbed = self._stubbed(model, x)
+        return self._timed(lambda: stubbed(x))
 
     def _measure_in_rounds(self, model: nn.Module, example_input: torch.Tensor, progress: bool) -> None:
         """Fills the cache for every uncached (layer shape, dense | grid mix) and times the whole dense
@@ -578,8 +693,9 @@ class LatencyModel(_BaseLatencyModel):
         was_training = model.training
         model.eval()
         xm = example_input.to(self.device)
-        timed_model = self._inference_form(model, xm)
-        jobs["__model__"] = lambda: timed_model(xm)
+        stubbed, full = self._stubbed(model, xm), self._inference_form(model, xm)
+        jobs["__model__"] = lambda: stubbed(xm)
+        jobs["__full__"] = lambda: full(xm)
         best: Dict[str, float] = {}
         per_round = max(1, -(-self.reps // self.rounds))
         bar = None
@@ -603,6 +719,7 @@ class LatencyModel(_BaseLatencyModel):
             if bar is not None:
                 bar.close()
         self._model_ms = best.pop("__model__")
+        self._full_ms = best.pop("__full__")
         self.measurements += len(best)
         self._cache.update(best)
 
@@ -614,6 +731,9 @@ class LatencyModel(_BaseLatencyModel):
         self._model_ms = None
         self._measure_in_rounds(model, example_input, progress)
         super().profile(model, example_input, progress=False)
+        layers = sum(self._dense_ms.values())
+        if layers > 0:
+            self.in_model_factor = min(1.5, max(1.0, (self._full_ms - self.remainder_ms) / layers))
         self._model_ms = None
         self.save_cache()
         return self
