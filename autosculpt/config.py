@@ -24,6 +24,7 @@ _SPEC: Dict[str, tuple] = {
     "target_speedup": (None, "speed budget: measured speedup over the dense model (default 2.0 if no budget is given)"),
     "target_latency_ms": (None, "speed budget: latency at the search batch size, in ms"),
     "target_flops_ratio": (None, "speed budget: kept fraction of FLOPs (paper style)"),
+    "margin": (0.15, "the search aims this fraction past a speed budget, so the measured result still meets it on a noisy machine"),
     "episodes": (60, "search episodes (each evaluates one plan)"),
     "dense_epochs": (8, "epochs to train the dense model when no weights are given (cached)"),
     "finetune_epochs": (5, "fine-tuning epochs of the pruned model"),

@@ -68,6 +68,9 @@ def validate_config(cfg: dict) -> None:
             raise ValueError(f"{key}: expected a positive int, got {v!r}")
     if cfg.get("episodes") is not None and (not isinstance(cfg["episodes"], int) or cfg["episodes"] < 1):
         raise ValueError(f"episodes: expected a positive int, got {cfg['episodes']!r}")
+    m = cfg.get("margin")
+    if not isinstance(m, (int, float)) or isinstance(m, bool) or not 0 <= m < 1:
+        raise ValueError(f"margin: expected a fraction in [0, 1), got {m!r}")
     for key in ("lr", "dense_lr"):
         if not isinstance(cfg.get(key), (int, float)) or not cfg[key] > 0:
             raise ValueError(f"{key}: expected a positive number, got {cfg.get(key)!r}")
@@ -180,6 +183,7 @@ def run_prune(cfg: dict, run_dir: str, *, resume: bool = False, log: Log = print
         kwargs = {k: cfg[k] for k in ("target_speedup", "target_latency_ms", "target_flops_ratio") if cfg.get(k) is not None}
         if cfg.get("episodes") is not None:
             kwargs["episodes"] = cfg["episodes"]
+        kwargs["margin"] = cfg["margin"]
         log(f"search: {meta['model']} on {cfg['data']}, budget {_budget_text(cfg)} at batch {cfg['search_batch']}")
         try:
             with warnings.catch_warnings(record=True) as caught:
