@@ -52,8 +52,8 @@ def test_cache_round_trip(tmp_path):
     assert lm2.measurements == 0  # everything came from the cache (the remainder is re-measured, uncached)
     assert lm2.dense_layer_ms("0") == lm.dense_layer_ms("0")
     mask = plan_tap_masks(plan)["2"]
-    # (layer_ms also scales by the in-model factor, re-measured with the remainder)
-    assert lm2.layer_ms("2", mask) / lm2.in_model_factor == pytest.approx(lm.layer_ms("2", mask) / lm.in_model_factor)
+    # (layer_ms also scales by the in-model factors, re-measured with the remainder: compare the cached parts)
+    assert lm2._sparse_layer_ms("2", lm2.layers["2"], mask) == lm._sparse_layer_ms("2", lm.layers["2"], mask)
     assert lm2.epilogue_ms("2") == lm.epilogue_ms("2")
 
 
@@ -75,8 +75,8 @@ def test_prediction_interpolates_between_measured_grid_points():
     info = lm.layers["2"]
     for g in keep_level_grid(PAPER6):
         m = grid_mask(PAPER6, g, info["c_out"])
-        f = lm.in_model_factor
-        want = f * lm.measure_sparse(info, m)  # cached: the same number the grid holds, scaled to in-model
+        f, fs = lm.in_model_factor, lm.sparse_in_model_factor
+        want = fs * lm.measure_sparse(info, m)  # cached: the same number the grid holds, scaled to in-model
         assert lm.layer_ms("2", m, path="sparse") == pytest.approx(want)
         # dense fallback: the dense conv plus the ReLU it cannot fuse
         assert lm.layer_ms("2", m) == pytest.approx(min(want, f * lm.dense_layer_ms("2") + lm.epilogue_ms("2")))
@@ -84,7 +84,7 @@ def test_prediction_interpolates_between_measured_grid_points():
     mid = torch.zeros(16, 3, 3, dtype=torch.bool)
     mid.view(16, -1)[:, : round(9 * (k0 + k1) / 2)] = True
     kmid = float(mid.float().mean())
-    assert lm.layer_ms("2", mid, path="sparse") == pytest.approx(f * (t0 + (t1 - t0) * (kmid - k0) / (k1 - k0)))
+    assert lm.layer_ms("2", mid, path="sparse") == pytest.approx(fs * (t0 + (t1 - t0) * (kmid - k0) / (k1 - k0)))
     total = lm.predict(half_plan(tiny_net()))
     assert math.isfinite(total) and total > 0
     assert lm.predict({"version": 1, "layers": {}}) == pytest.approx(lm.dense_ms())

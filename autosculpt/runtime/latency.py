@@ -15,9 +15,12 @@ because ``PatternConv2d`` falls back to the dense conv where the kernel would lo
 prunable, BN, activations, pooling... are one measured remainder: the model timed end to end with every
 prunable conv replaced by a stub that returns a ready output tensor (so the remainder is measured in the
 model, with its real call overheads, rather than as a difference of two larger times). Layers run a
-little slower inside the model than when timed alone (their input was just written by another layer):
-``in_model_factor`` = (whole model - remainder) / sum of the dense layers timed alone (at least 1) scales
-every layer's time, which makes the dense prediction match the measured dense model. ``verify`` runs the sparsified model end to end and reports how far
+little slower inside the model than when timed alone (their input was just written by another layer,
+their weights were evicted by other layers'), and not by the same amount for oneDNN's dense conv and
+our kernel: ``in_model_factor`` = (whole dense model - remainder) / sum of the dense layers timed alone
+scales dense layer times (so the dense prediction matches the measured dense model), and
+``sparse_in_model_factor`` does the same for the sparse kernel, from one end-to-end timing of the model
+at a reference plan (the uniform half-kept mix, every layer forced onto the sparse kernel). ``verify`` runs the sparsified model end to end and reports how far
 the prediction is off.
 
 Whole models are timed in their inference form (``autosculpt.fuse``): BatchNorm folded, and a pattern
@@ -220,7 +223,8 @@ class _BaseLatencyModel:
         self.remainder_ms = 0.0
         self._dense_ms: Dict[str, float] = {}
         self._epi_ms: Dict[str, float] = {}  # per layer: its ReLU / shortcut add, which fusion absorbs
-        self.in_model_factor = 1.0  # layer times inside the model / timed alone (see the module docstring)
+        self.in_model_factor = 1.0  # dense layer times inside the model / timed alone (see the module docstring)
+        self.sparse_in_model_factor = 1.0  # the same for the sparse kernel
         self._profiled_for: Optional[int] = None
 
     # -- to implement -----------------------------------------------------------------
@@ -283,6 +287,7 @@ class _BaseLatencyModel:
         """The profile (layers and their costs), so a resumed search predicts exactly as before."""
         return copy.deepcopy({"layers": self.layers, "dense_ms": self._dense_ms, "remainder_ms": self.remainder_ms,
                               "epilogue_ms": self._epi_ms, "in_model_factor": self.in_model_factor,
+                              "sparse_in_model_factor": self.sparse_in_model_factor,
                               "grid": getattr(self, "_grid", None)})
 
     def load_state_dict(self, state: dict) -> None:
@@ -291,6 +296,7 @@ class _BaseLatencyModel:
         self.remainder_ms = float(state["remainder_ms"])
         self._epi_ms = {k: float(v) for k, v in state.get("epilogue_ms", {}).items()}
         self.in_model_factor = float(state.get("in_model_factor", 1.0))
+        self.sparse_in_model_factor = float(state.get("sparse_in_model_factor", 1.0))
         if state.get("grid") is not None:
             self._grid = copy.deepcopy(state["grid"])
         self._profiled_for = None
@@ -315,11 +321,10 @@ class _BaseLatencyModel:
         self._require_profile()
         if name not in self.layers:
             raise KeyError(f"layer {name!r} is not a profiled prunable layer (known: {list(self.layers)[:5]}...)")
-        f = self.in_model_factor
-        dense = f * self._dense_ms[name] + self.epilogue_ms(name)
+        dense = self.in_model_factor * self._dense_ms[name] + self.epilogue_ms(name)
         if tap_mask is None or path == "dense":
             return dense
-        sparse = f * self._sparse_layer_ms(name, self.layers[name], tap_mask)
+        sparse = self.sparse_in_model_factor * self._sparse_layer_ms(name, self.layers[name], tap_mask)
         return sparse if path == "sparse" else min(sparse, dense)
 
     def _unfusable_remainder_ms(self) -> float:
@@ -659,6 +664,19 @@ class LatencyModel(_BaseLatencyModel):
         with torch.no_grad():
             return for_inference(model, x)
 
+    def _reference_sparse_model(self, model: nn.Module, x: torch.Tensor) -> nn.Module:
+        """``model`` at the uniform half-kept plan, every pattern conv on the sparse kernel."""
+        from ..nn.conv import PatternConv2d
+        from ..plan import sparsify, uniform_plan
+
+        names = list(_collect_layers(model, x, self.pattern_set))
+        self._reference_plan = uniform_plan(model, self.pattern_set, 0.5, layers=names)
+        ref = sparsify(model, self._reference_plan, backend=self.backend).eval()
+        for m in ref.modules():
+            if isinstance(m, PatternConv2d):
+                m.path = "sparse"
+        return ref
+
     def _stubbed(self, model: nn.Module, x: torch.Tensor) -> nn.Module:
         """``model`` in inference form with its prunable convs stubbed out (see the module docstring)."""
         names = list(_collect_layers(model, x, self.pattern_set))
@@ -696,8 +714,10 @@ class LatencyModel(_BaseLatencyModel):
         model.eval()
         xm = example_input.to(self.device)
         stubbed, full = self._stubbed(model, xm), self._inference_form(model, xm)
+        ref = self._inference_form(self._reference_sparse_model(model, xm), xm)
         jobs["__model__"] = lambda: stubbed(xm)
         jobs["__full__"] = lambda: full(xm)
+        jobs["__sparse_ref__"] = lambda: ref(xm)
         best: Dict[str, float] = {}
         per_round = max(1, -(-self.reps // self.rounds))
         bar = None
@@ -722,6 +742,7 @@ class LatencyModel(_BaseLatencyModel):
                 bar.close()
         self._model_ms = best.pop("__model__")
         self._full_ms = best.pop("__full__")
+        self._sparse_ref_ms = best.pop("__sparse_ref__")
         self.measurements += len(best)
         self._cache.update(best)
 
@@ -735,7 +756,12 @@ class LatencyModel(_BaseLatencyModel):
         super().profile(model, example_input, progress=False)
         layers = sum(self._dense_ms.values())
         if layers > 0:
-            self.in_model_factor = min(1.5, max(1.0, (self._full_ms - self.remainder_ms) / layers))
+            self.in_model_factor = min(1.5, max(0.7, (self._full_ms - self.remainder_ms) / layers))
+        masks = plan_tap_masks(self._reference_plan)
+        sparse = sum(self._sparse_layer_ms(n, self.layers[n], masks[n]) for n in self.layers if n in masks)
+        fused_remainder = self._unfusable_remainder_ms()
+        if sparse > 0:
+            self.sparse_in_model_factor = min(1.5, max(0.7, (self._sparse_ref_ms - fused_remainder) / sparse))
         self._model_ms = None
         self.save_cache()
         return self
