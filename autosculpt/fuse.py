@@ -12,6 +12,9 @@ whole-model speedup of pattern sparsity. :func:`fuse_for_inference` removes them
 * ``PatternConv2d -> add(·, shortcut)``: the shortcut becomes the conv's ``residual`` argument, when
   its shape, dtype and device equal the conv output's (checked on ``example_input``).
 * ``PatternConv2d [-> add] -> relu``: the ReLU becomes the conv's ``activation``.
+* ``nn.MaxPool2d(2)`` (2x2, stride 2, no padding): replaced by :class:`MaxPool2x2`, the maximum of the
+  four strided views, which gives the same result ~5-8x faster than PyTorch's CPU max-pool on NCHW
+  tensors (3.1 ms vs 0.4 ms for 8x64x32x32 at one thread: five of them were a tenth of VGG-16).
 
 Only edges where the conv's output has no other user are fused, so the result computes the same
 function (up to float rounding of the folded BN). The model is traced with ``torch.fx`` (AutoSculpt's
@@ -28,14 +31,28 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-__all__ = ["fuse_for_inference", "FusionReport"]
+__all__ = ["fuse_for_inference", "FusionReport", "MaxPool2x2"]
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, torch.nn.functional.relu}
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 
 
 class FusionReport(dict):
-    """Counts of what was fused: ``{"bn_folded", "residual", "relu"}``."""
+    """Counts of what was fused: ``{"bn_folded", "residual", "relu", "max_pool"}``."""
+
+
+class MaxPool2x2(nn.Module):
+    """``nn.MaxPool2d(2)`` (2x2 window, stride 2, no padding, floor mode) as the element-wise maximum of
+    the four strided views of the input: the same values (NaN propagates alike), one pass of simple
+    element-wise kernels instead of PyTorch's slow CPU pooling on NCHW tensors."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+        if h == 0 or w == 0:
+            raise ValueError(f"x: a 2x2 max-pool needs height and width >= 2, got {tuple(x.shape[-2:])}")
+        x = x[..., :h, :w]
+        return torch.maximum(torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2]),
+                             torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2]))
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -94,15 +111,23 @@ def _meta(node) -> Optional[tuple]:
     return None if tm is None or not hasattr(tm, "shape") else (tuple(tm.shape), tm.dtype)
 
 
+def _is_plain_2x2_max_pool(m: nn.Module) -> bool:
+    def pair(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+    return (isinstance(m, nn.MaxPool2d) and pair(m.kernel_size) == (2, 2) and pair(m.stride or m.kernel_size) == (2, 2)
+            and pair(m.padding) == (0, 0) and pair(m.dilation) == (1, 1) and not m.ceil_mode and not m.return_indices)
+
+
 def fuse_for_inference(model: nn.Module, example_input: torch.Tensor, *, fold_bn: bool = True,
-                       residual: bool = True, relu: bool = True) -> torch.fx.GraphModule:
+                       residual: bool = True, relu: bool = True, max_pool: bool = True) -> torch.fx.GraphModule:
     """A copy of ``model`` (in eval mode) with BatchNorm folded into convs and shortcut adds / ReLUs
     fused into ``PatternConv2d`` epilogues (see the module docstring). ``model`` is not changed.
 
     Args:
         model: an eval-mode model (BatchNorm must use its running statistics).
         example_input: a batch of the model's input, used to check the shapes of residual adds.
-        fold_bn, residual, relu: which fusions to apply.
+        fold_bn, residual, relu, max_pool: which rewrites to apply.
 
     The returned ``GraphModule`` has an attribute ``fusion_report`` (:class:`FusionReport`).
     """
@@ -120,7 +145,7 @@ def fuse_for_inference(model: nn.Module, example_input: torch.Tensor, *, fold_bn
     except Exception as exc:  # noqa: BLE001 - any tracing failure is reported the same way
         raise ValueError(f"model: torch.fx cannot trace {type(model).__name__} for fusion ({type(exc).__name__}: {exc})") from exc
     gm = torch.fx.GraphModule(model, graph, class_name=type(model).__name__ + "Fused")
-    report = FusionReport(bn_folded=0, residual=0, relu=0)
+    report = FusionReport(bn_folded=0, residual=0, relu=0, max_pool=0)
 
     def conv_node(node) -> Optional[torch.fx.Node]:
         """``node`` when it calls a conv whose output feeds nothing else."""
@@ -186,6 +211,12 @@ def fuse_for_inference(model: nn.Module, example_input: torch.Tensor, *, fold_bn
             node.replace_all_uses_with(src)
             gm.graph.erase_node(node)
             report["relu"] += 1
+
+    if max_pool:
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and _is_plain_2x2_max_pool(gm.get_submodule(node.target)):
+                _set_submodule(gm, node.target, MaxPool2x2())
+                report["max_pool"] += 1
 
     gm.graph.lint()
     gm.delete_all_unused_submodules()

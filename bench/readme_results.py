@@ -100,8 +100,9 @@ def models_section(data) -> List[str]:
         "### Whole pruned models on the CPU",
         "",
         "Uniform pattern plans at 2× / 3× whole-model MAC reduction; the pruned model runs fused for inference "
-        "(BatchNorm folded, shortcut add and ReLU in the pattern conv's epilogue). Speedups against the dense eager "
-        "model as written, the dense eager model with BatchNorm folded, and the dense model under `torch.compile`"
+        "(BatchNorm folded, shortcut add and ReLU in the pattern conv's epilogue, 2×2 max-pools rewritten). Speedups "
+        "against the dense eager model as written, the dense model through the same rewrites (*dense+fold*: BatchNorm "
+        "folded, max-pools rewritten), and the dense model under `torch.compile`"
         + (f", {threads} thread(s) on {machine}" if machine else "") + ". ideal = dense MACs ÷ pruned "
         "MACs. Details: [bench/results/models-cpu.md](bench/results/models-cpu.md).",
         "",

@@ -67,7 +67,7 @@ def test_dense_model_gets_bn_folded_and_relu_left_alone():
     dense = _randomise_bn(get_model("vgg16", num_classes=10, in_chans=3)).eval()
     x = torch.randn(2, 3, 32, 32)
     fused = fuse_for_inference(dense, x)
-    assert fused.fusion_report == {"bn_folded": 13, "residual": 0, "relu": 0}
+    assert fused.fusion_report == {"bn_folded": 13, "residual": 0, "relu": 0, "max_pool": 5}
     with torch.no_grad():
         torch.testing.assert_close(fused(x), dense(x), rtol=1e-4, atol=1e-4)
 
@@ -90,7 +90,7 @@ def test_unsafe_patterns_are_not_fused():
     model = _Broadcast().eval()
     x = torch.randn(2, 4, 6, 6)
     fused = fuse_for_inference(model, x)
-    assert fused.fusion_report == {"bn_folded": 0, "residual": 0, "relu": 0}
+    assert fused.fusion_report == {"bn_folded": 0, "residual": 0, "relu": 0, "max_pool": 0}
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x))
 
@@ -135,3 +135,30 @@ def test_for_inference_warns_and_falls_back_for_untraceable_models():
         assert for_inference(model, torch.randn(1, 2, 5, 5)) is model
     single = nn.Conv2d(2, 3, 3)
     assert for_inference(single, torch.randn(1, 2, 5, 5)) is single  # nothing to fuse: no warning
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 5, 7, 9), (3, 2, 2, 3), (4, 1, 2, 6)])
+def test_max_pool_2x2_equals_torch(shape):
+    from autosculpt.fuse import MaxPool2x2
+
+    x = torch.randn(shape)
+    x.view(-1)[::7] = float("nan")  # NaN propagates as in max_pool2d
+    ref, got = nn.MaxPool2d(2)(x), MaxPool2x2()(x)
+    assert got.shape == ref.shape
+    assert torch.equal(torch.isnan(got), torch.isnan(ref))
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(ref))
+    with pytest.raises(ValueError, match="max-pool"):
+        MaxPool2x2()(torch.randn(1, 2, 1, 4))
+
+
+def test_only_plain_2x2_max_pools_are_replaced():
+    from autosculpt.fuse import MaxPool2x2
+
+    model = nn.Sequential(nn.MaxPool2d(2), nn.MaxPool2d(2, ceil_mode=True), nn.MaxPool2d(3, 1, 1),
+                          nn.MaxPool2d((2, 2), stride=2), nn.MaxPool2d(2, stride=1)).eval()
+    x = torch.randn(2, 3, 33, 33)
+    fused = fuse_for_inference(model, x)
+    assert fused.fusion_report["max_pool"] == 2
+    kinds = [type(m).__name__ for m in fused.children()]
+    assert kinds == ["MaxPool2x2", "MaxPool2d", "MaxPool2d", "MaxPool2x2", "MaxPool2d"]
+    torch.testing.assert_close(fused(x), model(x))
