@@ -331,7 +331,8 @@ def _cmd_bench(args) -> int:
                             desc=f"batch {b}")
         rows.append([f"latency, batch {b}", f"{t['dense']:.3f} ms", f"{t['pruned']:.3f} ms", f"{t['dense'] / t['pruned']:.2f}x"])
     _say(f"{args.model_file}: dense-equivalent vs pruned, {torch.get_num_threads()} threads, median of {args.reps}; "
-         "both timed as deployed (BatchNorm folded, ReLU and shortcut adds fused into pattern convs)")
+         "both timed as deployed (autosculpt.fuse_for_inference: BatchNorm folded, max-pools rewritten, "
+         "ReLU and shortcut adds fused into pattern convs)")
     _say(format_table(rows, header=("", "dense", "pruned", "speedup")))
     return 0
 

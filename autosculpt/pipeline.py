@@ -31,8 +31,9 @@ class Interrupted(Exception):
         super().__init__(message)
 
 
-INFERENCE_FORM = ("both models as deployed for inference: BatchNorm folded into the convs; the pruned model's "
-                  "shortcut adds and ReLUs fused into its pattern convs (autosculpt.fuse_for_inference)")
+INFERENCE_FORM = ("both models as deployed for inference: BatchNorm folded into the convs, 2x2 max-pools "
+                  "rewritten; the pruned model's shortcut adds and ReLUs fused into its pattern convs "
+                  "(autosculpt.fuse_for_inference)")
 
 
 def new_run_dir(cfg: dict) -> str:
