@@ -12,9 +12,10 @@ whole-model speedup of pattern sparsity. :func:`fuse_for_inference` removes them
 * ``PatternConv2d -> add(·, shortcut)``: the shortcut becomes the conv's ``residual`` argument, when
   its shape, dtype and device equal the conv output's (checked on ``example_input``).
 * ``PatternConv2d [-> add] -> relu``: the ReLU becomes the conv's ``activation``.
-* ``nn.MaxPool2d(2)`` (2x2, stride 2, no padding): replaced by :class:`MaxPool2x2`, the maximum of the
-  four strided views, which gives the same result ~5-8x faster than PyTorch's CPU max-pool on NCHW
-  tensors (3.1 ms vs 0.4 ms for 8x64x32x32 at one thread: five of them were a tenth of VGG-16).
+* ``nn.MaxPool2d(2)`` (2x2, stride 2, no padding), for CPU inputs: replaced by :class:`MaxPool2x2`, the
+  maximum of the four strided views, which gives the same result ~5-8x faster than PyTorch's CPU
+  max-pool on NCHW tensors (3.1 ms vs 0.4 ms for 8x64x32x32 at one thread: five of them were a tenth
+  of VGG-16).
 
 Only edges where the conv's output has no other user are fused, so the result computes the same
 function (up to float rounding of the folded BN). The model is traced with ``torch.fx`` (AutoSculpt's
@@ -212,7 +213,7 @@ def fuse_for_inference(model: nn.Module, example_input: torch.Tensor, *, fold_bn
             gm.graph.erase_node(node)
             report["relu"] += 1
 
-    if max_pool:
+    if max_pool and example_input.device.type == "cpu":  # cuDNN's pooling is fast: CPU only
         for node in gm.graph.nodes:
             if node.op == "call_module" and _is_plain_2x2_max_pool(gm.get_submodule(node.target)):
                 _set_submodule(gm, node.target, MaxPool2x2())
