@@ -333,7 +333,10 @@ def test_real_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_run, tmp_path):
     # Batch 8 makes an epoch last long enough to be interrupted in the middle of one.
     args = [sys.executable, "-m", "autosculpt", "prune", *TINY, "--seed", "1", "--search-batch", "4",
             "--finetune-epochs", "4", "--batch-size", "8", "--runs-dir", str(tmp_path), "--name", "sig"]
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell that started the test run in the background ignores SIGINT, and children inherit that
+    # (Python then installs no KeyboardInterrupt handler): restore the default in the child.
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ckpt = tmp_path / "sig" / "finetune_checkpoint.pt"
     deadline = time.time() + 150
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
