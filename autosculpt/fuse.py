@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

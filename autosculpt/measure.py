@@ -39,51 +39,11 @@ def count_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
-    """Multiply-accumulates of conv and linear layers for ONE sample of ``example_input``'s shape."""
-    from .nn.attention import PatternAttention
-    from .nn.linear import PatternLinear
+    """Multiply-accumulates of conv, linear and attention layers for ONE sample of ``example_input``'s
+    shape (:func:`autosculpt.flops.count_macs` on the first sample)."""
+    from .flops import count_macs
 
-    pc = _pattern_conv_cls()
-    total = [0]
-
-    def hook(m, inputs, out):
-        if isinstance(out, tuple):  # attention modules return (output, weights)
-            out = out[0]
-        n = out.shape[0]
-        if isinstance(m, (nn.MultiheadAttention, PatternAttention)):
-            x = inputs[0]
-            length = x.shape[1] if m.batch_first else x.shape[0]
-            e = m.embed_dim
-            if isinstance(m, PatternAttention):  # projections are nn.Linear children, counted there
-                total[0] += int(2 * length * length * e * m.kept_fraction(length))
-            else:  # in/out projections are raw parameters here: count them with the attention
-                total[0] += 4 * length * e * e + 2 * length * length * e
-        elif isinstance(m, PatternLinear):
-            total[0] += (out.numel() // n // max(out.shape[-1], 1)) * m.weight.numel()
-        elif isinstance(m, pc):
-            oh, ow = out.shape[2], out.shape[3]
-            total[0] += int(m.tap_mask.sum()) * (m.in_channels // m.groups) * oh * ow
-        elif isinstance(m, nn.Conv2d):
-            total[0] += out[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-        elif isinstance(m, nn.Linear):
-            total[0] += (out.numel() // n) * m.in_features
-        else:  # pattern modules of other kinds may report their own count
-            fn = getattr(m, "flops", None)
-            if callable(fn):
-                total[0] += int(fn(inputs[0][:1]))
-
-    kinds = (nn.Conv2d, nn.Linear, pc, nn.MultiheadAttention, PatternAttention, PatternLinear)
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, kinds) or callable(getattr(m, "flops", None))]
-    was = model.training
-    model.eval()
-    try:
-        model(example_input[:1])
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
-    return total[0]
+    return int(count_macs(model, example_input[:1])["total"])
 
 
 def _median(xs: List[float]) -> float:

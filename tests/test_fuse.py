@@ -152,8 +152,6 @@ def test_max_pool_2x2_equals_torch(shape):
 
 
 def test_only_plain_2x2_max_pools_are_replaced():
-    from autosculpt.fuse import MaxPool2x2
-
     model = nn.Sequential(nn.MaxPool2d(2), nn.MaxPool2d(2, ceil_mode=True), nn.MaxPool2d(3, 1, 1),
                           nn.MaxPool2d((2, 2), stride=2), nn.MaxPool2d(2, stride=1)).eval()
     x = torch.randn(2, 3, 33, 33)
