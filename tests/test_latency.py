@@ -121,3 +121,16 @@ def test_bad_arguments():
         lm.predict({"version": 1, "layers": {"5": conv_layer_plan(PAPER6, [5] * 8)}})
     with pytest.raises(ValueError, match="no prunable conv"):
         FlopsLatencyModel().profile(nn.Sequential(nn.Flatten(), nn.Linear(300, 2)), X)
+
+
+def test_stubbed_remainder_and_fusable_epilogues():
+    from autosculpt.runtime.latency import fusable_epilogues, stub_layers
+
+    net = tiny_net()
+    stubbed = stub_layers(net, X, ["0", "2"])
+    with torch.no_grad():
+        out = stubbed(X)
+    assert out.shape == net(X).shape
+    assert type(stubbed[0]).__name__ == "_ConvStub" and isinstance(net[0], nn.Conv2d)  # the original is untouched
+    # conv 0 -> ReLU fuses; conv 2 -> BN -> ReLU: BN folds, then the ReLU fuses; no shortcut adds here
+    assert fusable_epilogues(net, X, PAPER6, ["0", "2"]) == {"0": (True, False), "2": (True, False)}

@@ -107,3 +107,25 @@ def test_bad_budgets_are_rejected(setup):
         asc.search(model, tr, va, target_speedup=0.5, episodes=1, progress=False)
     with pytest.raises(ValueError, match="resume"):
         asc.search(model, tr, va, target_speedup=2.0, resume=True, progress=False)
+
+
+def test_budget_margin():
+    assert Budget(target_speedup=2.0).with_margin(0.15).target_speedup == pytest.approx(2.3)
+    assert Budget(target_latency_ms=1.15).with_margin(0.15).target_latency_ms == pytest.approx(1.0)
+    flops = Budget(target_flops_ratio=0.5)
+    assert flops.with_margin(0.15) is flops  # FLOPs are exact: no margin
+
+
+def test_search_aims_past_a_speed_budget_by_the_margin(setup):
+    """The search's limit is the budget tightened by the margin; the chosen plan's prediction meets it."""
+    model, tr, va, x = setup
+    cfg = PPOConfig(num_steps=8, num_minibatches=2, update_epochs=4, learning_rate=1e-2, ent_coef=0.01, target_kl=0.2)
+    kw = dict(target_speedup=1.5, episodes=8, seed=0, progress=False, example_input=x, ppo_config=cfg, bn_batches=1)
+    res = asc.search(model, tr, va, latency_model=FlopsLatencyModel(), margin=0.2, **kw)
+    dense_ms = FlopsLatencyModel().profile(model, x).dense_ms()
+    assert res.budget["margin"] == 0.2
+    assert res.budget["limit"] == pytest.approx(dense_ms / (1.5 * 1.2))
+    if res.best_record["meets_budget"]:
+        assert res.best_record["predicted_ms"] <= res.budget["limit"] + 1e-12
+    with pytest.raises(ValueError, match="margin"):
+        asc.search(model, tr, va, latency_model=FlopsLatencyModel(), margin=1.5, **kw)
