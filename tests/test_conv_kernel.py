@@ -297,6 +297,12 @@ def test_direct_path_default_choice():
     x, w, m, b = _case(1, 64, 4, 20, 20, seed=1, mask="full")
     _, packed = _direct(x, w, m, b, 1, 1, 1, 1, "", 1)
     assert not packed.uses_direct(32, 1, 1), "many input channels: the gather pays"
+    x, w, m, b = _case(1, 32, 4, 20, 20, seed=1, mask="full")  # 9 slots
+    assert _direct(x, w, m, b, 1, 1, 1, 1, "", 1)[1].uses_direct(32, 1, 1)
+    two = torch.zeros(4, 3, 3, dtype=torch.bool)
+    two[:, :, 2] = True  # right column: 3 slots
+    x, w, m, b = _case(1, 32, 4, 20, 20, seed=1, mask=two)
+    assert not _direct(x, w, m, b, 1, 1, 1, 1, "", 1)[1].uses_direct(32, 1, 1)
     centre = torch.zeros(4, 3, 3, dtype=torch.bool)
     centre[:, 1, 1] = True
     x, w, m, b = _case(1, 4, 4, 20, 20, seed=1, mask=centre)

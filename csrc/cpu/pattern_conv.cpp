@@ -31,6 +31,10 @@ constexpr int64_t kPackChannelBlock = 64;  // channels per gather work item
 constexpr int64_t kDirectMinWidth = 12;    // output width from which the (kw-1) dropped columns are cheap
 constexpr int64_t kDirectMaxChannels = 24;  // input channels per group up to which the direct path is used
 constexpr int64_t kDirectMinSlots = 2;     // distinct kept taps (over all filters) from which it is used
+// ... and up to 48 channels when (nearly) every tap is gathered: 32 channels, 16x16, batch 8, five
+// PAPER6 patterns (9 slots): 237 -> 206 us; with two patterns (5 slots) the gather stays faster.
+constexpr int64_t kDirectMaxChannelsManySlots = 48;
+constexpr int64_t kDirectManySlots = 7;
 
 int64_t out_size(int64_t in, int64_t k, int64_t stride, int64_t pad, int64_t dil) {
   return (in + 2 * pad - dil * (k - 1) - 1) / stride + 1;
@@ -105,11 +109,12 @@ void ConvEpilogue::apply(float* o, int64_t at, int64_t len) const {
   if (active()) store(o, o, at, len);  // element-wise: in place is safe
 }
 
-void ConvEpilogue::store(float* dst, const float* src, int64_t at, int64_t len) const {
-  // Inline loops, not memcpy: rows are short (a few dozen floats) and there are many of them.
-  // Branch-free ReLU (std::max through a reference defeated vectorisation of the ReLU-only case).
-  if (residual) {
-    const float* r = residual + at;
+namespace {
+
+// dst[0 .. len) = act(src + r) (r may be null). Short rows, many calls: inline loops, not memcpy; a
+// branch-free ReLU (std::max through a reference defeated vectorisation of the ReLU-only case).
+inline void store_row(float* dst, const float* src, const float* r, int64_t len, bool relu) {
+  if (r) {
     if (relu) {
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
@@ -130,6 +135,46 @@ void ConvEpilogue::store(float* dst, const float* src, int64_t at, int64_t len) 
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) dst[i] = src[i];
   }
+}
+
+// One zero-padded channel plane (Hp x Wp) from an h x w one.
+inline void pad_plane(float* dst, const float* src, int64_t h, int64_t w, int64_t ph, int64_t pw, int64_t Wp,
+                      int64_t plane) {
+  const int64_t top = ph * Wp, bottom = (ph + h) * Wp;
+#pragma omp simd
+  for (int64_t i = 0; i < top; ++i) dst[i] = 0.f;
+  for (int64_t y = 0; y < h; ++y) {
+    float* row = dst + (ph + y) * Wp;
+    const float* s = src + y * w;
+    for (int64_t x = 0; x < pw; ++x) row[x] = 0.f;
+#pragma omp simd
+    for (int64_t x = 0; x < w; ++x) row[pw + x] = s[x];
+    for (int64_t x = pw + w; x < Wp; ++x) row[x] = 0.f;
+  }
+#pragma omp simd
+  for (int64_t i = bottom; i < plane; ++i) dst[i] = 0.f;
+}
+
+#ifdef AUTOSCULPT_X86
+__attribute__((target("avx512f,avx512vl,avx2,fma"))) void store_row_avx512(float* dst, const float* src,
+                                                                         const float* r, int64_t len, bool relu) {
+  store_row(dst, src, r, len, relu);
+}
+__attribute__((target("avx512f,avx512vl,avx2,fma"))) void pad_plane_avx512(float* dst, const float* src, int64_t h,
+                                                                         int64_t w, int64_t ph, int64_t pw,
+                                                                         int64_t Wp, int64_t plane) {
+  pad_plane(dst, src, h, w, ph, pw, Wp, plane);
+}
+#endif
+
+}  // namespace
+
+void ConvEpilogue::store(float* dst, const float* src, int64_t at, int64_t len) const {
+  const float* r = residual ? residual + at : nullptr;
+#ifdef AUTOSCULPT_X86
+  if (wide) return store_row_avx512(dst, src, r, len, relu);
+#endif
+  store_row(dst, src, r, len, relu);
 }
 
 PackedPatternConv::PackedPatternConv(const float* weight, const uint8_t* tap_mask, int64_t c_out,
@@ -279,11 +324,13 @@ void PackedPatternConv::forward(const float* x, const float* bias, float* out, i
     return;
   }
   const bool direct = uses_direct(ow, sh, sw);
+  ConvEpilogue e = epi;
+  e.wide = (isa_ == ConvIsa::kAvx512);
   for (int64_t g = 0; g < groups_; ++g) {
     if (direct)
-      forward_group_direct(g, x, bias, out, n, h, w, oh, ow, ph, pw, dh, dw, num_threads, epi);
+      forward_group_direct(g, x, bias, out, n, h, w, oh, ow, ph, pw, dh, dw, num_threads, e);
     else
-      forward_group(g, x, bias, out, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, num_threads, epi);
+      forward_group(g, x, bias, out, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, num_threads, e);
   }
 }
 
@@ -307,7 +354,8 @@ bool PackedPatternConv::uses_direct(int64_t out_w, int64_t sh, int64_t sw) const
   // them: worth it once rows are wide enough that this waste costs less than the gather it saves
   // (and see kDirectMaxChannels).
   const int64_t slots = plans_.empty() ? 0 : int64_t(plans_[0].slot_taps.size());
-  return out_w >= kDirectMinWidth && c_in_pg_ <= kDirectMaxChannels && slots >= kDirectMinSlots;
+  if (out_w < kDirectMinWidth || slots < kDirectMinSlots) return false;
+  return c_in_pg_ <= kDirectMaxChannels || (c_in_pg_ <= kDirectMaxChannelsManySlots && slots >= kDirectManySlots);
 }
 
 // Gather-free stride-1 convolution. Each image is copied once into a zero-padded buffer with row
@@ -353,14 +401,13 @@ void PackedPatternConv::forward_group_direct(int64_t g, const float* x, const fl
         const int64_t b = i / cpg, c = i % cpg;
         const float* src = xg + (b * c_in + c) * h * w;
         float* dst = padded + b * img_floats + c * plane;
-        std::fill(dst, dst + ph * Wp, 0.f);
-        for (int64_t y = 0; y < h; ++y) {
-          float* row = dst + (ph + y) * Wp;
-          std::fill(row, row + pw, 0.f);
-          std::memcpy(row + pw, src + y * w, size_t(w) * sizeof(float));
-          std::fill(row + pw + w, row + Wp, 0.f);
+#ifdef AUTOSCULPT_X86
+        if (epi.wide) {
+          pad_plane_avx512(dst, src, h, w, ph, pw, Wp, plane);
+          continue;
         }
-        std::fill(dst + (ph + h) * Wp, dst + plane, 0.f);
+#endif
+        pad_plane(dst, src, h, w, ph, pw, Wp, plane);
       }
       if (tid == T - 1) std::fill(padded + n * img_floats, padded + n * img_floats + slack, 0.f);
 #pragma omp barrier

@@ -69,6 +69,7 @@ struct ConvGroupPlan {
 struct ConvEpilogue {
   const float* residual = nullptr;
   bool relu = false;
+  bool wide = false;  // AVX-512 loops (set by the conv when the CPU has them)
   bool active() const { return residual != nullptr || relu; }
   // o[0 .. len) at flat output offset `at` (residual read at the same offset).
   void apply(float* o, int64_t at, int64_t len) const;
