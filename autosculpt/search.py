@@ -315,7 +315,8 @@ def _select(env: PruningEnv, history, budget: Budget, example_input, verify_top:
     Among the ``verify_top`` most accurate plans in budget by prediction (each measured end to end),
     the first whose measured speed beats the budget by ``margin`` wins (two timings of one model on a
     shared machine differ by several %, and the user's own measurement comes after this one); if none
-    does, the most accurate one that meets the budget itself; if none does, the fastest (not met)."""
+    does, the most accurate one that meets the budget itself; if none does, the fastest (not met). A
+    plan that seems to meet the budget is timed twice and judged by the slower timing."""
     lm = env.latency_model
     candidates = sorted((r for r in history if r["meets_budget"]), key=lambda r: (-r["val_acc"], r["predicted_ms"], r["index"]))
     if not candidates:
@@ -335,7 +336,13 @@ def _select(env: PruningEnv, history, budget: Budget, example_input, verify_top:
     comfortable = budget.with_margin(margin)
     checked = []
     for rec in candidates[:max(1, verify_top)]:
-        v = lm.verify(env.model, env.plan_for(rec["action"]), example_input)
+        plan = env.plan_for(rec["action"])
+        v = lm.verify(env.model, plan, example_input)
+        if not budget.uses_flops and meets(v, budget, tolerance):
+            # A second timing, and the slower of the two: on a shared machine a slow phase can flatter
+            # the pruned model for one whole measurement.
+            v2 = lm.verify(env.model, plan, example_input)
+            v = min(v, v2, key=lambda r: r["measured_speedup"])
         rec["measured_ms"] = v["measured_ms"]
         rec["measured_speedup"] = v["measured_speedup"]
         dense["measured_ms"] = v["dense_measured_ms"]
