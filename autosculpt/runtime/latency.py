@@ -117,6 +117,20 @@ def _mix_signature(mask: torch.Tensor) -> str:
     return ";".join(sorted(parts))
 
 
+def _run_once(model: nn.Module, example_input: torch.Tensor, hooks: list) -> None:
+    """One eval-mode, no-grad forward pass (for ``hooks`` to record what they need); then removes the
+    hooks and restores the training mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+
+
 def _collect_layers(model: nn.Module, example_input: torch.Tensor, pattern_set: PatternSet) -> Dict[str, dict]:
     """Prunable convs (kernel matching the pattern set, zero padding) and their real input shapes."""
     from ..graph.build import is_prunable_conv
@@ -129,15 +143,7 @@ def _collect_layers(model: nn.Module, example_input: torch.Tensor, pattern_set: 
                 shapes.setdefault(name, tuple(args[0].shape))  # returns None: the input is unchanged
 
             hooks.append(m.register_forward_pre_hook(record))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    _run_once(model, example_input, hooks)
     modules = dict(model.named_modules())
     layers = {}
     for name, shape in shapes.items():
@@ -165,14 +171,8 @@ def stub_layers(model: nn.Module, example_input: torch.Tensor, names: List[str])
     """A copy of ``model`` whose modules ``names`` return a fixed zero tensor of their output's shape."""
     model = copy.deepcopy(model).eval()
     outs: Dict[str, torch.Tensor] = {}
-    hooks = [model.get_submodule(n).register_forward_hook(
-        lambda mod, args, out, n=n: outs.__setitem__(n, torch.zeros_like(out))) for n in names]
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_once(model, example_input, [model.get_submodule(n).register_forward_hook(
+        lambda mod, args, out, n=n: outs.__setitem__(n, torch.zeros_like(out))) for n in names])
     for n in names:
         parent, _, leaf = n.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, _ConvStub(outs[n]))
