@@ -20,6 +20,8 @@ from typing import Dict
 import torch
 from torch import nn
 
+from .plan import _set_submodule
+
 __all__ = ["dense_equivalent", "export_model", "onnx_available"]
 
 
@@ -29,9 +31,7 @@ def dense_equivalent(model: nn.Module) -> nn.Module:
     out = copy.deepcopy(model)
     replace = [(n, m) for n, m in out.named_modules() if n and callable(getattr(m, "to_dense", None))]
     for name, m in replace:
-        parent_name, _, child = name.rpartition(".")
-        parent = out.get_submodule(parent_name) if parent_name else out
-        setattr(parent, child, m.to_dense())
+        _set_submodule(out, name, m.to_dense())
     return out
 
 

@@ -32,6 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .graph.build import _Tracer  # AutoSculpt's layers are leaves
+from .plan import _set_submodule
+
 __all__ = ["fuse_for_inference", "FusionReport", "MaxPool2x2"]
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, torch.nn.functional.relu}
@@ -54,20 +57,6 @@ class MaxPool2x2(nn.Module):
         x = x[..., :h, :w]
         return torch.maximum(torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2]),
                              torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2]))
-
-
-class _LeafTracer(torch.fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        from .nn import PatternAttention, PatternConv2d, PatternLinear
-
-        if isinstance(m, (PatternConv2d, PatternAttention, PatternLinear)):
-            return True
-        return super().is_leaf_module(m, qualname)
-
-
-def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
-    parent, _, name = target.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
 def _bn_scale_shift(bn: nn.BatchNorm2d):
@@ -142,7 +131,7 @@ def fuse_for_inference(model: nn.Module, example_input: torch.Tensor, *, fold_bn
         raise TypeError(f"example_input: expected a torch.Tensor, got {type(example_input).__name__}")
     model = copy.deepcopy(model)
     try:
-        graph = _LeafTracer().trace(model)
+        graph = _Tracer().trace(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure is reported the same way
         raise ValueError(f"model: torch.fx cannot trace {type(model).__name__} for fusion ({type(exc).__name__}: {exc})") from exc
     gm = torch.fx.GraphModule(model, graph, class_name=type(model).__name__ + "Fused")

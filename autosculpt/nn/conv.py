@@ -91,7 +91,7 @@ class PatternConv2d(nn.Module):
         self.register_buffer("tap_mask", self._checked_mask(tap_mask).to(device=self.weight.device))
         self._cache_key = conv_ops.new_cache_key()
         self._decided: Dict[tuple, str] = {}
-        self._fast: Dict[tuple, Callable] = {}  # eager CPU inference: input shape -> direct kernel call
+        self._fast: Dict[tuple, tuple] = {}  # eager CPU inference: input key -> output shape (kernel called directly)
         self.enforce_mask()
 
     # -- construction ------------------------------------------------------------------
@@ -159,7 +159,7 @@ class PatternConv2d(nn.Module):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_fast"] = {}  # kernel shortcuts are rebuilt on first use
+        state["_fast"] = {}  # a copy validates its first call per shape again
         return state
 
     def __setstate__(self, state):
@@ -245,9 +245,9 @@ class PatternConv2d(nn.Module):
             # eager CPU inference: after one validated call per input shape, go straight to the kernel
             fast_key = (x.shape, x.dtype, torch.get_num_threads(), self.path, self.backend, self.activation,
                         self.weight.dtype, self.weight.device, self.bias is None)
-            fast = self._fast.get(fast_key)
-            if fast is not None and not torch.compiler.is_compiling():
-                return fast(self, x, residual)
+            out_shape = self._fast.get(fast_key)
+            if out_shape is not None and not torch.compiler.is_compiling():
+                return self._fast_cpu(x, residual, out_shape)
         path = self.path
         if path == "auto":
             if torch.compiler.is_compiling():
@@ -262,36 +262,20 @@ class PatternConv2d(nn.Module):
         return out
 
     def _remember_fast_call(self, key: tuple, x: torch.Tensor) -> None:
-        """Caches a direct call of the C++ kernel for this input shape, when the op would pick it."""
+        """Remembers that calls with this input shape may go straight to the C++ kernel (when the op
+        would pick it), with the output shape a residual must have."""
         backend = conv_ops.resolve_backend(self.backend, x, self.weight, self.tap_mask, self.stride, self.padding,
                                            self.dilation, self.groups)
-        if backend != "cpu" or (self.bias is not None and not self.bias.is_contiguous()):
-            return
-        from .. import _ext
+        if backend == "cpu":
+            self._fast[key] = (x.shape[0], self.out_channels, *self.output_size(x.shape[2], x.shape[3]))
 
-        ext = _ext.require()
-        n, _, h, w = x.shape
-        oh, ow = self.output_size(h, w)
-        out_shape = (n, self.out_channels, oh, ow)
-        conf = (n, h, w, self.stride[0], self.stride[1], self.padding[0], self.padding[1], self.dilation[0],
-                self.dilation[1], torch.get_num_threads())
-        relu = self.activation == "relu"
-
-        # `self` is an argument, not captured: a copied module must run with its own weights
-        def call(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
-            x = x if x.is_contiguous() else x.contiguous()
-            if residual is not None:
-                if residual.shape != out_shape or residual.dtype != x.dtype or not residual.is_cpu:
-                    conv_ops._validate_epilogue(x, self.weight, residual, self.activation, self.stride, self.padding,
-                                                self.dilation)
-                residual = residual if residual.is_contiguous() else residual.contiguous()
-            packed = conv_ops._packed_weights(ext, self.weight, self.tap_mask, self.groups, self._cache_key)
-            out = conv_ops._new_output(out_shape, x)
-            packed.forward(x.data_ptr(), 0 if self.bias is None else self.bias.data_ptr(), out.data_ptr(), *conf,
-                           0 if residual is None else residual.data_ptr(), relu)
-            return out
-
-        self._fast[key] = call
+    def _fast_cpu(self, x: torch.Tensor, residual: Optional[torch.Tensor], out_shape: tuple) -> torch.Tensor:
+        """The op's CPU backend without its per-call validation (done once for this input shape)."""
+        if residual is not None and (residual.shape != out_shape or residual.dtype != x.dtype or not residual.is_cpu):
+            conv_ops._validate_epilogue(x, self.weight, residual, self.activation, self.stride, self.padding,
+                                        self.dilation)
+        return conv_ops._cpu_backend(x, self.weight, self.tap_mask, self.bias, self.stride, self.padding, self.dilation,
+                                     self.groups, self._cache_key, residual=residual, relu=self.activation == "relu")
 
     def extra_repr(self) -> str:
         s = (

@@ -331,8 +331,9 @@ def _cpu_backend(x, weight, tap_mask, bias, stride, padding, dilation, groups, c
     n, _, h, w = x.shape
     oh, ow = conv_output_size(h, w, weight.shape[2], weight.shape[3], stride, padding, dilation)
     out = _new_output((n, weight.shape[0], oh, ow), x)
-    b = bias.detach().contiguous() if bias is not None else None
-    r = residual.detach().contiguous() if residual is not None else None
+    # (only their data pointers are read: no detach, contiguous() returns the tensor itself when it is)
+    b = bias.contiguous() if bias is not None else None
+    r = residual.contiguous() if residual is not None else None
     packed.forward(
         x.data_ptr(), b.data_ptr() if b is not None else 0, out.data_ptr(), n, h, w,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], torch.get_num_threads(),

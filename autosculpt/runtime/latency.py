@@ -169,13 +169,14 @@ class _ConvStub(nn.Module):
 
 def stub_layers(model: nn.Module, example_input: torch.Tensor, names: List[str]) -> nn.Module:
     """A copy of ``model`` whose modules ``names`` return a fixed zero tensor of their output's shape."""
+    from ..plan import _set_submodule
+
     model = copy.deepcopy(model).eval()
     outs: Dict[str, torch.Tensor] = {}
     _run_once(model, example_input, [model.get_submodule(n).register_forward_hook(
         lambda mod, args, out, n=n: outs.__setitem__(n, torch.zeros_like(out))) for n in names])
     for n in names:
-        parent, _, leaf = n.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, _ConvStub(outs[n]))
+        _set_submodule(model, n, _ConvStub(outs[n]))
     return model
 
 
@@ -204,11 +205,18 @@ def fusable_epilogues(model: nn.Module, example_input: torch.Tensor, pattern_set
     return out
 
 
-def _layer_flops(info: dict, mask: Optional[torch.Tensor] = None) -> float:
+def _out_shape(info: dict) -> List[int]:
+    """Output shape (N, C_out, OH, OW) of a profiled layer."""
+    from ..ops.conv import conv_output_size
+
     n, _, h, w = info["in_shape"]
+    oh, ow = conv_output_size(h, w, *info["kernel_size"], info["stride"], info["padding"], info["dilation"])
+    return [n, info["c_out"], oh, ow]
+
+
+def _layer_flops(info: dict, mask: Optional[torch.Tensor] = None) -> float:
+    n, _, oh, ow = _out_shape(info)
     kh, kw = info["kernel_size"]
-    oh = (h + 2 * info["padding"][0] - info["dilation"][0] * (kh - 1) - 1) // info["stride"][0] + 1
-    ow = (w + 2 * info["padding"][1] - info["dilation"][1] * (kw - 1) - 1) // info["stride"][1] + 1
     taps = float(mask.sum()) if mask is not None else float(info["c_out"] * kh * kw)
     return taps * (info["c_in"] // info["groups"]) * oh * ow * n
 
@@ -554,11 +562,7 @@ class LatencyModel(_BaseLatencyModel):
     def _measure_epilogue(self, name, info, relu, residual):
         if not (relu or residual):
             return 0.0
-        n, _, h, w = info["in_shape"]
-        kh, kw = info["kernel_size"]
-        oh = (h + 2 * info["padding"][0] - info["dilation"][0] * (kh - 1) - 1) // info["stride"][0] + 1
-        ow = (w + 2 * info["padding"][1] - info["dilation"][1] * (kw - 1) - 1) // info["stride"][1] + 1
-        shape = [n, info["c_out"], oh, ow]
+        shape = _out_shape(info)
         key = self._key("epilogue", json.dumps(shape), f"relu{int(relu)}", f"res{int(residual)}")
         if key not in self._cache:
             y = torch.randn(shape, device=self.device)
@@ -664,12 +668,12 @@ class LatencyModel(_BaseLatencyModel):
         with torch.no_grad():
             return for_inference(model, x)
 
-    def _reference_sparse_model(self, model: nn.Module, x: torch.Tensor) -> nn.Module:
-        """``model`` at the uniform half-kept plan, every pattern conv on the sparse kernel."""
+    def _reference_sparse_model(self, model: nn.Module, names: List[str]) -> nn.Module:
+        """``model`` at the uniform half-kept plan of its prunable layers ``names``, every pattern conv on
+        the sparse kernel."""
         from ..nn.conv import PatternConv2d
         from ..plan import sparsify, uniform_plan
 
-        names = list(_collect_layers(model, x, self.pattern_set))
         self._reference_plan = uniform_plan(model, self.pattern_set, 0.5, layers=names)
         ref = sparsify(model, self._reference_plan, backend=self.backend).eval()
         for m in ref.modules():
@@ -677,17 +681,8 @@ class LatencyModel(_BaseLatencyModel):
                 m.path = "sparse"
         return ref
 
-    def _stubbed(self, model: nn.Module, x: torch.Tensor) -> nn.Module:
-        """``model`` in inference form with its prunable convs stubbed out (see the module docstring)."""
-        names = list(_collect_layers(model, x, self.pattern_set))
-        return stub_layers(self._inference_form(model, x), x, names)
-
     def _measure_remainder(self, model, example_input):
-        if self._model_ms is not None:
-            return self._model_ms
-        x = example_input.to(self.device)
-        stubbed = self._stubbed(model, x)
-        return self._timed(lambda: stubbed(x))
+        return self._model_ms  # the stubbed model, timed in the profiling rounds
 
     def _measure_in_rounds(self, model: nn.Module, example_input: torch.Tensor, progress: bool) -> None:
         """Fills the cache for every uncached (layer shape, dense | grid mix) and times the whole dense
@@ -698,7 +693,8 @@ class LatencyModel(_BaseLatencyModel):
         from ..nn.conv import PatternConv2d
 
         jobs: Dict[str, Callable[[], object]] = {}
-        for info in _collect_layers(model, example_input, self.pattern_set).values():
+        layers = _collect_layers(model, example_input, self.pattern_set)
+        for info in layers.values():
             sig = self._layer_signature(info)
             conv, x = self._make_conv(info)
             dense_key = self._key(sig, "dense")
@@ -713,8 +709,9 @@ class LatencyModel(_BaseLatencyModel):
         was_training = model.training
         model.eval()
         xm = example_input.to(self.device)
-        stubbed, full = self._stubbed(model, xm), self._inference_form(model, xm)
-        ref = self._inference_form(self._reference_sparse_model(model, xm), xm)
+        full = self._inference_form(model, xm)
+        stubbed = stub_layers(full, xm, list(layers))  # everything but the prunable convs
+        ref = self._inference_form(self._reference_sparse_model(model, list(layers)), xm)
         jobs["__model__"] = lambda: stubbed(xm)
         jobs["__full__"] = lambda: full(xm)
         jobs["__sparse_ref__"] = lambda: ref(xm)
