@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     bx.add_argument("--target-flops-ratio", type=_ratio, metavar="R", help=HELP["target_flops_ratio"])
     s = p.add_argument_group("search and measurement")
     s.add_argument("--episodes", type=_positive_int, help=HELP["episodes"] + " [60]")
-    s.add_argument("--margin", type=float, metavar="F", help=HELP["margin"] + " [0.15]")
+    s.add_argument("--margin", type=_nonneg_float, metavar="F", help=HELP["margin"] + " [0.15]")
     s.add_argument("--search-batch", type=_positive_int, help=HELP["search_batch"] + " [8]")
     s.add_argument("--dense-epochs", type=_positive_int, help=HELP["dense_epochs"] + " [8]")
     s.add_argument("--dense-lr", type=_positive_float, help=HELP["dense_lr"] + " [0.05]")
