@@ -33,7 +33,7 @@ def bench_kernels(reps: int = 30, progress: bool = True, seed: int = 0) -> str:
     rows = []
     items = [(s, m) for s in KERNEL_SHAPES for m in MIXES]
     if progress:
-        from tqdm.auto import tqdm
+        from ._optional import tqdm
 
         items = tqdm(items, desc="bench kernels", unit="case", leave=False)
     for (label, n, cin, cout, h, w, stride), mix in items:

@@ -299,7 +299,7 @@ def finetune(
             batches = _epoch_batches(len(train_data), cfg.batch_size, cfg.seed, epoch, rank, world)
             first = start_step if epoch == start_epoch else 0
             if main and progress:
-                from tqdm.auto import tqdm
+                from ._optional import tqdm
 
                 bar = tqdm(total=len(batches), initial=first, desc=f"{desc} {epoch + 1}/{cfg.epochs}", unit="step",
                            leave=False, dynamic_ncols=True)

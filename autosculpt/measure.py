@@ -80,7 +80,7 @@ def measure_latency(models: Dict[str, nn.Module], example_input: torch.Tensor, *
     times: Dict[str, List[float]] = {k: [] for k in models}
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ._optional import tqdm
 
         bar = tqdm(total=reps, desc=desc, unit="rep", leave=False, dynamic_ncols=True)
     try:
@@ -128,7 +128,7 @@ def layer_latency(dense: nn.Module, pruned: nn.Module, example_input: torch.Tens
     rows = []
     it = targets
     if progress:
-        from tqdm.auto import tqdm
+        from ._optional import tqdm
 
         it = tqdm(targets, desc="layer latency", unit="layer", leave=False, dynamic_ncols=True)
     for name, m in it:

@@ -250,7 +250,7 @@ def _run(env, model, train_data, val_data, latency_model, example_input, budget,
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ._optional import tqdm
 
         bar = tqdm(total=episodes, initial=min(first_episode, episodes), desc="search", unit="episode")
     for episode in range(first_episode, episodes):

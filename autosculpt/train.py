@@ -93,7 +93,7 @@ def train_classifier(
     history = {"train_loss": [], "val_acc": []}
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ._optional import tqdm
 
         bar = tqdm(total=epochs, desc="train", unit="epoch")
     for epoch in range(epochs):

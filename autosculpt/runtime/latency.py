@@ -273,7 +273,7 @@ class _BaseLatencyModel:
         names = list(self.layers)
         it = names
         if progress:
-            from tqdm.auto import tqdm
+            from .._optional import tqdm
 
             it = tqdm(names, desc="latency profile", unit="layer")
         self._dense_ms = {}
@@ -719,7 +719,7 @@ class LatencyModel(_BaseLatencyModel):
         per_round = max(1, -(-self.reps // self.rounds))
         bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from .._optional import tqdm
 
             bar = tqdm(total=self.rounds * len(jobs), desc="latency profile", unit="timing")
         old = torch.get_num_threads()
