@@ -42,11 +42,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _kv(text: str):
-    import yaml
-
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        import yaml
+    except ModuleNotFoundError:  # lean install (no pyyaml): JSON values, else the text itself
+        import json
+
+        try:
+            return key.strip(), json.loads(value)
+        except ValueError:
+            return key.strip(), value
     try:
         return key.strip(), yaml.safe_load(value)
     except yaml.YAMLError:
@@ -220,6 +227,9 @@ def _say(msg: str) -> None:
 
 
 def _cmd_prune(args) -> int:
+    from ._optional import ensure
+
+    ensure("autosculpt prune", "torch_geometric", "scipy", "yaml", "matplotlib")
     from .config import load_config_file
     from .pipeline import Interrupted, new_run_dir, run_prune
     from .report import format_table, summary_table
@@ -259,8 +269,30 @@ def _cmd_prune(args) -> int:
          f"run time {t['total']:.0f} s (search {t['search']:.0f} s, fine-tune {t['finetune']:.0f} s)")
     _say(f"run folder: {summary['run_dir']}")
     _say(f"  report  : {os.path.join(summary['run_dir'], 'report.md')}")
-    _say(f"  model   : {summary['pruned']['file']}   (autosculpt.load(path) rebuilds it)")
+    _say(f"  model   : {summary['pruned']['file']}   ({_load_hint(summary['pruned']['file'])} rebuilds it)")
     return 0
+
+
+def _load_hint(path: str) -> str:
+    """The Python call that rebuilds the model saved at ``path``: a built-in model needs nothing more,
+    a user model (``--model pkg.mod:factory``) needs its dense model, built as the run built it."""
+    from .io import read
+    from .models import MODEL_NAMES
+
+    try:
+        meta = read(path).meta
+    except (OSError, ValueError):
+        meta = {}
+    spec = meta.get("model")
+    if not isinstance(spec, str) or spec in MODEL_NAMES or ":" not in spec:
+        return "autosculpt.load(path)"
+    module, _, attr = spec.partition(":")
+    kwargs = meta.get("model_args") or {}
+    if all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+        call_args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    else:
+        call_args = f"**{kwargs!r}"
+    return f"import {module}; autosculpt.load(path, {module}.{attr}({call_args}))"
 
 
 def _cmd_finetune(args) -> int:
@@ -415,6 +447,14 @@ def _run(argv: List[str], debug: bool) -> int:
         return handler(args)
     except UsageError as e:
         print(f"autosculpt: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # an optional package is missing: name the extra, no traceback
+        from ._optional import from_error
+
+        msg = from_error(e, f"autosculpt {argv[0]}" if argv else "autosculpt")
+        if msg is None or debug:
+            raise
+        print(f"autosculpt: error: {msg}", file=sys.stderr)
         return 2
     except (Interrupted, KeyboardInterrupt) as e:
         msg = str(e) or "interrupted"

@@ -65,8 +65,9 @@ def load_config_file(path: str) -> Dict[str, Any]:
     ext = os.path.splitext(path)[1].lower()
     try:
         if ext in (".yaml", ".yml"):
-            import yaml
+            from ._optional import require
 
+            yaml = require("yaml", what=f"reading the YAML config {os.path.basename(path)!r}")
             with open(path) as f:
                 data = yaml.safe_load(f)
         elif ext == ".toml":
@@ -76,7 +77,7 @@ def load_config_file(path: str) -> Dict[str, Any]:
                 data = tomllib.load(f)
         else:
             raise ValueError(f"config: {path!r} must end in .yaml, .yml or .toml")
-    except ValueError:
+    except (ValueError, ImportError):
         raise
     except Exception as e:  # noqa: BLE001 - parser errors of either format
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -127,7 +127,9 @@ def assign(weight: torch.Tensor, pattern_set: PatternSet, counts: Iterable[int])
         ``sum(weight[f]**2 * mask[id[f]])`` over filters — a transportation problem solved exactly
         (scipy's linear_sum_assignment on pattern slots).
     """
-    from scipy.optimize import linear_sum_assignment
+    from ._optional import require
+
+    linear_sum_assignment = require("scipy.optimize", what="autosculpt.patterns.assign").linear_sum_assignment
 
     if weight.ndim != 4:
         raise ValueError(f"weight: expected (C_out, C_in, kh, kw), got shape {tuple(weight.shape)}")

@@ -250,8 +250,9 @@ def format_table(rows: List[List[str]], header=("", "dense", "pruned", "")) -> s
 
 def render_report(run_dir: str) -> str:
     """Renders ``report.md`` and the PNG plots of a run folder; returns the report's path."""
-    import matplotlib
+    from ._optional import require
 
+    matplotlib = require("matplotlib", what="the run report (its plots)")
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 

@@ -169,6 +169,9 @@ def search(
         encoder: optional replacement graph encoder for the policy.
         callback: called as ``callback(episode, record)`` after each episode's checkpoint.
     """
+    from ._optional import ensure
+
+    ensure("autosculpt.search", "torch_geometric", "scipy")
     t_start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")

@@ -27,7 +27,9 @@ def load_digits_splits(
         val_fraction: share of all images in the validation split (used by the search).
         test_fraction: share of all images in the test split (touched once, at the end).
     """
-    from sklearn.datasets import load_digits
+    from .._optional import require
+
+    load_digits = require("sklearn.datasets", what="the digits data set").load_digits
     from sklearn.model_selection import train_test_split
 
     for name, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):

@@ -220,7 +220,9 @@ def build_graph(
         GraphBuildError (a TypeError) when the model cannot be traced, saying what to change.
     """
     from torch.fx.passes.shape_prop import ShapeProp
-    from torch_geometric.data import Data
+    from .._optional import require
+
+    Data = require("torch_geometric.data", what="autosculpt.graph.build_graph").Data
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")

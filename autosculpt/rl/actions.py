@@ -53,7 +53,9 @@ class MixMenu:
 
     def pattern_ids(self, weight: torch.Tensor, index: int) -> torch.Tensor:
         """Per-filter pattern ids (C_out,) for menu entry ``index``, assigned by weight energy."""
-        from scipy.optimize import linear_sum_assignment
+        from .._optional import require
+
+        linear_sum_assignment = require("scipy.optimize", what="the pruning search").linear_sum_assignment
 
         ps = self.pattern_set
         c_out = weight.shape[0]

@@ -25,7 +25,9 @@ class GATv2Encoder(nn.Module):
 
     def __init__(self, in_dim: int, hidden: int = 64, heads: int = 4, layers: int = 2, dropout: float = 0.0):
         super().__init__()
-        from torch_geometric.nn import GATv2Conv
+        from .._optional import require
+
+        GATv2Conv = require("torch_geometric.nn", what="the GNN policy (autosculpt.search)").GATv2Conv
 
         if hidden % heads:
             raise ValueError(f"hidden: must be divisible by heads={heads}, got {hidden}")
