@@ -162,10 +162,9 @@ def l1_filter_prune(model: nn.Module, example_input: torch.Tensor, ratio: float)
     """A copy of ``model`` with ``ratio`` of the channels of every prunable group removed, smallest
     filter L1 norm first (torch-pruning's dependency graph keeps residual connections consistent); the output
     layer keeps its classes. Needs the ``torch-pruning`` package."""
-    try:
-        import torch_pruning as tp
-    except ImportError as exc:  # optional dependency
-        raise ImportError("l1_filter_prune needs the torch-pruning package: pip install 'torch-pruning>=1.6'") from exc
+    from ._optional import require
+
+    tp = require("torch_pruning", what="l1_filter_prune (torch-pruning)")
     if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise ValueError(f"ratio: expected the fraction of channels to remove, in [0, 1), got {ratio!r}")
     pruned = copy.deepcopy(model).eval()

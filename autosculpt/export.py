@@ -75,7 +75,7 @@ def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: str, *,
     if onnx:
         if not onnx_available():
             raise RuntimeError("export: ONNX export needs the 'onnx' and 'onnxscript' packages "
-                               "(pip install onnx onnxscript); the .pt2 files were written to " + out_dir)
+                               "(pip install 'autosculpt[export]'); the .pt2 files were written to " + out_dir)
         import logging
 
         # The exporter logs one warning per torchvision op it cannot find; irrelevant here.
