@@ -119,7 +119,9 @@ def fuse_for_inference(model: nn.Module, example_input: torch.Tensor, *, fold_bn
         example_input: a batch of the model's input, used to check the shapes of residual adds.
         fold_bn, residual, relu, max_pool: which rewrites to apply.
 
-    The returned ``GraphModule`` has an attribute ``fusion_report`` (:class:`FusionReport`).
+    The returned ``GraphModule`` has an attribute ``fusion_report`` (:class:`FusionReport`). Its
+    pattern layers are frozen (:meth:`PatternConv2d.freeze`): it is an inference snapshot whose
+    weights are packed once; build it again after changing weights.
     """
     from .nn import PatternConv2d
 
@@ -212,6 +214,9 @@ def fuse_for_inference(model: nn.Module, example_input: torch.Tensor, *, fold_bn
     gm.delete_all_unused_submodules()
     gm.recompile()
     gm.eval()
+    for mod in gm.modules():
+        if isinstance(mod, PatternConv2d):
+            mod.freeze()  # an inference snapshot: weights packed once (see PatternConv2d.freeze)
     gm.fusion_report = report
     return gm
 

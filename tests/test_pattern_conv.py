@@ -147,7 +147,7 @@ def test_compiles_without_graph_breaks():
 
 
 BAD = [
-    (dict(x=torch.randn(4, 8, 8)), ValueError, "x: expected 4-D"),
+    (dict(x=torch.randn(8, 8)), ValueError, "x: expected 4-D"),
     (dict(weight=torch.randn(6, 4, 3)), ValueError, "weight: expected 4-D"),
     (dict(x=torch.randint(0, 3, (1, 4, 8, 8))), TypeError, "x: expected a floating-point"),
     (dict(weight=torch.randn(6, 4, 3, 3, dtype=torch.double)), TypeError, "weight: dtype"),

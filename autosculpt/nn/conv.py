@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import conv as conv_ops
+from ..ops import weight_cache
 
 # (shape, mask bytes, device, dtype, threads) -> "sparse" | "dense": decisions shared by identical layers
 _PATH_DECISIONS: Dict[tuple, str] = {}
@@ -66,16 +67,19 @@ class PatternConv2d(nn.Module):
         super().__init__()
         if activation not in conv_ops.ACTIVATIONS:
             raise ValueError(f"activation: expected one of {conv_ops.ACTIVATIONS}, got {activation!r}")
-        kh, kw = conv_ops._pair(kernel_size, "kernel_size")
+        kh, kw = conv_ops.as_pair(kernel_size, "kernel_size")
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups: {groups} must divide in_channels={in_channels} and out_channels={out_channels}")
         if path not in ("auto", "sparse", "dense"):
             raise ValueError(f"path: expected 'auto', 'sparse' or 'dense', got {path!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = (kh, kw)
-        self.stride = conv_ops._pair(stride, "stride")
-        self.padding = conv_ops._pair(padding, "padding")
-        self.dilation = conv_ops._pair(dilation, "dilation")
+        self.stride = conv_ops.as_pair(stride, "stride")
+        self.padding = conv_ops.as_pair(padding, "padding")
+        self.dilation = conv_ops.as_pair(dilation, "dilation")
         self.groups = groups
         self.backend = backend
         self.path = path
@@ -92,6 +96,7 @@ class PatternConv2d(nn.Module):
         self._cache_key = conv_ops.new_cache_key()
         self._decided: Dict[tuple, str] = {}
         self._fast: Dict[tuple, tuple] = {}  # eager CPU inference: input key -> output shape (kernel called directly)
+        self._validated: set = set()  # eager inference input keys already checked by validate_conv_args
         self.enforce_mask()
 
     # -- construction ------------------------------------------------------------------
@@ -149,13 +154,28 @@ class PatternConv2d(nn.Module):
         """Sets the weights at dropped taps to exactly zero (call after an optimizer step)."""
         self.weight.mul_(self.tap_mask[:, None].to(self.weight.dtype))
 
+    def freeze(self) -> "PatternConv2d":
+        """Declares this layer's weights final (an inference snapshot, as inductor's ``freezing``):
+        the kernel's packed weights are then built once instead of being compared with the live
+        weights on every call. Replacing the tensors, in-place ops that bump their version counter
+        and any optimizer step still rebuild them; a ``.data`` write to a frozen layer does not.
+        :func:`autosculpt.fuse_for_inference` freezes the layers of the copy it returns."""
+        self.__dict__["_frozen"] = True
+        weight_cache.freeze(self._cache_key)
+        return self
+
     def __setattr__(self, name, value):
         # A replaced weight or mask tensor gets a new packing-cache key, so the kernel never reuses
         # weights packed from a freed tensor that happened to live at the same address.
         if name in ("weight", "tap_mask") and "_cache_key" in self.__dict__:
-            conv_ops.release_cache(self.__dict__["_cache_key"])
-            object.__setattr__(self, "_cache_key", conv_ops.new_cache_key())
+            self._renew_cache_key()
         super().__setattr__(name, value)
+
+    def _renew_cache_key(self) -> None:
+        conv_ops.release_cache(self.__dict__["_cache_key"])
+        object.__setattr__(self, "_cache_key", conv_ops.new_cache_key())
+        if self.__dict__.get("_frozen"):
+            weight_cache.freeze(self._cache_key)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -166,7 +186,10 @@ class PatternConv2d(nn.Module):
         super().__setstate__(state)
         # a copy (deepcopy, unpickling) caches its packed weights under its own key
         object.__setattr__(self, "_cache_key", conv_ops.new_cache_key())
+        if self.__dict__.get("_frozen"):
+            weight_cache.freeze(self._cache_key)
         self.__dict__.setdefault("_fast", {})
+        self.__dict__.setdefault("_validated", set())
 
     def __del__(self):
         key = self.__dict__.get("_cache_key")
@@ -240,6 +263,12 @@ class PatternConv2d(nn.Module):
         return paths.pop() if len(paths) == 1 else ("undecided" if not paths else "mixed")
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``activation(conv(x) + residual)``; ``x`` is (N, C_in, H, W) or unbatched (C_in, H, W), as
+        ``nn.Conv2d`` takes it (``residual`` then 3-D too)."""
+        if isinstance(x, torch.Tensor) and x.ndim == 3:
+            if residual is not None and isinstance(residual, torch.Tensor) and residual.ndim != 3:
+                raise ValueError(f"residual: expected 3-D (C_out, H_out, W_out) for an unbatched x, got shape {tuple(residual.shape)}")
+            return self.forward(x[None], None if residual is None else residual[None])[0]
         fast_key = None
         if not torch.is_grad_enabled() and type(x) is torch.Tensor and x.is_cpu:
             # eager CPU inference: after one validated call per input shape, go straight to the kernel
@@ -248,6 +277,13 @@ class PatternConv2d(nn.Module):
             out_shape = self._fast.get(fast_key)
             if out_shape is not None and not torch.compiler.is_compiling():
                 return self._fast_cpu(x, residual, out_shape)
+        checked_key = None if fast_key is None else (fast_key, None if residual is None else
+                                                      (residual.shape, residual.dtype, residual.device))
+        if checked_key is None or checked_key not in self._validated:
+            # both paths raise the same clear errors (the dense one would otherwise raise torch's own)
+            self._check_input(x, residual)
+            if checked_key is not None:
+                self._validated.add(checked_key)
         path = self.path
         if path == "auto":
             if torch.compiler.is_compiling():
@@ -261,6 +297,14 @@ class PatternConv2d(nn.Module):
             self._remember_fast_call(fast_key, x)
         return out
 
+    def _check_input(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
+        if isinstance(x, torch.fx.Proxy):
+            return
+        conv_ops.validate_conv_args(x, self.weight, self.tap_mask, self.bias, self.stride, self.padding,
+                                    self.dilation, self.groups)
+        conv_ops.validate_epilogue(x, self.weight, residual, self.activation, self.stride, self.padding,
+                                   self.dilation)
+
     def _remember_fast_call(self, key: tuple, x: torch.Tensor) -> None:
         """Remembers that calls with this input shape may go straight to the C++ kernel (when the op
         would pick it), with the output shape a residual must have."""
@@ -272,9 +316,9 @@ class PatternConv2d(nn.Module):
     def _fast_cpu(self, x: torch.Tensor, residual: Optional[torch.Tensor], out_shape: tuple) -> torch.Tensor:
         """The op's CPU backend without its per-call validation (done once for this input shape)."""
         if residual is not None and (residual.shape != out_shape or residual.dtype != x.dtype or not residual.is_cpu):
-            conv_ops._validate_epilogue(x, self.weight, residual, self.activation, self.stride, self.padding,
+            conv_ops.validate_epilogue(x, self.weight, residual, self.activation, self.stride, self.padding,
                                         self.dilation)
-        return conv_ops._cpu_backend(x, self.weight, self.tap_mask, self.bias, self.stride, self.padding, self.dilation,
+        return conv_ops.run_cpu_kernel(x, self.weight, self.tap_mask, self.bias, self.stride, self.padding, self.dilation,
                                      self.groups, self._cache_key, residual=residual, relu=self.activation == "relu")
 
     def extra_repr(self) -> str:

@@ -28,6 +28,9 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from . import weight_cache
+from .weight_cache import WeightCache
+
 BLOCK_NS = (16, 32, 64, 128)
 ALIGN = 16  # packed rows and blocks start at multiples of 16 elements (16-byte vector loads)
 # Fields of one tile row: first column (into perm), filters in the tile, offset of its packed block /
@@ -158,8 +161,9 @@ def _build(mask_cpu: torch.Tensor, c_in_pg: int, groups: int, device: torch.devi
 
 _META: "OrderedDict[tuple, GroupMeta]" = OrderedDict()
 _META_LIMIT = 256
-# cache_key -> (fingerprint, meta, packed weight)
-_PACKED: Dict[int, Tuple[tuple, GroupMeta, torch.Tensor]] = {}
+# cache_key -> (meta, packed weight); cache_key -> masked weight
+_PACKED = WeightCache()
+_MASKED = WeightCache()
 
 
 def group_meta(tap_mask: torch.Tensor, c_in_pg: int, groups: int) -> GroupMeta:
@@ -187,47 +191,29 @@ def pack_weight(weight: torch.Tensor, meta: GroupMeta) -> torch.Tensor:
 
 
 def prepared(weight: torch.Tensor, tap_mask: torch.Tensor, groups: int, cache_key: int) -> Tuple[GroupMeta, torch.Tensor]:
-    """(metadata, packed weight) for one call; with a nonzero ``cache_key`` both are reused until the
-    weight or mask tensor changes (data pointer, in-place version counter, shape, dtype)."""
-    fingerprint = (
-        weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, weight.device,
-        tap_mask.data_ptr(), tap_mask._version, groups,
-    )
-    if cache_key:
-        hit = _PACKED.get(cache_key)
-        if hit is not None and hit[0] == fingerprint:
-            return hit[1], hit[2]
-    meta = group_meta(tap_mask, weight.shape[1], groups)
-    packed = pack_weight(weight, meta)
-    if cache_key:
-        _PACKED[cache_key] = (fingerprint, meta, packed)
-    return meta, packed
+    """(metadata, packed weight) for one call; with a nonzero ``cache_key`` both are reused while the
+    weight and mask are unchanged (see :mod:`.weight_cache`)."""
 
+    def build():
+        meta = group_meta(tap_mask, weight.shape[1], groups)
+        return meta, pack_weight(weight, meta)
 
-_MASKED: Dict[int, Tuple[tuple, torch.Tensor]] = {}
+    return _PACKED.get_or_build(cache_key, weight, tap_mask, (groups,), build)
 
 
 def masked_weight(weight: torch.Tensor, tap_mask: torch.Tensor, cache_key: int, x: torch.Tensor) -> torch.Tensor:
     """``weight * tap_mask`` in x's memory format (so cuDNN does not convert it per call), cached per
-    layer key until the weight or mask changes: the dense fallback then costs what ``F.conv2d`` costs."""
+    layer key while weight and mask are unchanged: the dense fallback then costs what ``F.conv2d`` costs."""
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    fingerprint = (
-        weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, weight.device,
-        tap_mask.data_ptr(), tap_mask._version, channels_last,
-    )
-    hit = _MASKED.get(cache_key)
-    if hit is not None and hit[0] == fingerprint:
-        return hit[1]
-    w = (weight.detach() * tap_mask[:, None].to(weight.dtype)).contiguous(
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    _MASKED[cache_key] = (fingerprint, w)
-    return w
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return _MASKED.get_or_build(
+        cache_key, weight, tap_mask, (channels_last,),
+        lambda: (weight.detach() * tap_mask[:, None].to(weight.dtype)).contiguous(memory_format=fmt))
 
 
 def release(cache_key: int) -> None:
     """Forgets the packed and masked weights cached under a layer key."""
-    _PACKED.pop(cache_key, None)
-    _MASKED.pop(cache_key, None)
+    weight_cache.release(cache_key)
 
 
 def fp32_conv_precision() -> str:

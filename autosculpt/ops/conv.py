@@ -8,13 +8,14 @@ so ``torch.compile`` and ``torch.export`` see one op). Backends are plain functi
 from __future__ import annotations
 
 import itertools
-import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .. import _ext
 from ..reference import pattern_conv2d_ref
+from . import weight_cache
+from .weight_cache import WeightCache
 from ..runtime.backends import check_backend
 
 IntPair = Union[int, Sequence[int]]
@@ -32,14 +33,18 @@ def new_cache_key() -> int:
     return next(_cache_keys)
 
 
-def _pair(value: IntPair, name: str) -> Tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
+def as_pair(value: IntPair, name: str) -> Tuple[int, int]:
+    """``value`` (an int or a pair of ints) as a pair; a clear error naming ``name`` otherwise."""
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if is_int(value):
         return (value, value)
     try:
-        out = tuple(int(v) for v in value)
+        out = tuple(value)
     except TypeError:
         raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}") from None
-    if len(out) != 2:
+    if len(out) != 2 or not all(is_int(v) for v in out):
         raise ValueError(f"{name}: expected an int or a pair of ints, got {value!r}")
     return out  # type: ignore[return-value]
 
@@ -50,12 +55,15 @@ def conv_output_size(h: int, w: int, kh: int, kw: int, stride, padding, dilation
     return oh, ow
 
 
-def _validate(x, weight, tap_mask, bias, stride, padding, dilation, groups):
+def validate_conv_args(x, weight, tap_mask, bias, stride, padding, dilation, groups) -> None:
+    """Raises a clear ``TypeError``/``ValueError`` naming the bad argument of a ``pattern_conv2d`` call
+    (``stride``, ``padding``, ``dilation`` as pairs; ``x`` 4-D). Every path of ``PatternConv2d`` (sparse
+    kernel and dense fallback) checks its input with this, so both raise the same errors."""
     for name, t in (("x", x), ("weight", weight), ("tap_mask", tap_mask)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if x.ndim != 4:
-        raise ValueError(f"x: expected 4-D input (N, C_in, H, W), got shape {tuple(x.shape)}")
+        raise ValueError(f"x: expected 4-D (N, C_in, H, W) or unbatched 3-D (C_in, H, W) input, got shape {tuple(x.shape)}")
     if weight.ndim != 4:
         raise ValueError(f"weight: expected 4-D (C_out, C_in/groups, kh, kw), got shape {tuple(weight.shape)}")
     if not x.is_floating_point():
@@ -151,9 +159,15 @@ def pattern_conv2d(
     cache (one pass over memory instead of three); other backends, and calls that autograd or a
     compiler must see, apply them with ordinary torch ops (same result).
     """
-    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    _validate(x, weight, tap_mask, bias, stride, padding, dilation, groups)
-    _validate_epilogue(x, weight, residual, activation, stride, padding, dilation)
+    if isinstance(x, torch.Tensor) and x.ndim == 3:  # unbatched (C_in, H, W), as F.conv2d accepts
+        if residual is not None and isinstance(residual, torch.Tensor) and residual.ndim != 3:
+            raise ValueError(f"residual: expected 3-D (C_out, H_out, W_out) for an unbatched x, got shape {tuple(residual.shape)}")
+        return pattern_conv2d(x[None], weight, tap_mask, bias, stride, padding, dilation, groups, backend,
+                              residual=None if residual is None else residual[None], activation=activation,
+                              _cache_key=_cache_key)[0]
+    stride, padding, dilation = as_pair(stride, "stride"), as_pair(padding, "padding"), as_pair(dilation, "dilation")
+    validate_conv_args(x, weight, tap_mask, bias, stride, padding, dilation, groups)
+    validate_epilogue(x, weight, residual, activation, stride, padding, dilation)
     chosen = resolve_backend(backend, x, weight, tap_mask, stride, padding, dilation, groups)
     eager = _eager_inference(x, weight, bias) and (residual is None or _eager_inference(residual, weight, None))
     if eager:
@@ -186,7 +200,8 @@ def apply_epilogue(out: torch.Tensor, residual: Optional[torch.Tensor], activati
     return out
 
 
-def _validate_epilogue(x, weight, residual, activation, stride, padding, dilation):
+def validate_epilogue(x, weight, residual, activation, stride, padding, dilation) -> None:
+    """Checks ``activation`` and that ``residual`` (optional) has the conv output's shape, dtype, device."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
     if residual is None:
@@ -230,12 +245,26 @@ def _pattern_conv2d_op(
     if fn is None:
         _load_backend(backend)
         fn = CONV_BACKENDS[backend]
+    if x.shape[0] == 0:
+        oh, ow = conv_output_size(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding, dilation)
+        return torch.empty((0, weight.shape[0], oh, ow), dtype=x.dtype, device=x.device,
+                           memory_format=output_memory_format(x))
     out = fn(x, weight, tap_mask, bias, stride, padding, dilation, groups, cache_key)
+    if backend in ("cuda", "triton"):
+        out = _gpu_nonfinite_taps(out, x, tap_mask, stride, padding, dilation, groups)
     # Inductor trusts the fake's strides: every backend's output must have exactly those.
     fmt = output_memory_format(x)
     if out.stride() != torch.empty(out.shape, device="meta", memory_format=fmt).stride():
         out = torch.empty(out.shape, dtype=out.dtype, device=out.device, memory_format=fmt).copy_(out)
     return out
+
+
+def _gpu_nonfinite_taps(out, x, tap_mask, stride, padding, dilation, groups):
+    """:func:`propagate_nonfinite_taps` for the GPU kernels. A CPU tensor (the Triton interpreter) is
+    screened first; on a GPU the mask is computed on every call (a screen would synchronise)."""
+    if x.device.type == "cpu" and bool(torch.isfinite(x).all()):
+        return out
+    return propagate_nonfinite_taps(out, x, tap_mask, stride, padding, dilation, groups)
 
 
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -289,34 +318,24 @@ def _torch_backend(x, weight, tap_mask, bias, stride, padding, dilation, groups,
     return pattern_conv2d_ref(x, weight, tap_mask, bias, stride, padding, dilation, groups)
 
 
-_PACKED: Dict[int, Tuple[tuple, object]] = {}
+_PACKED = WeightCache()
 
 
 def _packed_weights(ext, weight: torch.Tensor, tap_mask: torch.Tensor, groups: int, cache_key: int):
-    """Packed weights for the C++ kernel; cached per layer key and rebuilt when the weight or mask changes."""
-    fingerprint = (
-        weight.data_ptr(), weight._version, tuple(weight.shape), tuple(weight.stride()),
-        tap_mask.data_ptr(), tap_mask._version, groups,
-    )
-    if cache_key:
-        hit = _PACKED.get(cache_key)
-        if hit is not None and hit[0] == fingerprint:
-            return hit[1]
-    w = weight.detach().contiguous()
-    m = tap_mask.detach().contiguous().to(torch.uint8)
-    c_out, c_in_pg, kh, kw = w.shape
-    packed = ext.PackedPatternConv(w.data_ptr(), m.data_ptr(), c_out, c_in_pg, kh, kw, groups)
-    if cache_key:
-        _PACKED[cache_key] = (fingerprint, packed)
-    return packed
+    """Packed weights for the C++ kernel, cached per layer key (see :mod:`.weight_cache`)."""
+
+    def build():
+        w = weight.detach().contiguous()
+        m = tap_mask.detach().contiguous().to(torch.uint8)
+        c_out, c_in_pg, kh, kw = w.shape
+        return ext.PackedPatternConv(w.data_ptr(), m.data_ptr(), c_out, c_in_pg, kh, kw, groups)
+
+    return _PACKED.get_or_build(cache_key, weight, tap_mask, (groups,), build)
 
 
 def release_cache(cache_key: int) -> None:
-    """Drops the packed weights cached under ``cache_key`` (a layer being deleted or replaced)."""
-    _PACKED.pop(cache_key, None)
-    gpu_groups = sys.modules.get("autosculpt.ops._pattern_groups")  # GPU backends' cache, if loaded
-    if gpu_groups is not None:
-        gpu_groups.release(cache_key)
+    """Drops the packed and masked weights cached under ``cache_key`` (a layer being deleted or replaced)."""
+    weight_cache.release(cache_key)
 
 
 def _new_output(shape, like: torch.Tensor) -> torch.Tensor:
@@ -324,12 +343,16 @@ def _new_output(shape, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
-def _cpu_backend(x, weight, tap_mask, bias, stride, padding, dilation, groups, cache_key, residual=None, relu=False):
+def run_cpu_kernel(x, weight, tap_mask, bias, stride, padding, dilation, groups, cache_key, residual=None, relu=False):
+    """The C++ CPU kernel on already validated arguments (``validate_conv_args``): the op's ``"cpu"``
+    backend, and ``PatternConv2d``'s eager shortcut once a shape was validated."""
     ext = _ext.require()
     x = x.contiguous()
-    packed = _packed_weights(ext, weight, tap_mask, groups, cache_key)
     n, _, h, w = x.shape
     oh, ow = conv_output_size(h, w, weight.shape[2], weight.shape[3], stride, padding, dilation)
+    if n == 0:  # an empty batch, as nn.Conv2d returns it
+        return x.new_empty((0, weight.shape[0], oh, ow))
+    packed = _packed_weights(ext, weight, tap_mask, groups, cache_key)
     out = _new_output((n, weight.shape[0], oh, ow), x)
     # (only their data pointers are read: no detach, contiguous() returns the tensor itself when it is)
     b = bias.contiguous() if bias is not None else None
@@ -339,11 +362,28 @@ def _cpu_backend(x, weight, tap_mask, bias, stride, padding, dilation, groups, c
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], torch.get_num_threads(),
         r.data_ptr() if r is not None else 0, bool(relu),
     )
+    if not ext.all_finite(x.data_ptr(), x.numel(), torch.get_num_threads()):
+        propagate_nonfinite_taps(out, x, tap_mask, stride, padding, dilation, groups)
     return out
 
 
+def propagate_nonfinite_taps(out: torch.Tensor, x: torch.Tensor, tap_mask: torch.Tensor, stride, padding,
+                             dilation, groups: int) -> torch.Tensor:
+    """Sets to NaN (in place) every output whose window reads a NaN/±inf input through a *dropped* tap.
+
+    The semantics of ``pattern_conv2d`` is that of ``F.conv2d`` with zero weights at dropped taps, and
+    0·NaN = 0·inf = NaN. The sparse kernels never read dropped taps (that is their speed-up), so they
+    call this when their input holds a non-finite value (screened by one cheap pass): the outputs
+    reached through kept taps are already NaN/inf by arithmetic; this adds the dropped ones."""
+    dropped = (~tap_mask).to(x.dtype)[:, None]  # (C_out, 1, kh, kw): one input plane per conv group
+    n, c = x.shape[:2]
+    bad = (~torch.isfinite(x)).reshape(n, groups, c // groups, *x.shape[2:]).any(2).to(x.dtype)
+    hit = torch.nn.functional.conv2d(bad, dropped, None, tuple(stride), tuple(padding), tuple(dilation), groups) > 0
+    return out.masked_fill_(hit, float("nan"))
+
+
 CONV_BACKENDS["torch"] = _torch_backend
-CONV_BACKENDS["cpu"] = _cpu_backend
+CONV_BACKENDS["cpu"] = run_cpu_kernel
 
 
 def _load_backend(name: str) -> None:

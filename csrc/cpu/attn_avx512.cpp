@@ -42,11 +42,11 @@ namespace {
 
 // 2^x for x <= 0 (softmax in the exp2 domain). 2^x = 2^n * 2^f with n = round(x), |f| <= 1/2 and a
 // degree-7 Taylor polynomial of e^(f ln 2) (relative error < 1e-8, below fp32 rounding). Inputs below
-// -127 (including -inf) give exactly 0.
+// -127 (including -inf) give exactly 0; NaN gives NaN (a NaN score must reach the output, as in SDPA).
 AS_AVX512_INLINE __m512 exp2_ps(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-127.0f);
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
-  x = _mm512_max_ps(x, lo);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ);  // x >= lo, or NaN
+  x = _mm512_max_ps(lo, x);  // max_ps returns its second operand when either is NaN
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
   __m512 p = _mm512_set1_ps(1.525273380405984e-05f);

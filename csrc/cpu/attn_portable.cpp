@@ -58,13 +58,15 @@ AS_INLINE typename V<W>::f splat(float x) {
 }
 
 // 2^x for x <= 0 (see exp2_ps in attn_avx512.cpp): 2^n from exponent bits times a degree-7 polynomial
-// of 2^f; x < -126 (and -inf) gives exactly 0.
+// of 2^f; x < -126 (and -inf) gives exactly 0, NaN gives NaN (it must reach the output, as in SDPA).
 template <int W>
 AS_INLINE typename V<W>::f exp2_vec(typename V<W>::f x) {
   using vf = typename V<W>::f;
   using vi = typename V<W>::i;
-  const vi tiny = !(x >= -126.0f);
-  x = tiny ? splat<W>(-126.0f) : x;
+  const vf x_in = x;
+  const vi tiny = x < -126.0f;
+  const vi nan = x != x;
+  x = (tiny | nan) ? splat<W>(-126.0f) : x;
   const vi n = __builtin_convertvector(x - 0.5f, vi);  // truncation toward 0 = round for x in [-126, 0]
   const vf f = x - __builtin_convertvector(n, vf);     // in (-0.5, 0.5]
   vf p = splat<W>(1.525273380405984e-05f);
@@ -78,7 +80,7 @@ AS_INLINE typename V<W>::f exp2_vec(typename V<W>::f x) {
   vf scale;
   const vi bits = (n + 127) << 23;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return tiny ? splat<W>(0.0f) : p * scale;
+  return tiny ? splat<W>(0.0f) : (nan ? x_in : p * scale);
 }
 
 // st[j][16 lanes] = sum_k krow[j][k] * qt[k][16 lanes] for R key rows.

@@ -27,6 +27,8 @@
 
 namespace autosculpt {
 
+constexpr int64_t kMaxAttnBlock = 4096;
+
 namespace {
 
 struct FreeDeleter {
@@ -60,10 +62,12 @@ struct Workspace {
 
 // 2^x for x <= 0 in plain C that compilers vectorise (libm's exp2f is a scalar call and was ~4x the
 // cost of the matrix products here): 2^round(x) from the exponent bits times a degree-7 polynomial of
-// 2^f, |f| <= 1/2; x < -126 (and -inf) gives exactly 0.
+// 2^f, |f| <= 1/2; x < -126 (and -inf) gives exactly 0; NaN gives NaN (it must reach the output, as in SDPA).
 static inline float exp2_portable(float x) {
-  const bool tiny = !(x >= -126.0f);
-  x = tiny ? -126.0f : x;
+  const float x_in = x;
+  const bool tiny = x < -126.0f;
+  const bool nan = x != x;
+  x = (tiny || nan) ? -126.0f : x;
   const float n = std::floor(x + 0.5f);
   const float f = x - n;
   float p = 1.525273380405984e-05f;
@@ -77,7 +81,7 @@ static inline float exp2_portable(float x) {
   const int32_t bits = (int32_t(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return tiny ? 0.0f : p * scale;
+  return tiny ? 0.0f : (nan ? x_in : p * scale);
 }
 
 // Simple task for any block size: the same algorithm with plain loops over packed K^T/V blocks. On x86
@@ -146,6 +150,10 @@ static void block_attention_forward(const float* q, const float* k, const float*
                                     int64_t bs, float scale, int num_threads, int isa) {
   if (B <= 0 || H <= 0 || Lq <= 0 || Lk <= 0 || D <= 0 || bs <= 0)
     throw std::invalid_argument("block_sparse_attention: sizes and block size must be positive");
+  // Scratch grows with bs^2 per thread; the Python op re-tiles larger blocks to <= 128 tokens.
+  if (bs > kMaxAttnBlock)
+    throw std::invalid_argument("block_sparse_attention: block_size must be <= " + std::to_string(kMaxAttnBlock) +
+                                " here (re-tile the mask to smaller blocks)");
   const int64_t nqb = (Lq + bs - 1) / bs, nkb = (Lk + bs - 1) / bs;
   AttnDims dims{bs, D, (D + 15) / 16 * 16, scale * 1.4426950408889634f};
   const bool avx512_ok = cpu_has_avx512f() && attn_avx512_supported_shape(dims);

@@ -112,14 +112,15 @@ void ConvEpilogue::apply(float* o, int64_t at, int64_t len) const {
 namespace {
 
 // dst[0 .. len) = act(src + r) (r may be null). Short rows, many calls: inline loops, not memcpy; a
-// branch-free ReLU (std::max through a reference defeated vectorisation of the ReLU-only case).
+// branch-free ReLU (std::max through a reference defeated vectorisation of the ReLU-only case) that
+// keeps NaN, as torch.relu does.
 inline void store_row(float* dst, const float* src, const float* r, int64_t len, bool relu) {
   if (r) {
     if (relu) {
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
         const float v = src[i] + r[i];
-        dst[i] = v > 0.f ? v : 0.f;
+        dst[i] = v < 0.f ? 0.f : v;  // NaN stays NaN, as torch.relu
       }
     } else {
 #pragma omp simd
@@ -129,7 +130,7 @@ inline void store_row(float* dst, const float* src, const float* r, int64_t len,
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
       const float v = src[i];
-      dst[i] = v > 0.f ? v : 0.f;
+      dst[i] = v < 0.f ? 0.f : v;  // NaN stays NaN, as torch.relu
     }
   } else {
 #pragma omp simd
@@ -705,8 +706,24 @@ void PackedPatternConv::forward_group(int64_t g, const float* x, const float* bi
   }
 }
 
+// True when no element of x[0, n) is NaN or +-inf: x * 0 is exactly +-0 for a finite x and NaN
+// otherwise, so the sum is 0 exactly when all are finite. Screens a conv input cheaply (one read)
+// before the NaN propagation that dropped taps need (see ops/conv.py).
+bool all_finite(const float* x, int64_t n, int num_threads) {
+  float acc = 0.f;
+  if (num_threads <= 0) num_threads = omp_get_max_threads();
+#pragma omp parallel for simd reduction(+ : acc) num_threads(num_threads) if (n >= (int64_t(1) << 18))
+  for (int64_t i = 0; i < n; ++i) acc += x[i] * 0.0f;
+  return acc == 0.0f;
+}
+
 void register_pattern_conv(pybind11::module_& m) {
   namespace py = pybind11;
+  m.def(
+      "all_finite",
+      [](uintptr_t x, int64_t n, int threads) { return all_finite(reinterpret_cast<const float*>(x), n, threads); },
+      py::arg("x_ptr"), py::arg("n"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+      "True when none of the n float32 values at x_ptr is NaN or infinite");
   py::class_<PackedPatternConv>(m, "PackedPatternConv",
                                 "Weights of one pattern-sparse conv layer, grouped by tap mask and packed")
       .def(py::init([](uintptr_t weight, uintptr_t tap_mask, int64_t c_out, int64_t c_in_pg, int64_t kh,
