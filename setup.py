@@ -7,6 +7,7 @@ Environment variables (read at build time, echoed in the build log):
   AUTOSCULPT_JOBS        parallel build jobs, default: number of CPUs
 """
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,15 +45,76 @@ class CMakeBuild(build_ext):
             f"-DAUTOSCULPT_CUDA_ARCHS={archs}",
             f"-DAUTOSCULPT_VERSION={_version()}",
         ]
-        try:
-            import ninja  # noqa: F401
-
-            args += ["-G", "Ninja"]
-        except ImportError:
-            pass
+        generator, make_program = _generator()
+        if generator:
+            args += ["-G", generator]
+        if make_program:
+            args.append(f"-DCMAKE_MAKE_PROGRAM={make_program}")
+        cmake = shutil.which("cmake") or "cmake"
+        _drop_stale_cache(build_dir, {
+            "CMAKE_COMMAND": _cmake_binary(cmake, build_dir),
+            "CMAKE_GENERATOR": generator or "Unix Makefiles",
+            "CMAKE_MAKE_PROGRAM": make_program,
+            "Python_EXECUTABLE": sys.executable,
+            "pybind11_DIR": pybind11.get_cmake_dir(),
+        })
         print(f"[autosculpt build] AUTOSCULPT_CUDA={cuda} CUDA_ARCHS={archs} build_type={build_type}", flush=True)
-        subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, check=True)
-        subprocess.run(["cmake", "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)
+        subprocess.run([cmake, str(ROOT), *args], cwd=build_dir, check=True)
+        subprocess.run([cmake, "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)
+
+
+def _generator():
+    """(CMake generator, its build program): Ninja when the ninja package or a ninja on PATH exists."""
+    try:
+        import ninja
+
+        exe = Path(ninja.BIN_DIR) / "ninja"
+        if exe.exists():
+            return "Ninja", str(exe)
+    except ImportError:
+        pass
+    exe = shutil.which("ninja")
+    if exe:
+        return "Ninja", exe
+    return None, None
+
+
+def _cache_entry(text: str, key: str):
+    for line in text.splitlines():
+        if line.startswith(key + ":"):
+            return line.partition("=")[2].strip()
+    return None
+
+
+def _cmake_binary(cmake: str, build_dir: Path) -> str:
+    """The cmake executable behind ``cmake`` (a pip-installed cmake runs through a wrapper script)."""
+    script = build_dir / "_which_cmake.cmake"
+    script.write_text("message(\"${CMAKE_COMMAND}\")\n")
+    try:
+        res = subprocess.run([cmake, "-P", str(script)], capture_output=True, text=True, check=False)
+    finally:
+        script.unlink()
+    return res.stderr.strip().splitlines()[-1] if res.stderr.strip() else cmake
+
+
+def _drop_stale_cache(build_dir: Path, expected: dict) -> None:
+    """Deletes the CMake cache when it records another cmake, generator, build program, Python or
+    pybind11 than this build uses, or a build program that no longer exists: pip builds each time in a
+    fresh, then deleted, environment, whose cmake/ninja the cache of the previous ``pip install .`` from
+    the same folder would still name."""
+    cache = build_dir / "CMakeCache.txt"
+    if not cache.exists():
+        return
+    text = cache.read_text(errors="replace")
+    changed = [k for k, v in expected.items() if v is not None and _cache_entry(text, k) not in (None, v)]
+    program = _cache_entry(text, "CMAKE_MAKE_PROGRAM")
+    if program and not os.path.exists(program):
+        changed.append("CMAKE_MAKE_PROGRAM (gone)")
+    if changed:
+        print(f"[autosculpt build] fresh CMake configure in {build_dir}: the cache names another {', '.join(changed)}",
+              flush=True)
+        cache.unlink()
+        shutil.rmtree(build_dir / "CMakeFiles", ignore_errors=True)
 
 
 def _version() -> str:
