@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs AutoSculpt into it, editable, with its test extras.
+# Creates .venv (if missing) and installs AutoSculpt into it, editable, with its test, triton and all extras.
 # torch is pinned to the CPU wheel first so no multi-GB CUDA build is pulled; the C++ extension
 # itself builds without torch (CUDA kernels too when nvcc is found; AUTOSCULPT_CUDA=0 skips them).
 set -euo pipefail
@@ -11,5 +11,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "$TORCH_SPEC"
-.venv/bin/python -m pip install -q -e ".[test,triton]"
+# test + all extras (search, report, export, bench: torch-pruning, openvino, onnxruntime) and triton;
+# the torch spec goes along so no extra can swap the pinned torch for another build.
+.venv/bin/python -m pip install -q -e ".[test,triton,all]" "$TORCH_SPEC"
 .venv/bin/python -m autosculpt.info
