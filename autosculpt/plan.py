@@ -22,6 +22,20 @@ PLAN_VERSION = 1
 _KINDS: Dict[str, Callable[[nn.Module, dict, str], nn.Module]] = {}
 
 
+def plan_int(value, name: str) -> int:
+    """An integer field of a plan: a JSON integer (``3`` or ``3.0``), never a bool or a fraction."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError(f"{name}: expected an integer, got {value!r}")
+    return int(value)
+
+
+def plan_bool(value, name: str) -> bool:
+    """A boolean field of a plan: JSON ``true``/``false`` only (``"no"`` is not ``True``)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected true or false, got {value!r}")
+    return value
+
+
 def register_kind(kind: str, apply: Callable[[nn.Module, dict, str], nn.Module]) -> None:
     """Registers how layer plans of ``kind`` turn a module into its sparse replacement."""
     _KINDS[kind] = apply
@@ -34,6 +48,9 @@ def _apply_conv(module: nn.Module, layer: dict, backend: str) -> nn.Module:
         raise TypeError(f"a 'conv' layer plan needs an nn.Conv2d, found {type(module).__name__}")
     ps = PatternSet.from_json(layer["pattern_set"])
     ids = layer["pattern_ids"]
+    if not isinstance(ids, (list, tuple)):
+        raise ValueError(f"pattern_ids: expected a list of {module.out_channels} integers, got {type(ids).__name__}")
+    ids = [plan_int(i, "pattern_ids") for i in ids]
     if len(ids) != module.out_channels:
         raise ValueError(f"pattern_ids: expected {module.out_channels} ids, got {len(ids)}")
     if ps.kernel_size != tuple(module.kernel_size):

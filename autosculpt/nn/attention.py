@@ -22,7 +22,7 @@ from ..attention_patterns import (
     ATTN6, AttentionPatternSet, attention_flops, head_block_mask, kept_token_fraction, normalize_spec,
 )
 from ..ops.attention import block_sparse_attention
-from ..plan import register_kind
+from ..plan import plan_int, register_kind
 from .conv import faster_path
 
 __all__ = ["PatternAttention", "attention_layer_plan"]
@@ -269,6 +269,11 @@ class PatternAttention(nn.Module):
         if key_padding_mask is not None or attn_mask is not None or is_causal:
             raise ValueError("PatternAttention: key_padding_mask, attn_mask and is_causal are not supported "
                              "(the block patterns are the mask)")
+        if isinstance(query, torch.Tensor) and query.ndim == 2:  # unbatched (L, E), as nn.MultiheadAttention takes it
+            out = self._attend(query[None])[0]
+            return (out, None) if self.return_weights_tuple else out
+        if isinstance(query, torch.Tensor) and query.ndim != 3:
+            raise ValueError(f"query: expected (B, L, E) / (L, B, E) or unbatched (L, E), got shape {tuple(query.shape)}")
         x = query if self.batch_first else query.transpose(0, 1)
         out = self._attend(x)
         if not self.batch_first:
@@ -399,9 +404,10 @@ def _apply_attention(module: nn.Module, layer: dict, backend: str) -> nn.Module:
     if heads is not None and len(ids) != heads:
         raise ValueError(f"head_pattern_ids: expected {heads} ids (one per head), got {len(ids)}")
     for i in ids:
-        if not isinstance(i, int) or not 0 <= i < len(ps):
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(ps):
             raise ValueError(f"head_pattern_ids: {i!r} is not an index into the plan's {len(ps)} patterns")
-    return PatternAttention.from_dense(module, [ps.spec(i) for i in ids], block_size=int(layer.get("block_size", 16)),
+    return PatternAttention.from_dense(module, [ps.spec(i) for i in ids],
+                                       block_size=plan_int(layer.get("block_size", 16), "block_size"),
                                        backend=backend, path=layer.get("path", "auto"))
 
 

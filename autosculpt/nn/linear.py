@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..plan import register_kind
+from ..plan import plan_bool, plan_int, register_kind
 
 __all__ = ["PatternLinear", "blocks_to_features", "linear_layer_plan", "mlp_pair_plan"]
 
@@ -168,9 +168,18 @@ def _apply_linear(module: nn.Module, layer: dict, backend: str) -> nn.Module:
         raise TypeError(f"a 'linear' layer plan needs an nn.Linear, found {type(module).__name__}")
     if layer.get("compact_input") and "in_blocks" not in layer:
         raise ValueError("linear layer plan: compact_input needs in_blocks")
-    return PatternLinear.from_dense(module, layer.get("out_blocks"), layer.get("in_blocks"),
-                                    int(layer.get("block_size", 16)), bool(layer.get("compact_output", False)),
-                                    bool(layer.get("compact_input", False)))
+    blocks = {}
+    for key in ("out_blocks", "in_blocks"):
+        value = layer.get(key)
+        if value is not None:
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"{key}: expected a list of block indices, got {type(value).__name__}")
+            value = [plan_int(b, key) for b in value]
+        blocks[key] = value
+    return PatternLinear.from_dense(module, blocks["out_blocks"], blocks["in_blocks"],
+                                    plan_int(layer.get("block_size", 16), "block_size"),
+                                    plan_bool(layer.get("compact_output", False), "compact_output"),
+                                    plan_bool(layer.get("compact_input", False), "compact_input"))
 
 
 register_kind("linear", _apply_linear)

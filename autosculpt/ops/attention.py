@@ -21,13 +21,18 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from .. import _ext
-from ..reference import block_sparse_attention_ref
+from ..reference import block_sparse_attention_ref, expand_block_mask
 from ..runtime.backends import check_backend
 
 __all__ = ["block_sparse_attention", "block_sparse_attention_backward", "ATTENTION_BACKENDS", "num_blocks"]
 
 # dtypes the C++ kernel takes (half types are computed in float32)
 _CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Largest block size accepted (any size >= the sequence length already means one block).
+MAX_BLOCK_SIZE = 2**31 - 1
+# Blocks above this many tokens are re-tiled into smaller ones before a kernel runs (same mask at a
+# finer grain): kernel scratch grows with the block size squared.
+RETILE_ABOVE = 128
 # name -> fn(q, k, v, block_mask, block_size, scale) -> Tensor
 ATTENTION_BACKENDS: Dict[str, Callable[..., torch.Tensor]] = {}
 
@@ -64,6 +69,9 @@ def _validate(q, k, v, block_mask, block_size, scale) -> None:
         raise TypeError(f"block_size: expected an int, got {type(block_size).__name__}")
     if block_size <= 0:
         raise ValueError(f"block_size: must be a positive int, got {block_size}")
+    if block_size > MAX_BLOCK_SIZE:
+        raise ValueError(f"block_size: must be <= {MAX_BLOCK_SIZE} (a block larger than the sequence is one "
+                         f"block: any size >= the sequence length works), got {block_size}")
     if block_mask.dtype != torch.bool:
         raise TypeError(f"block_mask: expected a bool tensor, got {block_mask.dtype}")
     want = (h, num_blocks(lq, block_size), num_blocks(k.shape[2], block_size))
@@ -135,17 +143,49 @@ def block_sparse_attention(
     output zeros (a pruned head, or a query block with no kept key block).
 
     Args:
-        q: (B, H, Lq, D). k, v: (B, H, Lk, D), same dtype and device.
+        q: (B, H, Lq, D). k, v: (B, H, Lk, D), same dtype and device. Unbatched (H, L, D) and single-head
+            (L, D) inputs work too (the mask then (H, ., .) or (., .)).
         block_mask: bool (H, ceil(Lq/block_size), ceil(Lk/block_size)); True = the query block attends to
             the key block. The last block of each axis may be partial (masked tails).
-        block_size: tokens per block (the CPU kernel is vectorised for multiples of 16; any size works).
+        block_size: tokens per block, 1 .. 2**31-1 (the CPU kernel is vectorised for 16, 32, 64, 128;
+            any size works: one >= the sequence length is one block; blocks above 128 tokens are
+            re-tiled into smaller ones, the same mask, so kernel scratch stays small).
+
+    NaN/Inf: a non-finite value in ``q``, or in ``k``/``v`` rows of a key block the query block keeps,
+    propagates exactly as in SDPA over the kept keys; values in dropped key blocks are never read
+    (they cannot reach the output).
         scale: softmax scale, default ``1/sqrt(D)``.
         backend: "auto", "cpu" (C++, computes in fp32), "triton", "torch" (reference); "cuda" is not built.
     """
+    if all(isinstance(t, torch.Tensor) for t in (q, k, v)) and q.ndim == k.ndim == v.ndim and q.ndim in (2, 3):
+        # unbatched (H, L, D), or a single head (L, D), as scaled_dot_product_attention accepts them
+        if q.ndim == 2 and isinstance(block_mask, torch.Tensor) and block_mask.ndim == 2:
+            block_mask = block_mask[None]
+        lead = (None,) * (4 - q.ndim)
+        out = block_sparse_attention(q[lead], k[lead], v[lead], block_mask, block_size, scale, backend)
+        return out[(0,) * (4 - q.ndim)]
     _validate(q, k, v, block_mask, block_size, scale)
+    block_mask, block_size = retile(block_mask, block_size, q.shape[-2], k.shape[-2])
     chosen = resolve_backend(backend, q, block_size)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     return torch.ops.autosculpt.block_sparse_attention(q, k, v, block_mask, block_size, scale, chosen)
+
+
+def retile(block_mask: torch.Tensor, block_size: int, lq: int, lk: int) -> Tuple[torch.Tensor, int]:
+    """The same token mask at a block size of at most :data:`RETILE_ABOVE` tokens: a block size that
+    covers both sequences becomes one block of 64-token tiles; a larger one is cut into its largest
+    divisor among 64, 128, 32, 16 (the sizes the fast kernels take), else its largest divisor <= 128."""
+    if block_size <= RETILE_ABOVE:
+        return block_mask, block_size
+    if block_size >= max(lq, lk):  # one block per axis
+        fine = 64
+        return block_mask.expand(block_mask.shape[0], num_blocks(lq, fine), num_blocks(lk, fine)), fine
+    fine = next((g for g in (64, 128, 32, 16) if block_size % g == 0), None)
+    if fine is None:
+        fine = next(g for g in range(RETILE_ABOVE, 0, -1) if block_size % g == 0)
+    r = block_size // fine
+    fine_mask = block_mask.repeat_interleave(r, 1)[:, :num_blocks(lq, fine)]
+    return fine_mask.repeat_interleave(r, 2)[:, :, :num_blocks(lk, fine)], fine
 
 
 # --------------------------------------------------------------------------- custom op
@@ -174,7 +214,7 @@ def _(q, k, v, block_mask, block_size, scale, backend):
 
 
 def _expanded_mask(block_mask: torch.Tensor, block_size: int, lq: int, lk: int) -> torch.Tensor:
-    return block_mask.repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)[:, :lq, :lk]
+    return expand_block_mask(block_mask, block_size, lq, lk)
 
 
 def block_sparse_attention_backward(
