@@ -57,8 +57,8 @@ def _validate(q, k, v, block_mask, block_size, scale) -> None:
         if t.device != q.device:
             raise ValueError(f"{name}: on {t.device} but q is on {q.device}")
     b, h, lq, d = q.shape
-    if min(b, h, lq, d) < 1:
-        raise ValueError(f"q: every dimension must be >= 1, got shape {tuple(q.shape)}")
+    if min(h, lq, d) < 1:
+        raise ValueError(f"q: H, L and D must be >= 1 (B may be 0), got shape {tuple(q.shape)}")
     if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
         raise ValueError(f"k: expected shape ({b}, {h}, Lk, {d}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
     if k.shape[2] < 1:
@@ -205,6 +205,8 @@ def _block_sparse_attention_op(
     if fn is None:
         _load_backend(backend)
         fn = ATTENTION_BACKENDS[backend]
+    if q.shape[0] == 0:  # an empty batch, as scaled_dot_product_attention returns it
+        return q.new_empty(q.shape)
     return fn(q, k, v, block_mask, block_size, scale)
 
 

@@ -180,7 +180,10 @@ def pattern_conv2d(
         args = (x, weight, tap_mask, bias, list(stride), list(padding), list(dilation), groups, int(_cache_key))
         if chosen == "cpu":
             return fn(*args, residual=residual, relu=activation == "relu")
-        return apply_epilogue(fn(*args), residual, activation, inplace=True)
+        out = fn(*args)
+        if chosen in ("cuda", "triton"):
+            out = _gpu_nonfinite_taps(out, x, tap_mask, stride, padding, dilation, groups)
+        return apply_epilogue(out, residual, activation, inplace=True)
     out = torch.ops.autosculpt.pattern_conv2d(
         x, weight, tap_mask, bias, list(stride), list(padding), list(dilation), groups, chosen, int(_cache_key)
     )
