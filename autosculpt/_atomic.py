@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from typing import Callable
+
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask (read by setting it and restoring it at once, under a lock)."""
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 
 
 def _atomic(path, suffix: str, write: Callable[[str], None]) -> None:
@@ -12,6 +23,11 @@ def _atomic(path, suffix: str, write: Callable[[str], None]) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    try:
+        # mkstemp creates the file 0600; the final file gets the mode any new file would (0666 & ~umask).
+        os.fchmod(fd, 0o666 & ~current_umask())
+    except (AttributeError, OSError):  # pragma: no cover - no fchmod (Windows)
+        pass
     os.close(fd)
     try:
         write(tmp)

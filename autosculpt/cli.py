@@ -61,40 +61,46 @@ def _kv(text: str):
 
 
 def _positive_int(text: str) -> int:
+    """A positive integer argument of a command that is not a run setting (bench, export)."""
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
+    if not 1 <= v <= 1_000_000:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return v
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+def _batch_int(text: str) -> int:
+    """A batch size of bench / export: positive, at most ``config.MAX_BATCH``."""
+    from .config import MAX_BATCH
+
+    v = _positive_int(text)
+    if v > MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (at most {MAX_BATCH}), got {text!r}")
     return v
 
 
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return v
+def _setting(key: str, parse=str):
+    """The argument converter of run setting ``key``: parses the text with ``parse`` and checks the
+    value with :func:`autosculpt.config.check_setting` (the one place run settings are validated)."""
 
+    def convert(text: str):
+        from .config import SettingError, check_setting
 
-def _ratio(text: str) -> float:
-    v = _positive_float(text)
-    if v >= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}")
-    return v
+        try:
+            value = parse(text)
+        except (TypeError, ValueError):
+            value = text  # check_setting says what was expected
+        try:
+            if key == "latency_batches":  # nargs="+": one element at a time
+                return check_setting(key, [value])[0]
+            return check_setting(key, value)
+        except SettingError as e:
+            raise argparse.ArgumentTypeError(e.detail) from None
+
+    convert.__name__ = key
+    return convert
 
 
 def _add_common(p: argparse.ArgumentParser, *, training: bool = True) -> None:
@@ -102,22 +108,22 @@ def _add_common(p: argparse.ArgumentParser, *, training: bool = True) -> None:
 
     g = p.add_argument_group("model and data")
     g.add_argument("--config", metavar="FILE", help="YAML or TOML file of settings (flags override it)")
-    g.add_argument("--model", help=HELP["model"] + " [digits_cnn]")
+    g.add_argument("--model", type=_setting("model"), help=HELP["model"] + " [digits_cnn]")
     g.add_argument("--model-arg", dest="model_args", action="append", type=_kv, metavar="KEY=VALUE",
                    help="model factory argument (repeatable), e.g. --model-arg width_mult=0.5")
-    g.add_argument("--data", help=HELP["data"] + " [digits]")
-    g.add_argument("--image-size", type=_positive_int, help=HELP["image_size"] + " [32]")
-    g.add_argument("--seed", type=int, help=HELP["seed"] + " [0]")
+    g.add_argument("--data", type=_setting("data"), help=HELP["data"] + " [digits]")
+    g.add_argument("--image-size", type=_setting("image_size", int), help=HELP["image_size"] + " [32]")
+    g.add_argument("--seed", type=_setting("seed", int), help=HELP["seed"] + " [0]")
     if training:
         t = p.add_argument_group("training")
-        t.add_argument("--finetune-epochs", type=_positive_int, help=HELP["finetune_epochs"] + " [5]")
-        t.add_argument("--lr", type=_positive_float, help=HELP["lr"] + " [0.01]")
-        t.add_argument("--batch-size", type=_positive_int, help=HELP["batch_size"] + " [64]")
-        t.add_argument("--weight-decay", type=_nonneg_float, help=HELP["weight_decay"] + " [5e-4]")
-        t.add_argument("--momentum", type=_nonneg_float, help=HELP["momentum"] + " [0.9]")
+        t.add_argument("--finetune-epochs", type=_setting("finetune_epochs", int), help=HELP["finetune_epochs"] + " [5]")
+        t.add_argument("--lr", type=_setting("lr", float), help=HELP["lr"] + " [0.01]")
+        t.add_argument("--batch-size", type=_setting("batch_size", int), help=HELP["batch_size"] + " [64]")
+        t.add_argument("--weight-decay", type=_setting("weight_decay", float), help=HELP["weight_decay"] + " [5e-4]")
+        t.add_argument("--momentum", type=_setting("momentum", float), help=HELP["momentum"] + " [0.9]")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", help=HELP["device"] + " [cpu]")
-    r.add_argument("--threads", type=_positive_int, help=HELP["threads"])
+    r.add_argument("--threads", type=_setting("threads", int), help=HELP["threads"])
     r.add_argument("--backend", choices=["auto", "cpu", "cuda", "triton", "torch"], help=HELP["backend"] + " [auto]")
     r.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bars")
 
@@ -142,23 +148,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", metavar="FILE", help=HELP["weights"])
     b = p.add_argument_group("budget (one of)")
     bx = b.add_mutually_exclusive_group()
-    bx.add_argument("--target-speedup", type=_positive_float, metavar="X", help=HELP["target_speedup"])
-    bx.add_argument("--target-latency-ms", type=_positive_float, metavar="MS", help=HELP["target_latency_ms"])
-    bx.add_argument("--target-flops-ratio", type=_ratio, metavar="R", help=HELP["target_flops_ratio"])
+    bx.add_argument("--target-speedup", type=_setting("target_speedup", float), metavar="X", help=HELP["target_speedup"])
+    bx.add_argument("--target-latency-ms", type=_setting("target_latency_ms", float), metavar="MS", help=HELP["target_latency_ms"])
+    bx.add_argument("--target-flops-ratio", type=_setting("target_flops_ratio", float), metavar="R", help=HELP["target_flops_ratio"])
     s = p.add_argument_group("search and measurement")
-    s.add_argument("--episodes", type=_positive_int, help=HELP["episodes"] + " [60]")
-    s.add_argument("--margin", type=_nonneg_float, metavar="F", help=HELP["margin"] + " [0.15]")
-    s.add_argument("--search-batch", type=_positive_int, help=HELP["search_batch"] + " [8]")
-    s.add_argument("--dense-epochs", type=_positive_int, help=HELP["dense_epochs"] + " [8]")
-    s.add_argument("--dense-lr", type=_positive_float, help=HELP["dense_lr"] + " [0.05]")
+    s.add_argument("--episodes", type=_setting("episodes", int), help=HELP["episodes"] + " [60]")
+    s.add_argument("--margin", type=_setting("margin", float), metavar="F", help=HELP["margin"] + " [0.15]")
+    s.add_argument("--search-batch", type=_setting("search_batch", int), help=HELP["search_batch"] + " [8]")
+    s.add_argument("--dense-epochs", type=_setting("dense_epochs", int), help=HELP["dense_epochs"] + " [8]")
+    s.add_argument("--dense-lr", type=_setting("dense_lr", float), help=HELP["dense_lr"] + " [0.05]")
     s.add_argument("--latency-cache", choices=["user", "run"], help=HELP["latency_cache"] + " [user]")
-    s.add_argument("--latency-batches", type=_positive_int, nargs="+", metavar="B", help=HELP["latency_batches"] + " [1 8]")
-    s.add_argument("--latency-reps", type=_positive_int, help=HELP["latency_reps"] + " [30]")
+    s.add_argument("--latency-batches", type=_setting("latency_batches", int), nargs="+", metavar="B", help=HELP["latency_batches"] + " [1 8]")
+    s.add_argument("--latency-reps", type=_setting("latency_reps", int), help=HELP["latency_reps"] + " [30]")
     o = p.add_argument_group("output")
-    o.add_argument("--runs-dir", metavar="DIR", help=HELP["runs_dir"] + " [runs]")
-    o.add_argument("--name", help=HELP["name"])
+    o.add_argument("--runs-dir", type=_setting("runs_dir"), metavar="DIR", help=HELP["runs_dir"] + " [runs]")
+    o.add_argument("--name", type=_setting("name"), help=HELP["name"])
     o.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
                    help="continue an interrupted run (its folder, or the one named by --name)")
+    o.add_argument("--trust-config-factory", action="store_true",
+                   help="allow a 'package.module:factory' model spec read from a config file (--config, or the "
+                   "run folder's config.yaml on --resume) to be imported and called; built-in model names and "
+                   "--model need no consent")
 
     f = sub.add_parser("finetune", help="fine-tune a saved pruned model (torchrun for several processes)",
                        description="Fine-tune a model file written by 'autosculpt prune' or autosculpt.save. "
@@ -176,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("what", choices=["kernels", "model"])
     bp.add_argument("model_file", nargs="?", metavar="MODEL_FILE", help="for 'bench model'")
     bp.add_argument("--model", help="model spec for files of user models ('package.module:factory')")
-    bp.add_argument("--batches", type=_positive_int, nargs="+", default=[1, 8], metavar="B", help="batch sizes [1 8]")
+    bp.add_argument("--batches", type=_batch_int, nargs="+", default=[1, 8], metavar="B", help="batch sizes [1 8]")
     bp.add_argument("--reps", type=_positive_int, default=30, help="timed repeats [30]")
     bp.add_argument("--threads", type=_positive_int, help="torch threads")
     bp.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -187,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model_file", metavar="MODEL_FILE")
     e.add_argument("--model", help="model spec for files of user models ('package.module:factory')")
     e.add_argument("--out", metavar="DIR", help="output folder [MODEL_FILE stem + '-export']")
-    e.add_argument("--batch", type=_positive_int, default=1, help="example batch size [1]")
+    e.add_argument("--batch", type=_batch_int, default=1, help="example batch size [1]")
     e.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the ONNX file")
 
     rp = sub.add_parser("report", help="re-render report.md and plots of a run folder")
@@ -226,34 +236,54 @@ def _say(msg: str) -> None:
 # --------------------------------------------------------------------------- commands
 
 
+def _check_factory_consent(cfg: dict, args, files: List[str]) -> None:
+    """A 'package.module:factory' model spec that comes from a file (not from --model) is imported
+    and called only with --trust-config-factory: a config file must not run code on its own."""
+    spec = cfg.get("model")
+    if not isinstance(spec, str) or ":" not in spec or getattr(args, "model", None) is not None:
+        return
+    if getattr(args, "trust_config_factory", False):
+        return
+    where = " or ".join(repr(f) for f in files) or "a config file"
+    raise UsageError(f"model: {spec!r} in {where} names code to import and run; pass --trust-config-factory "
+                     f"if you trust that file (or give --model {spec} yourself)")
+
+
 def _cmd_prune(args) -> int:
     from ._optional import ensure
 
     ensure("autosculpt prune", "torch_geometric", "scipy", "yaml", "matplotlib")
-    from .config import load_config_file
+    from .config import load_config_file, validate_config
     from .pipeline import Interrupted, new_run_dir, run_prune
     from .report import format_table, summary_table
 
     resume = args.resume is not None and args.resume is not False
+    files = [args.config] if getattr(args, "config", None) else []
     if resume:
         if isinstance(args.resume, str):
             run_dir = args.resume
         elif args.name:
-            run_dir = os.path.join(args.runs_dir or "runs", args.name)
+            run_dir = os.path.join(args.runs_dir or "runs", args.name)  # --name is checked by its converter
         else:
             raise UsageError("--resume needs the run folder (--resume runs/NAME) or --name")
         saved = os.path.join(run_dir, "config.yaml")
         if not os.path.isfile(saved):
             raise UsageError(f"--resume: {run_dir!r} is not a run folder (no config.yaml)")
         cfg = _resolve(args, extra_file=load_config_file(saved))
+        files.insert(0, saved)
     else:
         cfg = _resolve(args)
+    # Every setting is checked before the run folder is named, created or written.
+    validate_config(cfg)
+    _check_factory_consent(cfg, args, files)
+    if ":" in cfg["model"]:  # a user factory (consented to): import and check it before the run folder exists
+        from .models.pretrained import import_factory
+
+        import_factory(cfg["model"])
+    if not resume:
         run_dir = new_run_dir(cfg)
         if cfg.get("name") and os.path.exists(os.path.join(run_dir, "config.yaml")):
             raise UsageError(f"run folder {run_dir!r} exists; choose another --name or continue it with --resume")
-    from .pipeline import validate_config
-
-    validate_config(cfg)
     _say(f"autosculpt prune -> {run_dir}")
     try:
         summary = run_prune(cfg, run_dir, resume=resume, log=_say)

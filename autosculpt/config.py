@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import difflib
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from ._atomic import atomic_write_text
 
-__all__ = ["DEFAULTS", "HELP", "load_config_file", "resolve_config", "save_config", "cache_dir"]
+__all__ = ["DEFAULTS", "HELP", "load_config_file", "resolve_config", "save_config", "cache_dir", "validate_config",
+           "check_setting", "check_batches_for_data", "check_output_file", "SettingError", "flag_of"]
 
 # key -> (default, help). Order is the order of config.yaml.
 _SPEC: Dict[str, tuple] = {
@@ -125,3 +126,245 @@ def save_config(cfg: Dict[str, Any], path: str) -> None:
             lines.append(f"# {HELP[k]}")
             lines.append(f"{k}: {json.dumps(cfg[k])}")  # JSON values are valid YAML flow scalars
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------- validation
+# Every setting is checked here, once, before a run writes or allocates anything: the CLI's argument
+# converters call ``check_setting`` and runs call ``validate_config`` (which also checks the settings
+# from config files). Numbers must be finite; batch sizes have absolute caps, and
+# ``check_batches_for_data`` bounds the memory of one batch of the actual data set.
+
+MAX_BATCH = 4096  # search_batch, latency_batches
+MAX_TRAIN_BATCH = 65536  # batch_size (per process)
+MAX_IMAGE_SIZE = 2048
+MAX_COUNT = 1_000_000  # episodes, epochs, repeats
+MAX_THREADS = 4096
+MAX_BATCH_BYTES = 2 << 30  # one batch of inputs (float32) for the search or a latency measurement
+
+_FLAGS = {"model_args": "--model-arg", "progress": "--no-progress"}
+
+
+def flag_of(key: str) -> str:
+    """The command-line flag of setting ``key``."""
+    return _FLAGS.get(key, "--" + key.replace("_", "-"))
+
+
+class SettingError(ValueError):
+    """A setting with a bad value; ``detail`` is "expected ..., got ..." (without the setting's name)."""
+
+    def __init__(self, key: str, detail: str):
+        self.key, self.detail = key, detail
+        super().__init__(f"{key} ({flag_of(key)}): {detail}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_range(lo: int, hi: Optional[int], what: str):
+    def check(key, v):
+        if not _is_int(v) or v < lo or (hi is not None and v > hi):
+            bound = f" (at most {hi})" if hi is not None else ""
+            raise SettingError(key, f"expected {what}{bound}, got {v!r}")
+        return v
+    return check
+
+
+def _number(ok: Callable[[float], bool], what: str):
+    def check(key, v):
+        if not _is_num(v) or not ok(v):
+            raise SettingError(key, f"expected {what}, got {v!r}")
+        return float(v) if isinstance(v, float) else v
+    return check
+
+
+def _choice(options):
+    def check(key, v):
+        if v not in options:
+            raise SettingError(key, f"expected one of {', '.join(map(repr, options))}, got {v!r}")
+        return v
+    return check
+
+
+def _optional(inner):
+    def check(key, v):
+        return None if v is None else inner(key, v)
+    return check
+
+
+def _string(key, v):
+    if not isinstance(v, str) or not v:
+        raise SettingError(key, f"expected a non-empty string, got {v!r}")
+    return v
+
+
+def _run_name(key, v):
+    """A run folder name: one plain path component (nothing that leaves ``runs_dir``)."""
+    if v is None:
+        return v
+    bad = (not isinstance(v, str) or not v or v in (".", "..") or "/" in v or "\\" in v or "\0" in v
+           or os.path.isabs(v) or os.path.basename(v) != v or (os.altsep and os.altsep in v) or ":" in v and os.name == "nt")
+    if bad:
+        raise SettingError(key, f"expected a plain folder name (one path component, no '/', '..' or absolute path), got {v!r}")
+    return v
+
+
+def _model(key, v):
+    if not isinstance(v, str) or not v:
+        raise SettingError(key, f"expected a built-in name or 'package.module:factory', got {v!r}")
+    if ":" not in v:
+        from .models import MODEL_NAMES
+
+        if v not in MODEL_NAMES:
+            raise SettingError(key, f"unknown model {v!r}; expected one of {', '.join(MODEL_NAMES)} or 'package.module:factory'")
+    else:
+        module_name, _, attr = v.partition(":")
+        if not module_name or not attr:
+            raise SettingError(key, f"expected 'package.module:factory', got {v!r}")
+    return v
+
+
+def _mapping(key, v):
+    v = {} if v is None else v
+    if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+        raise SettingError(key, f"expected a mapping of argument names to values, got {v!r}")
+    return v
+
+
+def _data(key, v):
+    from .data import parse_data_spec
+
+    try:
+        parse_data_spec(v)
+    except ValueError as e:
+        msg = str(e)
+        raise SettingError(key, msg[len("data: "):] if msg.startswith("data: ") else msg) from None
+    return v
+
+
+def _weights(key, v):
+    if v is None:
+        return v
+    if not isinstance(v, str) or not v:
+        raise SettingError(key, f"expected a file path, got {v!r}")
+    if not os.path.isfile(v):
+        raise FileNotFoundError(f"weights: file {v!r} does not exist")
+    return v
+
+
+def _batches(key, v):
+    if not isinstance(v, (list, tuple)) or not v or not all(_is_int(b) and 1 <= b <= MAX_BATCH for b in v):
+        raise SettingError(key, f"expected a list of positive integers (each at most {MAX_BATCH}), got {v!r}")
+    return list(v)
+
+
+def _bool(key, v):
+    if not isinstance(v, bool):
+        raise SettingError(key, f"expected true or false, got {v!r}")
+    return v
+
+
+def _device_spec(key, v):
+    import torch
+
+    try:
+        dev = torch.device(v)
+    except (RuntimeError, TypeError, ValueError):
+        raise SettingError(key, f"expected 'cpu', 'cuda' or 'cuda:N', got {v!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise SettingError(key, f"expected 'cpu', 'cuda' or 'cuda:N', got {v!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SettingError(key, "CUDA was requested but no CUDA GPU is usable here")
+    return v
+
+
+_CHECKS: Dict[str, Callable[[str, Any], Any]] = {
+    "model": _model,
+    "model_args": _mapping,
+    "weights": _weights,
+    "data": _data,
+    "image_size": _int_range(1, MAX_IMAGE_SIZE, "a positive integer"),
+    "seed": _int_range(-(2 ** 63), 2 ** 63 - 1, "an integer"),
+    "target_speedup": _optional(_number(lambda v: v > 1, "a finite number > 1 (e.g. 2.0 for twice as fast)")),
+    "target_latency_ms": _optional(_number(lambda v: v > 0, "a finite positive number of milliseconds")),
+    "target_flops_ratio": _optional(_number(lambda v: 0 < v < 1, "a fraction in (0, 1) of FLOPs to remove")),
+    "margin": _number(lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    "episodes": _optional(_int_range(1, MAX_COUNT, "a positive integer")),
+    "dense_epochs": _int_range(1, MAX_COUNT, "a positive integer"),
+    "finetune_epochs": _int_range(1, MAX_COUNT, "a positive integer"),
+    "lr": _number(lambda v: v > 0, "a finite positive number"),
+    "dense_lr": _number(lambda v: v > 0, "a finite positive number"),
+    "batch_size": _int_range(1, MAX_TRAIN_BATCH, "a positive integer"),
+    "weight_decay": _number(lambda v: v >= 0, "a finite number >= 0"),
+    "momentum": _number(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "search_batch": _int_range(1, MAX_BATCH, "a positive integer"),
+    "latency_cache": _choice(("user", "run")),
+    "latency_batches": _batches,
+    "latency_reps": _int_range(1, MAX_COUNT, "a positive integer"),
+    "threads": _optional(_int_range(1, MAX_THREADS, "a positive integer")),
+    "device": _device_spec,
+    "backend": _choice(("auto", "cpu", "cuda", "triton", "torch")),
+    "runs_dir": _string,
+    "name": _run_name,
+    "progress": _bool,
+}
+assert set(_CHECKS) == set(_SPEC)
+
+
+def check_setting(key: str, value: Any) -> Any:
+    """Checks one setting; returns it (normalised) or raises :class:`SettingError` (a ValueError)."""
+    return _CHECKS[key](key, value)
+
+
+def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Checks every setting of a resolved configuration, before anything is written or allocated.
+    Raises ValueError naming the setting, its flag and what was expected; returns ``cfg``."""
+    unknown = [k for k in cfg if k not in _SPEC]
+    if unknown:
+        raise ValueError(f"config: unknown setting {unknown[0]!r}")
+    for key in _SPEC:
+        if key in cfg:
+            cfg[key] = check_setting(key, cfg[key])
+    budgets = [k for k in ("target_speedup", "target_latency_ms", "target_flops_ratio") if cfg.get(k) is not None]
+    if len(budgets) > 1:
+        raise ValueError(f"config: give one speed budget, got {', '.join(budgets)}")
+    return cfg
+
+
+def check_batches_for_data(cfg: Dict[str, Any], input_shape) -> None:
+    """Bounds the batches a run builds from the data set (the search batch, the latency batches) by
+    their memory, before they are allocated."""
+    import math
+
+    per_sample = 4 * math.prod(int(d) for d in input_shape)  # float32
+    for key, sizes in (("search_batch", [cfg.get("search_batch") or 1]), ("latency_batches", cfg.get("latency_batches") or [])):
+        for b in sizes:
+            if b * per_sample > MAX_BATCH_BYTES:
+                limit = max(1, MAX_BATCH_BYTES // per_sample)
+                raise SettingError(key, f"expected at most {limit} for inputs of shape {tuple(input_shape)} "
+                                        f"({MAX_BATCH_BYTES >> 30} GiB per batch), got {b}")
+
+
+def check_output_file(path: str, what: str) -> str:
+    """Checks that ``path`` can be written as a file (not a folder, parent not a file, writable)
+    before any work that would write it; raises ValueError naming ``what`` (e.g. "--out")."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ValueError(f"{what}: expected a file path, got {path!r}")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{what}: {path!r} is a folder; expected a file path (e.g. {os.path.join(path, 'model.pt')!r})")
+    parent = os.path.dirname(os.path.abspath(path))
+    probe = parent
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"{what}: cannot write {path!r}: {probe!r} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: cannot write {path!r}: folder {probe!r} is not writable")
+    return path

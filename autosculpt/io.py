@@ -10,6 +10,7 @@ The model is rebuilt as ``sparsify(model_factory(), plan)`` and the weights are 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -40,6 +41,15 @@ class SavedModel:
     meta: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     extra_state: dict = field(default_factory=dict)
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes (the checksum stored per tensor in model files)."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def plan_from_model(model: nn.Module) -> dict:
@@ -108,6 +118,8 @@ def save(model: nn.Module, path: str, plan: Optional[dict] = None, *, meta: Opti
         "meta_json": meta_json,
         "state_dict": state,
         "extra_state_json": json.dumps(extra),
+        # verified by read(): a bit flip in the file is an error, not silently different weights
+        "checksums_json": json.dumps({"algorithm": "sha256", "tensors": {k: tensor_sha256(v) for k, v in state.items()}}),
     }
     atomic_torch_save(payload, path)
     return os.fspath(path)
@@ -148,7 +160,57 @@ def read(path: str, map_location="cpu") -> SavedModel:
         raise ValueError(f"{path!r} is corrupt: state_dict must map names to tensors")
     if not isinstance(extra, dict):
         raise ValueError(f"{path!r} is corrupt: extra state must be a JSON object")
+    _verify_checksums(payload, state, path)
     return SavedModel(plan, state, meta if isinstance(meta, dict) else {}, payload.get("versions") or {}, extra)
+
+
+def _verify_checksums(payload: dict, state: dict, path: str) -> None:
+    """Checks the per-tensor SHA-256 sums written by :func:`save` (files written before there were
+    checksums have none, and load unchecked)."""
+    text = payload.get("checksums_json")
+    if text is None:
+        return
+    try:
+        sums = json.loads(text)
+        algorithm, tensors = sums["algorithm"], sums["tensors"]
+    except (TypeError, KeyError, json.JSONDecodeError):
+        raise ValueError(f"{path!r} is corrupt: its checksum record is unreadable") from None
+    if algorithm != "sha256" or not isinstance(tensors, dict):
+        raise ValueError(f"{path!r} is corrupt: unknown checksum record {algorithm!r}")
+    if set(tensors) != set(state):
+        diff = sorted(set(tensors) ^ set(state))
+        raise ValueError(f"{path!r} is corrupt: its tensors and checksums disagree (e.g. {diff[0]!r})")
+    for k, v in state.items():
+        if tensor_sha256(v) != tensors[k]:
+            raise ValueError(f"{path!r} is corrupt: checksum mismatch for tensor {k!r} (the file was changed or "
+                             "damaged after it was written)")
+
+
+# A model the file's metadata asks for may be at most this much larger than the file's tensors (pruned
+# layers can hold fewer elements than the dense ones they replace, e.g. attention without some heads).
+_SIZE_SLACK_FACTOR, _SIZE_SLACK_ELEMENTS = 4, 1 << 20
+
+
+def _check_sizes_before_building(build: Callable[[], nn.Module], saved: SavedModel, path: str) -> None:
+    """Builds the model on the ``meta`` device (no memory is allocated) and compares its size with the
+    file's tensors, so a small file whose metadata asks for a huge model is refused before anything
+    is allocated. The exact shapes are compared by the strict load after building. Factories that
+    cannot build on the meta device are not checked here."""
+    import math
+
+    try:
+        with torch.device("meta"):
+            ghost = build()
+        sizes = {k: math.prod(v.shape) for k, v in ghost.state_dict().items() if isinstance(v, torch.Tensor)}
+    except Exception:  # noqa: BLE001 - the factory does not support the meta device
+        return
+    wanted = sum(sizes.values())
+    held = sum(v.numel() for v in saved.state_dict.values())
+    if wanted > _SIZE_SLACK_FACTOR * held + _SIZE_SLACK_ELEMENTS:
+        biggest = max(sizes, key=sizes.get)
+        raise ValueError(f"{path!r} does not match the model it describes: the model would hold {wanted:,} "
+                         f"elements (e.g. {biggest} {sizes[biggest]:,}) but the file's tensors hold {held:,}; "
+                         "refused before building it")
 
 
 def _factory_from_meta(meta: dict, path: str) -> Callable[[], nn.Module]:
@@ -187,10 +249,12 @@ def load(path: str, model_factory: Union[Callable[[], nn.Module], nn.Module, str
         from .models import get_model
 
         name, kwargs = model_factory, saved.meta.get("model_args") or {}
+        _check_sizes_before_building(lambda: get_model(name, **kwargs), saved, path)
         model = get_model(name, **kwargs)
     elif isinstance(model_factory, nn.Module):
         model = copy.deepcopy(model_factory)
     elif callable(model_factory):
+        _check_sizes_before_building(model_factory, saved, path)
         model = model_factory()
     else:
         raise TypeError(f"model_factory: expected a callable, an nn.Module or a model name, got {type(model_factory).__name__}")

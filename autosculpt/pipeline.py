@@ -49,40 +49,9 @@ def new_run_dir(cfg: dict) -> str:
 
 
 def validate_config(cfg: dict) -> None:
-    """Checks settings that would otherwise fail late (after the run folder exists)."""
-    from .data import parse_data_spec
-
-    parse_data_spec(cfg["data"])
-    model = cfg["model"]
-    if not isinstance(model, str) or not model:
-        raise ValueError(f"model: expected a built-in name or 'package.module:factory', got {model!r}")
-    if ":" not in model:
-        from .models import MODEL_NAMES
-
-        if model not in MODEL_NAMES:
-            raise ValueError(f"model: unknown model {model!r}; expected one of {', '.join(MODEL_NAMES)} or 'package.module:factory'")
-    if not isinstance(cfg.get("model_args") or {}, dict):
-        raise ValueError(f"model_args: expected a mapping, got {cfg.get('model_args')!r}")
-    for key in ("image_size", "dense_epochs", "finetune_epochs", "batch_size", "search_batch", "latency_reps"):
-        v = cfg.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{key}: expected a positive int, got {v!r}")
-    if cfg.get("episodes") is not None and (not isinstance(cfg["episodes"], int) or cfg["episodes"] < 1):
-        raise ValueError(f"episodes: expected a positive int, got {cfg['episodes']!r}")
-    m = cfg.get("margin")
-    if not isinstance(m, (int, float)) or isinstance(m, bool) or not 0 <= m < 1:
-        raise ValueError(f"margin: expected a fraction in [0, 1), got {m!r}")
-    for key in ("lr", "dense_lr"):
-        if not isinstance(cfg.get(key), (int, float)) or not cfg[key] > 0:
-            raise ValueError(f"{key}: expected a positive number, got {cfg.get(key)!r}")
-    lb = cfg.get("latency_batches")
-    if not isinstance(lb, list) or not lb or not all(isinstance(b, int) and b > 0 for b in lb):
-        raise ValueError(f"latency_batches: expected a list of positive ints, got {lb!r}")
-    if cfg.get("latency_cache") not in ("user", "run"):
-        raise ValueError(f"latency_cache: expected 'user' or 'run', got {cfg.get('latency_cache')!r}")
-    if cfg.get("weights") and not os.path.isfile(cfg["weights"]):
-        raise FileNotFoundError(f"weights: file {cfg['weights']!r} does not exist")
-    _device(cfg)
+    """Checks every setting before a run writes or allocates anything (see
+    :func:`autosculpt.config.validate_config`, where all the checks live)."""
+    cfgmod.validate_config(cfg)
 
 
 def _device(cfg: dict) -> torch.device:
@@ -112,11 +81,20 @@ def _batch(data, n: int) -> torch.Tensor:
     return torch.stack([data[i % len(data)][0] for i in range(n)])
 
 
-def _load_data_and_dense(cfg: dict, device: torch.device, log: Log):
+def _load_data(cfg: dict):
+    """The data set, and the checks of the batch sizes against it (before any batch is built)."""
     from .data import get_dataset
-    from .models.pretrained import dense_model, resolve_model
 
     splits = get_dataset(cfg["data"], cfg["seed"], image_size=cfg["image_size"])
+    cfgmod.check_batches_for_data(cfg, splits.input_shape)
+    return splits
+
+
+def _load_data_and_dense(cfg: dict, device: torch.device, log: Log, splits=None):
+    from .models.pretrained import dense_model, resolve_model
+
+    if splits is None:
+        splits = _load_data(cfg)
     factory, meta = resolve_model(cfg["model"], splits.num_classes, splits.input_shape, cfg.get("model_args") or {})
     meta = {**meta, "data": cfg["data"], "num_classes": splits.num_classes, "input_shape": list(splits.input_shape)}
     dense, source = dense_model(factory, meta, splits, cfg["seed"], epochs=cfg["dense_epochs"], lr=cfg["dense_lr"],
@@ -160,12 +138,13 @@ def run_prune(cfg: dict, run_dir: str, *, resume: bool = False, log: Log = print
     validate_config(cfg)
     _setup(cfg)
     device = _device(cfg)
-    os.makedirs(run_dir, exist_ok=True)
-    cfgmod.save_config(cfg, os.path.join(run_dir, "config.yaml"))
     stage_s: Dict[str, float] = {}
 
     t0 = time.perf_counter()
-    splits, factory, meta, dense, dense_source = _load_data_and_dense(cfg, device, log)
+    splits = _load_data(cfg)  # checks the batch sizes against the data before the run folder exists
+    os.makedirs(run_dir, exist_ok=True)
+    cfgmod.save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    splits, factory, meta, dense, dense_source = _load_data_and_dense(cfg, device, log, splits)
     train, val, test = splits
     stage_s["data_and_dense_model"] = time.perf_counter() - t0
     search_input = _batch(val, cfg["search_batch"]).to(device)
@@ -174,7 +153,10 @@ def run_prune(cfg: dict, run_dir: str, *, resume: bool = False, log: Log = print
     result_path = os.path.join(run_dir, "search_result.json")
     t0 = time.perf_counter()
     if resume and os.path.exists(result_path):
-        result = _search_result_cls().load(result_path)
+        try:
+            result = _search_result_cls().load(result_path)
+        except ValueError as e:
+            raise ValueError(f"resume: {e}; delete {result_path!r} to run the search again") from None
         log(f"search: done before, read {result_path}")
     else:
         from .runtime.latency import LatencyModel
@@ -293,6 +275,10 @@ def run_finetune(model_file: str, cfg: dict, *, data_spec: Optional[str] = None,
     from .io import load, read, save
     from .models.pretrained import resolve_model
 
+    validate_config(cfg)
+    # The output paths are checked before any work: a bad --out must not cost a whole training run.
+    out = cfgmod.check_output_file(out or f"{os.path.splitext(model_file)[0]}-finetuned.pt", "--out")
+    checkpoint = cfgmod.check_output_file(checkpoint or f"{os.path.splitext(out)[0]}-checkpoint.pt", "--checkpoint")
     _setup(cfg)
     dist_device = init_distributed()
     device = dist_device if dist_device is not None else _device(cfg)
@@ -316,9 +302,6 @@ def run_finetune(model_file: str, cfg: dict, *, data_spec: Optional[str] = None,
     model = model.to(device)
     ftcfg = FinetuneConfig(epochs=cfg["finetune_epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"],
                            momentum=cfg["momentum"], weight_decay=cfg["weight_decay"], seed=cfg["seed"])
-    stem = os.path.splitext(model_file)[0]
-    out = out or f"{stem}-finetuned.pt"
-    checkpoint = checkpoint or f"{os.path.splitext(out)[0]}-checkpoint.pt"
     try:
         res = finetune(model, splits.train, splits.val, splits.test, ftcfg, checkpoint_path=checkpoint, resume=resume,
                        progress=cfg["progress"])

@@ -89,8 +89,120 @@ class SearchResult:
 
     @classmethod
     def load(cls, path: str) -> "SearchResult":
-        with open(path) as f:
-            return cls.from_json(f.read())
+        """Reads a file written by :meth:`save`; a missing, empty, truncated or foreign file raises an
+        error naming it (FileNotFoundError or ValueError)."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"search result {path!r} does not exist")
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"search result {path!r} is unreadable ({type(e).__name__}: {e})") from None
+        if not text.strip():
+            raise ValueError(f"search result {path!r} is empty (the writing run was probably killed)")
+        try:
+            return cls.from_json(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"search result {path!r} is truncated or corrupt (invalid JSON: {e})") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"search result {path!r} is not a search result ({e})") from None
+
+
+# -- checkpoint encoding -----------------------------------------------------------------------------
+# The search state holds a few objects that are not tensors or plain data (numpy's RNG state array,
+# torch_geometric ``Data`` observations). They are stored as tagged dicts of tensors and plain data, so
+# the checkpoint is read with ``torch.load(weights_only=True)``: loading a checkpoint never runs code.
+
+STATE_FORMAT = "autosculpt-search-state"
+STATE_FORMAT_VERSION = 2
+_TAG = "__autosculpt_type__"
+
+
+def _encode_state(obj, where: str = "state"):
+    import numpy as np
+
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor, torch.Size, torch.dtype, torch.device)):
+        return obj
+    if isinstance(obj, (np.ndarray, np.generic)):
+        arr = np.asarray(obj)
+        if arr.dtype.hasobject:
+            raise TypeError(f"search checkpoint: {where} is a numpy array of Python objects; cannot store it safely")
+        raw = np.frombuffer(np.ascontiguousarray(arr).tobytes(), dtype=np.uint8).copy()
+        return {_TAG: "ndarray" if isinstance(obj, np.ndarray) else "npscalar", "dtype": arr.dtype.str,
+                "shape": list(arr.shape), "bytes": torch.from_numpy(raw)}
+    if isinstance(obj, dict):
+        if _TAG in obj:
+            raise TypeError(f"search checkpoint: {where} uses the reserved key {_TAG!r}")
+        return {k: _encode_state(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_encode_state(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, tuple):
+        return tuple(_encode_state(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    if type(obj).__module__.startswith("torch_geometric") and hasattr(obj, "to_dict"):
+        return {_TAG: "pyg_data", "store": _encode_state(obj.to_dict(), f"{where}.store")}
+    raise TypeError(f"search checkpoint: {where} is a {type(obj).__name__}, which cannot be stored safely "
+                    "(only tensors, plain data, numpy arrays and graph observations)")
+
+
+def _decode_state(obj):
+    if isinstance(obj, dict):
+        tag = obj.get(_TAG)
+        if tag in ("ndarray", "npscalar"):
+            import numpy as np
+
+            arr = np.frombuffer(obj["bytes"].numpy().tobytes(), dtype=np.dtype(obj["dtype"])).reshape(obj["shape"]).copy()
+            return arr if tag == "ndarray" else arr[()]
+        if tag == "pyg_data":
+            from torch_geometric.data import Data
+
+            return Data.from_dict(_decode_state(obj["store"]))
+        if tag is not None:
+            raise ValueError(f"unknown tagged entry {tag!r}")
+        return {k: _decode_state(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode_state(v) for v in obj]
+    if isinstance(obj, tuple) and not isinstance(obj, torch.Size):
+        return tuple(_decode_state(v) for v in obj)
+    return obj
+
+
+def _save_checkpoint(state: dict, path: str) -> None:
+    atomic_torch_save({"format": STATE_FORMAT, "format_version": STATE_FORMAT_VERSION,
+                       "state": _encode_state(state)}, path)
+
+
+def _load_checkpoint(path: str) -> dict:
+    """Reads a search checkpoint with ``weights_only=True``; every failure names the file and says
+    what to do."""
+    import pickle
+    import zipfile
+
+    todo = "delete it (or use a fresh checkpoint_dir) to start the search over"
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"resume: the search checkpoint {path!r} is empty (the run was probably killed while "
+                         f"writing it); {todo}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"resume: the search checkpoint {path!r} holds objects other than tensors and plain data; "
+                         f"it is refused because loading it could run code (older autosculpt versions wrote such "
+                         f"checkpoints); {todo}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"resume: the search checkpoint {path!r} is truncated or corrupt ({first}); {todo}") from None
+    if (not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT
+            or payload.get("format_version") != STATE_FORMAT_VERSION or not isinstance(payload.get("state"), dict)):
+        raise ValueError(f"resume: {path!r} is not a search checkpoint of this autosculpt version; {todo}")
+    try:
+        state = _decode_state(payload["state"])
+        required = ("settings", "episode", "ppo", "env", "latency", "dense", "episode_rewards", "wall_time_s")
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise ValueError(f"missing {missing}")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"resume: the search checkpoint {path!r} is corrupt ({e}); {todo}") from None
+    return state
 
 
 def _json_default(o):
@@ -207,7 +319,7 @@ def search(
     ckpt_path = os.path.join(checkpoint_dir, CHECKPOINT_NAME) if checkpoint_dir else None
     state = None
     if resume and ckpt_path and os.path.exists(ckpt_path):
-        state = torch.load(ckpt_path, weights_only=False)
+        state = _load_checkpoint(ckpt_path)
         old = dict(state["settings"])
         mismatched = [k for k in settings if k != "episodes" and old.get(k) != settings[k]]
         if mismatched:
@@ -266,7 +378,7 @@ def _run(env, model, train_data, val_data, latency_model, example_input, budget,
                 ppo.update(obs, done)
         episode_rewards.append(ep_reward)
         if ckpt_path:
-            atomic_torch_save({
+            _save_checkpoint({
                 "settings": settings, "episode": episode, "ppo": ppo.state_dict(), "env": env.state_dict(),
                 "latency": latency_model.state_dict(), "dense": dense, "episode_rewards": episode_rewards,
                 "wall_time_s": elapsed_before + time.perf_counter() - t_start,

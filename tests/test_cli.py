@@ -356,3 +356,162 @@ def test_real_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_run, tmp_path):
     assert resumed["resumed_from"] == {"epoch": saved["epoch"], "step": saved["step"]}
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]
     assert (tmp_path / "sig" / "model.pt").is_file()
+
+
+def _one_error_line(capsys):
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("autosculpt: error:") and "Traceback" not in captured.err, captured.err
+    return lines[0]
+
+
+ITEM6_FLAGS = [
+    (["--target-speedup", "inf"], "--target-speedup: expected a finite number > 1"),
+    (["--target-speedup", "nan"], "--target-speedup: expected a finite number > 1"),
+    (["--target-speedup", "0.5"], "--target-speedup: expected a finite number > 1"),
+    (["--target-latency-ms", "inf"], "--target-latency-ms: expected a finite positive number"),
+    (["--search-batch", "200000"], "--search-batch: expected a positive integer (at most 4096)"),
+    (["--latency-batches", "1", "100000"], "--latency-batches: expected a list of positive integers (each at most 4096)"),
+    (["--batch-size", "100000000"], "--batch-size: expected a positive integer (at most 65536)"),
+    (["--lr", "inf"], "--lr: expected a finite positive number"),
+    (["--margin", "nan"], "--margin: expected a fraction in [0, 1)"),
+]
+ITEM6_FILES = [
+    ("target_speedup: .inf\n", "target_speedup (--target-speedup): expected a finite number > 1"),
+    ("target_speedup: 0.5\n", "target_speedup (--target-speedup): expected a finite number > 1"),
+    ("search_batch: 200000\n", "search_batch (--search-batch): expected a positive integer (at most 4096)"),
+    ("weight_decay: .nan\n", "weight_decay (--weight-decay): expected a finite number >= 0"),
+    ("episodes: 2.5\n", "episodes (--episodes): expected a positive integer"),
+    ("progress: 3\n", "progress (--no-progress): expected true or false"),
+]
+
+
+@pytest.mark.parametrize("flags,message", ITEM6_FLAGS, ids=[" ".join(f) for f, _ in ITEM6_FLAGS])
+def test_item6_bad_flags_fail_before_anything_is_written_or_allocated(flags, message, cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline, "_batch", lambda *a: pytest.fail("a batch was built"))
+    monkeypatch.setattr(pipeline, "run_prune", lambda *a, **k: pytest.fail("the run started"))
+    assert main(["prune", *flags, "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert message in _one_error_line(capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("text,message", ITEM6_FILES, ids=[t.strip() for t, _ in ITEM6_FILES])
+def test_item6_bad_config_file_values_fail_before_the_run_folder(text, message, cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text(text)
+    monkeypatch.setattr(pipeline, "run_prune", lambda *a, **k: pytest.fail("the run started"))
+    assert main(["prune", "--config", str(tmp_path / "c.yaml"), "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert message in _one_error_line(capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_item6_batches_are_checked_against_the_data_before_allocation(cache, tmp_path, monkeypatch, capsys):
+    import autosculpt.data as data_mod
+    from autosculpt.config import MAX_BATCH, check_batches_for_data
+
+    class Huge(list):  # a data set of 2048x2048 RGB images; its samples must never be read
+        def __getitem__(self, i):
+            pytest.fail("a sample was read to build a batch")
+
+    huge = data_mod.DataSplits(Huge([0] * 10), Huge([0] * 10), Huge([0] * 10), 2, (3, 2048, 2048), "digits")
+    monkeypatch.setattr(data_mod, "get_dataset", lambda *a, **k: huge)
+    monkeypatch.chdir(tmp_path)
+    assert main(["prune", "--search-batch", str(MAX_BATCH), "--runs-dir", str(tmp_path / "runs"), "--name", "h",
+                 "--no-progress"]) == 2
+    line = _one_error_line(capsys)
+    assert "search_batch (--search-batch): expected at most 42 for inputs of shape (3, 2048, 2048)" in line
+    assert not (tmp_path / "runs").exists()  # checked before the run folder is created
+    check_batches_for_data({"search_batch": 8, "latency_batches": [1, 8]}, (3, 32, 32))  # the usual sizes pass
+
+
+@pytest.fixture
+def evil_run(tmp_path):
+    marker = tmp_path / "PWNED"
+    run = tmp_path / "runs" / "evil"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(f'model: "os:system"\nmodel_args: {{"command": "touch {marker}"}}\n')
+    return run, marker
+
+
+def test_item8_resume_needs_consent_to_import_a_config_factory(evil_run, cache, tmp_path, monkeypatch, capsys):
+    run, marker = evil_run
+    monkeypatch.chdir(tmp_path)
+    assert main(["prune", "--resume", str(run), "--no-progress"]) == 2
+    line = _one_error_line(capsys)
+    assert "'os:system'" in line and "config.yaml" in line and "--trust-config-factory" in line
+    assert not marker.exists()
+    # consent allows importing a model factory only: a built-in function is refused before any call
+    assert main(["prune", "--resume", str(run), "--no-progress", "--trust-config-factory"]) == 2
+    assert "not a model factory" in _one_error_line(capsys)
+    assert not marker.exists()
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]  # nothing ran, nothing written
+    # the same for a --config file of a fresh run
+    (tmp_path / "c.yaml").write_text((run / "config.yaml").read_text())
+    assert main(["prune", "--config", str(tmp_path / "c.yaml"), "--runs-dir", str(tmp_path / "new")]) == 2
+    assert "--trust-config-factory" in _one_error_line(capsys)
+    assert not marker.exists() and not (tmp_path / "new").exists()
+
+
+def test_item8_a_trusted_factory_must_return_a_module(tmp_path, monkeypatch):
+    from autosculpt.models.pretrained import import_factory, resolve_model
+
+    (tmp_path / "not_models.py").write_text("import subprocess\nclass Thing:\n    pass\n"
+                                            "def make(num_classes=10):\n    return 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    build, _ = resolve_model("not_models:make", 10, (1, 8, 8))
+    with pytest.raises(TypeError, match="returned int, expected an nn.Module"):
+        build()
+    for spec in ("not_models:Thing", "not_models:subprocess", "os:system", "builtins:eval", "subprocess:Popen"):
+        with pytest.raises(ValueError, match="not a model factory|no callable"):
+            import_factory(spec)
+    with pytest.raises(ValueError, match="expected 'package.module:factory'"):
+        import_factory("os:path.join")
+
+
+def test_item11_run_names_stay_inside_the_runs_folder(cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline, "run_prune", lambda *a, **k: pytest.fail("the run started"))
+    for name in ("../x", str(tmp_path / "abs"), "a/b", "..", "."):
+        assert main(["prune", "--runs-dir", str(tmp_path / "runs"), "--name", name]) == 2
+        assert "--name: expected a plain folder name" in _one_error_line(capsys)
+        assert main(["prune", "--runs-dir", str(tmp_path / "runs"), "--name", name, "--resume"]) == 2
+        assert "--name: expected a plain folder name" in _one_error_line(capsys)
+    (tmp_path / "c.yaml").write_text("name: ../x\n")
+    assert main(["prune", "--config", str(tmp_path / "c.yaml"), "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "name (--name): expected a plain folder name" in _one_error_line(capsys)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "abs").exists() and not (tmp_path / "runs").exists()
+
+
+def test_item11_finetune_out_is_checked_before_training(cache, tmp_path, monkeypatch, capsys):
+    from autosculpt.models import get_model
+
+    monkeypatch.chdir(tmp_path)
+    args = {"channels": [4, 8, 8, 4]}
+    asc.save(get_model("digits_cnn", **args), "m.pt",
+             meta={"model": "digits_cnn", "model_args": args, "data": "digits", "input_shape": [1, 8, 8]})
+    monkeypatch.setattr(ft, "finetune", lambda *a, **k: pytest.fail("training started"))
+    (tmp_path / "outdir").mkdir()
+    assert main(["finetune", "m.pt", "--out", "outdir", "--no-progress"]) == 2
+    assert "--out: 'outdir' is a folder; expected a file path" in _one_error_line(capsys)
+    (tmp_path / "afile").write_text("")
+    assert main(["finetune", "m.pt", "--out", "afile/m.pt", "--no-progress"]) == 2
+    assert "--out: cannot write 'afile/m.pt'" in _one_error_line(capsys)
+    assert main(["finetune", "m.pt", "--checkpoint", "outdir", "--no-progress"]) == 2
+    assert "--checkpoint: 'outdir' is a folder" in _one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "m.pt", "outdir"]  # no checkpoint left behind
+
+
+def test_item6_finetune_config_file_is_validated_before_training(cache, tmp_path, monkeypatch, capsys):
+    from autosculpt.models import get_model
+
+    monkeypatch.chdir(tmp_path)
+    asc.save(get_model("digits_cnn", channels=(4, 8, 8, 4)), "m.pt",
+             meta={"model": "digits_cnn", "model_args": {"channels": [4, 8, 8, 4]}, "data": "digits", "input_shape": [1, 8, 8]})
+    monkeypatch.setattr(ft, "finetune", lambda *a, **k: pytest.fail("training started"))
+    (tmp_path / "c.yaml").write_text("lr: .inf\n")
+    assert main(["finetune", "m.pt", "--config", "c.yaml", "--no-progress"]) == 2
+    assert "lr (--lr): expected a finite positive number" in _one_error_line(capsys)
+    assert main(["finetune", "m.pt", "--batch-size", "1e9", "--no-progress"]) == 2
+    assert "--batch-size: expected a positive integer" in _one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "m.pt"]

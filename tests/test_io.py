@@ -144,6 +144,10 @@ def test_mask_weights_disagreeing_with_plan(tmp_path):
     key = next(k for k in payload["state_dict"] if k.endswith("tap_mask"))
     payload["state_dict"][key] = ~payload["state_dict"][key]
     torch.save(payload, tmp_path / "t.pt")
+    with pytest.raises(ValueError, match="checksum mismatch for tensor 'features.0.0.tap_mask'"):
+        asc.load(tmp_path / "t.pt", small_cnn)  # the checksum catches the edit first
+    del payload["checksums_json"]  # as a file written before checksums: the plan check still catches it
+    torch.save(payload, tmp_path / "t.pt")
     with pytest.raises(ValueError, match="disagrees with its plan"):
         asc.load(tmp_path / "t.pt", small_cnn)
 
@@ -208,3 +212,56 @@ def test_vit_with_attention_and_mlp_plans_round_trips(tmp_path):
     torch.save(payload, tmp_path / "t.pt")
     with pytest.raises(ValueError, match="does not match the model"):
         asc.load(tmp_path / "t.pt")
+
+
+def test_item9_metadata_asking_for_a_huge_model_is_refused_before_building(tmp_path, monkeypatch):
+    import autosculpt.models as models
+
+    model, plan = pruned_model()
+    path = tmp_path / "m.pt"
+    # A small file whose metadata asks for 4096-channel layers (~1.2 GB of weights if it were built).
+    asc.save(model, path, plan=plan, meta={"model": "digits_cnn", "model_args": {"channels": [4096, 4096, 4096, 4096]}})
+    assert path.stat().st_size < 2_000_000
+    devices, real = [], models.get_model
+
+    def recording_get_model(*a, **k):
+        devices.append(torch.get_default_device().type)
+        return real(*a, **k)
+
+    monkeypatch.setattr(models, "get_model", recording_get_model)
+    with pytest.raises(ValueError, match=r"m\.pt.*does not match the model it describes.*refused before building"):
+        asc.load(path)
+    assert devices == ["meta"]  # only ever built on the meta device: nothing was allocated
+    with pytest.raises(ValueError, match="refused before building"):
+        asc.load(path, "digits_cnn")
+    # the honest metadata still loads
+    asc.save(model, path, plan=plan, meta={"model": "digits_cnn", "model_args": {"channels": [8, 16, 16, 8]}})
+    assert isinstance(asc.load(path), torch.nn.Module)
+
+
+def test_item9_bit_flip_in_a_tensor_is_detected(tmp_path):
+    import struct
+    import zipfile
+
+    model, plan = pruned_model()
+    path = tmp_path / "m.pt"
+    asc.save(model, path, plan=plan)
+    sums = json.loads(torch.load(path, weights_only=True)["checksums_json"])
+    assert sums["algorithm"] == "sha256" and set(sums["tensors"]) == set(model.state_dict())
+    with zipfile.ZipFile(path) as z:  # flip one bit inside the largest tensor's stored bytes
+        big = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[big.header_offset + 26:big.header_offset + 30])
+    data[big.header_offset + 30 + name_len + extra_len + big.file_size // 2] ^= 0x10
+    bad = tmp_path / "flipped.pt"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"flipped\.pt.*checksum mismatch for tensor"):
+        asc.load(bad, small_cnn)
+    # a file written before checksums existed (no checksum record) still loads
+    payload = torch.load(path, weights_only=True)
+    del payload["checksums_json"]
+    torch.save(payload, tmp_path / "old.pt")
+    loaded = asc.load(tmp_path / "old.pt", small_cnn).eval()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))

@@ -134,3 +134,50 @@ def test_stubbed_remainder_and_fusable_epilogues():
     assert type(stubbed[0]).__name__ == "_ConvStub" and isinstance(net[0], nn.Conv2d)  # the original is untouched
     # conv 0 -> ReLU fuses; conv 2 -> BN -> ReLU: BN folds, then the ReLU fuses; no shortcut adds here
     assert fusable_epilogues(net, X, PAPER6, ["0", "2"]) == {"0": (True, False), "2": (True, False)}
+
+
+def test_item10_invalid_cache_entries_are_measured_again(tmp_path):
+    path = tmp_path / "lat.json"
+    first = LatencyModel(cache_path=path, reps=1, warmup=0).profile(tiny_net(), X)
+    data = json.loads(path.read_text())
+    keys = sorted(data["entries"])
+    bad = {keys[0]: float("nan"), keys[1]: -3.95, keys[2]: float("inf"), keys[3]: "1.0", keys[4]: True}
+    data["entries"].update(bad)
+    path.write_text(json.dumps(data))  # json writes NaN / Infinity literals
+    with pytest.warns(RuntimeWarning, match=r"5 invalid entries.*measured again"):
+        lm = LatencyModel(cache_path=path, reps=1, warmup=0)
+    assert not set(bad) & set(lm._cache)
+    lm.profile(tiny_net(), X)
+    assert lm.measurements == len(bad)  # exactly the bad ones were re-measured
+    entries = json.loads(path.read_text())["entries"]
+    assert set(entries) == set(keys) and all(math.isfinite(v) and v >= 0 and not isinstance(v, bool) for v in entries.values())
+    plan = half_plan(tiny_net())
+    assert math.isfinite(lm.predict(plan)) and lm.predict(plan) > 0 and first.measurements == len(keys)
+
+
+def test_item10_runs_sharing_the_cache_merge_their_entries_under_a_lock(tmp_path):
+    import fcntl
+    import threading
+
+    path = tmp_path / "lat.json"
+    other_net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    a = LatencyModel(cache_path=path, reps=1, warmup=0)  # both start before either has written
+    b = LatencyModel(cache_path=path, reps=1, warmup=0)
+    a.profile(tiny_net(), X)
+    b.profile(other_net, X)  # the last writer must not drop a's entries
+    entries = json.loads(path.read_text())["entries"]
+    assert set(a._cache) <= set(entries) and set(b._cache) <= set(entries)
+    assert len(entries) == a.measurements + b.measurements
+    # the read-merge-write waits for the lock another process holds
+    with open(str(path) + ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        b._cache["extra-key"] = 1.5
+        saver = threading.Thread(target=b.save_cache)
+        saver.start()
+        saver.join(0.5)
+        assert saver.is_alive()  # blocked on the lock
+        assert "extra-key" not in json.loads(path.read_text())["entries"]
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    saver.join(10)
+    assert not saver.is_alive() and json.loads(path.read_text())["entries"]["extra-key"] == 1.5

@@ -131,3 +131,65 @@ def test_search_aims_past_a_speed_budget_by_the_margin(setup):
         assert rec["meets_budget"] == (rec["predicted_ms"] <= res.budget["limit"] * (1 + 1e-9)), rec
     with pytest.raises(ValueError, match="margin"):
         asc.search(model, tr, va, latency_model=FlopsLatencyModel(), margin=1.5, **kw)
+
+
+class _CreatesMarker:
+    """Unpickling this runs ``open(marker, "w")``: a stand-in for arbitrary code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_item7_resume_does_not_unpickle_code(setup, tmp_path):
+    ck = tmp_path / "ck"
+    _search(setup, episodes=2, checkpoint_dir=str(ck))
+    state_file = ck / "search_state.pt"
+    # the checkpoint a search writes is plain data and tensors: it loads with weights_only=True
+    state = torch.load(state_file, weights_only=True)
+    assert state["format"] == "autosculpt-search-state" and state["state"]["episode"] == 1
+    # a crafted checkpoint whose unpickling would run code is refused, and nothing runs
+    marker = tmp_path / "PWNED"
+    torch.save({"settings": _CreatesMarker(marker), "episode": 0}, state_file)
+    with pytest.raises(ValueError, match=r"search_state\.pt.*could run code.*delete it"):
+        _search(setup, episodes=3, checkpoint_dir=str(ck), resume=True)
+    assert not marker.exists()
+    # no torch.load in the package may unpickle objects
+    import pathlib
+    import re
+
+    pkg = pathlib.Path(asc.__file__).parent
+    for f in pkg.rglob("*.py"):
+        text = f.read_text()
+        assert "weights_only=False" not in text, f
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (f, call)
+        assert "yaml.load(" not in text and "pickle.load(" not in text and "pickle.loads(" not in text, f
+
+
+def test_item10_empty_or_truncated_search_files_name_the_file(setup, tmp_path):
+    ck = tmp_path / "ck"
+    full = _search(setup, episodes=2, checkpoint_dir=str(ck))
+    state_file = ck / "search_state.pt"
+    data = state_file.read_bytes()
+    state_file.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"search_state\.pt.*is empty.*delete it"):
+        _search(setup, episodes=3, checkpoint_dir=str(ck), resume=True)
+    state_file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"search_state\.pt.*truncated or corrupt.*delete it"):
+        _search(setup, episodes=3, checkpoint_dir=str(ck), resume=True)
+    result_file = tmp_path / "search_result.json"
+    full.save(str(result_file))
+    assert asc.SearchResult.load(str(result_file)).best_plan == full.best_plan
+    text = result_file.read_text()
+    result_file.write_text("")
+    with pytest.raises(ValueError, match=r"search_result\.json.*is empty"):
+        asc.SearchResult.load(str(result_file))
+    result_file.write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=r"search_result\.json.*truncated or corrupt"):
+        asc.SearchResult.load(str(result_file))
+    result_file.write_text('{"best_plan": {}, "surprise": 1}')
+    with pytest.raises(ValueError, match=r"search_result\.json.*not a search result"):
+        asc.SearchResult.load(str(result_file))

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["resolve_model", "dense_model", "load_dense_weights", "dense_cache_path"]
+__all__ = ["resolve_model", "import_factory", "dense_model", "load_dense_weights", "dense_cache_path"]
 
 
 def _accepted(fn: Callable, candidates: dict) -> dict:
@@ -31,6 +31,31 @@ def _accepted(fn: Callable, candidates: dict) -> dict:
     except (TypeError, ValueError):
         return {}
     return {k: v for k, v in candidates.items() if k in params and params[k].kind != inspect.Parameter.VAR_KEYWORD}
+
+
+def import_factory(spec: str) -> Callable[..., nn.Module]:
+    """Imports the model factory named by ``'package.module:factory'`` and checks that it can be one:
+    a Python function (or an nn.Module class); anything else is refused before it is called. (What it
+    returns is checked when it is called.) The current folder is importable, as with ``python -m``."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr or not attr.isidentifier() or not all(p.isidentifier() for p in module_name.split(".")):
+        raise ValueError(f"model: expected 'package.module:factory', got {spec!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"model: cannot import {module_name!r} ({e})") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"model: {module_name!r} has no callable {attr!r}")
+    # Only a Python function (or an nn.Module class) counts as a model factory: built-in functions
+    # (os.system, eval, ...) and other classes never build a model, and are refused before any call.
+    is_module_class = inspect.isclass(factory) and issubclass(factory, nn.Module)
+    if not is_module_class and not (inspect.isfunction(factory) or inspect.ismethod(factory)):
+        raise ValueError(f"model: {spec!r} is a {type(factory).__name__}, not a model factory; expected a Python "
+                         "function that returns an nn.Module, or an nn.Module class")
+    return factory
 
 
 def resolve_model(spec: str, num_classes: int, input_shape: Tuple[int, ...], model_args: Optional[dict] = None
@@ -52,18 +77,7 @@ def resolve_model(spec: str, num_classes: int, input_shape: Tuple[int, ...], mod
             raise ValueError(f"model: unknown model {spec!r}; expected one of {', '.join(MODEL_NAMES)} or 'package.module:factory'")
         kwargs = {**auto, **model_args}
         return (lambda: get_model(spec, **kwargs)), {"model": spec, "model_args": kwargs}
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"model: expected 'package.module:factory', got {spec!r}")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"model: cannot import {module_name!r} ({e})") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ValueError(f"model: {module_name!r} has no callable {attr!r}")
+    factory = import_factory(spec)
     kwargs = {**_accepted(factory, auto), **model_args}
 
     def build() -> nn.Module:

@@ -31,7 +31,9 @@ layer only when it runs the dense conv (a layer on the sparse kernel gets it for
 
 Results are cached on disk (JSON, written atomically through a temp file + ``os.replace``), keyed by
 device name, backend, thread count, library version, layer shape and mix. A corrupt cache file is
-reported with a warning and rebuilt.
+reported with a warning and rebuilt; invalid entries (NaN, Inf, negative) are dropped and measured
+again. ``save_cache`` merges into the file under an exclusive lock (``<cache>.lock``), so runs that
+share the cache keep each other's entries.
 
 ``FlopsLatencyModel`` has the same interface and is deterministic (latency ∝ multiply-accumulates that
 actually run + a fixed per-layer overhead): for tests and for FLOPs-style budgets.
@@ -219,6 +221,41 @@ def _layer_flops(info: dict, mask: Optional[torch.Tensor] = None) -> float:
     kh, kw = info["kernel_size"]
     taps = float(mask.sum()) if mask is not None else float(info["c_out"] * kh * kw)
     return taps * (info["c_in"] // info["groups"]) * oh * ow * n
+
+
+def _valid_ms(v) -> bool:
+    """A usable cached time: a finite number of ms >= 0 (not NaN, Inf, negative, bool or text)."""
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+class _file_lock:
+    """An exclusive ``fcntl.flock`` on ``path`` (created if needed) for a read-merge-write; where
+    ``fcntl`` does not exist (Windows) no lock is taken."""
+
+    def __init__(self, path: str):
+        self.path, self._fd = path, None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self._fd is not None:
+            import fcntl
+
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+        return False
 
 
 class _BaseLatencyModel:
@@ -503,7 +540,10 @@ class LatencyModel(_BaseLatencyModel):
         return "|".join([self.device_name, self.backend, f"t{self.threads}", self.stat, __version__,
                          f"build-{build_signature()}", *map(str, parts)])
 
-    def _load_cache(self) -> Dict[str, float]:
+    def _read_cache_file(self, warn: bool = True) -> Dict[str, float]:
+        """The valid entries of the cache file (none if it is missing or corrupt). Entries that are not
+        a finite, non-negative number of ms (NaN, Inf, negative, not a number) are dropped with a
+        warning, so they are measured again."""
         if not os.path.exists(self.cache_path):
             return {}
         try:
@@ -511,17 +551,39 @@ class LatencyModel(_BaseLatencyModel):
                 data = json.load(f)
             if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("entries"), dict):
                 raise ValueError("unexpected structure")
-            entries = {str(k): float(v) for k, v in data["entries"].items()}
         except (OSError, ValueError, TypeError) as exc:
-            warnings.warn(f"latency cache {self.cache_path} is corrupt ({exc}); it will be rebuilt", RuntimeWarning)
+            if warn:
+                warnings.warn(f"latency cache {self.cache_path} is corrupt ({exc}); it will be rebuilt", RuntimeWarning)
             return {}
+        entries, bad = {}, []
+        for k, v in data["entries"].items():
+            if _valid_ms(v):
+                entries[str(k)] = float(v)
+            else:
+                bad.append(f"{k}={v!r}")
+        if bad and warn:
+            warnings.warn(f"latency cache {self.cache_path}: {len(bad)} invalid entries (not a finite number of "
+                          f"ms >= 0, e.g. {bad[0]}) are ignored and measured again", RuntimeWarning)
         return entries
 
+    def _load_cache(self) -> Dict[str, float]:
+        return self._read_cache_file()
+
     def save_cache(self) -> None:
-        """Writes the cache atomically (temp file in the same folder, then ``os.replace``)."""
+        """Merges this model's measurements into the cache file: under an exclusive lock on
+        ``<cache>.lock`` the file is read, merged (entries measured here win) and written atomically
+        (temp file in the same folder, then ``os.replace``), so runs sharing the cache keep each
+        other's entries."""
         if self.cache_path is None:
             return
-        atomic_write_text(self.cache_path, json.dumps({"format": CACHE_FORMAT, "entries": self._cache}, indent=0, sort_keys=True))
+        folder = os.path.dirname(os.path.abspath(self.cache_path))
+        os.makedirs(folder, exist_ok=True)
+        with _file_lock(self.cache_path + ".lock"):
+            merged = self._read_cache_file(warn=False)  # reported when this model read it
+            merged.update({k: v for k, v in self._cache.items() if _valid_ms(v)})
+            atomic_write_text(self.cache_path, json.dumps({"format": CACHE_FORMAT, "entries": merged}, indent=0, sort_keys=True))
+        for k, v in merged.items():  # what other runs measured meanwhile is reused here too
+            self._cache.setdefault(k, v)
 
     # -- timing ---------------------------------------------------------------------------
     def _sync(self):
