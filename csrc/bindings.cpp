@@ -41,6 +41,7 @@ PYBIND11_MODULE(_C, m) {
   autosculpt::register_info(m);
   autosculpt::register_pattern_conv(m);
   autosculpt::register_block_attention(m);
+  autosculpt::register_max_pool(m);
 #ifdef AUTOSCULPT_WITH_CUDA
   autosculpt::register_cuda(m);
 #endif

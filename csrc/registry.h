@@ -7,6 +7,7 @@ namespace autosculpt {
 void register_info(pybind11::module_& m);
 void register_pattern_conv(pybind11::module_& m);
 void register_block_attention(pybind11::module_& m);
+void register_max_pool(pybind11::module_& m);
 #ifdef AUTOSCULPT_WITH_CUDA
 void register_cuda(pybind11::module_& m);
 #endif

@@ -147,16 +147,36 @@ def test_max_pool_2x2_equals_torch(shape):
     assert got.shape == ref.shape
     assert torch.equal(torch.isnan(got), torch.isnan(ref))
     assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(ref))
-    with pytest.raises(ValueError, match="max-pool"):
+    with pytest.raises(ValueError, match="too small"):
         MaxPool2x2()(torch.randn(1, 2, 1, 4))
 
 
-def test_only_plain_2x2_max_pools_are_replaced():
+def test_max_pools_without_dilation_or_ceil_mode_are_replaced():
     model = nn.Sequential(nn.MaxPool2d(2), nn.MaxPool2d(2, ceil_mode=True), nn.MaxPool2d(3, 1, 1),
-                          nn.MaxPool2d((2, 2), stride=2), nn.MaxPool2d(2, stride=1)).eval()
-    x = torch.randn(2, 3, 33, 33)
+                          nn.MaxPool2d((2, 2), stride=2), nn.MaxPool2d(2, stride=1), nn.MaxPool2d(3, 2, 1),
+                          nn.MaxPool2d(3, dilation=2)).eval()
+    x = torch.randn(2, 3, 129, 129)
     fused = fuse_for_inference(model, x)
-    assert fused.fusion_report["max_pool"] == 2
+    assert fused.fusion_report["max_pool"] == 5
     kinds = [type(m).__name__ for m in fused.children()]
-    assert kinds == ["MaxPool2x2", "MaxPool2d", "MaxPool2d", "MaxPool2x2", "MaxPool2d"]
+    assert kinds == ["MaxPool2x2", "MaxPool2d", "FastMaxPool2d", "MaxPool2x2", "FastMaxPool2d", "FastMaxPool2d",
+                     "MaxPool2d"]
     torch.testing.assert_close(fused(x), model(x))
+
+
+@pytest.mark.parametrize("shape,k,s,p", [((1, 64, 112, 112), 3, 2, 1), ((3, 5, 17, 13), 3, 2, 1), ((2, 3, 9, 9), 2, 2, 0),
+                                         ((1, 2, 7, 8), (3, 2), (1, 3), (1, 1)), ((2, 4, 5, 5), 5, 1, 2), ((0, 3, 6, 6), 3, 2, 1),
+                                         ((3, 6, 6), 2, 1, 1)])
+def test_fast_max_pool_equals_torch(shape, k, s, p):
+    from autosculpt.ops import max_pool2d
+
+    x = torch.randn(shape)
+    if x.numel():
+        x.view(-1)[::11] = float("nan")
+        x.view(-1)[3::13] = float("-inf")
+    ref, got = torch.nn.functional.max_pool2d(x, k, s, p), max_pool2d(x, k, s, p)
+    assert got.shape == ref.shape
+    assert torch.equal(torch.isnan(got), torch.isnan(ref))
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(ref))
+    compiled = torch.compile(lambda t: max_pool2d(t, k, s, p), fullgraph=True, backend="eager")
+    assert torch.equal(torch.nan_to_num(compiled(x)), torch.nan_to_num(ref))
