@@ -280,3 +280,25 @@ def test_item6_linear_plan_fields_are_strict(field, value):
     layer[field] = value
     with pytest.raises(ValueError, match=field):
         asc.sparsify(model, {"version": 1, "layers": {"0": layer}})
+
+
+@needs_cpu
+@pytest.mark.parametrize("block_size", [1, 16, 24])
+@pytest.mark.parametrize("isa", [0, 1, 3])
+def test_item2_minus_inf_scores_are_not_nan(block_size, isa):
+    """A -inf score (from a -inf key) is a zero probability, even when it is the first a row sees; a row
+    whose kept scores are all -inf is NaN, as in SDPA."""
+    from autosculpt.ops.attention import _cpu_backend
+
+    torch.manual_seed(6)
+    q, k, v = torch.randn(1, 1, 48, 16).abs(), torch.randn(1, 1, 48, 16), torch.randn(1, 1, 48, 16)
+    k[0, 0, 0, 3] = float("-inf")  # q >= 0: key 0's score is -inf for every query
+    nb = -(-48 // block_size)
+    mask = torch.ones(1, nb, nb, dtype=torch.bool)
+    out = _cpu_backend(q, k, v, mask, block_size, 0.25, isa=isa)
+    ref = block_sparse_attention_ref(q.double(), k.double(), v.double(), mask, block_size, 0.25)
+    assert torch.isfinite(ref).all() and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    k[0, 0, :, 3] = float("-inf")  # every score -inf
+    out = _cpu_backend(q, k, v, mask, block_size, 0.25, isa=isa)
+    assert out.isnan().all() and block_sparse_attention_ref(q, k, v, mask, block_size, 0.25).isnan().all()

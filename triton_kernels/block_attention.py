@@ -57,16 +57,20 @@ def _block_sparse_attention_fwd(
         v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(col_ok[None, :], s, float("-inf"))
-        # A kept block has at least one column inside LK, so m_new is finite.
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        # While every score so far is -inf (masked tails, or -inf data), subtract 0 instead: -inf - -inf
+        # would be NaN; this way p = alpha = 0. A NaN score still gives NaN, as in SDPA.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_sub)
+        p = tl.exp2(s - m_sub[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    denom = tl.where(l_i > 0.0, l_i, 1.0)
-    out = acc / denom[:, None]  # no kept block: acc = 0 and the rows output zeros
+    # No kept block: acc = 0 and the rows output zeros. Kept blocks whose scores are all -inf: 0 / 0 =
+    # NaN, as SDPA gives.
+    denom = tl.where(end > start, l_i, 1.0)
+    out = acc / denom[:, None]
     o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + cols_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 

@@ -165,10 +165,13 @@ AS_AVX512_INLINE void attend_block(const AttnDims& dims, const float* kblk, cons
     const __m512 m_old = _mm512_loadu_ps(sc.m + 16 * c);
     __m512 m_new = m_old;
     for (int64_t j = 0; j < valid; ++j) m_new = _mm512_max_ps(m_new, _mm512_loadu_ps(sc.s + j * bs + 16 * c));
-    const __m512 alpha = exp2_ps(_mm512_sub_ps(m_old, m_new));  // m_old = -inf on the first block: 0
+    // While every score so far is -inf, subtract 0 instead (-inf - -inf would be NaN): p = alpha = 0.
+    const __m512 m_sub = _mm512_mask_mov_ps(
+        m_new, _mm512_cmp_ps_mask(m_new, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ), _mm512_setzero_ps());
+    const __m512 alpha = exp2_ps(_mm512_sub_ps(m_old, m_sub));  // m_old = -inf on the first block: 0
     __m512 sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < valid; ++j) {
-      const __m512 p = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(sc.s + j * bs + 16 * c), m_new));
+      const __m512 p = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(sc.s + j * bs + 16 * c), m_sub));
       _mm512_storeu_ps(sc.s + j * bs + 16 * c, p);
       sum = _mm512_add_ps(sum, p);
     }

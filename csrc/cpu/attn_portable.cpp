@@ -159,13 +159,15 @@ AS_INLINE void portable_task(const AttnDims& dims, const AttnTask& t, const Attn
         const vf x = load<W>(sc.s + j * bs + i0);
         m_new = x > m_new ? x : m_new;
       }
+      // While every score so far is -inf, subtract 0 instead (-inf - -inf would be NaN): p = alpha = 0.
+      const vf m_sub = (m_new == -INFINITY) ? splat<W>(0.0f) : m_new;
       vf sum = splat<W>(0.0f);
       for (int64_t j = 0; j < valid; ++j) {
-        const vf p = exp2_vec<W>(load<W>(sc.s + j * bs + i0) - m_new);
+        const vf p = exp2_vec<W>(load<W>(sc.s + j * bs + i0) - m_sub);
         store<W>(sc.s + j * bs + i0, p);
         sum += p;
       }
-      const vf alpha = exp2_vec<W>(m_old - m_new);  // m_old = -inf on the first block: 0
+      const vf alpha = exp2_vec<W>(m_old - m_sub);  // m_old = -inf on the first block: 0
       store<W>(sc.alpha + i0, alpha);
       store<W>(sc.l + i0, load<W>(sc.l + i0) * alpha + sum);
       store<W>(sc.m + i0, m_new);

@@ -118,13 +118,15 @@ void attn_task_generic(const AttnDims& dims, const AttnTask& t, const AttnScratc
       float mx = -INFINITY;
       for (int64_t c = 0; c < valid; ++c) mx = std::max(mx, srow[c]);
       const float m_new = std::max(mx, sc.m[r]);
+      // While every score so far is -inf, subtract 0 instead (-inf - -inf would be NaN): p = alpha = 0.
+      const float m_sub = m_new == -INFINITY ? 0.0f : m_new;
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t c = 0; c < valid; ++c) {
-        srow[c] = exp2_portable(srow[c] - m_new);
+        srow[c] = exp2_portable(srow[c] - m_sub);
         sum += srow[c];
       }
-      const float alpha = exp2_portable(sc.m[r] - m_new);
+      const float alpha = exp2_portable(sc.m[r] - m_sub);
       sc.l[r] = sc.l[r] * alpha + sum;
       sc.m[r] = m_new;
       float* orow = sc.o + r * dp;
