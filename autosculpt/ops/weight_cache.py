@@ -88,3 +88,6 @@ class WeightCache:
 
     def pop(self, cache_key: int) -> None:
         self._entries.pop(cache_key, None)
+
+    def __contains__(self, cache_key: int) -> bool:
+        return cache_key in self._entries
