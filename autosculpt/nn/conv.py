@@ -264,7 +264,12 @@ class PatternConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``activation(conv(x) + residual)``; ``x`` is (N, C_in, H, W) or unbatched (C_in, H, W), as
-        ``nn.Conv2d`` takes it (``residual`` then 3-D too)."""
+        ``nn.Conv2d`` takes it (``residual`` then 3-D too).
+
+        Under ``torch.fx`` tracing and ``torch.compile`` the layer is one call of the custom op (plus the
+        epilogue as torch ops): no graph break, nothing that depends on eager caches or thread counts."""
+        if isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling():
+            return self._graph_forward(x, residual)
         if isinstance(x, torch.Tensor) and x.ndim == 3:
             if residual is not None and isinstance(residual, torch.Tensor) and residual.ndim != 3:
                 raise ValueError(f"residual: expected 3-D (C_out, H_out, W_out) for an unbatched x, got shape {tuple(residual.shape)}")
@@ -286,16 +291,30 @@ class PatternConv2d(nn.Module):
                 self._validated.add(checked_key)
         path = self.path
         if path == "auto":
-            if torch.compiler.is_compiling():
-                path = "sparse"  # decisions are measured eagerly (call calibrate() before compiling)
-            else:
-                path = self._decided.get(self._decision_key(x)) or self.calibrate(x)
+            path = self._decided.get(self._decision_key(x)) or self.calibrate(x)
         if path != "sparse":
             return self._dense(x, residual)
         out = self._sparse(x, residual)
-        if fast_key is not None and not torch.compiler.is_compiling():
+        if fast_key is not None:
             self._remember_fast_call(fast_key, x)
         return out
+
+    def _graph_forward(self, x, residual):
+        """The layer as graph ops (fx tracing, dynamo): the custom op for the sparse path, a masked
+        ``F.conv2d`` for the dense one. Under ``path="auto"`` the path measured eagerly is used when
+        every measured shape agreed (call the model once eagerly, or :meth:`calibrate`), else sparse."""
+        path = self.path
+        if path == "auto":
+            decided = set(self._decided.values())
+            path = decided.pop() if len(decided) == 1 else "sparse"
+        if path == "dense":
+            w = self.weight * self.tap_mask[:, None].to(self.weight.dtype)
+            out = F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        else:
+            out = torch.ops.autosculpt.pattern_conv2d(
+                x, self.weight, self.tap_mask, self.bias, list(self.stride), list(self.padding), list(self.dilation),
+                self.groups, self.backend, self._cache_key)
+        return conv_ops.apply_epilogue(out, residual, self.activation, inplace=False)
 
     def _check_input(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
         if isinstance(x, torch.fx.Proxy):

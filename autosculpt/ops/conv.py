@@ -244,6 +244,8 @@ def _pattern_conv2d_op(
     backend: str,
     cache_key: int,
 ) -> torch.Tensor:
+    if backend == "auto":  # a graph traced from a layer (fx, dynamo): resolved on the real tensors
+        backend = resolve_backend("auto", x, weight, tap_mask, stride, padding, dilation, groups)
     fn = CONV_BACKENDS.get(backend)
     if fn is None:
         _load_backend(backend)
