@@ -236,7 +236,7 @@ def random_search(model: nn.Module, train_data, val_data, *, num_plans: int, lat
     meeting the budget by prediction, confirmed by an end-to-end measurement.
     """
     from .rl.env import Budget, PruningEnv
-    from .search import SearchResult, _select
+    from .search import SearchResult, select_verified
     from .train import evaluate
 
     t0 = time.perf_counter()
@@ -256,7 +256,7 @@ def random_search(model: nn.Module, train_data, val_data, *, num_plans: int, lat
     history = sorted(env.evaluations.values(), key=lambda r: r["index"])
     dense = {"val_acc": evaluate(model, val_data), "predicted_ms": env.dense_ms, "measured_ms": None,
              "flops": env.dense_flops}
-    best, verification, met = _select(env, history, budget, example_input, verify_top, verify_tolerance, dense)
+    best, verification, met = select_verified(env, history, budget, example_input, verify_top, verify_tolerance, dense)
     return SearchResult(
         best_plan=env.plan_for(best["action"]), best_record=best, history=history,
         budget={**budget.as_dict(), "limit": env.limit, "uses_flops": budget.uses_flops}, dense=dense,

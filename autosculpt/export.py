@@ -20,7 +20,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-from .plan import _set_submodule
+from .plan import set_submodule
 
 __all__ = ["dense_equivalent", "export_model", "onnx_available"]
 
@@ -31,7 +31,7 @@ def dense_equivalent(model: nn.Module) -> nn.Module:
     out = copy.deepcopy(model)
     replace = [(n, m) for n, m in out.named_modules() if n and callable(getattr(m, "to_dense", None))]
     for name, m in replace:
-        _set_submodule(out, name, m.to_dense())
+        set_submodule(out, name, m.to_dense())
     return out
 
 

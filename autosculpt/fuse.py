@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .graph.build import _Tracer  # AutoSculpt's layers are leaves
-from .plan import _set_submodule
+from .graph.build import LeafTracer  # AutoSculpt's layers are leaves
+from .plan import set_submodule
 
 __all__ = ["fuse_for_inference", "FusionReport", "FastMaxPool2d", "MaxPool2x2"]
 
@@ -150,7 +150,7 @@ def fuse_for_inference(model: nn.Module, example_input: torch.Tensor, *, fold_bn
         raise TypeError(f"example_input: expected a torch.Tensor, got {type(example_input).__name__}")
     model = copy.deepcopy(model)
     try:
-        graph = _Tracer().trace(model)
+        graph = LeafTracer().trace(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure is reported the same way
         raise ValueError(f"model: torch.fx cannot trace {type(model).__name__} for fusion ({type(exc).__name__}: {exc})") from exc
     gm = torch.fx.GraphModule(model, graph, class_name=type(model).__name__ + "Fused")
@@ -175,7 +175,7 @@ def fuse_for_inference(model: nn.Module, example_input: torch.Tensor, *, fold_bn
                 fused = _fold_bn_into_pattern_conv(mod, bn)
             else:
                 fused = torch.nn.utils.fusion.fuse_conv_bn_eval(mod, bn)
-            _set_submodule(gm, conv.target, fused)
+            set_submodule(gm, conv.target, fused)
             node.replace_all_uses_with(conv)
             gm.graph.erase_node(node)
             report["bn_folded"] += 1
@@ -225,7 +225,7 @@ def fuse_for_inference(model: nn.Module, example_input: torch.Tensor, *, fold_bn
         for node in gm.graph.nodes:
             fast = _fast_max_pool(gm.get_submodule(node.target)) if node.op == "call_module" else None
             if fast is not None:
-                _set_submodule(gm, node.target, fast)
+                set_submodule(gm, node.target, fast)
                 report["max_pool"] += 1
 
     gm.graph.lint()

@@ -1,11 +1,14 @@
 """Pruning plans: plain JSON data saying how each prunable module is sparsified, and ``sparsify``.
 
 A plan is ``{"version": 1, "layers": {module_name: layer_plan}}``. Each ``layer_plan`` has a
-``"kind"``; the kinds register an ``apply`` function here (``register_kind``):
+``"kind"``; the kinds register an ``apply`` function here (``register_kind``) from the modules that
+define their layers, so this module imports none of them (``import autosculpt`` imports
+:mod:`autosculpt.nn`, which registers them all, before anything can call :func:`sparsify`):
 
-- ``"conv"``: ``{"kind": "conv", "pattern_set": PatternSet.to_json(), "pattern_ids": [C_out ints]}``
-  turns an ``nn.Conv2d`` into a ``PatternConv2d`` with ``tap_mask = masks[pattern_ids]``.
-- ``"attention"`` and ``"linear"`` are registered by :mod:`autosculpt.nn` (attention patterns).
+- ``"conv"`` (:mod:`autosculpt.nn.conv`): ``{"kind": "conv", "pattern_set": PatternSet.to_json(),
+  "pattern_ids": [C_out ints]}`` turns an ``nn.Conv2d`` into a ``PatternConv2d`` with
+  ``tap_mask = masks[pattern_ids]``.
+- ``"attention"`` and ``"linear"`` (:mod:`autosculpt.nn.attention`, :mod:`autosculpt.nn.linear`).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import Callable, Dict
 import torch
 from torch import nn
 
-from .patterns import PatternSet, masks_from_ids
+from .patterns import PatternSet
 
 PLAN_VERSION = 1
 # kind -> fn(module, layer_plan, backend) -> replacement module
@@ -41,26 +44,6 @@ def register_kind(kind: str, apply: Callable[[nn.Module, dict, str], nn.Module])
     _KINDS[kind] = apply
 
 
-def _apply_conv(module: nn.Module, layer: dict, backend: str) -> nn.Module:
-    from .nn.conv import PatternConv2d
-
-    if not isinstance(module, nn.Conv2d):
-        raise TypeError(f"a 'conv' layer plan needs an nn.Conv2d, found {type(module).__name__}")
-    ps = PatternSet.from_json(layer["pattern_set"])
-    ids = layer["pattern_ids"]
-    if not isinstance(ids, (list, tuple)):
-        raise ValueError(f"pattern_ids: expected a list of {module.out_channels} integers, got {type(ids).__name__}")
-    ids = [plan_int(i, "pattern_ids") for i in ids]
-    if len(ids) != module.out_channels:
-        raise ValueError(f"pattern_ids: expected {module.out_channels} ids, got {len(ids)}")
-    if ps.kernel_size != tuple(module.kernel_size):
-        raise ValueError(f"pattern_set: kernel {ps.kernel_size} does not match the conv's {tuple(module.kernel_size)}")
-    return PatternConv2d.from_dense(module, masks_from_ids(ps, ids), backend=backend, path=layer.get("path", "auto"))
-
-
-register_kind("conv", _apply_conv)
-
-
 def conv_layer_plan(pattern_set: PatternSet, pattern_ids) -> dict:
     """The layer plan for a conv whose filters get ``pattern_ids`` from ``pattern_set``."""
     return {"kind": "conv", "pattern_set": pattern_set.to_json(), "pattern_ids": [int(i) for i in pattern_ids]}
@@ -80,18 +63,8 @@ def validate_plan(plan: dict) -> dict:
             raise ValueError(f"plan: layer {name!r} must map a module name to a dict")
         kind = layer.get("kind")
         if kind not in _KINDS:
-            _load_kinds()
-        if kind not in _KINDS:
             raise ValueError(f"plan: layer {name!r} has unknown kind {kind!r} (known: {sorted(_KINDS)})")
     return plan
-
-
-def _load_kinds() -> None:
-    # Kinds defined beside their modules register on import.
-    import importlib
-
-    for mod in ("autosculpt.nn",):
-        importlib.import_module(mod)
 
 
 def sparsify(model: nn.Module, plan: dict, *, inplace: bool = False, backend: str = "auto") -> nn.Module:
@@ -110,11 +83,12 @@ def sparsify(model: nn.Module, plan: dict, *, inplace: bool = False, backend: st
         if name not in modules:
             raise KeyError(f"plan: module {name!r} not found in {type(model).__name__}")
         replacement = _KINDS[layer["kind"]](modules[name], layer, backend)
-        _set_submodule(target, name, replacement)
+        set_submodule(target, name, replacement)
     return target
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replaces the submodule ``name`` (dotted, e.g. ``"layer1.0.conv1"``) of ``root`` by ``module``."""
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)

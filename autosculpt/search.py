@@ -394,7 +394,7 @@ def _run(env, model, train_data, val_data, latency_model, example_input, budget,
 
     history = sorted(env.evaluations.values(), key=lambda r: r["index"])
     torch.set_num_threads(env.threads)  # end-to-end latency is measured with the caller's threads
-    best, verification, met = _select(env, history, budget, example_input, verify_top, verify_tolerance, dense,
+    best, verification, met = select_verified(env, history, budget, example_input, verify_top, verify_tolerance, dense,
                                       margin=settings["margin"] / 2)
     result = SearchResult(
         best_plan=env.plan_for(best["action"]), best_record=best, history=history,
@@ -423,8 +423,8 @@ def _budget_centred_bias(env: PruningEnv, sharpness: float = 1.0) -> torch.Tenso
     return -sharpness * (torch.arange(n) - j).abs().float()
 
 
-def _select(env: PruningEnv, history, budget: Budget, example_input, verify_top: int, tolerance: float, dense: dict,
-            margin: float = 0.0):
+def select_verified(env: PruningEnv, history, budget: Budget, example_input, verify_top: int, tolerance: float,
+                    dense: dict, margin: float = 0.0):
     """The most accurate plan that meets the budget by prediction AND when measured end to end.
 
     Among the ``verify_top`` most accurate plans in budget by prediction (each measured end to end),

@@ -124,9 +124,9 @@ class ModelGraph:
         return data
 
 
-class _Tracer(torch.fx.Tracer):
-    """Treats AutoSculpt's sparse modules (and any module with a ``tap_mask``) as leaves, so sparsified
-    models trace too."""
+class LeafTracer(torch.fx.Tracer):
+    """An fx tracer that treats AutoSculpt's sparse modules (and any module with a ``tap_mask``) as
+    leaves, so sparsified models trace too (used by ``build_graph`` and ``autosculpt.fuse``)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if hasattr(m, "tap_mask") or type(m).__module__.startswith("autosculpt.nn"):
@@ -136,7 +136,7 @@ class _Tracer(torch.fx.Tracer):
 
 def _trace(model: nn.Module) -> torch.fx.GraphModule:
     try:
-        graph = _Tracer().trace(model)
+        graph = LeafTracer().trace(model)
     except Exception as exc:  # fx raises many kinds (TraceError, TypeError, NotImplementedError...)
         raise GraphBuildError(
             f"build_graph: torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. "

@@ -10,6 +10,8 @@ from torch import nn
 
 from ..ops import conv as conv_ops
 from ..ops import weight_cache
+from ..patterns import PatternSet, masks_from_ids
+from ..plan import plan_int, register_kind
 
 # (shape, mask bytes, device, dtype, threads) -> "sparse" | "dense": decisions shared by identical layers
 _PATH_DECISIONS: Dict[tuple, str] = {}
@@ -354,3 +356,22 @@ class PatternConv2d(nn.Module):
         if self.activation is not None:
             s += f", activation={self.activation}"
         return s + f", kept={self.kept_fraction():.3f}, backend={self.backend}, path={self.active_path()}"
+
+
+def _apply_conv(module: nn.Module, layer: dict, backend: str) -> nn.Module:
+    """The ``"conv"`` plan kind: an ``nn.Conv2d`` becomes a ``PatternConv2d`` with ``masks[pattern_ids]``."""
+    if not isinstance(module, nn.Conv2d):
+        raise TypeError(f"a 'conv' layer plan needs an nn.Conv2d, found {type(module).__name__}")
+    ps = PatternSet.from_json(layer["pattern_set"])
+    ids = layer["pattern_ids"]
+    if not isinstance(ids, (list, tuple)):
+        raise ValueError(f"pattern_ids: expected a list of {module.out_channels} integers, got {type(ids).__name__}")
+    ids = [plan_int(i, "pattern_ids") for i in ids]
+    if len(ids) != module.out_channels:
+        raise ValueError(f"pattern_ids: expected {module.out_channels} ids, got {len(ids)}")
+    if ps.kernel_size != tuple(module.kernel_size):
+        raise ValueError(f"pattern_set: kernel {ps.kernel_size} does not match the conv's {tuple(module.kernel_size)}")
+    return PatternConv2d.from_dense(module, masks_from_ids(ps, ids), backend=backend, path=layer.get("path", "auto"))
+
+
+register_kind("conv", _apply_conv)

@@ -171,14 +171,14 @@ class _ConvStub(nn.Module):
 
 def stub_layers(model: nn.Module, example_input: torch.Tensor, names: List[str]) -> nn.Module:
     """A copy of ``model`` whose modules ``names`` return a fixed zero tensor of their output's shape."""
-    from ..plan import _set_submodule
+    from ..plan import set_submodule
 
     model = copy.deepcopy(model).eval()
     outs: Dict[str, torch.Tensor] = {}
     _run_once(model, example_input, [model.get_submodule(n).register_forward_hook(
         lambda mod, args, out, n=n: outs.__setitem__(n, torch.zeros_like(out))) for n in names])
     for n in names:
-        _set_submodule(model, n, _ConvStub(outs[n]))
+        set_submodule(model, n, _ConvStub(outs[n]))
     return model
 
 
