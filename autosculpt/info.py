@@ -8,7 +8,7 @@ import torch
 
 def report() -> str:
     """A human-readable summary of the installation."""
-    from .runtime.backends import available_backends, build_info
+    from .ops.backends import available_backends, build_info
 
     info = build_info()
     usable = available_backends()

@@ -97,7 +97,7 @@ def _timer(device: str, quick: bool) -> Callable[[Callable[[], object]], float]:
 
         return lambda fn: triton.testing.do_bench(fn, warmup=10, rep=30, return_mode="median")
     except ImportError:
-        from autosculpt.runtime.gpu_choice import time_ms
+        from autosculpt.ops.gpu_choice import time_ms
 
         return lambda fn: time_ms(fn, torch.device("cuda"), warmup=3, reps=20)
 
@@ -160,7 +160,7 @@ def run(outdir: Path, device: str, quick: bool, budget_s: float, providers: List
         tf32 = dname == "fp32-tf32"
         if device == "cuda":
             _set_tf32(tf32)
-            from autosculpt.runtime import gpu_choice
+            from autosculpt.ops import gpu_choice
 
             gpu_choice.clear()  # decisions depend on the TF32 setting
         for batch in batches:

@@ -197,7 +197,7 @@ def test_runs_on_the_callers_stream(gpu, tf32_off, backend):
 
 @pytest.mark.cuda
 def test_auto_picks_a_measured_backend_once(gpu, monkeypatch):
-    from autosculpt.runtime import gpu_choice
+    from autosculpt.ops import gpu_choice
 
     monkeypatch.delenv("AUTOSCULPT_TRITON_AUTOTUNE")  # the real path: autotuned Triton among candidates
     gpu_choice.clear()
@@ -275,7 +275,7 @@ def test_build_asked_for_cuda_has_it():
 
 def test_import_initialises_no_cuda_and_cuda_backend_errors_clearly():
     code = (
-        "import torch, autosculpt, autosculpt.ops._conv_cuda, autosculpt.runtime.gpu_choice\n"
+        "import torch, autosculpt, autosculpt.ops._conv_cuda, autosculpt.ops.gpu_choice\n"
         "autosculpt.runtime.build_info()\n"
         "assert not torch.cuda.is_initialized(), 'CUDA initialised at import'\n"
         "x = torch.randn(1, 2, 4, 4); w = torch.randn(3, 2, 3, 3); m = torch.ones(3, 3, 3, dtype=torch.bool)\n"
@@ -340,7 +340,7 @@ def test_auto_chooser_logic_without_a_gpu(monkeypatch):
     """gpu_choice with its timer and candidates replaced: fastest wins, decisions are cached per mask,
     a failing backend is warned about and excluded, and traced calls reuse eager decisions."""
     from autosculpt.ops import conv as conv_ops
-    from autosculpt.runtime import gpu_choice
+    from autosculpt.ops import gpu_choice
 
     gpu_choice.clear()
     calls = []

@@ -227,7 +227,7 @@ class PatternConv2d(nn.Module):
         if torch.is_grad_enabled() and self.weight.requires_grad:
             w = self.weight * self.tap_mask[:, None].to(self.weight.dtype)
         else:  # inference: the masked weight cached until weight or mask change (no per-call multiply)
-            from ..ops._pattern_groups import masked_weight
+            from ..ops.conv import masked_weight
 
             w = masked_weight(self.weight, self.tap_mask, self._cache_key, x)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)

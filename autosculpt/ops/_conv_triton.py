@@ -1,7 +1,7 @@
 """Registers the ``"triton"`` backend of ``pattern_conv2d`` (imported lazily by ``ops.conv``).
 
 CUDA tensors run the compiled, autotuned Triton kernel; CPU tensors (fp32, with ``TRITON_INTERPRET=1``,
-checked by ``runtime.backends.check_backend``) run the same kernel body in Triton's interpreter.
+checked by ``ops.backends.check_backend``) run the same kernel body in Triton's interpreter.
 """
 from __future__ import annotations
 

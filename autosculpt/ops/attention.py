@@ -22,7 +22,7 @@ import torch
 
 from .. import _ext
 from ..reference import block_sparse_attention_ref, expand_block_mask
-from ..runtime.backends import check_backend
+from .backends import check_backend
 
 __all__ = ["block_sparse_attention", "block_sparse_attention_backward", "ATTENTION_BACKENDS", "num_blocks"]
 

@@ -15,8 +15,9 @@ import torch
 from .. import _ext
 from ..reference import pattern_conv2d_ref
 from . import weight_cache
+from ._pattern_groups import masked_weight  # noqa: F401  (public here: PatternConv2d's dense path)
 from .weight_cache import WeightCache
-from ..runtime.backends import check_backend
+from .backends import check_backend
 
 IntPair = Union[int, Sequence[int]]
 
@@ -117,7 +118,7 @@ def resolve_backend(backend: str, x: torch.Tensor, weight, tap_mask, stride, pad
     if backend != "auto":
         return backend
     if x.device.type == "cuda" and "cuda" not in AUTO_CHOOSERS:
-        import autosculpt.runtime.gpu_choice  # noqa: F401  (registers AUTO_CHOOSERS["cuda"])
+        from . import gpu_choice  # noqa: F401  (registers AUTO_CHOOSERS["cuda"])
     chooser = AUTO_CHOOSERS.get(x.device.type)
     if chooser is not None:
         return chooser(x, weight, tap_mask, stride, padding, dilation, groups)
@@ -175,7 +176,7 @@ def pattern_conv2d(
         # (as much as a whole small CIFAR layer takes).
         fn = CONV_BACKENDS.get(chosen)
         if fn is None:
-            _load_backend(chosen)
+            load_backend(chosen)
             fn = CONV_BACKENDS[chosen]
         args = (x, weight, tap_mask, bias, list(stride), list(padding), list(dilation), groups, int(_cache_key))
         if chosen == "cpu":
@@ -248,7 +249,7 @@ def _pattern_conv2d_op(
         backend = resolve_backend("auto", x, weight, tap_mask, stride, padding, dilation, groups)
     fn = CONV_BACKENDS.get(backend)
     if fn is None:
-        _load_backend(backend)
+        load_backend(backend)
         fn = CONV_BACKENDS[backend]
     if x.shape[0] == 0:
         oh, ow = conv_output_size(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding, dilation)
@@ -316,7 +317,6 @@ _pattern_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _torch_backend(x, weight, tap_mask, bias, stride, padding, dilation, groups, cache_key):
     if cache_key and x.is_cuda:  # a GPU layer's dense fallback: reuse its masked weight (cuDNN only)
-        from ._pattern_groups import masked_weight
 
         w = masked_weight(weight, tap_mask, cache_key, x)
         return torch.nn.functional.conv2d(x, w, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
@@ -391,8 +391,9 @@ CONV_BACKENDS["torch"] = _torch_backend
 CONV_BACKENDS["cpu"] = run_cpu_kernel
 
 
-def _load_backend(name: str) -> None:
-    """Imports the module that registers a GPU backend on first use (keeps ``import autosculpt`` lean)."""
+def load_backend(name: str) -> None:
+    """Imports the module that registers a GPU backend ("cuda", "triton") in ``CONV_BACKENDS`` on first
+    use (keeps ``import autosculpt`` lean)."""
     import importlib
 
     modules = {"cuda": "autosculpt.ops._conv_cuda", "triton": "autosculpt.ops._conv_triton"}

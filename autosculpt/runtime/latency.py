@@ -521,7 +521,7 @@ class LatencyModel(_BaseLatencyModel):
 
     # -- backend / cache ------------------------------------------------------------------
     def _resolve_backend(self, backend: str) -> str:
-        from .backends import BACKENDS, available_backends
+        from ..ops.backends import BACKENDS, available_backends
 
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {backend!r}")

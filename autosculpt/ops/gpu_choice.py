@@ -1,6 +1,6 @@
 """``backend="auto"`` for CUDA tensors: the fastest of cuda / triton / torch (dense cuDNN), measured once.
 
-Imported lazily by ``autosculpt.ops.conv`` the first time a CUDA tensor asks for ``"auto"``; importing it
+Imported lazily by :mod:`autosculpt.ops.conv` the first time a CUDA tensor asks for ``"auto"``; importing it
 registers :func:`choose` in ``ops.conv.AUTO_CHOOSERS["cuda"]``. Each (input shape, dtype, memory
 format, weight shape, mask contents, conv parameters, TF32 setting, device) key is timed once with CUDA
 events (median of a few runs after warm-up, which also absorbs Triton's autotuning) and the winner is
@@ -14,8 +14,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..ops import conv as conv_ops
-from ..ops._pattern_groups import fp32_conv_precision
+from . import conv as conv_ops
+from ._pattern_groups import fp32_conv_precision
 from .backends import build_info
 
 _DECISIONS: Dict[tuple, str] = {}
@@ -88,7 +88,7 @@ def measure(x, weight, tap_mask, stride, padding, dilation, groups, backends: Op
             try:
                 # The backend function itself, as eager inference calls it (no dispatcher overhead).
                 if name not in conv_ops.CONV_BACKENDS:
-                    conv_ops._load_backend(name)
+                    conv_ops.load_backend(name)
                 fn = conv_ops.CONV_BACKENDS[name]
 
                 def run(fn=fn):
