@@ -7,11 +7,11 @@ nothing — the filter is removed — and index 5 keeps all nine taps).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Dict, Iterable, List, Sequence
 
 import torch
 
-__all__ = ["PatternSet", "PAPER6", "kept_fraction", "conv_flops", "assign", "masks_from_ids"]
+__all__ = ["PatternSet", "PAPER6", "kept_fraction", "conv_flops", "assign", "masks_from_ids", "keep_level_grid"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,19 @@ def masks_from_ids(pattern_set: PatternSet, ids) -> torch.Tensor:
     if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= len(pattern_set)):
         raise ValueError(f"ids: pattern ids must be in [0, {len(pattern_set)}), got {ids.min()}..{ids.max()}")
     return pattern_set.masks[ids]
+
+
+def keep_level_grid(pattern_set: PatternSet) -> List[Dict[int, float]]:
+    """A set's pure keep levels (distinct kept-tap counts: 9, 6, 3, 0 for PAPER6) and half/half mixes of
+    adjacent levels, each as ``{kept_taps: fraction of filters}``, densest first: the search's menu of
+    pattern mixes and the points at which the latency model measures each layer."""
+    levels = sorted({int(t) for t in pattern_set.kept_taps()}, reverse=True)
+    grid: List[Dict[int, float]] = []
+    for i, lv in enumerate(levels):
+        grid.append({lv: 1.0})
+        if i + 1 < len(levels):
+            grid.append({lv: 0.5, levels[i + 1]: 0.5})
+    return grid
 
 
 def kept_fraction(tap_mask: torch.Tensor) -> float:

@@ -18,8 +18,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from ..patterns import PatternSet, assign
-from ..runtime.latency import keep_level_grid
+from ..patterns import PatternSet, assign, keep_level_grid
 
 __all__ = ["MixMenu"]
 

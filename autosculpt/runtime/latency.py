@@ -53,7 +53,7 @@ from torch import nn
 
 from .._version import __version__
 from .._atomic import atomic_write_text
-from ..patterns import PAPER6, PatternSet, masks_from_ids
+from ..patterns import PAPER6, PatternSet, keep_level_grid, masks_from_ids
 
 __all__ = ["LatencyModel", "FlopsLatencyModel", "plan_tap_masks", "keep_level_grid", "device_name"]
 
@@ -83,18 +83,6 @@ def plan_tap_masks(plan: Mapping) -> Dict[str, torch.Tensor]:
             ps = PatternSet.from_json(layer["pattern_set"])
             out[name] = masks_from_ids(ps, layer["pattern_ids"])
     return out
-
-
-def keep_level_grid(pattern_set: PatternSet) -> List[Dict[int, float]]:
-    """Grid points of the latency interpolation: pure keep levels and half/half mixes of adjacent
-    levels, each as ``{kept_taps: fraction of filters}``, densest first."""
-    levels = sorted({int(t) for t in pattern_set.kept_taps()}, reverse=True)
-    grid: List[Dict[int, float]] = []
-    for i, lv in enumerate(levels):
-        grid.append({lv: 1.0})
-        if i + 1 < len(levels):
-            grid.append({lv: 0.5, levels[i + 1]: 0.5})
-    return grid
 
 
 def grid_mask(pattern_set: PatternSet, level_fractions: Mapping[int, float], c_out: int, seed: int = 0) -> torch.Tensor:
