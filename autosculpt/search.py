@@ -32,6 +32,7 @@ from .patterns import PAPER6, PatternSet
 from .rl.env import Budget, PruningEnv
 from .rl.policy import GNNActorCritic
 from .rl.ppo import PPO, PPOConfig, seed_everything
+from . import timing
 from .train import evaluate
 
 __all__ = ["search", "SearchResult"]
@@ -334,15 +335,12 @@ def search(
         latency_model.profile(model, example_input, progress=progress)
     env = PruningEnv(model, train_data, val_data, latency_model, example_input, budget.with_margin(margin), pattern_set, horizon,
                      bn_batches=bn_batches, penalty=penalty, seed=seed, threads=torch.get_num_threads())
-    try:
-        # The policy's graphs are tiny: one thread avoids OpenMP fork/join overhead (and pathological
-        # slow-downs when the cores are shared); the accuracy evaluation uses the caller's thread count.
-        torch.set_num_threads(1)
+    # The policy's graphs are tiny: one thread avoids OpenMP fork/join overhead (and pathological
+    # slow-downs when the cores are shared); the accuracy evaluation uses the caller's thread count.
+    with timing.threads(1):
         return _run(env, model, train_data, val_data, latency_model, example_input, budget, settings, state,
                     ckpt_path, checkpoint_dir, episodes, seed, ppo_config, encoder, progress, callback,
                     verify_top, verify_tolerance, t_start)
-    finally:
-        torch.set_num_threads(env.threads)
 
 
 def _run(env, model, train_data, val_data, latency_model, example_input, budget, settings, state, ckpt_path,
@@ -357,11 +355,10 @@ def _run(env, model, train_data, val_data, latency_model, example_input, budget,
         dense, first_episode, episode_rewards = state["dense"], state["episode"] + 1, list(state["episode_rewards"])
         elapsed_before = state["wall_time_s"]
     else:
-        torch.set_num_threads(env.threads)
-        dense = {"val_acc": evaluate(model, val_data), "predicted_ms": env.dense_ms, "measured_ms": None,
-                 "flops": env.dense_flops}
+        with timing.threads(env.threads):
+            dense = {"val_acc": evaluate(model, val_data), "predicted_ms": env.dense_ms, "measured_ms": None,
+                     "flops": env.dense_flops}
         first_episode, episode_rewards, elapsed_before = 0, [], 0.0
-        torch.set_num_threads(1)
 
     bar = None
     if progress:
@@ -393,7 +390,7 @@ def _run(env, model, train_data, val_data, latency_model, example_input, budget,
         bar.close()
 
     history = sorted(env.evaluations.values(), key=lambda r: r["index"])
-    torch.set_num_threads(env.threads)  # end-to-end latency is measured with the caller's threads
+    timing.set_threads(env.threads)  # end-to-end latency is measured with the caller's threads (restored by search)
     best, verification, met = select_verified(env, history, budget, example_input, verify_top, verify_tolerance, dense,
                                       margin=settings["margin"] / 2)
     result = SearchResult(
