@@ -2,7 +2,9 @@
 
 Each baseline gets the same budget as :func:`autosculpt.search`: a target speedup of the pruned model
 over the dense one, checked with the same latency model (a measured ``LatencyModel`` or the
-deterministic ``FlopsLatencyModel``) at the same example input.
+deterministic ``FlopsLatencyModel``) at the same example input, and judged by the search's own plan
+selection (:func:`autosculpt.search.select_plan`) with the same
+:class:`~autosculpt.search.SelectionSettings` (default: the search's defaults).
 
 - :func:`uniform_baseline`: the same pattern mix in every prunable conv
   (:func:`autosculpt.plan.uniform_plan`); the kept fraction is the largest one whose predicted
@@ -14,14 +16,15 @@ deterministic ``FlopsLatencyModel``) at the same example input.
   the budget.
 - :func:`random_search`: random plans over the search's own action space
   (:class:`autosculpt.rl.env.PruningEnv`, one uniformly random mix per layer), as many distinct plans
-  as the search evaluated, then the search's own selection (most accurate plan meeting the budget by
-  prediction and when measured).
+  as the search evaluated, aiming past the budget by the same margin, then the search's own selection
+  (most accurate plan meeting the budget by prediction and when measured).
 
 None of them fine-tunes: the caller fine-tunes every method's result the same way.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -29,6 +32,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from .budget import Budget
 from .patterns import PAPER6, PatternSet
 from .plan import sparsify, uniform_plan
 
@@ -47,7 +51,8 @@ class BaselineResult:
         predicted_ms: the latency model's prediction (None where it cannot predict: filter pruning).
         measured_ms, dense_measured_ms: end-to-end measurement with the latency model's ``measure_model``.
         measured_speedup: ``dense_measured_ms / measured_ms``.
-        met_budget: measured speedup ≥ target × (1 - tolerance).
+        met_budget: the measured speedup meets the target (``SelectionSettings.meets``: ≥ target ×
+            (1 - tolerance)), judged by :func:`autosculpt.search.select_plan`.
         trials: every setting tried, with its latency numbers.
         wall_time_s: time the baseline took.
     """
@@ -71,10 +76,19 @@ def _check_target(target_speedup) -> float:
     return float(target_speedup)
 
 
-def _check_tolerance(tolerance) -> float:
-    if not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
-        raise ValueError(f"tolerance: expected a fraction in [0, 1), got {tolerance!r}")
-    return float(tolerance)
+def _selection(selection, tolerance):
+    """The selection settings a baseline judges its plan by: ``selection`` (default: the search's), with
+    ``tolerance`` instead of its own when one is given."""
+    from .search import SelectionSettings
+
+    settings = SelectionSettings() if selection is None else selection
+    if not isinstance(settings, SelectionSettings):
+        raise TypeError(f"selection: expected a SelectionSettings, got {type(settings).__name__}")
+    if tolerance is not None:
+        if not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
+            raise ValueError(f"tolerance: expected a fraction in [0, 1), got {tolerance!r}")
+        settings = dataclasses.replace(settings, tolerance=float(tolerance))
+    return settings
 
 
 def _ensure_profiled(latency_model, model: nn.Module, example_input: torch.Tensor) -> None:
@@ -99,8 +113,8 @@ def _largest_meeting(predict, limit: float, lo: float, hi: float, iters: int) ->
 
 
 def uniform_baseline(model: nn.Module, latency_model, example_input: torch.Tensor, target_speedup: float, *,
-                     pattern_set: PatternSet = PAPER6, tolerance: float = 0.05, iters: int = 16,
-                     max_refits: int = 3, min_kept: float = 1.0 / 9) -> BaselineResult:
+                     pattern_set: PatternSet = PAPER6, tolerance: Optional[float] = None, iters: int = 16,
+                     max_refits: int = 3, min_kept: float = 1.0 / 9, selection=None) -> BaselineResult:
     """Uniform pattern plan meeting ``target_speedup`` (see the module docstring).
 
     Args:
@@ -109,14 +123,20 @@ def uniform_baseline(model: nn.Module, latency_model, example_input: torch.Tenso
         example_input: the batch the budget is measured at.
         target_speedup: dense / pruned latency to reach (> 1).
         pattern_set: the patterns (the search's by default).
-        tolerance: measured speedup may fall short of the target by this fraction (noise), as in the search.
+        tolerance: measured speedup may fall short of the target by this fraction (noise); None: the
+            selection's (the search's: ``SelectionSettings.tolerance``).
         iters: bisection steps on the kept fraction.
         max_refits: how often the limit is tightened when the measurement misses the prediction.
         min_kept: the smallest kept fraction tried (below one tap in nine the network is gone).
+        selection: the :class:`~autosculpt.search.SelectionSettings` each bisected plan is measured and
+            judged with (:func:`~autosculpt.search.select_plan`); default: the search's.
     """
+    from .search import select_plan
+
     t0 = time.perf_counter()
     target = _check_target(target_speedup)
-    tolerance = _check_tolerance(tolerance)
+    settings = _selection(selection, tolerance)
+    budget = Budget(target_speedup=target)
     _ensure_profiled(latency_model, model, example_input)
     model = copy.deepcopy(model).eval()
     plans = {}
@@ -134,8 +154,8 @@ def uniform_baseline(model: nn.Module, latency_model, example_input: torch.Tenso
     for _ in range(max_refits + 1):
         f = _largest_meeting(predicted, limit, min_kept, 1.0, iters)
         plan = plan_for(f)
-        v = latency_model.verify(model, plan, example_input)
-        ok = v["measured_speedup"] >= target * (1 - tolerance)
+        _, v, ok, _ = select_plan([plan], budget, settings, warn=False,
+                                  verify=lambda p: latency_model.verify(model, p, example_input))
         trials.append({"kept_fraction": f, "limit_ms": limit, **v, "met_budget": ok})
         if best is None or ok or v["measured_speedup"] > best[1]["measured_speedup"]:
             best = (f, v, ok)
@@ -181,13 +201,19 @@ def l1_filter_prune(model: nn.Module, example_input: torch.Tensor, ratio: float)
 
 
 def l1_filter_baseline(model: nn.Module, latency_model, example_input: torch.Tensor, target_speedup: float, *,
-                       tolerance: float = 0.05, iters: int = 8, max_ratio: float = 0.9, reps: int = 20) -> BaselineResult:
+                       tolerance: Optional[float] = None, iters: int = 8, max_ratio: float = 0.9, reps: int = 20,
+                       selection=None) -> BaselineResult:
     """L1 filter pruning whose MEASURED speedup (``latency_model.measure_model``, dense re-measured
     beside each candidate) meets ``target_speedup``: the largest-remaining model found by bisection
-    on the channel ratio (see :func:`l1_filter_prune`)."""
+    on the channel ratio (see :func:`l1_filter_prune`). Each ratio is judged by
+    :func:`~autosculpt.search.select_plan` with ``selection`` (default: the search's settings; a
+    ``tolerance`` given here replaces its tolerance)."""
+    from .search import select_plan
+
     t0 = time.perf_counter()
     target = _check_target(target_speedup)
-    tolerance = _check_tolerance(tolerance)
+    settings = _selection(selection, tolerance)
+    budget = Budget(target_speedup=target)
     _ensure_profiled(latency_model, model, example_input)
     model = copy.deepcopy(model).eval()
     trials: List[dict] = []
@@ -200,8 +226,9 @@ def l1_filter_baseline(model: nn.Module, latency_model, example_input: torch.Ten
             with torch.no_grad():
                 ms = latency_model.measure_model(pruned, example_input, reps=reps)
                 dense_ms = latency_model.measure_model(model, example_input, reps=reps)
-            rec = {"ratio": key, "measured_ms": ms, "dense_measured_ms": dense_ms, "measured_speedup": dense_ms / ms,
-                   "met_budget": dense_ms / ms >= target * (1 - tolerance)}
+            rec = {"ratio": key, "measured_ms": ms, "dense_measured_ms": dense_ms, "measured_speedup": dense_ms / ms}
+            # measured once (the timing is cached per ratio), judged like every other plan
+            rec["met_budget"] = select_plan([rec], budget, settings, verify=lambda r: r, warn=False).met_budget
             trials.append(rec)
             cache[key] = (pruned, rec)
         return cache[key][1]
@@ -226,26 +253,29 @@ def l1_filter_baseline(model: nn.Module, latency_model, example_input: torch.Ten
 def random_search(model: nn.Module, train_data, val_data, *, num_plans: int, latency_model, example_input: torch.Tensor,
                   target_speedup: Optional[float] = None, target_latency_ms: Optional[float] = None,
                   target_flops_ratio: Optional[float] = None, seed: int = 0, pattern_set: PatternSet = PAPER6,
-                  bn_batches: int = 2, penalty: float = 2.0, verify_top: int = 3, verify_tolerance: float = 0.05,
-                  max_draws_factor: int = 20):
+                  bn_batches: int = 2, penalty: float = 2.0, selection=None, max_draws_factor: int = 20):
     """Random search over the search's action space; returns an ``autosculpt.search.SearchResult``.
 
     Draws one uniformly random mix per prunable layer until ``num_plans`` distinct plans were
     evaluated by :class:`~autosculpt.rl.env.PruningEnv` (same BN recalibration, validation accuracy
-    and latency prediction as the search), then selects like the search does: the most accurate plan
-    meeting the budget by prediction, confirmed by an end-to-end measurement.
+    and latency prediction as the search, aiming past a speed budget by the same margin), then selects
+    exactly like the search does (:func:`autosculpt.search.select_plan` with the same
+    ``selection``, default the search's :class:`~autosculpt.search.SelectionSettings`): the most
+    accurate plan meeting the budget by prediction, confirmed by an end-to-end measurement.
     """
-    from .rl.env import Budget, PruningEnv
-    from .search import SearchResult, select_verified
+    from .rl.env import PruningEnv
+    from .search import SearchResult, select_plan
     from .train import evaluate
 
     t0 = time.perf_counter()
     if not isinstance(num_plans, int) or isinstance(num_plans, bool) or num_plans < 1:
         raise ValueError(f"num_plans: expected a positive int, got {num_plans!r}")
     budget = Budget(target_speedup, target_latency_ms, target_flops_ratio)
+    settings = _selection(selection, None)
     _ensure_profiled(latency_model, model, example_input)
     model = copy.deepcopy(model).eval()
-    env = PruningEnv(model, train_data, val_data, latency_model, example_input, budget, pattern_set,
+    env = PruningEnv(model, train_data, val_data, latency_model, example_input, budget.with_margin(settings.margin),
+                     pattern_set,
                      bn_batches=bn_batches, penalty=penalty, seed=seed)
     gen = torch.Generator().manual_seed(int(seed))
     draws = 0
@@ -256,11 +286,16 @@ def random_search(model: nn.Module, train_data, val_data, *, num_plans: int, lat
     history = sorted(env.evaluations.values(), key=lambda r: r["index"])
     dense = {"val_acc": evaluate(model, val_data), "predicted_ms": env.dense_ms, "measured_ms": None,
              "flops": env.dense_flops}
-    best, verification, met = select_verified(env, history, budget, example_input, verify_top, verify_tolerance, dense)
+    best, verification, met, checked = select_plan(env.in_budget_by_accuracy(), budget, settings,
+                                                   verify=env.verify_record, on_measured=env.note_measured,
+                                                   fallback=env.best_by_reward())
+    if checked:
+        dense["measured_ms"] = checked[-1][1]["dense_measured_ms"]
     return SearchResult(
         best_plan=env.plan_for(best["action"]), best_record=best, history=history,
-        budget={**budget.as_dict(), "limit": env.limit, "uses_flops": budget.uses_flops}, dense=dense,
-        met_budget=met, verification=verification, settings={"seed": seed, "num_plans": num_plans, "draws": draws,
-                                                               "method": "random"},
+        budget={**budget.as_dict(), "margin": settings.margin, "limit": env.limit, "uses_flops": budget.uses_flops},
+        dense=dense, met_budget=met, verification=verification,
+        settings={"seed": seed, "num_plans": num_plans, "draws": draws, "method": "random",
+                  "selection": dataclasses.asdict(settings)},
         wall_time_s=time.perf_counter() - t0,
     )

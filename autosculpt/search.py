@@ -22,20 +22,22 @@ import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ._atomic import atomic_torch_save, atomic_write_text
+from .budget import Budget
+from .config import DEFAULTS
 from .patterns import PAPER6, PatternSet
-from .rl.env import Budget, PruningEnv
+from .rl.env import PruningEnv
 from .rl.policy import GNNActorCritic
 from .rl.ppo import PPO, PPOConfig, seed_everything
 from . import timing
 from .train import evaluate
 
-__all__ = ["search", "SearchResult"]
+__all__ = ["search", "SearchResult", "Budget", "SelectionSettings", "Selection", "select_plan"]
 
 CHECKPOINT_NAME = "search_state.pt"
 RESULT_NAME = "search_result.json"
@@ -214,6 +216,133 @@ def _json_default(o):
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
 
 
+# -- the final selection -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SelectionSettings:
+    """How the final plan is chosen and when a measured plan meets its budget: the same for the search,
+    :func:`autosculpt.baselines.random_search`, the other baselines and ``bench/compare.py`` (their
+    defaults are these, and ``search()``'s ``margin``, ``verify_top`` and ``verify_tolerance`` defaults
+    are these fields' defaults)."""
+
+    margin: float = DEFAULTS["margin"]
+    """The search (its reward and "meets the budget by prediction") aims this fraction past a speed
+    budget, and :func:`select_plan` prefers a plan whose measurement beats the budget by half of it
+    (:attr:`check_margin`), so that the plan still meets the budget when the user measures it on a noisy
+    machine. FLOPs budgets are exact and get no margin. The run configuration's ``margin`` setting."""
+    verify_top: int = 5
+    """How many candidates (best first) are measured end to end at most."""
+    tolerance: float = 0.0
+    """A measured plan meets a speed budget when its speedup is at least ``target × (1 - tolerance)`` (or
+    its latency at most ``target_latency_ms × (1 + tolerance)``); 0: the target itself."""
+
+    def __post_init__(self):
+        for name in ("margin", "tolerance"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 1:
+                raise ValueError(f"{name}: expected a fraction in [0, 1), got {v!r}")
+        if not isinstance(self.verify_top, int) or isinstance(self.verify_top, bool) or self.verify_top < 0:
+            raise ValueError(f"verify_top: expected a non-negative int, got {self.verify_top!r}")
+
+    @property
+    def check_margin(self) -> float:
+        """How far past the budget a measurement must be for :func:`select_plan` to stop at that plan."""
+        return self.margin / 2
+
+    def meets(self, verification: dict, budget: Budget, margin: Optional[float] = None) -> bool:
+        """Whether an end-to-end measurement (``measured_speedup`` for a speedup budget, ``measured_ms``
+        for a latency budget) meets ``budget`` within :attr:`tolerance`, or, given a ``margin``, beats
+        the budget tightened by that margin (exactly, no tolerance). FLOPs budgets are exact: the
+        prediction IS the count of what runs, so they are always met here."""
+        if budget.uses_flops:
+            return True
+        tol = self.tolerance if margin is None else 0.0
+        b = budget if margin is None else budget.with_margin(margin)
+        if b.target_speedup is not None:
+            return verification["measured_speedup"] >= b.target_speedup * (1 - tol)
+        return verification["measured_ms"] <= b.target_latency_ms * (1 + tol)
+
+
+class Selection(NamedTuple):
+    """What :func:`select_plan` chose: ``choice`` (one of the candidates, or the fallback), its
+    ``verification`` (None when nothing was measured), ``met_budget``, and ``checked``: every measured
+    candidate with the measurement it was judged by, in the order measured."""
+
+    choice: Any
+    verification: Optional[dict]
+    met_budget: bool
+    checked: List[Tuple[Any, dict]]
+
+
+def select_plan(candidates: Sequence, budget: Budget, settings: Optional[SelectionSettings] = None, *,
+                verify: Callable[[Any], dict], on_measured: Optional[Callable[[Any, dict], None]] = None,
+                fallback: Any = None, warn: bool = True) -> Selection:
+    """THE plan selection: the best candidate that meets ``budget`` when measured end to end.
+
+    The search, :func:`autosculpt.baselines.random_search` (the most accurate plans that meet the budget
+    by prediction), :func:`~autosculpt.baselines.uniform_baseline` and
+    :func:`~autosculpt.baselines.l1_filter_baseline` (the plan their bisection is at) and
+    ``bench/compare.py`` all choose, or judge, a plan with this function and the same ``settings``.
+
+    Args:
+        candidates: best first (the search: most accurate first), each meeting the budget by prediction.
+        budget: the budget as the user gave it (not tightened by the margin).
+        settings: :class:`SelectionSettings` (default: the defaults, as the search).
+        verify: ``verify(candidate)`` measures it end to end: a dict with ``measured_speedup`` and
+            ``measured_ms`` (``LatencyModel.verify``'s output).
+        on_measured: called as ``on_measured(candidate, verification)`` with the measurement each
+            measured candidate is judged by.
+        fallback: returned (not measured, not met) when there is no candidate; without one, no
+            candidate is a ValueError.
+        warn: a RuntimeWarning when the fallback is returned or no candidate met the budget measured
+            (the baselines' bisections pass False: there a miss means "try a smaller plan").
+
+    The first ``settings.verify_top`` candidates are measured in order; a candidate that meets the budget
+    is timed a second time and judged by the slower timing (on a shared machine a slow phase can flatter
+    the pruned model for one whole measurement). The first whose measurement beats the budget by
+    ``settings.check_margin`` wins; if none does, the first that meets the budget (``settings.tolerance``);
+    if none does, the fastest measured, with ``met_budget`` False.
+    """
+    settings = SelectionSettings() if settings is None else settings
+    candidates = list(candidates)
+    if not candidates:
+        if fallback is None:
+            raise ValueError("select_plan: no candidates (and no fallback)")
+        if warn:
+            sp = fallback.get("predicted_speedup") if isinstance(fallback, dict) else None
+            note = f" (predicted speedup {sp:.2f}×)" if isinstance(sp, (int, float)) else ""
+            warnings.warn(f"search: no evaluated plan meets the budget {budget.as_dict()}; returning the highest-reward "
+                          f"plan{note}. Try more episodes or a looser budget.", RuntimeWarning)
+        return Selection(fallback, None, False, [])
+    checked: List[Tuple[Any, dict]] = []
+    chosen = None
+    for cand in candidates[:max(1, settings.verify_top)]:
+        v = verify(cand)
+        if not budget.uses_flops and settings.meets(v, budget):
+            v = min(v, verify(cand), key=lambda r: r["measured_speedup"])
+        checked.append((cand, v))
+        if on_measured is not None:
+            on_measured(cand, v)
+        if settings.meets(v, budget, margin=settings.check_margin):
+            chosen = (cand, v)
+            break
+    if chosen is None:
+        met = [(c, v) for c, v in checked if settings.meets(v, budget)]
+        if met:
+            chosen = met[0]  # checked best first
+    if chosen is not None:
+        return Selection(chosen[0], chosen[1], True, checked)
+    cand, v = max(checked, key=lambda c: c[1]["measured_speedup"])
+    if warn:
+        sp = v.get("predicted_speedup")
+        note = f", predicted {sp:.2f}×" if isinstance(sp, (int, float)) else ""
+        warnings.warn(f"search: none of the {len(checked)} most accurate in-budget plans met the budget when measured "
+                      f"end to end (best measured speedup {v['measured_speedup']:.2f}×{note}); returning the fastest "
+                      "of them.", RuntimeWarning)
+    return Selection(cand, v, False, checked)
+
+
 def _default_example_input(data, batch: int) -> torch.Tensor:
     n = min(batch, len(data))
     return torch.stack([data[i][0] for i in range(n)])
@@ -227,22 +356,22 @@ def search(
     target_speedup: Optional[float] = None,
     target_latency_ms: Optional[float] = None,
     target_flops_ratio: Optional[float] = None,
-    episodes: int = 160,
-    seed: int = 0,
+    episodes: int = DEFAULTS["episodes"],
+    seed: int = DEFAULTS["seed"],
     checkpoint_dir: Optional[str] = None,
     resume: bool = False,
     latency_model=None,
     example_input: Optional[torch.Tensor] = None,
-    progress: bool = True,
+    progress: bool = DEFAULTS["progress"],
     pattern_set: PatternSet = PAPER6,
     ppo_config: Optional[PPOConfig] = None,
     horizon: int = 1,
     bn_batches: int = 2,
     penalty: float = 2.0,
-    verify_top: int = 5,
-    verify_tolerance: float = 0.0,
-    margin: float = 0.05,
-    latency_batch_size: int = 64,
+    verify_top: int = SelectionSettings.verify_top,
+    verify_tolerance: float = SelectionSettings.tolerance,
+    margin: float = SelectionSettings.margin,
+    latency_batch_size: int = DEFAULTS["search_batch"],
     encoder: Optional[nn.Module] = None,
     callback: Optional[Callable[[int, dict], None]] = None,
 ) -> SearchResult:
@@ -271,14 +400,21 @@ def search(
         horizon: plans per episode (1: each episode proposes one complete plan).
         bn_batches: BN recalibration batches per evaluated plan.
         penalty: over-budget weight of the reward (see ``autosculpt.rl.env``).
-        verify_top: how many of the most accurate in-budget plans are measured end to end at the end.
+        verify_top: how many of the most accurate in-budget plans are measured end to end at the end
+            (:attr:`SelectionSettings.verify_top`).
         verify_tolerance: measured latency may exceed the limit by this fraction when a plan is checked
-            end to end (0: the measured speedup must reach the target).
+            end to end (0: the measured speedup must reach the target; :attr:`SelectionSettings.tolerance`).
         margin: the search (reward and "meets the budget by prediction") aims this fraction past the
             budget, and the end-to-end check of the chosen plan asks for half of it, so that the plan
             still meets the budget when the user measures it on a noisy machine (predictions of measured
             speedups are typically within 5-15%; timings of one model differ by several % from one
             measurement to the next). FLOPs budgets are exact and get no margin.
+        latency_batch_size: the batch of the default ``example_input``.
+
+    The defaults of ``episodes``, ``seed``, ``progress``, ``margin`` and ``latency_batch_size`` are the run
+    configuration's (``autosculpt.config.DEFAULTS``: ``episodes``, ``seed``, ``progress``, ``margin``,
+    ``search_batch``), so ``autosculpt.search(...)`` and ``autosculpt prune`` search alike; the final
+    plan is chosen by :func:`select_plan` with ``SelectionSettings(margin, verify_top, verify_tolerance)``.
         encoder: optional replacement graph encoder for the policy.
         callback: called as ``callback(episode, record)`` after each episode's checkpoint.
     """
@@ -309,6 +445,7 @@ def search(
 
         cache = os.path.join(checkpoint_dir, "latency_cache.json") if checkpoint_dir else None
         latency_model = LatencyModel("cpu", cache_path=cache, pattern_set=pattern_set)
+    selection = SelectionSettings(margin=margin, verify_top=verify_top, tolerance=verify_tolerance)
     ppo_config = copy.deepcopy(ppo_config) if ppo_config is not None else PPOConfig(
         num_steps=16, num_minibatches=2, update_epochs=4, learning_rate=3e-3, ent_coef=0.01, target_kl=0.1)
     ppo_config.seed = seed
@@ -340,11 +477,11 @@ def search(
     with timing.threads(1):
         return _run(env, model, train_data, val_data, latency_model, example_input, budget, settings, state,
                     ckpt_path, checkpoint_dir, episodes, seed, ppo_config, encoder, progress, callback,
-                    verify_top, verify_tolerance, t_start)
+                    selection, t_start)
 
 
 def _run(env, model, train_data, val_data, latency_model, example_input, budget, settings, state, ckpt_path,
-         checkpoint_dir, episodes, seed, ppo_config, encoder, progress, callback, verify_top, verify_tolerance, t_start):
+         checkpoint_dir, episodes, seed, ppo_config, encoder, progress, callback, selection, t_start):
     """The episode loop of :func:`search` (arguments as there)."""
     policy = GNNActorCritic(env.graph.data.x.shape[1], len(env.menu), encoder=encoder,
                             init_bias=_budget_centred_bias(env))
@@ -391,8 +528,11 @@ def _run(env, model, train_data, val_data, latency_model, example_input, budget,
 
     history = sorted(env.evaluations.values(), key=lambda r: r["index"])
     timing.set_threads(env.threads)  # end-to-end latency is measured with the caller's threads (restored by search)
-    best, verification, met = select_verified(env, history, budget, example_input, verify_top, verify_tolerance, dense,
-                                      margin=settings["margin"] / 2)
+    best, verification, met, checked = select_plan(env.in_budget_by_accuracy(), budget, selection,
+                                                   verify=env.verify_record, on_measured=env.note_measured,
+                                                   fallback=env.best_by_reward())
+    if checked:
+        dense["measured_ms"] = checked[-1][1]["dense_measured_ms"]
     result = SearchResult(
         best_plan=env.plan_for(best["action"]), best_record=best, history=history,
         budget={**budget.as_dict(), "margin": settings["margin"], "limit": env.limit, "uses_flops": budget.uses_flops},
@@ -418,54 +558,3 @@ def _budget_centred_bias(env: PruningEnv, sharpness: float = 1.0) -> torch.Tenso
             j = i
             break
     return -sharpness * (torch.arange(n) - j).abs().float()
-
-
-def select_verified(env: PruningEnv, history, budget: Budget, example_input, verify_top: int, tolerance: float,
-                    dense: dict, margin: float = 0.0):
-    """The most accurate plan that meets the budget by prediction AND when measured end to end.
-
-    Among the ``verify_top`` most accurate plans in budget by prediction (each measured end to end),
-    the first whose measured speed beats the budget by ``margin`` wins (two timings of one model on a
-    shared machine differ by several %, and the user's own measurement comes after this one); if none
-    does, the most accurate one that meets the budget itself; if none does, the fastest (not met). A
-    plan that seems to meet the budget is timed twice and judged by the slower timing."""
-    lm = env.latency_model
-    candidates = sorted((r for r in history if r["meets_budget"]), key=lambda r: (-r["val_acc"], r["predicted_ms"], r["index"]))
-    if not candidates:
-        best = max(history, key=lambda r: (r["reward"], -r["index"]))
-        warnings.warn(f"search: no evaluated plan meets the budget {budget.as_dict()}; returning the highest-reward "
-                      f"plan (predicted speedup {best['predicted_speedup']:.2f}×). Try more episodes or a looser budget.",
-                      RuntimeWarning)
-        return best, None, False
-
-    def meets(v, b: Budget, tol: float) -> bool:
-        if b.uses_flops:
-            return True  # FLOPs are exact: the prediction IS the count of what runs
-        if b.target_speedup is not None:
-            return v["measured_speedup"] >= b.target_speedup * (1 - tol)
-        return v["measured_ms"] <= b.target_latency_ms * (1 + tol)
-
-    comfortable = budget.with_margin(margin)
-    checked = []
-    for rec in candidates[:max(1, verify_top)]:
-        plan = env.plan_for(rec["action"])
-        v = lm.verify(env.model, plan, example_input)
-        if not budget.uses_flops and meets(v, budget, tolerance):
-            # A second timing, and the slower of the two: on a shared machine a slow phase can flatter
-            # the pruned model for one whole measurement.
-            v2 = lm.verify(env.model, plan, example_input)
-            v = min(v, v2, key=lambda r: r["measured_speedup"])
-        rec["measured_ms"] = v["measured_ms"]
-        rec["measured_speedup"] = v["measured_speedup"]
-        dense["measured_ms"] = v["dense_measured_ms"]
-        checked.append((rec, v))
-        if meets(v, comfortable, 0.0):
-            return rec, v, True
-    met = [(rec, v) for rec, v in checked if meets(v, budget, tolerance)]
-    if met:
-        return met[0][0], met[0][1], True  # checked in order of accuracy
-    rec, v = max(checked, key=lambda c: c[1]["measured_speedup"])
-    warnings.warn(f"search: none of the {len(checked)} most accurate in-budget plans met the budget when measured end to end "
-                  f"(best measured speedup {v['measured_speedup']:.2f}×, predicted {v['predicted_speedup']:.2f}×); "
-                  "returning the fastest of them.", RuntimeWarning)
-    return rec, v, False

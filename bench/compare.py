@@ -18,8 +18,10 @@ fine-tuning budget:
 Each result is fine-tuned with :func:`autosculpt.finetune.finetune` (best epoch on validation, test
 evaluated once), then timed at batch 1 and 8 side by side with the dense model (interleaved medians,
 threads fixed). ``met_budget`` is the method's own end-to-end check with the latency model at the
-budget batch (measured speedup ≥ target × 0.95, as in the search); ``met_budget_final`` repeats it on
-the final interleaved measurement.
+budget batch, judged by the search's own selection (:func:`autosculpt.search.select_plan` with
+:data:`SELECTION`, the search's default :class:`~autosculpt.search.SelectionSettings`: measured speedup
+≥ target × (1 - tolerance), tolerance 0); ``met_budget_final`` applies the same test to the final
+interleaved measurement. Every method gets these same selection settings.
 
     python -m bench.compare                         # default: digits CNN + ResNet-20 on digits, 2× and 3×, 3 seeds
     python -m bench.compare --quick                 # ~1-2 min smoke run (writes to a temp folder)
@@ -58,7 +60,11 @@ from bench.timing import cpu_name, interleaved_medians  # noqa: E402
 METHODS = ("autosculpt", "paper_reward", "random", "uniform", "l1_filter")  # random needs autosculpt's plan count
 RECORD_FIELDS = ("method", "model", "target_speedup", "seed", "val_acc", "test_acc", "latency_ms_b1", "latency_ms_b8",
                  "speedup_b1", "speedup_b8", "search_seconds", "met_budget")
-TOLERANCE = 0.05  # measured speedup may miss the target by 5% (timing noise), as in autosculpt.search
+# How every method's plan is chosen and judged: the search's defaults, passed to each method.
+from autosculpt.search import SelectionSettings  # noqa: E402
+
+SELECTION = SelectionSettings()
+TOLERANCE = SELECTION.tolerance  # how far a measured speedup may fall short of the target (as in the search)
 
 
 @dataclass
@@ -217,9 +223,12 @@ def measure_pair(dense: nn.Module, pruned: nn.Module, input_shape, batches: Sequ
 
 
 def _check_with_latency_model(lm, dense, plan, example_input, target: float) -> dict:
-    v = lm.verify(dense, plan, example_input)
-    return {"predicted_speedup": v["predicted_speedup"], "measured_speedup": v["measured_speedup"],
-            "met": v["measured_speedup"] >= target * (1 - TOLERANCE)}
+    from autosculpt.budget import Budget
+    from autosculpt.search import select_plan
+
+    _, v, met, _ = select_plan([plan], Budget(target_speedup=target), SELECTION, warn=False,
+                               verify=lambda p: lm.verify(dense, p, example_input))
+    return {"predicted_speedup": v["predicted_speedup"], "measured_speedup": v["measured_speedup"], "met": met}
 
 
 def run_method(method: str, cfg: CompareConfig, model_name: str, target: float, seed: int, dense: nn.Module,
@@ -227,6 +236,7 @@ def run_method(method: str, cfg: CompareConfig, model_name: str, target: float, 
     """Runs one method for one (model, target, seed), fine-tunes and measures it; returns the record."""
     from autosculpt import search
     from autosculpt.baselines import l1_filter_baseline, random_search, uniform_baseline
+    from autosculpt.budget import Budget
     from autosculpt.finetune import FinetuneConfig, evaluate, finetune
     from autosculpt.flops import count_macs
     from autosculpt.plan import sparsify
@@ -243,25 +253,26 @@ def run_method(method: str, cfg: CompareConfig, model_name: str, target: float, 
                   else {"target_flops_ratio": 1.0 - 1.0 / target})
         ck = work / "searches" / f"{model_name}-{method}-t{target:g}-s{seed}"
         res = search(dense, train, val, **budget, episodes=cfg.episodes_per_model.get(model_name, cfg.episodes), seed=seed, checkpoint_dir=str(ck), resume=True,
-                     latency_model=lm, example_input=example, progress=False)
+                     latency_model=lm, example_input=example, progress=False, margin=SELECTION.margin,
+                     verify_top=SELECTION.verify_top, verify_tolerance=SELECTION.tolerance)
         plan, search_s = res.best_plan, res.wall_time_s
         extra.update(evaluated_plans=len(res.history), val_acc_before_finetune=res.best_record["val_acc"],
                      setting=None, search_met_own_budget=res.met_budget)
         check = _check_with_latency_model(lm, dense, plan, example, target)
     elif method == "random":
         res = random_search(dense, train, val, num_plans=int(plans_to_match), latency_model=lm, example_input=example,
-                            target_speedup=target, seed=seed)
+                            target_speedup=target, seed=seed, selection=SELECTION)
         plan, search_s = res.best_plan, res.wall_time_s
         extra.update(evaluated_plans=len(res.history), val_acc_before_finetune=res.best_record["val_acc"], setting=None)
         check = _check_with_latency_model(lm, dense, plan, example, target)
     elif method == "uniform":
-        r = uniform_baseline(dense, lm, example, target)
+        r = uniform_baseline(dense, lm, example, target, selection=SELECTION)
         plan, search_s = r.plan, r.wall_time_s
         check = {"predicted_speedup": lm.dense_ms() / r.predicted_ms, "measured_speedup": r.measured_speedup,
                  "met": r.met_budget}
         extra.update(evaluated_plans=len(r.trials), setting=r.setting)
     elif method == "l1_filter":
-        r = l1_filter_baseline(dense, lm, example, target)
+        r = l1_filter_baseline(dense, lm, example, target, selection=SELECTION)
         search_s = r.wall_time_s
         check = {"predicted_speedup": None, "measured_speedup": r.measured_speedup, "met": r.met_budget}
         extra.update(evaluated_plans=len(r.trials), setting=r.setting)
@@ -294,7 +305,7 @@ def run_method(method: str, cfg: CompareConfig, model_name: str, target: float, 
         "speedup_b1": sp[1], "speedup_b8": sp[8],
         "search_seconds": search_s, "finetune_seconds": ft_s, "wall_seconds": time.perf_counter() - t0,
         "met_budget": bool(check["met"]), "budget_check": check,
-        "met_budget_final": bool(final_sp >= target * (1 - TOLERANCE)),
+        "met_budget_final": SELECTION.meets({"measured_speedup": final_sp}, Budget(target_speedup=target)),
         "macs_ratio": macs_ratio, "params": sum(p.numel() for p in pruned.parameters()),
         "budget_batch": cfg.budget_batch, "threads": cfg.threads, "config_id": cfg.config_id(),
         "machine": cpu_name(), "torch": torch.__version__, **extra,

@@ -21,68 +21,19 @@ trained network.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from ..budget import Budget
 from ..graph import ModelGraph, build_graph
 from ..patterns import PAPER6, PatternSet
 from ..plan import PLAN_VERSION, conv_layer_plan, sparsify
 from ..train import evaluate, recalibrate_bn
 from .actions import MixMenu
 
-__all__ = ["Budget", "PruningEnv"]
-
-
-@dataclass(frozen=True)
-class Budget:
-    """A speed budget: exactly one of a target speedup (dense / pruned latency), a target latency in
-    ms, or a paper-style FLOPs reduction ratio (fraction of the dense prunable layers' MACs removed)."""
-
-    target_speedup: Optional[float] = None
-    target_latency_ms: Optional[float] = None
-    target_flops_ratio: Optional[float] = None
-
-    def __post_init__(self):
-        given = [(k, v) for k, v in self.as_dict().items() if v is not None]
-        if len(given) != 1:
-            raise ValueError("budget: give exactly one of target_speedup, target_latency_ms, target_flops_ratio; "
-                             f"got {dict(given) or 'none'}")
-        k, v = given[0]
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            raise TypeError(f"{k}: expected a number, got {type(v).__name__}")
-        if k == "target_speedup" and not v > 1.0:
-            raise ValueError(f"target_speedup: expected a number > 1 (e.g. 2.0 for twice as fast), got {v}")
-        if k == "target_latency_ms" and not v > 0:
-            raise ValueError(f"target_latency_ms: expected a positive number of milliseconds, got {v}")
-        if k == "target_flops_ratio" and not 0 < v < 1:
-            raise ValueError(f"target_flops_ratio: expected the fraction of FLOPs to remove, in (0, 1), got {v}")
-
-    def as_dict(self) -> dict:
-        return {"target_speedup": self.target_speedup, "target_latency_ms": self.target_latency_ms,
-                "target_flops_ratio": self.target_flops_ratio}
-
-    @property
-    def uses_flops(self) -> bool:
-        return self.target_flops_ratio is not None
-
-    def with_margin(self, margin: float) -> "Budget":
-        """The same budget tightened by ``margin`` (0.05: 5% faster than asked); FLOPs budgets are exact."""
-        if self.target_speedup is not None:
-            return Budget(target_speedup=self.target_speedup * (1.0 + margin))
-        if self.target_latency_ms is not None:
-            return Budget(target_latency_ms=self.target_latency_ms / (1.0 + margin))
-        return self
-
-    def limit(self, dense_ms: float, dense_flops: float) -> float:
-        """The cost limit (ms, or MACs for a FLOPs budget)."""
-        if self.target_speedup is not None:
-            return dense_ms / self.target_speedup
-        if self.target_latency_ms is not None:
-            return float(self.target_latency_ms)
-        return (1.0 - self.target_flops_ratio) * dense_flops
+__all__ = ["Budget", "PruningEnv"]  # Budget is defined in autosculpt.budget
 
 
 class PruningEnv:
@@ -201,6 +152,27 @@ class PruningEnv:
         }
         self.evaluations[key] = rec
         return rec
+
+    # -- the evaluated plans, for the final selection (autosculpt.search.select_plan) -------------------
+    def in_budget_by_accuracy(self) -> List[dict]:
+        """The evaluated plans' records that meet the budget by prediction, most accurate first (ties:
+        faster by prediction, then evaluated earlier): the candidates of the final selection."""
+        return sorted((r for r in self.evaluations.values() if r["meets_budget"]),
+                      key=lambda r: (-r["val_acc"], r["predicted_ms"], r["index"]))
+
+    def best_by_reward(self) -> Optional[dict]:
+        """The record with the highest reward (the earliest of equals); None before any evaluation."""
+        return max(self.evaluations.values(), key=lambda r: (r["reward"], -r["index"]), default=None)
+
+    def verify_record(self, rec: dict) -> dict:
+        """Runs the plan of an evaluated record end to end (``latency_model.verify`` at the example input)."""
+        return self.latency_model.verify(self.model, self.plan_for(rec["action"]), self.example_input)
+
+    @staticmethod
+    def note_measured(rec: dict, verification: dict) -> None:
+        """Stores an end-to-end measurement of a record's plan in the record."""
+        rec["measured_ms"] = verification["measured_ms"]
+        rec["measured_speedup"] = verification["measured_speedup"]
 
     # -- gym-like protocol ------------------------------------------------------------------------
     def reset(self):
