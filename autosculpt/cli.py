@@ -103,35 +103,61 @@ def _setting(key: str, parse=str):
     return convert
 
 
-def _add_common(p: argparse.ArgumentParser, *, training: bool = True) -> None:
-    from .config import HELP
+def _add_setting(group, key: str) -> None:
+    """Adds run setting ``key``'s flag to ``group``, entirely from its entry in
+    ``autosculpt.config.SETTINGS``: flag name, help text with the default, parsing and checking. The flag's
+    argparse default is None ("not given"): ``resolve_config`` fills in the setting's default."""
+    from .config import SETTINGS, flag_help, flag_of
 
-    g = p.add_argument_group("model and data")
+    s = SETTINGS[key]
+    kw = {"dest": key, "help": flag_help(key)}
+    if s.cli == "off_switch":
+        group.add_argument(flag_of(key), action="store_const", const=False, **kw)
+        return
+    if s.cli == "key_value":
+        group.add_argument(flag_of(key), action="append", type=_kv, metavar=s.metavar, **kw)
+        return
+    if s.choices is not None:
+        kw["choices"] = list(s.choices)
+    elif s.parse is not None:
+        kw["type"] = _setting(key, s.parse)
+    if s.metavar is not None:
+        kw["metavar"] = s.metavar
+    if s.nargs is not None:
+        kw["nargs"] = s.nargs
+    group.add_argument(flag_of(key), **kw)
+
+
+def _add_settings(p: argparse.ArgumentParser, command: str, before=None, after=None) -> None:
+    """Adds the flags of every run setting that ``command`` takes, in argument groups as the settings
+    name them (budgets mutually exclusive). ``before`` / ``after``: ``{group title: fn(group)}`` adding a
+    group's other (non-setting) options before / after its settings."""
+    from .budget import BUDGET_KEYS
+    from .config import FLAG_GROUPS, SETTINGS
+
+    groups = {}
+    for title in FLAG_GROUPS:
+        keys = [k for k, s in SETTINGS.items() if s.group == title and command in s.commands]
+        if not keys:
+            continue
+        g = p if title is None else p.add_argument_group(title)
+        if before and title in before:
+            before[title](g)
+        target = g.add_mutually_exclusive_group() if set(keys) <= set(BUDGET_KEYS) else g
+        for key in keys:
+            _add_setting(target, key)
+        groups[title] = g
+    for title, add in (after or {}).items():
+        add(groups[title])
+
+
+def _add_config_option(g) -> None:
     g.add_argument("--config", metavar="FILE", help="YAML or TOML file of settings (flags override it)")
-    g.add_argument("--model", type=_setting("model"), help=HELP["model"] + " [digits_cnn]")
-    g.add_argument("--model-arg", dest="model_args", action="append", type=_kv, metavar="KEY=VALUE",
-                   help="model factory argument (repeatable), e.g. --model-arg width_mult=0.5")
-    g.add_argument("--data", type=_setting("data"), help=HELP["data"] + " [digits]")
-    g.add_argument("--image-size", type=_setting("image_size", int), help=HELP["image_size"] + " [32]")
-    g.add_argument("--seed", type=_setting("seed", int), help=HELP["seed"] + " [0]")
-    if training:
-        t = p.add_argument_group("training")
-        t.add_argument("--finetune-epochs", type=_setting("finetune_epochs", int), help=HELP["finetune_epochs"] + " [5]")
-        t.add_argument("--lr", type=_setting("lr", float), help=HELP["lr"] + " [0.01]")
-        t.add_argument("--batch-size", type=_setting("batch_size", int), help=HELP["batch_size"] + " [64]")
-        t.add_argument("--weight-decay", type=_setting("weight_decay", float), help=HELP["weight_decay"] + " [5e-4]")
-        t.add_argument("--momentum", type=_setting("momentum", float), help=HELP["momentum"] + " [0.9]")
-    r = p.add_argument_group("runtime")
-    r.add_argument("--device", help=HELP["device"] + " [cpu]")
-    r.add_argument("--threads", type=_setting("threads", int), help=HELP["threads"])
-    r.add_argument("--backend", choices=["auto", "cpu", "cuda", "triton", "torch"], help=HELP["backend"] + " [auto]")
-    r.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``autosculpt`` command."""
     from ._version import __version__
-    from .config import HELP
 
     parser = _Parser(prog="autosculpt", description="Pattern-based pruning with a GNN + PPO search and the kernels "
                      "that make pruned models faster.", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -144,38 +170,23 @@ def build_parser() -> argparse.ArgumentParser:
                        "model and write a report. With no arguments: the offline default (digits CNN on "
                        "scikit-learn's digits, 2x measured speedup).", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_common(p)
-    p.add_argument("--weights", metavar="FILE", help=HELP["weights"])
-    b = p.add_argument_group("budget (one of)")
-    bx = b.add_mutually_exclusive_group()
-    bx.add_argument("--target-speedup", type=_setting("target_speedup", float), metavar="X", help=HELP["target_speedup"])
-    bx.add_argument("--target-latency-ms", type=_setting("target_latency_ms", float), metavar="MS", help=HELP["target_latency_ms"])
-    bx.add_argument("--target-flops-ratio", type=_setting("target_flops_ratio", float), metavar="R", help=HELP["target_flops_ratio"])
-    s = p.add_argument_group("search and measurement")
-    s.add_argument("--episodes", type=_setting("episodes", int), help=HELP["episodes"] + " [60]")
-    s.add_argument("--margin", type=_setting("margin", float), metavar="F", help=HELP["margin"] + " [0.15]")
-    s.add_argument("--search-batch", type=_setting("search_batch", int), help=HELP["search_batch"] + " [8]")
-    s.add_argument("--dense-epochs", type=_setting("dense_epochs", int), help=HELP["dense_epochs"] + " [8]")
-    s.add_argument("--dense-lr", type=_setting("dense_lr", float), help=HELP["dense_lr"] + " [0.05]")
-    s.add_argument("--latency-cache", choices=["user", "run"], help=HELP["latency_cache"] + " [user]")
-    s.add_argument("--latency-batches", type=_setting("latency_batches", int), nargs="+", metavar="B", help=HELP["latency_batches"] + " [1 8]")
-    s.add_argument("--latency-reps", type=_setting("latency_reps", int), help=HELP["latency_reps"] + " [30]")
-    o = p.add_argument_group("output")
-    o.add_argument("--runs-dir", type=_setting("runs_dir"), metavar="DIR", help=HELP["runs_dir"] + " [runs]")
-    o.add_argument("--name", type=_setting("name"), help=HELP["name"])
-    o.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
-                   help="continue an interrupted run (its folder, or the one named by --name)")
-    o.add_argument("--trust-config-factory", action="store_true",
-                   help="allow a 'package.module:factory' model spec read from a config file (--config, or the "
-                   "run folder's config.yaml on --resume) to be imported and called; built-in model names and "
-                   "--model need no consent")
+
+    def add_output_options(o) -> None:
+        o.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
+                       help="continue an interrupted run (its folder, or the one named by --name)")
+        o.add_argument("--trust-config-factory", action="store_true",
+                       help="allow a 'package.module:factory' model spec read from a config file (--config, or the "
+                       "run folder's config.yaml on --resume) to be imported and called; built-in model names and "
+                       "--model need no consent")
+
+    _add_settings(p, "prune", before={"model and data": _add_config_option}, after={"output": add_output_options})
 
     f = sub.add_parser("finetune", help="fine-tune a saved pruned model (torchrun for several processes)",
                        description="Fine-tune a model file written by 'autosculpt prune' or autosculpt.save. "
                        "Data, model and seed default to those recorded in the file. Data-parallel with "
                        "'torchrun --nproc_per_node N -m autosculpt finetune FILE' (gloo on CPU, nccl on GPU).")
     f.add_argument("model_file", metavar="MODEL_FILE")
-    _add_common(f)
+    _add_settings(f, "finetune", before={"model and data": _add_config_option})
     f.add_argument("--out", metavar="FILE", help="output model file [MODEL_FILE stem + '-finetuned.pt']")
     f.add_argument("--checkpoint", metavar="FILE", help="checkpoint file [OUT stem + '-checkpoint.pt']")
     f.add_argument("--resume", action="store_true", help="continue from the checkpoint")
@@ -207,14 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_CONFIG_FLAGS = ("model", "model_args", "data", "image_size", "seed", "finetune_epochs", "lr", "batch_size",
-                 "weight_decay", "momentum", "device", "threads", "backend", "progress", "weights", "target_speedup",
-                 "target_latency_ms", "target_flops_ratio", "margin", "episodes", "search_batch", "dense_epochs", "dense_lr",
-                 "latency_cache", "latency_batches", "latency_reps", "runs_dir", "name")
-
-
 def _cli_values(args) -> dict:
-    values = {k: getattr(args, k) for k in _CONFIG_FLAGS if hasattr(args, k)}
+    from .config import SETTINGS
+
+    values = {k: getattr(args, k) for k in SETTINGS if hasattr(args, k)}
     if values.get("model_args") is not None:
         values["model_args"] = dict(values["model_args"])
     return values

@@ -7,46 +7,125 @@ from __future__ import annotations
 
 import difflib
 import os
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 from ._atomic import atomic_write_text
+from .budget import BUDGET_KEYS
 
-__all__ = ["DEFAULTS", "HELP", "load_config_file", "resolve_config", "save_config", "cache_dir", "validate_config",
-           "check_setting", "check_batches_for_data", "check_output_file", "SettingError", "flag_of"]
+__all__ = ["DEFAULTS", "HELP", "SETTINGS", "Setting", "load_config_file", "resolve_config", "save_config", "cache_dir",
+           "validate_config", "check_setting", "check_batches_for_data", "check_output_file", "SettingError", "flag_of",
+           "flag_help", "default_text", "FLAG_GROUPS"]
 
-# key -> (default, help). Order is the order of config.yaml.
-_SPEC: Dict[str, tuple] = {
-    "model": ("digits_cnn", "built-in model name or 'package.module:factory'"),
-    "model_args": ({}, "keyword arguments for the model factory (dict)"),
-    "weights": (None, "dense weights to start from (state_dict or autosculpt model file); default: train and cache"),
-    "data": ("digits", "data set: digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH"),
-    "image_size": (32, "image-folder images are resized to this size"),
-    "seed": (0, "seed for splits, search and training"),
-    "target_speedup": (None, "speed budget: measured speedup over the dense model (default 2.0 if no budget is given)"),
-    "target_latency_ms": (None, "speed budget: latency at the search batch size, in ms"),
-    "target_flops_ratio": (None, "speed budget: kept fraction of FLOPs (paper style)"),
-    "margin": (0.15, "the search aims this fraction past a speed budget, so the measured result still meets it on a noisy machine"),
-    "episodes": (60, "search episodes (each evaluates one plan)"),
-    "dense_epochs": (8, "epochs to train the dense model when no weights are given (cached)"),
-    "finetune_epochs": (5, "fine-tuning epochs of the pruned model"),
-    "lr": (0.01, "fine-tuning peak learning rate (cosine schedule)"),
-    "dense_lr": (0.05, "learning rate for training the dense model"),
-    "batch_size": (64, "training batch size (per process)"),
-    "weight_decay": (5e-4, "SGD weight decay"),
-    "momentum": (0.9, "SGD momentum"),
-    "search_batch": (8, "batch size whose latency the search budget applies to"),
-    "latency_cache": ("user", "measured kernel latencies: 'user' (cache folder, reused by later runs) or 'run' (measure afresh, keep in the run folder)"),
-    "latency_batches": ([1, 8], "batch sizes of the latency measurement in the summary"),
-    "latency_reps": (30, "timed repeats per latency measurement"),
-    "threads": (None, "torch threads (default: torch's choice)"),
-    "device": ("cpu", "cpu | cuda | cuda:N"),
-    "backend": ("auto", "kernel backend of the pruned layers: auto | cpu | cuda | triton | torch"),
-    "runs_dir": ("runs", "folder that holds run folders"),
-    "name": (None, "run folder name (default: a timestamp)"),
-    "progress": (True, "show progress bars"),
+
+@dataclass(frozen=True)
+class Setting:
+    """One run setting: its default, its help and how the command line takes it.
+
+    The command line (``autosculpt.cli``) generates every setting's flag from this: the flag's name,
+    help text (with the default appended) and parsing all come from here, so a default or help text is
+    written once. Its check (``check_setting``) is in ``_CHECKS`` below, one per setting.
+    """
+
+    default: Any
+    """The value when neither a config file nor a flag gives one."""
+    help: str
+    """What the setting does (the comment in ``config.yaml`` and the flag's help)."""
+    group: Optional[str]
+    """The flag's argument group in ``--help`` (None: the command's own options)."""
+    parse: Optional[type] = str
+    """How the flag's text becomes a value (``str``, ``int``, ``float``) before ``check_setting`` checks it
+    as the flag is parsed; None: the text is kept and checked with the whole configuration."""
+    metavar: Optional[str] = None
+    """The flag's value placeholder in ``--help``."""
+    choices: Optional[tuple] = None
+    """The allowed values (the check, and argparse's ``choices``)."""
+    nargs: Optional[str] = None
+    """argparse ``nargs`` (``"+"``: a list given as several words)."""
+    cli: str = "value"
+    """How the flag takes the setting: ``"value"`` (``--flag VALUE``), ``"key_value"`` (repeatable
+    ``--flag KEY=VALUE``, collected into a mapping) or ``"off_switch"`` (``--flag`` sets it to False)."""
+    flag: Optional[str] = None
+    """The flag, when it is not ``--`` + the key with ``-`` for ``_``."""
+    flag_help: Optional[str] = None
+    """The flag's help when the flag does not just set the value (``--no-progress``)."""
+    commands: tuple = ("prune", "finetune")
+    """The commands that take the flag."""
+
+
+_COMMON, _PRUNE = ("prune", "finetune"), ("prune",)
+_MODEL, _TRAIN, _RUNTIME = "model and data", "training", "runtime"
+_BUDGET, _SEARCH, _OUTPUT = "budget (one of)", "search and measurement", "output"
+# The order of the flag groups in --help (None: the command's own options).
+FLAG_GROUPS = (None, _MODEL, _TRAIN, _RUNTIME, _BUDGET, _SEARCH, _OUTPUT)
+
+# key -> Setting. Order is the order of config.yaml (and of the flags within each --help group).
+SETTINGS: Dict[str, Setting] = {
+    "model": Setting("digits_cnn", "built-in model name or 'package.module:factory'", _MODEL),
+    "model_args": Setting({}, "keyword arguments for the model factory (dict)", _MODEL, metavar="KEY=VALUE",
+                          cli="key_value", flag="--model-arg",
+                          flag_help="model factory argument (repeatable), e.g. --model-arg width_mult=0.5"),
+    "weights": Setting(None, "dense weights to start from (state_dict or autosculpt model file); default: train and cache",
+                       None, parse=None, metavar="FILE", commands=_PRUNE),
+    "data": Setting("digits", "data set: digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH", _MODEL),
+    "image_size": Setting(32, "image-folder images are resized to this size", _MODEL, parse=int),
+    "seed": Setting(0, "seed for splits, search and training", _MODEL, parse=int),
+    "target_speedup": Setting(None, "speed budget: measured speedup over the dense model (default 2.0 if no budget is given)",
+                              _BUDGET, parse=float, metavar="X", commands=_PRUNE),
+    "target_latency_ms": Setting(None, "speed budget: latency at the search batch size, in ms", _BUDGET, parse=float,
+                                 metavar="MS", commands=_PRUNE),
+    "target_flops_ratio": Setting(None, "speed budget: kept fraction of FLOPs (paper style)", _BUDGET, parse=float,
+                                  metavar="R", commands=_PRUNE),
+    "margin": Setting(0.15, "the search aims this fraction past a speed budget, so the measured result still meets it on a noisy machine",
+                      _SEARCH, parse=float, metavar="F", commands=_PRUNE),
+    "episodes": Setting(60, "search episodes (each evaluates one plan)", _SEARCH, parse=int, commands=_PRUNE),
+    "dense_epochs": Setting(8, "epochs to train the dense model when no weights are given (cached)", _SEARCH, parse=int,
+                            commands=_PRUNE),
+    "finetune_epochs": Setting(5, "fine-tuning epochs of the pruned model", _TRAIN, parse=int),
+    "lr": Setting(0.01, "fine-tuning peak learning rate (cosine schedule)", _TRAIN, parse=float),
+    "dense_lr": Setting(0.05, "learning rate for training the dense model", _SEARCH, parse=float, commands=_PRUNE),
+    "batch_size": Setting(64, "training batch size (per process)", _TRAIN, parse=int),
+    "weight_decay": Setting(5e-4, "SGD weight decay", _TRAIN, parse=float),
+    "momentum": Setting(0.9, "SGD momentum", _TRAIN, parse=float),
+    "search_batch": Setting(8, "batch size whose latency the search budget applies to", _SEARCH, parse=int, commands=_PRUNE),
+    "latency_cache": Setting("user", "measured kernel latencies: 'user' (cache folder, reused by later runs) or 'run' (measure afresh, keep in the run folder)",
+                             _SEARCH, parse=None, choices=("user", "run"), commands=_PRUNE),
+    "latency_batches": Setting([1, 8], "batch sizes of the latency measurement in the summary", _SEARCH, parse=int,
+                               metavar="B", nargs="+", commands=_PRUNE),
+    "latency_reps": Setting(30, "timed repeats per latency measurement", _SEARCH, parse=int, commands=_PRUNE),
+    "threads": Setting(None, "torch threads (default: torch's choice)", _RUNTIME, parse=int),
+    "device": Setting("cpu", "cpu | cuda | cuda:N", _RUNTIME, parse=None),
+    "backend": Setting("auto", "kernel backend of the pruned layers: auto | cpu | cuda | triton | torch", _RUNTIME,
+                       parse=None, choices=("auto", "cpu", "cuda", "triton", "torch")),
+    "runs_dir": Setting("runs", "folder that holds run folders", _OUTPUT, metavar="DIR", commands=_PRUNE),
+    "name": Setting(None, "run folder name (default: a timestamp)", _OUTPUT, commands=_PRUNE),
+    "progress": Setting(True, "show progress bars", _RUNTIME, parse=None, cli="off_switch", flag="--no-progress",
+                        flag_help="no progress bars"),
 }
-DEFAULTS: Dict[str, Any] = {k: v[0] for k, v in _SPEC.items()}
-HELP: Dict[str, str] = {k: v[1] for k, v in _SPEC.items()}
+DEFAULTS: Dict[str, Any] = {k: v.default for k, v in SETTINGS.items()}
+HELP: Dict[str, str] = {k: v.help for k, v in SETTINGS.items()}
+
+
+def default_text(key: str) -> Optional[str]:
+    """The default of setting ``key`` as ``--help`` shows it (``"0.15"``, ``"1 8"``), None when there is
+    none to show (None, an empty mapping, or an off switch)."""
+    s = SETTINGS[key]
+    v = s.default
+    if v is None or v == {} or s.cli == "off_switch":
+        return None
+    if isinstance(v, (list, tuple)):
+        return " ".join(str(x) for x in v)
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def flag_help(key: str) -> str:
+    """The help text of setting ``key``'s flag: its help (or ``flag_help``) and its default, ``[value]``."""
+    s = SETTINGS[key]
+    text = s.flag_help or s.help
+    shown = default_text(key)
+    return text if shown is None else f"{text} [{shown}]"
 
 
 def cache_dir() -> str:
@@ -89,8 +168,8 @@ def load_config_file(path: str) -> Dict[str, Any]:
         raise ValueError(f"config: {path!r} must hold a mapping of settings, got {type(data).__name__}")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     for k in data:
-        if k not in _SPEC:
-            close = difflib.get_close_matches(k, list(_SPEC), n=1)
+        if k not in SETTINGS:
+            close = difflib.get_close_matches(k, list(SETTINGS), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"config: unknown setting {k!r} in {path!r}{hint}")
     return data
@@ -101,7 +180,7 @@ def resolve_config(file_values: Optional[Dict[str, Any]] = None, cli_values: Opt
     cfg = dict(DEFAULTS)
     cfg.update(file_values or {})
     cfg.update({k: v for k, v in (cli_values or {}).items() if v is not None})
-    budgets = [k for k in ("target_speedup", "target_latency_ms", "target_flops_ratio") if cfg.get(k) is not None]
+    budgets = [k for k in BUDGET_KEYS if cfg.get(k) is not None]
     if len(budgets) > 1:
         # A flag given on the command line replaces a budget of another kind from the file.
         cli_budgets = [k for k in budgets if (cli_values or {}).get(k) is not None]
@@ -111,7 +190,7 @@ def resolve_config(file_values: Optional[Dict[str, Any]] = None, cli_values: Opt
                     cfg[k] = None
         else:
             raise ValueError(f"config: give one speed budget, got {', '.join(budgets)}")
-    if not any(cfg.get(k) is not None for k in ("target_speedup", "target_latency_ms", "target_flops_ratio")):
+    if not any(cfg.get(k) is not None for k in BUDGET_KEYS):
         cfg["target_speedup"] = 2.0
     return cfg
 
@@ -121,7 +200,7 @@ def save_config(cfg: Dict[str, Any], path: str) -> None:
     import json
 
     lines = ["# AutoSculpt run configuration (resolved: defaults < config file < command line)"]
-    for k in _SPEC:
+    for k in SETTINGS:
         if k in cfg:
             lines.append(f"# {HELP[k]}")
             lines.append(f"{k}: {json.dumps(cfg[k])}")  # JSON values are valid YAML flow scalars
@@ -141,12 +220,9 @@ MAX_COUNT = 1_000_000  # episodes, epochs, repeats
 MAX_THREADS = 4096
 MAX_BATCH_BYTES = 2 << 30  # one batch of inputs (float32) for the search or a latency measurement
 
-_FLAGS = {"model_args": "--model-arg", "progress": "--no-progress"}
-
-
 def flag_of(key: str) -> str:
     """The command-line flag of setting ``key``."""
-    return _FLAGS.get(key, "--" + key.replace("_", "-"))
+    return SETTINGS[key].flag or "--" + key.replace("_", "-")
 
 
 class SettingError(ValueError):
@@ -304,17 +380,17 @@ _CHECKS: Dict[str, Callable[[str, Any], Any]] = {
     "weight_decay": _number(lambda v: v >= 0, "a finite number >= 0"),
     "momentum": _number(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "search_batch": _int_range(1, MAX_BATCH, "a positive integer"),
-    "latency_cache": _choice(("user", "run")),
+    "latency_cache": _choice(SETTINGS["latency_cache"].choices),
     "latency_batches": _batches,
     "latency_reps": _int_range(1, MAX_COUNT, "a positive integer"),
     "threads": _optional(_int_range(1, MAX_THREADS, "a positive integer")),
     "device": _device_spec,
-    "backend": _choice(("auto", "cpu", "cuda", "triton", "torch")),
+    "backend": _choice(SETTINGS["backend"].choices),
     "runs_dir": _string,
     "name": _run_name,
     "progress": _bool,
 }
-assert set(_CHECKS) == set(_SPEC)
+assert set(_CHECKS) == set(SETTINGS)
 
 
 def check_setting(key: str, value: Any) -> Any:
@@ -325,13 +401,13 @@ def check_setting(key: str, value: Any) -> Any:
 def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Checks every setting of a resolved configuration, before anything is written or allocated.
     Raises ValueError naming the setting, its flag and what was expected; returns ``cfg``."""
-    unknown = [k for k in cfg if k not in _SPEC]
+    unknown = [k for k in cfg if k not in SETTINGS]
     if unknown:
         raise ValueError(f"config: unknown setting {unknown[0]!r}")
-    for key in _SPEC:
+    for key in SETTINGS:
         if key in cfg:
             cfg[key] = check_setting(key, cfg[key])
-    budgets = [k for k in ("target_speedup", "target_latency_ms", "target_flops_ratio") if cfg.get(k) is not None]
+    budgets = [k for k in BUDGET_KEYS if cfg.get(k) is not None]
     if len(budgets) > 1:
         raise ValueError(f"config: give one speed budget, got {', '.join(budgets)}")
     return cfg
