@@ -374,8 +374,10 @@ def _load_for_cli(path: str, spec: Optional[str]):
 def _cmd_bench(args) -> int:
     import torch
 
+    from .timing import set_threads
+
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     if args.what == "kernels":
         if args.model_file:
             raise UsageError("'bench kernels' takes no model file")

@@ -6,11 +6,12 @@ the median of interleaved repeats (dense and pruned alternate, so machine noise 
 """
 from __future__ import annotations
 
-import time
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
+
+from .timing import time_interleaved
 
 __all__ = ["count_params", "count_flops", "measure_latency", "layer_latency"]
 
@@ -46,11 +47,6 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
     return int(count_macs(model, example_input[:1])["total"])
 
 
-def _median(xs: List[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
-
-
 @torch.no_grad()
 def measure_latency(models: Dict[str, nn.Module], example_input: torch.Tensor, *, reps: int = 30, warmup: int = 3,
                     min_seconds: float = 0.0, progress: bool = False, desc: str = "latency",
@@ -67,7 +63,6 @@ def measure_latency(models: Dict[str, nn.Module], example_input: torch.Tensor, *
     """
     if reps < 1:
         raise ValueError(f"reps: expected >= 1, got {reps}")
-    sync = torch.cuda.synchronize if example_input.is_cuda else (lambda: None)
     modes = {k: m.training for k, m in models.items()}
     for m in models.values():
         m.eval()
@@ -77,33 +72,25 @@ def measure_latency(models: Dict[str, nn.Module], example_input: torch.Tensor, *
         timed_models = {k: for_inference(m, example_input) for k, m in models.items()}
     else:
         timed_models = models
-    times: Dict[str, List[float]] = {k: [] for k in models}
-    bar = None
+    bar, last = None, list(models)[-1] if models else None
     if progress:
         from ._optional import tqdm
 
         bar = tqdm(total=reps, desc=desc, unit="rep", leave=False, dynamic_ncols=True)
+
+    def on_burst(r: int, name: str) -> None:  # one tick per round over all models
+        if bar is not None and name == last and r < reps:
+            bar.update(1)
+
     try:
-        for m in timed_models.values():
-            for _ in range(warmup):
-                m(example_input)
-        sync()
-        start, i = time.perf_counter(), 0
-        while i < reps or time.perf_counter() - start < min_seconds:
-            for k, m in timed_models.items():
-                t0 = time.perf_counter()
-                m(example_input)
-                sync()
-                times[k].append(time.perf_counter() - t0)
-            i += 1
-            if bar is not None and i <= reps:
-                bar.update(1)
+        timings = time_interleaved({k: (lambda m=m: m(example_input)) for k, m in timed_models.items()}, reps, warmup,
+                                   min_total_s=min_seconds, device=example_input.device, on_burst=on_burst)
     finally:
         if bar is not None:
             bar.close()
         for k, m in models.items():
             m.train(modes[k])
-    return {k: _median(v) * 1e3 for k, v in times.items()}
+    return {k: t.median_ms for k, t in timings.items()}
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ import torch
 
 from . import config as cfgmod
 from ._version import __version__
+from .timing import set_threads
 
 __all__ = ["run_prune", "run_finetune", "new_run_dir", "Interrupted"]
 
@@ -70,7 +71,7 @@ def _setup(cfg: dict) -> None:
     if cfg.get("threads") is not None:
         if not isinstance(cfg["threads"], int) or cfg["threads"] < 1:
             raise ValueError(f"threads: expected a positive int, got {cfg['threads']!r}")
-        torch.set_num_threads(cfg["threads"])
+        set_threads(cfg["threads"])
     if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
         raise ValueError(f"seed: expected an int, got {cfg.get('seed')!r}")
     torch.manual_seed(cfg["seed"])

@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import conv as conv_ops
+from .. import timing
 from ._pattern_groups import fp32_conv_precision
 from .backends import build_info
 
@@ -40,17 +41,7 @@ def candidates(x: torch.Tensor) -> List[str]:
 
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 10) -> float:
     """Median milliseconds of ``fn`` on the current stream, timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    stream = torch.cuda.current_stream(device)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        start.record(stream)
-        fn()
-        end.record(stream)
-    torch.cuda.synchronize(device)
-    times = sorted(start.elapsed_time(end) for start, end in events)
-    return times[len(times) // 2]
+    return timing.time_fn(fn, reps, warmup, device=device, cuda_events=True).median_ms
 
 
 def _mask_digest(tap_mask: torch.Tensor) -> str:

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .. import timing
 from ..budget import Budget
 from ..graph import ModelGraph, build_graph
 from ..patterns import PAPER6, PatternSet
@@ -117,14 +118,10 @@ class PruningEnv:
         """
         eval_plan = {"version": plan["version"],
                      "layers": {n: dict(l, path="dense") for n, l in plan["layers"].items()}}
-        old = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
+        with timing.threads(self.threads):
             pruned = sparsify(self.model, eval_plan, backend="torch")
             recalibrate_bn(pruned, self.train_data, self.bn_batches, self.bn_batch_size, seed=self.seed)
             return evaluate(pruned, self.val_data, self.eval_batch_size)
-        finally:
-            torch.set_num_threads(old)
 
     def reward_of(self, val_acc: float, cost: float) -> float:
         """The reward formula of the module docstring."""
