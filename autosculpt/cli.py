@@ -203,13 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
     e = sub.add_parser("export", help="write torch.export programs and an ONNX file",
-                       description="Writes pruned.pt2 (runs AutoSculpt kernels), dense_equivalent.pt2 and "
-                       "dense_equivalent.onnx (standard layers, pruned weights as zeros) for other engines.")
+                       description="Writes deployed.pt2 (the deployed form: BatchNorm folded, epilogues fused; "
+                       "runs AutoSculpt kernels; dynamic batch), pruned.pt2, dense_equivalent.pt2 and "
+                       "dense_equivalent.onnx (standard layers, pruned weights as zeros) for other engines; "
+                       "with --aoti also deployed_aoti.pt2 (AOTInductor: runs without the model's Python class).")
     e.add_argument("model_file", metavar="MODEL_FILE")
     e.add_argument("--model", help="model spec for files of user models ('package.module:factory')")
     e.add_argument("--out", metavar="DIR", help="output folder [MODEL_FILE stem + '-export']")
     e.add_argument("--batch", type=_batch_int, default=1, help="example batch size [1]")
     e.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the ONNX file")
+    e.add_argument("--aoti", action="store_true", help="also compile deployed_aoti.pt2 with AOTInductor (minutes)")
+    e.add_argument("--input-shape", type=_input_shape, metavar="C,H,W",
+                   help="input shape of one sample [the shape recorded in MODEL_FILE]")
 
     rp = sub.add_parser("report", help="re-render report.md and plots of a run folder")
     rp.add_argument("run_dir", metavar="RUN_DIR")
@@ -371,6 +376,17 @@ def _load_for_cli(path: str, spec: Optional[str]):
     return model.eval(), tuple(shape)
 
 
+def _input_shape(text: str) -> tuple:
+    """``C,H,W`` (or any comma-separated positive sizes of one sample) as a tuple of ints."""
+    try:
+        dims = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints like 3,32,32, got {text!r}") from None
+    if not dims or min(dims) < 1 or max(dims) > 65536:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes in 1..65536 like 3,32,32, got {text!r}")
+    return dims
+
+
 def _cmd_bench(args) -> int:
     import torch
 
@@ -414,9 +430,10 @@ def _cmd_export(args) -> int:
     from .export import export_model
 
     model, shape = _load_for_cli(args.model_file, args.model)
+    shape = args.input_shape or shape
     out = args.out or os.path.splitext(args.model_file)[0] + "-export"
     try:
-        paths = export_model(model, torch.randn(args.batch, *shape), out, onnx=args.onnx)
+        paths = export_model(model, torch.randn(args.batch, *shape), out, onnx=args.onnx, aoti=args.aoti)
     except RuntimeError as e:
         if "ONNX export needs" in str(e):
             raise ValueError(str(e)) from None

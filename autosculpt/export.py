@@ -1,14 +1,20 @@
 """Exporting pruned models for deployment.
 
-- ``pruned.pt2``: a ``torch.export`` program of the pruned model. Its pattern layers are the
-  ``autosculpt::pattern_conv2d`` custom op, so it runs AutoSculpt's kernels (load it after
-  ``import autosculpt`` with ``torch.export.load``).
+- ``deployed.pt2``: a ``torch.export`` program of the model's deployed form
+  (:func:`autosculpt.fuse_for_inference`: BatchNorm folded, epilogues fused, fast max-pool) with a
+  dynamic batch dimension. Its pattern layers are the ``autosculpt::pattern_conv2d`` custom op, so it
+  runs AutoSculpt's kernels (``import autosculpt`` then ``torch.export.load``).
+- ``deployed_aoti.pt2`` (``aoti=True``): the same program compiled ahead of time by AOTInductor, a
+  package that runs without the Python model class: ``torch._inductor.aoti_load_package(path)`` after
+  ``import autosculpt`` (which registers the op its kernels are called through).
+- ``pruned.pt2``: the pruned model as it is (trainable layers, no fusion), also dynamic in the batch.
 - ``dense_equivalent.pt2`` and ``dense_equivalent.onnx``: the same function with every pattern layer
   turned back into a standard layer whose dropped weights are zeros — for engines that know nothing
   of AutoSculpt (they compute the zeros, so they are not faster, but the numbers match).
 
 The ONNX file needs the ``onnx`` and ``onnxscript`` packages (``pip install autosculpt[export]``);
-without them ``export`` says so and still writes the ``.pt2`` files.
+without them ``export`` says so and still writes the ``.pt2`` files. Every program is checked against
+the eager model, at the example's batch and at another batch size, before it is kept.
 """
 from __future__ import annotations
 
@@ -45,11 +51,13 @@ def onnx_available() -> bool:
 
 
 def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: str, *, onnx: bool = True,
-                 opset: int = 18) -> Dict[str, str]:
-    """Writes ``pruned.pt2``, ``dense_equivalent.pt2`` and (if ``onnx``) ``dense_equivalent.onnx``.
+                 opset: int = 18, aoti: bool = False, max_batch: int = 4096) -> Dict[str, str]:
+    """Writes ``deployed.pt2``, ``pruned.pt2``, ``dense_equivalent.pt2``, (if ``aoti``)
+    ``deployed_aoti.pt2`` and (if ``onnx``) ``dense_equivalent.onnx``; batch sizes 1..``max_batch``.
 
-    Each program is checked against the eager model on ``example_input`` before it is kept.
-    Returns {kind: path}. Raises RuntimeError with a clear message if ONNX export is impossible here.
+    Each program is checked against the eager model on ``example_input`` (and on a batch of another
+    size) before it is kept. Returns {kind: path}. Raises RuntimeError with a clear message if ONNX
+    export is impossible here.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -57,21 +65,28 @@ def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: str, *,
         raise TypeError(f"example_input: expected a tensor, got {type(example_input).__name__}")
     os.makedirs(out_dir, exist_ok=True)
     model = model.eval()
+    from .fuse import fuse_for_inference
+
     dense = dense_equivalent(model).eval()
+    deployed = fuse_for_inference(model, example_input)
+    other = torch.randn(example_input.shape[0] % max_batch + 1, *example_input.shape[1:],
+                        dtype=example_input.dtype, device=example_input.device)
     paths: Dict[str, str] = {}
     with torch.no_grad(), warnings.catch_warnings():
         # torch.export's own pytree deprecation notices say nothing about the user's model.
         warnings.filterwarnings("ignore", category=FutureWarning)
-        want = model(example_input)
-        for kind, m in (("pruned", model), ("dense_equivalent", dense)):
-            ep = torch.export.export(m, (example_input,))
-            got = ep.module()(example_input)
-            if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
-                raise RuntimeError(f"export: the exported {kind} program differs from the model "
-                                   f"(max abs diff {float((got - want).abs().max()):.3g})")
+        want = {id(example_input): model(example_input), id(other): model(other)}
+        for kind, m in (("deployed", deployed), ("pruned", model), ("dense_equivalent", dense)):
+            ep = _export_dynamic_batch(m, example_input, max_batch)
+            _check_program(kind, ep.module(), (example_input, other), want)
             path = os.path.join(out_dir, f"{kind}.pt2")
             torch.export.save(ep, path)
             paths[f"{kind}_pt2"] = path
+            if kind == "deployed" and aoti:
+                path = os.path.join(out_dir, "deployed_aoti.pt2")
+                torch._inductor.aoti_compile_and_package(ep, package_path=path)
+                _check_program("deployed_aoti", torch._inductor.aoti_load_package(path), (example_input, other), want)
+                paths["deployed_aoti_pt2"] = path
     if onnx:
         if not onnx_available():
             raise RuntimeError("export: ONNX export needs the 'onnx' and 'onnxscript' packages "
@@ -94,6 +109,32 @@ def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: str, *,
         _onnx.checker.check_model(path)
         paths["dense_equivalent_onnx"] = path
     return paths
+
+
+def _export_dynamic_batch(model: nn.Module, example_input: torch.Tensor, max_batch: int):
+    """``torch.export`` with the batch dimension dynamic (1..max_batch); static when the model's
+    code specialises on the batch size."""
+    arg = _forward_arg(model)
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    try:
+        return torch.export.export(model, (example_input,), dynamic_shapes={arg: {0: batch}} if arg else None)
+    except Exception:  # noqa: BLE001 - e.g. a reshape that bakes in the batch: export it static
+        return torch.export.export(model, (example_input,))
+
+
+def _check_program(kind: str, program, inputs, want) -> None:
+    for x in inputs:
+        try:
+            got = program(x)
+        except Exception as exc:  # noqa: BLE001 - a static program rejects the other batch size
+            if x is inputs[0]:
+                raise
+            warnings.warn(f"export: the {kind} program has a static batch size ({type(exc).__name__})")
+            continue
+        ref = want[id(x)]
+        if not torch.allclose(got, ref, rtol=1e-4, atol=1e-4):
+            raise RuntimeError(f"export: the exported {kind} program differs from the model "
+                               f"(max abs diff {float((got - ref).abs().max()):.3g}, batch {x.shape[0]})")
 
 
 def _forward_arg(model: nn.Module) -> str:

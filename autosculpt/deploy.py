@@ -1,0 +1,203 @@
+"""The deployed form of a model: :func:`optimize_for_inference` builds the candidate inference forms of
+a model (pruned or dense) on the example's device, measures them side by side and returns the fastest.
+
+Candidates ("routes"):
+
+* ``"autosculpt"``: :func:`autosculpt.fuse_for_inference` — BatchNorm folded, shortcut adds and ReLUs
+  in the pattern kernels' epilogues, AutoSculpt's max-pool, weights packed once (frozen layers); each
+  ``PatternConv2d`` with ``path="auto"`` then measures, in its place in this form and at the example's
+  shape, whether its sparse kernel or the dense conv is faster (the per-layer dense fallback).
+* ``"inductor"``: that same fused form compiled by ``torch.compile`` (inductor, ``freezing=True``);
+  the pattern layers stay one custom-op call each (no graph break).
+* ``"inductor_channels_last"`` (models without pattern layers only): inductor with freezing on the
+  model and input in channels_last, as one deploys a dense model with inductor.
+
+All candidates are checked against the eager model's output on ``example_input`` before timing; one
+that fails to build or disagrees is reported and skipped, never returned. Timing: warm-up, then
+interleaved rounds (every candidate once per round, the order rotating), the median decides.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["ROUTES", "DeploymentReport", "DeployedModel", "optimize_for_inference"]
+
+ROUTES = ("autosculpt", "inductor", "inductor_channels_last")
+
+
+@dataclass
+class DeploymentReport:
+    """What :func:`optimize_for_inference` measured: the chosen route, each candidate's median and IQR
+    (ms) at the example's shape and the thread count, and why a candidate was skipped."""
+
+    route: str
+    median_ms: Dict[str, float]
+    iqr_ms: Dict[str, float]
+    threads: int
+    input_shape: tuple
+    skipped: Dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        parts = [f"{r}: {self.median_ms[r]:.3f} ms (IQR {self.iqr_ms[r]:.3f})" for r in self.median_ms]
+        text = f"deployed route {self.route!r} at {self.threads} thread(s), input {self.input_shape}; " + "; ".join(parts)
+        if self.skipped:
+            text += "; skipped: " + "; ".join(f"{r} ({why})" for r, why in self.skipped.items())
+        return text
+
+
+class DeployedModel(nn.Module):
+    """The chosen inference form (``.inner``), its route and :class:`DeploymentReport`. Calling it runs
+    ``inner`` under ``torch.no_grad()`` (converting the input to channels_last where the route needs it)."""
+
+    def __init__(self, inner: Callable, route: str, report: Optional[DeploymentReport], channels_last: bool,
+                 source: nn.Module):
+        super().__init__()
+        self.inner = inner if isinstance(inner, nn.Module) else None
+        self._call = inner
+        self.route = route
+        self.report = report
+        self.channels_last = channels_last
+        self.source = source  # the fused (or channels_last) module the route runs: parameters, export
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            return self._call(x)
+
+    def extra_repr(self) -> str:
+        return f"route={self.route!r}"
+
+
+def _has_pattern_layers(model: nn.Module) -> bool:
+    from .nn import PatternConv2d
+
+    return any(isinstance(m, PatternConv2d) for m in model.modules())
+
+
+def _interleaved_medians(fns: Dict[str, Callable[[], object]], rounds: int, min_time: float = 0.01):
+    """(median ms, IQR ms) per candidate, rounds interleaved with a rotating order; each timing repeats
+    the call until ``min_time`` seconds passed (short models), reported per call."""
+    reps = {}
+    for name, fn in fns.items():  # warm-up, and how many calls one timing needs
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        reps[name] = max(1, int(min_time / max(time.perf_counter() - t0, 1e-7)))
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn, n = fns[name], reps[name]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / n * 1e3)
+    out = {}
+    for name, s in samples.items():
+        q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0]] * 3
+        out[name] = (statistics.median(s), q[2] - q[0])
+    return out
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    if out.shape != ref.shape:
+        return False
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    return bool(torch.allclose(out.float(), ref.float(), atol=1e-4 * max(1.0, scale), rtol=1e-3, equal_nan=True))
+
+
+def optimize_for_inference(model: nn.Module, example_input: torch.Tensor, *,
+                           routes: Optional[Sequence[str]] = None, rounds: int = 9,
+                           log: Optional[Callable[[str], None]] = None) -> DeployedModel:
+    """The fastest deployed form of ``model`` (pruned or dense) at ``example_input``'s shape, device and
+    the current thread count (``torch.get_num_threads()``), as a :class:`DeployedModel`.
+
+    Args:
+        model: an eval-mode model (``asc.sparsify`` output or any dense model torch.fx can trace).
+        example_input: a batch of the model's input; its shape is the one measured.
+        routes: candidates to try (default: every route in :data:`ROUTES` that applies).
+        rounds: interleaved timing rounds.
+        log: called with progress lines (building a compiled route takes tens of seconds).
+    """
+    from .fuse import fuse_for_inference
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"example_input: expected a torch.Tensor, got {type(example_input).__name__}")
+    if model.training:
+        raise ValueError("model: optimize_for_inference needs an eval-mode model; call model.eval() first")
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        raise ValueError(f"rounds: expected a positive int, got {rounds!r}")
+    pattern = _has_pattern_layers(model)
+    wanted = list(routes) if routes is not None else [r for r in ROUTES if pattern is False or r != "inductor_channels_last"]
+    for r in wanted:
+        if r not in ROUTES:
+            raise ValueError(f"routes: unknown route {r!r} (known: {', '.join(ROUTES)})")
+    if pattern and "inductor_channels_last" in wanted:
+        raise ValueError("routes: 'inductor_channels_last' is for models without pattern layers (their kernels take NCHW)")
+    say = log or (lambda _msg: None)
+    x = example_input.detach()
+    with torch.no_grad():
+        ref = model(x)
+    fused = fuse_for_inference(model, x)
+    candidates: Dict[str, tuple] = {}
+    skipped: Dict[str, str] = {}
+    with torch.no_grad():
+        fused(x)  # per-layer path decisions (dense fallback) measured in this form
+    for route in wanted:
+        try:
+            say(f"optimize_for_inference: building route {route!r}")
+            fn, source, cl = _build_route(route, model, fused, x)
+            with torch.no_grad():
+                out = fn(x.contiguous(memory_format=torch.channels_last) if cl else x)
+            if not _close(out, ref):
+                skipped[route] = "output differs from the eager model"
+                continue
+            candidates[route] = (fn, source, cl)
+        except Exception as exc:  # noqa: BLE001 - a route that cannot be built here is reported, not fatal
+            skipped[route] = f"{type(exc).__name__}: {exc}"[:300]
+    if not candidates:
+        raise RuntimeError(f"optimize_for_inference: no route could be built: {skipped}")
+    xcl = x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+    fns = {r: (lambda f=f, cl=cl: f(xcl if cl else x)) for r, (f, _s, cl) in candidates.items()}
+    with torch.no_grad():
+        stats = _interleaved_medians(fns, rounds)
+    best = min(stats, key=lambda r: stats[r][0])
+    report = DeploymentReport(best, {r: s[0] for r, s in stats.items()}, {r: s[1] for r, s in stats.items()},
+                              torch.get_num_threads(), tuple(x.shape), skipped)
+    say(report.summary())
+    fn, source, cl = candidates[best]
+    return DeployedModel(fn, best, report, cl, source)
+
+
+def _build_route(route: str, model: nn.Module, fused: nn.Module, x: torch.Tensor):
+    """(callable, module it runs, channels_last input) for one route."""
+    if route == "autosculpt":
+        return fused, fused, False
+    from torch._inductor import config as inductor_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if route == "inductor":
+            with inductor_config.patch(freezing=True):
+                compiled = torch.compile(fused)
+                with torch.no_grad():
+                    compiled(x)  # compile now, with freezing on
+            return compiled, fused, False
+        import copy
+
+        cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        with inductor_config.patch(freezing=True):
+            compiled = torch.compile(cl_model)
+            with torch.no_grad():
+                compiled(x.contiguous(memory_format=torch.channels_last))
+        return compiled, cl_model, True
