@@ -53,23 +53,21 @@ def tensor_sha256(t: torch.Tensor) -> str:
 
 
 def plan_from_model(model: nn.Module) -> dict:
-    """Reconstructs a plan from a sparsified model's ``PatternConv2d`` layers.
-
-    Each layer's distinct tap masks become its pattern set, so ``sparsify`` with the returned plan
-    reproduces the exact masks. Models with other pattern-sparse layers (attention, linear) need
-    their plan passed explicitly.
+    """Reconstructs a plan from a sparsified model: every pattern layer (``PatternConv2d``,
+    ``PatternLinear``, ``PatternAttention``: any submodule with a ``layer_plan()``) contributes the layer
+    plan that rebuilds it from its dense module, so ``sparsify`` with the returned plan reproduces it
+    (for a conv: its distinct tap masks as the pattern set, the exact masks).
     """
-    from .nn.conv import PatternConv2d
-    from .patterns import PatternSet
-
     layers = {}
     for name, m in model.named_modules():
-        if isinstance(m, PatternConv2d):
-            masks, ids = torch.unique(m.tap_mask.cpu(), dim=0, return_inverse=True)
-            ps = PatternSet(masks, [f"p{i}" for i in range(len(masks))])
-            layers[name] = {"kind": "conv", "pattern_set": ps.to_json(), "pattern_ids": [int(i) for i in ids]}
-        elif m is not model and type(m).__name__.startswith("Pattern") and hasattr(m, "enforce_mask"):
-            raise ValueError(f"plan: cannot reconstruct the plan of {name!r} ({type(m).__name__}); pass plan= to save()")
+        layer_plan = getattr(m, "layer_plan", None)
+        if m is model or not callable(layer_plan):
+            continue
+        try:
+            layers[name] = layer_plan()
+        except ValueError as e:
+            raise ValueError(f"plan: cannot reconstruct the plan of {name!r} ({type(m).__name__}: {e}); "
+                             "pass plan= to save()") from None
     return {"version": PLAN_VERSION, "layers": layers}
 
 
@@ -80,7 +78,7 @@ def save(model: nn.Module, path: str, plan: Optional[dict] = None, *, meta: Opti
         model: a dense or sparsified model (the unwrapped module, not DDP).
         path: the file to write (atomically).
         plan: the plan the model was sparsified with; if None it is reconstructed from the model's
-            ``PatternConv2d`` layers (None for a dense model).
+            pattern layers (:func:`plan_from_model`; None for a dense model).
         meta: extra JSON-able data stored beside it (e.g. ``{"model": "resnet20", "model_args": {...}}``).
     Returns the path.
     """

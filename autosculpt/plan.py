@@ -1,28 +1,38 @@
 """Pruning plans: plain JSON data saying how each prunable module is sparsified, and ``sparsify``.
 
-A plan is ``{"version": 1, "layers": {module_name: layer_plan}}``. Each ``layer_plan`` has a
-``"kind"``; the kinds register an ``apply`` function here (``register_kind``) from the modules that
-define their layers, so this module imports none of them (``import autosculpt`` imports
+A plan is ``{"version": 1, "layers": {module_name: layer_plan}}``. Each ``layer_plan`` is the JSON
+of a typed layer plan (a :class:`LayerPlan` dataclass with ``to_json`` / ``from_json``), told apart by
+its ``"kind"``. Each kind is defined beside the module it builds and registers itself here
+(:func:`register_kind`), so this module imports none of them (``import autosculpt`` imports
 :mod:`autosculpt.nn`, which registers them all, before anything can call :func:`sparsify`):
 
-- ``"conv"`` (:mod:`autosculpt.nn.conv`): ``{"kind": "conv", "pattern_set": PatternSet.to_json(),
-  "pattern_ids": [C_out ints]}`` turns an ``nn.Conv2d`` into a ``PatternConv2d`` with
-  ``tap_mask = masks[pattern_ids]``.
-- ``"attention"`` and ``"linear"`` (:mod:`autosculpt.nn.attention`, :mod:`autosculpt.nn.linear`).
+- ``"conv"`` (:class:`autosculpt.nn.conv.ConvPlan`): ``{"kind": "conv", "pattern_set":
+  PatternSet.to_json(), "pattern_ids": [C_out ints]}`` turns an ``nn.Conv2d`` into a ``PatternConv2d``
+  with ``tap_mask = masks[pattern_ids]``.
+- ``"linear"`` (:class:`autosculpt.nn.linear.LinearPlan`) and ``"attention"``
+  (:class:`autosculpt.nn.attention.AttentionPlan`).
+
+Every pattern module's ``layer_plan()`` returns the JSON that rebuilds it from its dense module.
+Parsing is strict (:func:`plan_int`, :func:`plan_bool`, unknown fields are errors); the JSON format is
+the one plans have always had, so old files still load.
 """
 from __future__ import annotations
 
 import copy
-from typing import Callable, Dict
+from typing import ClassVar, Dict, Iterable, Optional, Type
 
 import torch
 from torch import nn
 
 from .patterns import PatternSet
 
+__all__ = ["PLAN_VERSION", "LayerPlan", "register_kind", "layer_plan_type", "layer_plan_from_json", "parse_plan",
+           "validate_plan", "sparsify", "set_submodule", "plan_int", "plan_bool", "plan_int_list", "plan_fields",
+           "is_prunable_conv", "conv_layer_plan", "dense_plan", "uniform_plan", "level_counts"]
+
 PLAN_VERSION = 1
-# kind -> fn(module, layer_plan, backend) -> replacement module
-_KINDS: Dict[str, Callable[[nn.Module, dict, str], nn.Module]] = {}
+# kind -> its LayerPlan dataclass
+_KINDS: Dict[str, Type["LayerPlan"]] = {}
 
 
 def plan_int(value, name: str) -> int:
@@ -39,18 +49,87 @@ def plan_bool(value, name: str) -> bool:
     return value
 
 
-def register_kind(kind: str, apply: Callable[[nn.Module, dict, str], nn.Module]) -> None:
-    """Registers how layer plans of ``kind`` turn a module into its sparse replacement."""
-    _KINDS[kind] = apply
+def plan_int_list(value, name: str, what: str = "integers") -> tuple:
+    """A list field of integers (each as :func:`plan_int`), as a tuple."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name}: expected a list of {what}, got {type(value).__name__}")
+    return tuple(plan_int(v, name) for v in value)
+
+
+def plan_fields(data, kind: str, required: Iterable[str], optional: Iterable[str] = ()) -> dict:
+    """Checks that ``data`` is a layer plan of ``kind`` with the ``required`` fields and no field other
+    than those and the ``optional`` ones; returns it."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{kind} layer plan: expected a dict, got {type(data).__name__}")
+    if data.get("kind") != kind:
+        raise ValueError(f"{kind} layer plan: expected kind {kind!r}, got {data.get('kind')!r}")
+    required, optional = tuple(required), tuple(optional)
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ValueError(f"{kind} layer plan: missing {', '.join(missing)}")
+    unknown = sorted(str(k) for k in data if k not in ("kind",) + required + optional)
+    if unknown:
+        raise ValueError(f"{kind} layer plan: unknown field(s) {', '.join(map(repr, unknown))} "
+                         f"(known: {', '.join(required + optional)})")
+    return data
+
+
+class LayerPlan:
+    """How one module is sparsified: the base of the typed layer plans, one frozen dataclass per kind.
+
+    A kind subclasses this beside the module it builds, sets ``kind``, implements the three methods and
+    registers itself with :func:`register_kind`. ``from_json`` checks everything that does not depend on
+    the model (types, ranges, unknown fields); ``apply`` checks the rest against the module.
+    """
+
+    kind: ClassVar[str] = ""
+
+    def to_json(self) -> dict:
+        """The layer plan as JSON data (``{"kind": ..., ...}``), the format files hold."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_json(cls, data: dict) -> "LayerPlan":
+        """Parses (strictly) the JSON written by :meth:`to_json`; raises ValueError on bad data."""
+        raise NotImplementedError
+
+    def apply(self, module: nn.Module, backend: str) -> nn.Module:
+        """The sparse replacement of ``module`` (which the plan names); raises TypeError/ValueError when
+        the module does not fit the plan."""
+        raise NotImplementedError
+
+
+def register_kind(plan_type: Type[LayerPlan]) -> Type[LayerPlan]:
+    """Registers a :class:`LayerPlan` subclass for its ``kind`` (usable as a class decorator)."""
+    if not (isinstance(plan_type, type) and issubclass(plan_type, LayerPlan)) or not plan_type.kind:
+        raise TypeError(f"register_kind: expected a LayerPlan subclass with a kind, got {plan_type!r}")
+    _KINDS[plan_type.kind] = plan_type
+    return plan_type
+
+
+def layer_plan_type(kind: str) -> Type[LayerPlan]:
+    """The registered :class:`LayerPlan` class of ``kind``; ValueError for an unknown kind."""
+    if kind not in _KINDS:
+        raise ValueError(f"unknown kind {kind!r} (known: {sorted(_KINDS)})")
+    return _KINDS[kind]
+
+
+def layer_plan_from_json(data: dict) -> LayerPlan:
+    """Parses one layer plan of any registered kind."""
+    if not isinstance(data, dict):
+        raise ValueError(f"layer plan: expected a dict, got {type(data).__name__}")
+    return layer_plan_type(data.get("kind")).from_json(data)
 
 
 def conv_layer_plan(pattern_set: PatternSet, pattern_ids) -> dict:
-    """The layer plan for a conv whose filters get ``pattern_ids`` from ``pattern_set``."""
-    return {"kind": "conv", "pattern_set": pattern_set.to_json(), "pattern_ids": [int(i) for i in pattern_ids]}
+    """The layer plan for a conv whose filters get ``pattern_ids`` from ``pattern_set`` (the JSON of
+    :class:`autosculpt.nn.conv.ConvPlan`)."""
+    return layer_plan_type("conv")(pattern_set, [int(i) for i in pattern_ids]).to_json()
 
 
-def validate_plan(plan: dict) -> dict:
-    """Checks a plan's structure (not against a model); returns it. Raises ValueError on bad data."""
+def parse_plan(plan: dict) -> Dict[str, LayerPlan]:
+    """Checks a plan (not against a model) and parses its layers: ``{module name: LayerPlan}``. Raises
+    ValueError on bad data, naming the layer."""
     if not isinstance(plan, dict):
         raise ValueError(f"plan: expected a dict, got {type(plan).__name__}")
     if plan.get("version") != PLAN_VERSION:
@@ -58,12 +137,24 @@ def validate_plan(plan: dict) -> dict:
     layers = plan.get("layers")
     if not isinstance(layers, dict):
         raise ValueError("plan: 'layers' must be a dict of module name -> layer plan")
+    parsed = {}
     for name, layer in layers.items():
         if not isinstance(name, str) or not isinstance(layer, dict):
             raise ValueError(f"plan: layer {name!r} must map a module name to a dict")
         kind = layer.get("kind")
         if kind not in _KINDS:
             raise ValueError(f"plan: layer {name!r} has unknown kind {kind!r} (known: {sorted(_KINDS)})")
+        try:
+            parsed[name] = _KINDS[kind].from_json(layer)
+        except ValueError as e:
+            raise ValueError(f"plan: layer {name!r}: {e}") from None
+    return parsed
+
+
+def validate_plan(plan: dict) -> dict:
+    """Checks a plan's structure and every layer plan's fields (not against a model); returns it.
+    Raises ValueError on bad data."""
+    parse_plan(plan)
     return plan
 
 
@@ -76,14 +167,13 @@ def sparsify(model: nn.Module, plan: dict, *, inplace: bool = False, backend: st
         inplace: modify ``model`` itself instead of a deep copy.
         backend: kernel backend for the new layers.
     """
-    validate_plan(plan)
+    layers = parse_plan(plan)
     target = model if inplace else copy.deepcopy(model)
     modules = dict(target.named_modules())
-    for name, layer in plan["layers"].items():
+    for name, layer in layers.items():
         if name not in modules:
             raise KeyError(f"plan: module {name!r} not found in {type(model).__name__}")
-        replacement = _KINDS[layer["kind"]](modules[name], layer, backend)
-        set_submodule(target, name, replacement)
+        set_submodule(target, name, layer.apply(modules[name], backend))
     return target
 
 
@@ -94,13 +184,35 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def is_prunable_conv(module: nn.Module, pattern_set: Optional[PatternSet]) -> bool:
+    """THE definition of a prunable conv (the search's graph, the latency model and the plans here all
+    use it): an ``nn.Conv2d`` (or an already sparse conv: a module with a ``tap_mask``) whose kernel
+    matches ``pattern_set``'s (any kernel when None) and that uses plain numeric zero padding, i.e.
+    exactly the convs :meth:`autosculpt.nn.PatternConv2d.from_dense` accepts."""
+    if not isinstance(module, nn.Conv2d) and not hasattr(module, "tap_mask"):
+        return False
+    ks = tuple(getattr(module, "kernel_size", ()))
+    if pattern_set is not None and ks != tuple(pattern_set.kernel_size):
+        return False
+    if isinstance(getattr(module, "padding", 0), str) or getattr(module, "padding_mode", "zeros") != "zeros":
+        return False
+    return True
+
+
+def _dense_prunable_convs(model: nn.Module, pattern_set: PatternSet):
+    """(name, conv) of the dense convs a plan can sparsify (:func:`is_prunable_conv`)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and is_prunable_conv(m, pattern_set):
+            yield name, m
+
+
 def dense_plan(model: nn.Module, pattern_set: PatternSet) -> dict:
-    """A plan that keeps every tap of every conv matching ``pattern_set``'s kernel (the identity plan)."""
+    """A plan that keeps every tap of every prunable conv (:func:`is_prunable_conv`: kernel matching
+    ``pattern_set``'s, zero padding): the identity plan."""
     full = int(torch.argmax(pattern_set.kept_taps()))
     layers = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == pattern_set.kernel_size:
-            layers[name] = conv_layer_plan(pattern_set, [full] * m.out_channels)
+    for name, m in _dense_prunable_convs(model, pattern_set):
+        layers[name] = conv_layer_plan(pattern_set, [full] * m.out_channels)
     return {"version": PLAN_VERSION, "layers": layers}
 
 
@@ -132,14 +244,13 @@ def level_counts(pattern_set: PatternSet, n_filters: int, kept_fraction: float) 
 
 
 def uniform_plan(model: nn.Module, pattern_set: PatternSet, kept_fraction: float, layers=None) -> dict:
-    """The same pattern mix in every prunable conv (kernel matching the set), filters assigned by
-    weight energy (:func:`autosculpt.patterns.assign`). ``layers`` restricts it to some module names."""
+    """The same pattern mix in every prunable conv (:func:`is_prunable_conv`: kernel matching the set,
+    zero padding), filters assigned by weight energy (:func:`autosculpt.patterns.assign`). ``layers``
+    restricts it to some module names."""
     from .patterns import assign
 
     out = {}
-    for name, m in model.named_modules():
-        if not isinstance(m, nn.Conv2d) or tuple(m.kernel_size) != pattern_set.kernel_size:
-            continue
+    for name, m in _dense_prunable_convs(model, pattern_set):
         if layers is not None and name not in layers:
             continue
         counts = level_counts(pattern_set, m.out_channels, kept_fraction)

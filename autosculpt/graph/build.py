@@ -20,6 +20,7 @@ import torch.fx
 from torch import nn
 
 from ..patterns import PAPER6, PatternSet
+from ..plan import is_prunable_conv  # the one definition, shared with the plans (re-exported here)
 
 __all__ = ["build_graph", "ModelGraph", "OP_TYPES", "GraphBuildError", "is_prunable_conv", "node_feature_names"]
 
@@ -47,18 +48,6 @@ _FUNC_TYPES = {
 
 class GraphBuildError(TypeError):
     """The model could not be traced into a graph (the message says what to do)."""
-
-
-def is_prunable_conv(module: nn.Module, pattern_set: PatternSet) -> bool:
-    """A conv whose kernel matches the pattern set and that uses plain zero padding."""
-    if not isinstance(module, nn.Conv2d) and not hasattr(module, "tap_mask"):
-        return False
-    ks = tuple(getattr(module, "kernel_size", ()))
-    if ks != tuple(pattern_set.kernel_size):
-        return False
-    if isinstance(getattr(module, "padding", 0), str) or getattr(module, "padding_mode", "zeros") != "zeros":
-        return False
-    return True
 
 
 def node_feature_names(num_patterns: int) -> List[str]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
@@ -22,10 +23,10 @@ from ..attention_patterns import (
     ATTN6, AttentionPatternSet, attention_flops, head_block_mask, kept_token_fraction, normalize_spec,
 )
 from ..ops.attention import block_sparse_attention
-from ..plan import plan_int, register_kind
+from ..plan import LayerPlan, plan_fields, plan_int, plan_int_list, register_kind
 from .conv import faster_path
 
-__all__ = ["PatternAttention", "attention_layer_plan"]
+__all__ = ["PatternAttention", "AttentionPlan", "attention_layer_plan"]
 
 
 # (input shape, dtype, device, threads, layer config) -> "sparse" | "dense", shared by identical layers
@@ -387,28 +388,75 @@ def _dense_weights(attn: nn.Module):
 # --------------------------------------------------------------------------- plans
 
 
+_PATHS = ("auto", "sparse", "dense")
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionPlan(LayerPlan):
+    """The ``"attention"`` layer plan: a self-attention module (``nn.MultiheadAttention`` or timm-style)
+    becomes a :class:`PatternAttention` whose head ``h`` follows ``pattern_set``'s pattern
+    ``head_pattern_ids[h]`` (heads with the ``empty`` pattern are removed).
+
+    JSON: ``{"kind": "attention", "pattern_set": AttentionPatternSet.to_json(), "head_pattern_ids": [H
+    ints], "block_size": bs}``, plus ``"path"`` when the layer's path is forced.
+    """
+
+    kind: ClassVar[str] = "attention"
+    pattern_set: AttentionPatternSet
+    head_pattern_ids: Tuple[int, ...]
+    block_size: int = 16
+    path: str = "auto"
+
+    def __post_init__(self):
+        if not isinstance(self.pattern_set, AttentionPatternSet):
+            raise ValueError(f"pattern_set: expected an AttentionPatternSet, got {type(self.pattern_set).__name__}")
+        ids = plan_int_list(self.head_pattern_ids, "head_pattern_ids")
+        for i in ids:
+            if not 0 <= i < len(self.pattern_set):
+                raise ValueError(f"head_pattern_ids: {i} is out of range for a set of {len(self.pattern_set)} patterns")
+        object.__setattr__(self, "head_pattern_ids", ids)
+        bs = plan_int(self.block_size, "block_size")
+        if bs < 1:
+            raise ValueError(f"block_size: expected a positive int, got {self.block_size!r}")
+        object.__setattr__(self, "block_size", bs)
+        if self.path not in _PATHS:
+            raise ValueError(f"path: expected one of {', '.join(map(repr, _PATHS))}, got {self.path!r}")
+
+    # equal plans: equal JSON (AttentionPatternSet compares by identity)
+    def __eq__(self, other) -> bool:
+        return type(other) is AttentionPlan and self.to_json() == other.to_json()
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_json(), sort_keys=True))
+
+    def to_json(self) -> dict:
+        out = {"kind": "attention", "pattern_set": self.pattern_set.to_json(),
+               "head_pattern_ids": list(self.head_pattern_ids), "block_size": self.block_size}
+        if self.path != "auto":
+            out["path"] = self.path
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> "AttentionPlan":
+        plan_fields(data, "attention", ("pattern_set", "head_pattern_ids"), ("block_size", "path"))
+        try:
+            ps = AttentionPatternSet.from_json(data["pattern_set"])
+        except (TypeError, KeyError, AttributeError) as e:
+            raise ValueError(f"pattern_set: {e}") from None
+        return cls(ps, data["head_pattern_ids"], data.get("block_size", 16), data.get("path", "auto"))
+
+    def apply(self, module: nn.Module, backend: str) -> nn.Module:
+        heads = module.num_heads if hasattr(module, "num_heads") else None
+        if heads is not None and len(self.head_pattern_ids) != heads:
+            raise ValueError(f"head_pattern_ids: expected {heads} ids (one per head), got {len(self.head_pattern_ids)}")
+        return PatternAttention.from_dense(module, [self.pattern_set.spec(i) for i in self.head_pattern_ids],
+                                           block_size=self.block_size, backend=backend, path=self.path)
+
+
+register_kind(AttentionPlan)
+
+
 def attention_layer_plan(pattern_set: AttentionPatternSet, head_pattern_ids: Sequence[int], block_size: int) -> dict:
-    """The layer plan for an attention module whose head ``h`` gets pattern ``head_pattern_ids[h]``."""
-    ids = [int(i) for i in head_pattern_ids]
-    for i in ids:
-        if not 0 <= i < len(pattern_set):
-            raise ValueError(f"head_pattern_ids: {i} is out of range for a set of {len(pattern_set)} patterns")
-    return {"kind": "attention", "pattern_set": pattern_set.to_json(), "head_pattern_ids": ids,
-            "block_size": int(block_size)}
-
-
-def _apply_attention(module: nn.Module, layer: dict, backend: str) -> nn.Module:
-    ps = AttentionPatternSet.from_json(layer["pattern_set"])
-    ids = layer["head_pattern_ids"]
-    heads = module.num_heads if hasattr(module, "num_heads") else None
-    if heads is not None and len(ids) != heads:
-        raise ValueError(f"head_pattern_ids: expected {heads} ids (one per head), got {len(ids)}")
-    for i in ids:
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(ps):
-            raise ValueError(f"head_pattern_ids: {i!r} is not an index into the plan's {len(ps)} patterns")
-    return PatternAttention.from_dense(module, [ps.spec(i) for i in ids],
-                                       block_size=plan_int(layer.get("block_size", 16), "block_size"),
-                                       backend=backend, path=layer.get("path", "auto"))
-
-
-register_kind("attention", _apply_attention)
+    """The layer plan for an attention module whose head ``h`` gets pattern ``head_pattern_ids[h]`` (the
+    JSON of :class:`AttentionPlan`)."""
+    return AttentionPlan(pattern_set, [int(i) for i in head_pattern_ids], int(block_size)).to_json()

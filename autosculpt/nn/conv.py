@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ from torch import nn
 from ..ops import conv as conv_ops
 from ..ops import weight_cache
 from ..patterns import PatternSet, masks_from_ids
-from ..plan import plan_int, register_kind
+from ..plan import LayerPlan, plan_fields, plan_int_list, register_kind
 
 # (shape, mask bytes, device, dtype, threads) -> "sparse" | "dense": decisions shared by identical layers
 _PATH_DECISIONS: Dict[tuple, str] = {}
@@ -150,6 +151,14 @@ class PatternConv2d(nn.Module):
         self._decided.clear()
         self._fast.clear()
         self.enforce_mask()
+
+    def layer_plan(self) -> dict:
+        """The ``"conv"`` layer plan (:class:`ConvPlan` JSON) that rebuilds this layer from its dense
+        ``nn.Conv2d`` (``sparsify``): its distinct tap masks as the pattern set (``p0``, ``p1``... in
+        sorted mask order), so the exact masks come back."""
+        masks, ids = torch.unique(self.tap_mask.cpu(), dim=0, return_inverse=True)
+        ps = PatternSet(masks, [f"p{i}" for i in range(len(masks))])
+        return ConvPlan(ps, ids.tolist()).to_json()
 
     @torch.no_grad()
     def enforce_mask(self) -> None:
@@ -358,20 +367,61 @@ class PatternConv2d(nn.Module):
         return s + f", kept={self.kept_fraction():.3f}, backend={self.backend}, path={self.active_path()}"
 
 
-def _apply_conv(module: nn.Module, layer: dict, backend: str) -> nn.Module:
-    """The ``"conv"`` plan kind: an ``nn.Conv2d`` becomes a ``PatternConv2d`` with ``masks[pattern_ids]``."""
-    if not isinstance(module, nn.Conv2d):
-        raise TypeError(f"a 'conv' layer plan needs an nn.Conv2d, found {type(module).__name__}")
-    ps = PatternSet.from_json(layer["pattern_set"])
-    ids = layer["pattern_ids"]
-    if not isinstance(ids, (list, tuple)):
-        raise ValueError(f"pattern_ids: expected a list of {module.out_channels} integers, got {type(ids).__name__}")
-    ids = [plan_int(i, "pattern_ids") for i in ids]
-    if len(ids) != module.out_channels:
-        raise ValueError(f"pattern_ids: expected {module.out_channels} ids, got {len(ids)}")
-    if ps.kernel_size != tuple(module.kernel_size):
-        raise ValueError(f"pattern_set: kernel {ps.kernel_size} does not match the conv's {tuple(module.kernel_size)}")
-    return PatternConv2d.from_dense(module, masks_from_ids(ps, ids), backend=backend, path=layer.get("path", "auto"))
+# --------------------------------------------------------------------------- plans
+
+_PATHS = ("auto", "sparse", "dense")
 
 
-register_kind("conv", _apply_conv)
+@dataclass(frozen=True)
+class ConvPlan(LayerPlan):
+    """The ``"conv"`` layer plan: an ``nn.Conv2d`` becomes a :class:`PatternConv2d` whose filter ``o``
+    keeps the taps of ``pattern_set.masks[pattern_ids[o]]``.
+
+    JSON: ``{"kind": "conv", "pattern_set": PatternSet.to_json(), "pattern_ids": [C_out ints]}``, plus
+    ``"path": "sparse" | "dense"`` when the layer's path is forced (``"auto"`` is not written).
+    """
+
+    kind: ClassVar[str] = "conv"
+    pattern_set: PatternSet
+    pattern_ids: Tuple[int, ...]
+    path: str = "auto"
+
+    def __post_init__(self):
+        if not isinstance(self.pattern_set, PatternSet):
+            raise ValueError(f"pattern_set: expected a PatternSet, got {type(self.pattern_set).__name__}")
+        ids = plan_int_list(self.pattern_ids, "pattern_ids")
+        for i in ids:
+            if not 0 <= i < len(self.pattern_set):
+                raise ValueError(f"pattern_ids: {i} is out of range for a set of {len(self.pattern_set)} patterns")
+        object.__setattr__(self, "pattern_ids", ids)
+        if self.path not in _PATHS:
+            raise ValueError(f"path: expected one of {', '.join(map(repr, _PATHS))}, got {self.path!r}")
+
+    def to_json(self) -> dict:
+        out = {"kind": "conv", "pattern_set": self.pattern_set.to_json(), "pattern_ids": list(self.pattern_ids)}
+        if self.path != "auto":
+            out["path"] = self.path
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ConvPlan":
+        plan_fields(data, "conv", ("pattern_set", "pattern_ids"), ("path",))
+        try:
+            ps = PatternSet.from_json(data["pattern_set"])
+        except (TypeError, RuntimeError, KeyError) as e:  # torch.tensor of garbage, missing keys
+            raise ValueError(f"pattern_set: {e}") from None
+        return cls(ps, data["pattern_ids"], data.get("path", "auto"))
+
+    def apply(self, module: nn.Module, backend: str) -> nn.Module:
+        if not isinstance(module, nn.Conv2d):
+            raise TypeError(f"a 'conv' layer plan needs an nn.Conv2d, found {type(module).__name__}")
+        if len(self.pattern_ids) != module.out_channels:
+            raise ValueError(f"pattern_ids: expected {module.out_channels} ids, got {len(self.pattern_ids)}")
+        if self.pattern_set.kernel_size != tuple(module.kernel_size):
+            raise ValueError(f"pattern_set: kernel {self.pattern_set.kernel_size} does not match the conv's "
+                             f"{tuple(module.kernel_size)}")
+        return PatternConv2d.from_dense(module, masks_from_ids(self.pattern_set, self.pattern_ids), backend=backend,
+                                        path=self.path)
+
+
+register_kind(ConvPlan)

@@ -16,15 +16,16 @@ blocks with ``compact_output: false``: it then scatters its kept outputs into a 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..plan import plan_bool, plan_int, register_kind
+from ..plan import LayerPlan, plan_bool, plan_fields, plan_int, plan_int_list, register_kind
 
-__all__ = ["PatternLinear", "blocks_to_features", "linear_layer_plan", "mlp_pair_plan"]
+__all__ = ["PatternLinear", "LinearPlan", "blocks_to_features", "linear_layer_plan", "mlp_pair_plan"]
 
 
 def blocks_to_features(blocks: Sequence[int], block_size: int, features: int) -> torch.Tensor:
@@ -140,17 +141,70 @@ class PatternLinear(nn.Module):
 # --------------------------------------------------------------------------- plans
 
 
+@dataclass(frozen=True)
+class LinearPlan(LayerPlan):
+    """The ``"linear"`` layer plan: an ``nn.Linear`` becomes a :class:`PatternLinear` keeping
+    ``out_blocks`` of its outputs and ``in_blocks`` of its inputs (None = all) in blocks of ``block_size``.
+
+    JSON: ``{"kind": "linear", "block_size": bs, "compact_output": bool, "compact_input": bool}`` plus
+    ``"out_blocks"`` / ``"in_blocks"`` (sorted lists) when given; ``compact_input`` needs ``in_blocks``.
+    """
+
+    kind: ClassVar[str] = "linear"
+    block_size: int = 16
+    out_blocks: Optional[Tuple[int, ...]] = None
+    in_blocks: Optional[Tuple[int, ...]] = None
+    compact_output: bool = False
+    compact_input: bool = False
+
+    def __post_init__(self):
+        bs = plan_int(self.block_size, "block_size")
+        if bs < 1:
+            raise ValueError(f"block_size: expected a positive int, got {self.block_size!r}")
+        object.__setattr__(self, "block_size", bs)
+        for key in ("out_blocks", "in_blocks"):
+            value = getattr(self, key)
+            if value is not None:
+                object.__setattr__(self, key, plan_int_list(value, key, "block indices"))
+        plan_bool(self.compact_output, "compact_output")
+        plan_bool(self.compact_input, "compact_input")
+        if self.compact_input and self.in_blocks is None:
+            raise ValueError("linear layer plan: compact_input needs in_blocks")
+
+    def to_json(self) -> dict:
+        out = {"kind": "linear", "block_size": self.block_size, "compact_output": self.compact_output,
+               "compact_input": self.compact_input}
+        if self.out_blocks is not None:
+            out["out_blocks"] = sorted(self.out_blocks)
+        if self.in_blocks is not None:
+            out["in_blocks"] = sorted(self.in_blocks)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> "LinearPlan":
+        plan_fields(data, "linear", (), ("block_size", "out_blocks", "in_blocks", "compact_output", "compact_input"))
+        return cls(data.get("block_size", 16), data.get("out_blocks"), data.get("in_blocks"),
+                   data.get("compact_output", False), data.get("compact_input", False))
+
+    def apply(self, module: nn.Module, backend: str) -> nn.Module:
+        del backend  # smaller dense GEMMs: torch's own kernels
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"a 'linear' layer plan needs an nn.Linear, found {type(module).__name__}")
+        return PatternLinear.from_dense(module, self.out_blocks, self.in_blocks, self.block_size,
+                                        self.compact_output, self.compact_input)
+
+
+register_kind(LinearPlan)
+
+
 def linear_layer_plan(block_size: int, out_blocks: Optional[Sequence[int]] = None,
                       in_blocks: Optional[Sequence[int]] = None, compact_output: bool = False,
                       compact_input: bool = False) -> dict:
-    """The layer plan of one Linear keeping ``out_blocks``/``in_blocks`` (None = all) of ``block_size``."""
-    plan = {"kind": "linear", "block_size": int(block_size), "compact_output": bool(compact_output),
-            "compact_input": bool(compact_input)}
-    if out_blocks is not None:
-        plan["out_blocks"] = sorted(int(b) for b in out_blocks)
-    if in_blocks is not None:
-        plan["in_blocks"] = sorted(int(b) for b in in_blocks)
-    return plan
+    """The layer plan of one Linear keeping ``out_blocks``/``in_blocks`` (None = all) of ``block_size``
+    (the JSON of :class:`LinearPlan`)."""
+    return LinearPlan(int(block_size), None if out_blocks is None else [int(b) for b in out_blocks],
+                      None if in_blocks is None else [int(b) for b in in_blocks], bool(compact_output),
+                      bool(compact_input)).to_json()
 
 
 def mlp_pair_plan(fc1: str, fc2: str, kept_blocks: Sequence[int], block_size: int) -> dict:
@@ -160,26 +214,3 @@ def mlp_pair_plan(fc1: str, fc2: str, kept_blocks: Sequence[int], block_size: in
         fc1: linear_layer_plan(block_size, out_blocks=kept_blocks, compact_output=True),
         fc2: linear_layer_plan(block_size, in_blocks=kept_blocks, compact_input=True),
     }
-
-
-def _apply_linear(module: nn.Module, layer: dict, backend: str) -> nn.Module:
-    del backend  # smaller dense GEMMs: torch's own kernels
-    if not isinstance(module, nn.Linear):
-        raise TypeError(f"a 'linear' layer plan needs an nn.Linear, found {type(module).__name__}")
-    if layer.get("compact_input") and "in_blocks" not in layer:
-        raise ValueError("linear layer plan: compact_input needs in_blocks")
-    blocks = {}
-    for key in ("out_blocks", "in_blocks"):
-        value = layer.get(key)
-        if value is not None:
-            if not isinstance(value, (list, tuple)):
-                raise ValueError(f"{key}: expected a list of block indices, got {type(value).__name__}")
-            value = [plan_int(b, key) for b in value]
-        blocks[key] = value
-    return PatternLinear.from_dense(module, blocks["out_blocks"], blocks["in_blocks"],
-                                    plan_int(layer.get("block_size", 16), "block_size"),
-                                    plan_bool(layer.get("compact_output", False), "compact_output"),
-                                    plan_bool(layer.get("compact_input", False), "compact_input"))
-
-
-register_kind("linear", _apply_linear)
