@@ -312,8 +312,9 @@ def select_plan(candidates: Sequence, budget: Budget, settings: Optional[Selecti
         if warn:
             sp = fallback.get("predicted_speedup") if isinstance(fallback, dict) else None
             note = f" (predicted speedup {sp:.2f}×)" if isinstance(sp, (int, float)) else ""
-            warnings.warn(f"search: no evaluated plan meets the budget {budget.as_dict()}; returning the highest-reward "
-                          f"plan{note}. Try more episodes or a looser budget.", RuntimeWarning)
+            aim = f" aimed {settings.margin:g} past it" if settings.margin and not budget.uses_flops else ""
+            warnings.warn(f"search: no evaluated plan meets the budget {budget.as_dict()}{aim}; returning the "
+                          f"highest-reward plan{note}. Try more episodes or a looser budget.", RuntimeWarning)
         return Selection(fallback, None, False, [])
     checked: List[Tuple[Any, dict]] = []
     chosen = None
