@@ -40,7 +40,7 @@ def test_item11_written_files_respect_the_umask(mask, umask, tmp_path):
     atomic_torch_save({"x": torch.ones(1)}, tmp_path / "state.pt")
     config.save_config(config.resolve_config(), tmp_path / "config.yaml")
     lm = LatencyModel(cache_path=tmp_path / "cache" / "latency_cache.json")
-    lm._cache["k"] = 1.0
+    lm.cache.entries["k"] = 1.0
     lm.save_cache()
     paths += [tmp_path / "summary.json", tmp_path / "state.pt", tmp_path / "config.yaml",
               tmp_path / "cache" / "latency_cache.json"]

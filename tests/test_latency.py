@@ -10,8 +10,10 @@ from torch import nn
 from autosculpt import __version__
 from autosculpt.patterns import PAPER6
 from autosculpt.plan import conv_layer_plan, sparsify
-from autosculpt.runtime.latency import (FlopsLatencyModel, LatencyModel, grid_mask, keep_level_grid,
-                                        plan_tap_masks)
+from autosculpt.patterns import keep_level_grid
+from autosculpt.runtime.grid import grid_mask
+from autosculpt.runtime.latency import FlopsLatencyModel, LatencyModel
+from autosculpt.runtime.predict import plan_tap_masks, sparse_layer_ms
 
 
 def tiny_net():
@@ -53,7 +55,7 @@ def test_cache_round_trip(tmp_path):
     assert lm2.dense_layer_ms("0") == lm.dense_layer_ms("0")
     mask = plan_tap_masks(plan)["2"]
     # (layer_ms also scales by the in-model factors, re-measured with the remainder: compare the cached parts)
-    assert lm2._sparse_layer_ms("2", lm2.layers["2"], mask) == lm._sparse_layer_ms("2", lm.layers["2"], mask)
+    assert sparse_layer_ms(lm2.profile_data, "2", mask) == sparse_layer_ms(lm.profile_data, "2", mask)
     assert lm2.epilogue_ms("2") == lm.epilogue_ms("2")
 
 
@@ -80,7 +82,7 @@ def test_prediction_interpolates_between_measured_grid_points():
         assert lm.layer_ms("2", m, path="sparse") == pytest.approx(want)
         # dense fallback: the dense conv plus the ReLU it cannot fuse
         assert lm.layer_ms("2", m) == pytest.approx(min(want, f * lm.dense_layer_ms("2") + lm.epilogue_ms("2")))
-    (k0, t0), (k1, t1) = lm._grid["2"][2], lm._grid["2"][3]
+    (k0, t0), (k1, t1) = lm.profile_data.grid["2"][2], lm.profile_data.grid["2"][3]
     mid = torch.zeros(16, 3, 3, dtype=torch.bool)
     mid.view(16, -1)[:, : round(9 * (k0 + k1) / 2)] = True
     kmid = float(mid.float().mean())
@@ -124,7 +126,7 @@ def test_bad_arguments():
 
 
 def test_stubbed_remainder_and_fusable_epilogues():
-    from autosculpt.runtime.latency import fusable_epilogues, stub_layers
+    from autosculpt.runtime.hooks import fusable_epilogues, stub_layers
 
     net = tiny_net()
     stubbed = stub_layers(net, X, ["0", "2"])
@@ -146,7 +148,7 @@ def test_item10_invalid_cache_entries_are_measured_again(tmp_path):
     path.write_text(json.dumps(data))  # json writes NaN / Infinity literals
     with pytest.warns(RuntimeWarning, match=r"5 invalid entries.*measured again"):
         lm = LatencyModel(cache_path=path, reps=1, warmup=0)
-    assert not set(bad) & set(lm._cache)
+    assert not set(bad) & set(lm.cache.entries)
     lm.profile(tiny_net(), X)
     assert lm.measurements == len(bad)  # exactly the bad ones were re-measured
     entries = json.loads(path.read_text())["entries"]
@@ -167,12 +169,12 @@ def test_item10_runs_sharing_the_cache_merge_their_entries_under_a_lock(tmp_path
     a.profile(tiny_net(), X)
     b.profile(other_net, X)  # the last writer must not drop a's entries
     entries = json.loads(path.read_text())["entries"]
-    assert set(a._cache) <= set(entries) and set(b._cache) <= set(entries)
+    assert set(a.cache.entries) <= set(entries) and set(b.cache.entries) <= set(entries)
     assert len(entries) == a.measurements + b.measurements
     # the read-merge-write waits for the lock another process holds
     with open(str(path) + ".lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        b._cache["extra-key"] = 1.5
+        b.cache.entries["extra-key"] = 1.5
         saver = threading.Thread(target=b.save_cache)
         saver.start()
         saver.join(0.5)
