@@ -12,8 +12,8 @@ def poison_outputs(monkeypatch):
     """Makes kernels' output buffers start as NaN, so any element a kernel forgets to write fails."""
     from autosculpt.ops import conv as conv_ops
 
-    def nan_output(shape, like):
-        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+    def nan_output(shape, like, memory_format=torch.contiguous_format):
+        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device).contiguous(memory_format=memory_format)
 
     monkeypatch.setattr(conv_ops, "_new_output", nan_output)
     return nan_output

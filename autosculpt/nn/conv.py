@@ -242,7 +242,8 @@ class PatternConv2d(nn.Module):
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _decision_key(self, x: torch.Tensor) -> tuple:
-        return (tuple(x.shape), x.dtype, x.device.type, torch.get_num_threads())
+        channels_last = x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return (tuple(x.shape), x.dtype, x.device.type, torch.get_num_threads(), channels_last)
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor, reps: int = 9) -> str:
@@ -288,7 +289,7 @@ class PatternConv2d(nn.Module):
         fast_key = None
         if not torch.is_grad_enabled() and type(x) is torch.Tensor and x.is_cpu:
             # eager CPU inference: after one validated call per input shape, go straight to the kernel
-            fast_key = (x.shape, x.dtype, torch.get_num_threads(), self.path, self.backend, self.activation,
+            fast_key = (x.shape, x.stride(), x.dtype, torch.get_num_threads(), self.path, self.backend, self.activation,
                         self.weight.dtype, self.weight.device, self.bias is None)
             out_shape = self._fast.get(fast_key)
             if out_shape is not None and not torch.compiler.is_compiling():

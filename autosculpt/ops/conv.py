@@ -274,10 +274,11 @@ def _gpu_nonfinite_taps(out, x, tap_mask, stride, padding, dilation, groups):
 
 
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """The op's output layout: channels_last for a channels_last CUDA input (as cuDNN does), otherwise
-    contiguous. The fake impl and all backends follow it, so torch.compile sees the real strides."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if (channels_last and x.device.type == "cuda") else torch.contiguous_format
+    """The op's output layout: channels_last for a channels_last input (as cuDNN and oneDNN do; the
+    CPU backend has a channels-last kernel), otherwise contiguous. The fake impl and all backends
+    follow it, so torch.compile sees the real strides."""
+    channels_last = x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 @_pattern_conv2d_op.register_fake
@@ -343,20 +344,23 @@ def release_cache(cache_key: int) -> None:
     weight_cache.release(cache_key)
 
 
-def _new_output(shape, like: torch.Tensor) -> torch.Tensor:
+def _new_output(shape, like: torch.Tensor, memory_format=torch.contiguous_format) -> torch.Tensor:
     """Allocates a kernel's output (uninitialised; tests replace this to poison outputs)."""
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
 
 
 def run_cpu_kernel(x, weight, tap_mask, bias, stride, padding, dilation, groups, cache_key, residual=None, relu=False):
     """The C++ CPU kernel on already validated arguments (``validate_conv_args``): the op's ``"cpu"``
     backend, and ``PatternConv2d``'s eager shortcut once a shape was validated."""
     ext = _ext.require()
-    x = x.contiguous()
     n, _, h, w = x.shape
     oh, ow = conv_output_size(h, w, weight.shape[2], weight.shape[3], stride, padding, dilation)
     if n == 0:  # an empty batch, as nn.Conv2d returns it
-        return x.new_empty((0, weight.shape[0], oh, ow))
+        return torch.empty((0, weight.shape[0], oh, ow), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    if uses_nhwc_kernel(x, weight, groups):
+        return _run_nhwc_kernel(ext, x, weight, tap_mask, bias, stride, padding, dilation, cache_key, residual, relu,
+                                (n, weight.shape[0], oh, ow))
+    x = x.contiguous()
     packed = _packed_weights(ext, weight, tap_mask, groups, cache_key)
     out = _new_output((n, weight.shape[0], oh, ow), x)
     # (only their data pointers are read: no detach, contiguous() returns the tensor itself when it is)
@@ -369,6 +373,35 @@ def run_cpu_kernel(x, weight, tap_mask, bias, stride, padding, dilation, groups,
     )
     if not ext.all_finite(x.data_ptr(), x.numel(), torch.get_num_threads()):
         propagate_nonfinite_taps(out, x, tap_mask, stride, padding, dilation, groups)
+    return out
+
+
+def uses_nhwc_kernel(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
+    """Whether the CPU backend runs its channels-last kernel for ``x``: a channels_last (NHWC) input,
+    an ungrouped conv, at most 64 taps. Its output is then channels_last too."""
+    return (groups == 1 and weight.shape[2] * weight.shape[3] <= 64 and x.shape[1] > 1
+            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+
+
+_PACKED_NHWC = WeightCache()
+
+
+def _run_nhwc_kernel(ext, x, weight, tap_mask, bias, stride, padding, dilation, cache_key, residual, relu, shape):
+    def build():
+        w = weight.detach().contiguous()
+        m = tap_mask.detach().contiguous().to(torch.uint8)
+        return ext.PackedPatternConvNhwc(w.data_ptr(), m.data_ptr(), *w.shape)
+
+    packed = _PACKED_NHWC.get_or_build(cache_key, weight, tap_mask, ("nhwc",), build)
+    out = _new_output(shape, x, memory_format=torch.channels_last)
+    b = bias.contiguous() if bias is not None else None
+    r = residual.contiguous(memory_format=torch.channels_last) if residual is not None else None
+    n, _, h, w = x.shape
+    packed.forward(x.data_ptr(), b.data_ptr() if b is not None else 0, out.data_ptr(), n, h, w, stride[0], stride[1],
+                   padding[0], padding[1], dilation[0], dilation[1], torch.get_num_threads(),
+                   r.data_ptr() if r is not None else 0, bool(relu), False)
+    if not ext.all_finite(x.data_ptr(), x.numel(), torch.get_num_threads()):
+        propagate_nonfinite_taps(out, x, tap_mask, stride, padding, dilation, 1)
     return out
 
 

@@ -143,46 +143,51 @@ def test_fuzz_pattern_conv2d_module():
     against ``nn.Conv2d`` with the masked weights."""
     tally = Tally("PatternConv2d")
     for case in range(case_count(80)):
-        rng = rng_for(tally.name, case)
-        a = _draw_conv(rng)
-        dense = nn.Conv2d(a["c_in"], a["c_out"], a["k"], a["stride"], a["padding"], a["dilation"], a["groups"],
-                          bias=rng.random() < 0.7)
-        path = rng.choice(["sparse", "dense", "auto"])
-        layer = PatternConv2d.from_dense(dense, a["mask"], path=path)
-        if rng.random() < 0.3:
-            layer.freeze()
-        x = torch.randn(a["n"], a["c_in"], a["h"], a["w"])
-        if rng.random() < 0.15:
-            inject_nonfinite(rng, x, 1)
-        if rng.random() < 0.2 and a["n"] == 1:
-            x = x[0]  # unbatched
-        x = layout(x, rng.choice(["contiguous", "channels_last", "strided"]))
-        tally.cases += 1
-        desc = f"case {case} path={path} {_describe(a)}"
-        try:
-            for step in range(2):
-                train = rng.random() < 0.4
-                with torch.set_grad_enabled(train):
-                    out = layer(x)
-                    if train and out.numel():
-                        out.sum().backward()
-                ref = F.conv2d(x.double(), (layer.weight.detach() * layer.tap_mask[:, None]).double(),
-                               None if layer.bias is None else layer.bias.detach().double(), a["stride"], a["padding"],
-                               a["dilation"], a["groups"])
-                tally.compared += 1
-                bound = _bound(x if x.ndim == 4 else x[None], layer.weight.detach(), layer.tap_mask, a)
-                problem = same_values(out.detach(), ref, bound if x.ndim == 4 else bound[0])
-                if problem:
-                    tally.mismatches.append(f"{desc} step {step}: {problem}")
-                if not layer.__dict__.get("_frozen"):
-                    with torch.no_grad():  # a write no version counter sees: must not leave stale packing
-                        layer.weight.data.mul_(rng.choice([-1.0, 0.5, 2.0]))
-                else:
-                    with torch.no_grad():
-                        layer.weight.mul_(rng.choice([-1.0, 0.5, 2.0]))
-        except Exception as exc:  # noqa: BLE001
-            tally.crashes.append(f"{desc}: {type(exc).__name__}: {exc}")
+        module_case(tally, case)
     tally.check()
+
+
+def module_case(tally: Tally, case: int) -> None:
+    """One ``PatternConv2d`` case (reproduce a finding with ``module_case(Tally("x"), case)``)."""
+    rng = rng_for("PatternConv2d", case)
+    a = _draw_conv(rng)
+    dense = nn.Conv2d(a["c_in"], a["c_out"], a["k"], a["stride"], a["padding"], a["dilation"], a["groups"],
+                      bias=rng.random() < 0.7)
+    path = rng.choice(["sparse", "dense", "auto"])
+    layer = PatternConv2d.from_dense(dense, a["mask"], path=path)
+    if rng.random() < 0.3:
+        layer.freeze()
+    x = torch.randn(a["n"], a["c_in"], a["h"], a["w"])
+    if rng.random() < 0.15:
+        inject_nonfinite(rng, x, 1)
+    if rng.random() < 0.2 and a["n"] == 1:
+        x = x[0]  # unbatched
+    x = layout(x, rng.choice(["contiguous", "channels_last", "strided"]))
+    tally.cases += 1
+    desc = f"case {case} path={path} {_describe(a)}"
+    try:
+        for step in range(2):
+            train = rng.random() < 0.4
+            with torch.set_grad_enabled(train):
+                out = layer(x)
+                if train and out.numel():
+                    out.sum().backward()
+            ref = F.conv2d(x.double(), (layer.weight.detach() * layer.tap_mask[:, None]).double(),
+                           None if layer.bias is None else layer.bias.detach().double(), a["stride"], a["padding"],
+                           a["dilation"], a["groups"])
+            tally.compared += 1
+            bound = _bound(x if x.ndim == 4 else x[None], layer.weight.detach(), layer.tap_mask, a)
+            problem = same_values(out.detach(), ref, bound if x.ndim == 4 else bound[0])
+            if problem:
+                tally.mismatches.append(f"{desc} step {step}: {problem}")
+            if not layer.__dict__.get("_frozen"):
+                with torch.no_grad():  # a write no version counter sees: must not leave stale packing
+                    layer.weight.data.mul_(rng.choice([-1.0, 0.5, 2.0]))
+            else:
+                with torch.no_grad():
+                    layer.weight.mul_(rng.choice([-1.0, 0.5, 2.0]))
+    except Exception as exc:  # noqa: BLE001
+        tally.crashes.append(f"{desc}: {type(exc).__name__}: {exc}")
 
 
 if os.environ.get("AUTOSCULPT_FUZZ_CASES"):

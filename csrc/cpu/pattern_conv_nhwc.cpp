@@ -1,0 +1,384 @@
+// Pattern-sparse 2-D convolution on channels-last (NHWC) float32 tensors, torch-free.
+//
+// Same semantics as pattern_conv.cpp (out = conv2d(x, weight * tap_mask[:, None], bias, ...) with an
+// optional residual add and ReLU), for the layout the deployed form keeps from layer to layer: with
+// activations in NHWC, dense convs run in oneDNN's native layout (no reorder per call) and this kernel
+// reads its input rows directly, without gathering.
+//
+// Algorithm. Filters are sorted by tap mask (nesting-friendly order, so that neighbours share taps) and
+// cut into blocks of 32 (two AVX-512 vectors of output channels); a block computes the union of its
+// filters' taps (a filter that drops one of them has zero weights there). Blocks of empty filters
+// are not computed (output = bias). Weights are packed per block as [tap][c_in][32]. For each image
+// the input is copied once into a zero-padded NHWC buffer, so every tap of every output pixel is in
+// bounds and the input of tap (r, s) for output pixel (oy, ox) is the row
+// xpad[(oy*sh + r*dh) * Wp + ox*sw + s*dw][0 .. C_in). The micro-kernel holds MR pixels x 32
+// channels in registers and runs over (tap, c_in): one broadcast of an input value per pixel and two
+// weight vectors per step. Output channels are written back to their original positions on store,
+// with the bias, residual and ReLU applied there (the epilogue costs no extra pass over memory).
+// Threads split (block, output row) items. Grouped convs are not handled here (the NCHW kernel is).
+#include <omp.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "registry.h"
+
+namespace autosculpt {
+
+namespace {
+
+constexpr int kBlock = 32;  // most output channels per block (two 16-lane vectors)
+constexpr int kMaxMR = 14;  // most pixels per micro-kernel tile (14 for one vector, 8 for two)
+
+struct NhwcBlock {
+  std::vector<int32_t> taps;  // union of kept taps (r * kw + s), ascending
+  int32_t nv = 2;             // 16-lane vectors of output channels (1 or 2)
+  int32_t nfilt = 0;          // real filters (<= 16 * nv); the other lanes have zero weights
+  int32_t filters[kBlock];    // output channel of each lane
+  int64_t w_offset = 0;       // start of [taps][c_in][16 * nv] in packed
+};
+
+inline int lanes(const NhwcBlock& b) { return 16 * b.nv; }
+inline int max_mr(int nv) { return nv == 1 ? 14 : 8; }
+
+bool cpu_avx512() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+struct FreeDeleter {
+  void operator()(float* p) const { std::free(p); }
+};
+
+float* aligned_scratch(std::unique_ptr<float[], FreeDeleter>& buf, size_t& cap, size_t floats) {
+  if (floats > cap) {
+    void* p = std::aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
+    if (p == nullptr) throw std::bad_alloc();
+    buf.reset(static_cast<float*>(p));
+    cap = floats;
+  }
+  return buf.get();
+}
+
+// Everything one call needs.
+struct NhwcCall {
+  const float* xpad;  // (Hp, Wp, C) of the current image
+  int64_t Wp, C;
+  int64_t oh, ow, sh, sw, dh, dw, kw;
+  float* out;         // (oh, ow, C_out) of the current image
+  int64_t c_out;
+  const float* bias;
+  const float* residual;  // like out, or null
+  bool relu;
+};
+
+inline float epilogue(float v, const NhwcCall& a, int64_t at, int32_t co) {
+  v += a.bias ? a.bias[co] : 0.0f;
+  if (a.residual) v += a.residual[at + co];
+  return (a.relu && v < 0.0f) ? 0.0f : v;  // NaN stays NaN, as torch.relu
+}
+
+// Stores a tile acc[MR][kBlock] (pixels ox0 .. ox0+valid) to the block's output channels.
+inline void store_tile(const NhwcCall& a, const NhwcBlock& blk, int64_t oy, int64_t ox0, int64_t valid,
+                       const float* acc) {
+  for (int64_t i = 0; i < valid; ++i) {
+    const int64_t at = (oy * a.ow + ox0 + i) * a.c_out;
+    const float* row = acc + i * lanes(blk);
+    float* o = a.out + at;
+    for (int32_t j = 0; j < blk.nfilt; ++j) o[blk.filters[j]] = epilogue(row[j], a, at, blk.filters[j]);
+  }
+}
+
+// Portable tile: plain loops (any CPU).
+void tile_generic(const NhwcCall& a, const NhwcBlock& blk, const float* w, int64_t oy, int64_t ox0, int64_t valid) {
+  float acc[kMaxMR * kBlock] = {0.0f};
+  const int L = lanes(blk);
+  for (size_t t = 0; t < blk.taps.size(); ++t) {
+    const int64_t r = blk.taps[t] / a.kw, s = blk.taps[t] % a.kw;
+    const float* wt = w + int64_t(t) * a.C * L;
+    for (int64_t i = 0; i < valid; ++i) {
+      const float* xr = a.xpad + ((oy * a.sh + r * a.dh) * a.Wp + (ox0 + i) * a.sw + s * a.dw) * a.C;
+      float* ac = acc + i * L;
+      for (int64_t c = 0; c < a.C; ++c) {
+        const float xv = xr[c];
+        const float* wc = wt + c * L;
+#pragma omp simd
+        for (int j = 0; j < L; ++j) ac[j] += xv * wc[j];
+      }
+    }
+  }
+  store_tile(a, blk, oy, ox0, valid, acc);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// MR pixels x NV vectors of 16 output channels in registers over the whole (tap, c_in) reduction.
+template <int MR, int NV>
+__attribute__((target("avx512f,fma"))) void tile_avx512(const NhwcCall& a, const NhwcBlock& blk, const float* w,
+                                                        int64_t oy, int64_t ox0) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  const int64_t C = a.C, px = a.sw * C;
+  for (size_t t = 0; t < blk.taps.size(); ++t) {
+    const int64_t r = blk.taps[t] / a.kw, s = blk.taps[t] % a.kw;
+    const float* xr = a.xpad + ((oy * a.sh + r * a.dh) * a.Wp + ox0 * a.sw + s * a.dw) * C;
+    const float* wt = w + int64_t(t) * C * (16 * NV);
+    for (int64_t c = 0; c < C; ++c) {
+      __m512 wv[NV];
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) wv[v] = _mm512_load_ps(wt + c * (16 * NV) + 16 * v);
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) {
+        const __m512 xv = _mm512_set1_ps(xr[i * px + c]);
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(xv, wv[v], acc[i][v]);
+      }
+    }
+  }
+  alignas(64) float tile[MR * 16 * NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) _mm512_store_ps(tile + (i * NV + v) * 16, acc[i][v]);
+  store_tile(a, blk, oy, ox0, MR, tile);
+}
+
+using TileFn = void (*)(const NhwcCall&, const NhwcBlock&, const float*, int64_t, int64_t);
+#define AS_NHWC_TILES(NV)                                                                                       \
+  {nullptr, &tile_avx512<1, NV>, &tile_avx512<2, NV>, &tile_avx512<3, NV>, &tile_avx512<4, NV>,                 \
+   &tile_avx512<5, NV>, &tile_avx512<6, NV>, &tile_avx512<7, NV>, &tile_avx512<8, NV>, AS_NHWC_TAIL_##NV}
+#define AS_NHWC_TAIL_1 &tile_avx512<9, 1>, &tile_avx512<10, 1>, &tile_avx512<11, 1>, &tile_avx512<12, 1>, \
+                       &tile_avx512<13, 1>, &tile_avx512<14, 1>
+#define AS_NHWC_TAIL_2 nullptr, nullptr, nullptr, nullptr, nullptr, nullptr
+const TileFn kAvx512Tiles[2][kMaxMR + 1] = {AS_NHWC_TILES(1), AS_NHWC_TILES(2)};
+#endif
+
+// Sort key putting nested PAPER6-style masks next to each other: by tap count, then by mask bits.
+uint64_t mask_bits(const uint8_t* m, int64_t taps) {
+  uint64_t b = 0;
+  for (int64_t t = 0; t < taps && t < 64; ++t) b |= uint64_t(m[t] != 0) << t;
+  return b;
+}
+
+}  // namespace
+
+class PackedPatternConvNhwc {
+ public:
+  PackedPatternConvNhwc(const float* weight, const uint8_t* tap_mask, int64_t c_out, int64_t c_in, int64_t kh,
+                        int64_t kw)
+      : c_out_(c_out), c_in_(c_in), kh_(kh), kw_(kw), avx512_(cpu_avx512()) {
+    if (c_out < 1 || c_in < 1 || kh < 1 || kw < 1 || kh * kw > 64)
+      throw std::invalid_argument("PackedPatternConvNhwc: bad sizes (kh * kw must be <= 64)");
+    const int64_t taps = kh * kw;
+    // Filters grouped by identical mask (empty ones are bias only).
+    std::vector<std::pair<uint64_t, std::vector<int32_t>>> groups;
+    for (int32_t f = 0; f < c_out; ++f) {
+      const uint64_t bits = mask_bits(tap_mask + f * taps, taps);
+      if (!bits) {
+        empty_.push_back(f);
+        continue;
+      }
+      auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == bits; });
+      if (it == groups.end()) groups.push_back({bits, {f}});
+      else it->second.push_back(f);
+    }
+    // Whole blocks of one mask compute exactly its taps: 32 filters, then 16.
+    std::vector<std::pair<uint64_t, std::vector<int32_t>>> rest;
+    for (auto& g : groups) {
+      size_t i = 0;
+      for (; i + kBlock <= g.second.size(); i += kBlock) add_block(g.first, g.second.data() + i, kBlock, 2);
+      if (i + 16 <= g.second.size()) {
+        add_block(g.first, g.second.data() + i, 16, 1);
+        i += 16;
+      }
+      if (i < g.second.size()) rest.push_back({g.first, std::vector<int32_t>(g.second.begin() + long(i), g.second.end())});
+    }
+    // Leftovers (< 16 filters per mask) share 16-filter blocks computing the union of their taps:
+    // greedily, each block starts from the largest leftover and takes the masks adding fewest taps.
+    while (!rest.empty()) {
+      std::sort(rest.begin(), rest.end(), [](const auto& x, const auto& y) { return x.second.size() > y.second.size(); });
+      uint64_t uni = 0;
+      std::vector<int32_t> lanes_f;
+      while (lanes_f.size() < 16 && !rest.empty()) {
+        size_t best = 0;
+        int best_new = 1 << 30;
+        for (size_t k = 0; k < rest.size(); ++k) {
+          const int added = __builtin_popcountll(rest[k].first & ~uni);
+          if (lanes_f.empty() ? k == 0 : added < best_new) {
+            best = k;
+            best_new = added;
+          }
+        }
+        auto& g = rest[best];
+        const size_t take = std::min<size_t>(16 - lanes_f.size(), g.second.size());
+        lanes_f.insert(lanes_f.end(), g.second.begin(), g.second.begin() + long(take));
+        uni |= g.first;
+        g.second.erase(g.second.begin(), g.second.begin() + long(take));
+        if (g.second.empty()) rest.erase(rest.begin() + long(best));
+      }
+      add_block(uni, lanes_f.data(), int32_t(lanes_f.size()), 1);
+    }
+    int64_t total = 0;
+    for (NhwcBlock& blk : blocks_) {
+      blk.w_offset = total;
+      total += int64_t(blk.taps.size()) * c_in * lanes(blk);
+    }
+    packed_.reset(static_cast<float*>(std::aligned_alloc(64, size_t(std::max<int64_t>(total, 16) * 4 + 63) / 64 * 64)));
+    if (!packed_) throw std::bad_alloc();
+    std::fill(packed_.get(), packed_.get() + total, 0.0f);
+    for (const NhwcBlock& blk : blocks_) {
+      const int L = lanes(blk);
+      for (size_t t = 0; t < blk.taps.size(); ++t)
+        for (int32_t j = 0; j < blk.nfilt; ++j) {
+          const int32_t f = blk.filters[j];
+          if (!tap_mask[f * taps + blk.taps[t]]) continue;  // a filter that drops this tap: zero weights
+          for (int64_t c = 0; c < c_in; ++c)
+            packed_[blk.w_offset + (int64_t(t) * c_in + c) * L + j] = weight[(int64_t(f) * c_in + c) * taps + blk.taps[t]];
+        }
+    }
+  }
+
+  // x: (n, h, w, c_in) contiguous; out: (n, oh, ow, c_out) contiguous; residual like out or null.
+  void forward(const float* x, const float* bias, float* out, int64_t n, int64_t h, int64_t w, int64_t sh, int64_t sw,
+               int64_t ph, int64_t pw, int64_t dh, int64_t dw, int num_threads, const float* residual, bool relu,
+               bool force_generic) const {
+    const int64_t oh = (h + 2 * ph - dh * (kh_ - 1) - 1) / sh + 1, ow = (w + 2 * pw - dw * (kw_ - 1) - 1) / sw + 1;
+    if (n < 0 || h < 1 || w < 1 || sh < 1 || sw < 1 || ph < 0 || pw < 0 || dh < 1 || dw < 1 || oh < 1 || ow < 1)
+      throw std::invalid_argument("PackedPatternConvNhwc.forward: bad sizes");
+    if (num_threads <= 0) num_threads = omp_get_max_threads();
+    // Rows the tiles may read: up to (oh-1)*sh + (kh-1)*dh + 1; columns up to a full MR tile past ow.
+    const int64_t Hp = std::max<int64_t>(h + 2 * ph, (oh - 1) * sh + (kh_ - 1) * dh + 1);
+    const int64_t Wp = std::max<int64_t>(w + 2 * pw, (ow + kMaxMR - 1) * sw + (kw_ - 1) * dw + 1);
+    const int64_t C = c_in_;
+    const bool use_avx512 = avx512_ && !force_generic;
+    const int64_t nb = int64_t(blocks_.size());
+    const int64_t macs = n * oh * ow * std::max<int64_t>(1, executed_macs_per_pixel());
+    const int threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, macs / 200000)));
+    static thread_local std::unique_ptr<float[], FreeDeleter> pad_buf;
+    static thread_local size_t pad_cap = 0;
+    float* xpad = aligned_scratch(pad_buf, pad_cap, size_t(Hp * Wp * C + 16));
+    for (int64_t img = 0; img < n; ++img) {
+      const float* xi = x + img * h * w * C;
+      float* oi = out + img * oh * ow * c_out_;
+      const float* ri = residual ? residual + img * oh * ow * c_out_ : nullptr;
+      NhwcCall a{xpad, Wp, C, oh, ow, sh, sw, dh, dw, kw_, oi, c_out_, bias, ri, relu};
+#pragma omp parallel num_threads(threads)
+      {
+        // Zero-padded copy of the image (rows split over the threads).
+#pragma omp for schedule(static)
+        for (int64_t y = 0; y < Hp; ++y) {
+          float* dst = xpad + y * Wp * C;
+          const int64_t sy = y - ph;
+          if (sy < 0 || sy >= h) {
+            std::memset(dst, 0, size_t(Wp * C) * sizeof(float));
+            continue;
+          }
+          std::memset(dst, 0, size_t(pw * C) * sizeof(float));
+          std::memcpy(dst + pw * C, xi + sy * w * C, size_t(w * C) * sizeof(float));
+          std::memset(dst + (pw + w) * C, 0, size_t((Wp - pw - w) * C) * sizeof(float));
+        }
+        // Empty filters: bias (and the epilogue) only.
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < oh * ow; ++p)
+          for (int32_t f : empty_) oi[p * c_out_ + f] = epilogue(0.0f, a, p * c_out_, f);
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t b = 0; b < nb; ++b)
+          for (int64_t oy = 0; oy < oh; ++oy) {
+            const NhwcBlock& blk = blocks_[size_t(b)];
+            const float* wb = packed_.get() + blk.w_offset;
+            int64_t ox0 = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+            if (use_avx512) {
+              const int64_t mr = pick_mr(ow, blk.nv);
+              const TileFn* tiles = kAvx512Tiles[blk.nv - 1];
+              for (; ox0 + mr <= ow; ox0 += mr) tiles[mr](a, blk, wb, oy, ox0);
+              if (ox0 < ow) tiles[ow - ox0](a, blk, wb, oy, ox0);
+              continue;
+            }
+#endif
+            for (; ox0 < ow; ox0 += kMaxMR) tile_generic(a, blk, wb, oy, ox0, std::min<int64_t>(kMaxMR, ow - ox0));
+          }
+      }
+    }
+  }
+
+  int64_t num_blocks() const { return int64_t(blocks_.size()); }
+  // Multiply-adds per output pixel actually executed (union taps x 32 lanes per block).
+  int64_t executed_macs_per_pixel() const {
+    int64_t s = 0;
+    for (const NhwcBlock& b : blocks_) s += int64_t(b.taps.size()) * c_in_ * lanes(b);
+    return s;
+  }
+
+ private:
+  // Pixels per tile: the largest size up to the register budget that divides the row (no tail:
+  // 7 or 14 for 56/28/14/7, 8 for 32/16/8), else the budget.
+  static int64_t pick_mr(int64_t ow, int nv) {
+    const int64_t top = max_mr(nv);
+    for (int64_t m = top; m >= top / 2 + 1; --m)
+      if (ow % m == 0) return m;
+    return std::min<int64_t>(top, ow);
+  }
+
+  void add_block(uint64_t taps_bits, const int32_t* filters, int32_t nfilt, int32_t nv) {
+    NhwcBlock blk;
+    blk.nv = nv;
+    blk.nfilt = nfilt;
+    for (int32_t j = 0; j < 16 * nv; ++j) blk.filters[j] = filters[j < nfilt ? j : 0];
+    for (int64_t t = 0; t < kh_ * kw_; ++t)
+      if (taps_bits >> t & 1) blk.taps.push_back(int32_t(t));
+    blocks_.push_back(blk);
+  }
+
+  int64_t c_out_, c_in_, kh_, kw_;
+  bool avx512_;
+  std::vector<NhwcBlock> blocks_;
+  std::vector<int32_t> empty_;
+  std::unique_ptr<float[], FreeDeleter> packed_;
+};
+
+void register_pattern_conv_nhwc(pybind11::module_& m) {
+  namespace py = pybind11;
+  py::class_<PackedPatternConvNhwc>(m, "PackedPatternConvNhwc",
+                                    "Weights of one pattern-sparse conv (groups=1) packed for channels-last input")
+      .def(py::init([](uintptr_t weight, uintptr_t tap_mask, int64_t c_out, int64_t c_in, int64_t kh, int64_t kw) {
+             return new PackedPatternConvNhwc(reinterpret_cast<const float*>(weight),
+                                              reinterpret_cast<const uint8_t*>(tap_mask), c_out, c_in, kh, kw);
+           }),
+           py::arg("weight_ptr"), py::arg("tap_mask_ptr"), py::arg("c_out"), py::arg("c_in"), py::arg("kh"),
+           py::arg("kw"), py::call_guard<py::gil_scoped_release>())
+      .def(
+          "forward",
+          [](const PackedPatternConvNhwc& self, uintptr_t x, uintptr_t bias, uintptr_t out, int64_t n, int64_t h,
+             int64_t w, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int threads,
+             uintptr_t residual, bool relu, bool force_generic) {
+            self.forward(reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(bias),
+                         reinterpret_cast<float*>(out), n, h, w, sh, sw, ph, pw, dh, dw, threads,
+                         reinterpret_cast<const float*>(residual), relu, force_generic);
+          },
+          py::arg("x_ptr"), py::arg("bias_ptr"), py::arg("out_ptr"), py::arg("n"), py::arg("h"), py::arg("w"),
+          py::arg("stride_h"), py::arg("stride_w"), py::arg("pad_h"), py::arg("pad_w"), py::arg("dil_h"),
+          py::arg("dil_w"), py::arg("num_threads"), py::arg("residual_ptr") = 0, py::arg("relu") = false,
+          py::arg("force_generic") = false, py::call_guard<py::gil_scoped_release>(),
+          "out = conv(x) + bias (+ residual) (ReLU), all (N, H, W, C) contiguous")
+      .def_property_readonly("num_blocks", &PackedPatternConvNhwc::num_blocks)
+      .def_property_readonly("executed_macs_per_pixel", &PackedPatternConvNhwc::executed_macs_per_pixel);
+}
+
+}  // namespace autosculpt

@@ -1,0 +1,79 @@
+"""The channels-last (NHWC) pattern-conv kernel against float64 F.conv2d: awkward channel counts (mixed
+blocks of 32 and 16 filters, leftovers sharing union-tap blocks), strides, dilations, paddings,
+kernel sizes, fused residual + ReLU; every output element written; channels_last output."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import autosculpt as asc
+from autosculpt.ops.conv import uses_nhwc_kernel
+from autosculpt.patterns import PAPER6
+
+pytestmark = pytest.mark.skipif(not asc.runtime.available_backends()["cpu"], reason="C++ extension not built")
+
+CASES = [
+    # n, c_in, c_out, h, w, k, stride, padding, dilation, masks
+    (1, 16, 64, 14, 14, 3, 1, 1, 1, "paper6"),
+    (2, 13, 70, 9, 11, 3, 1, 1, 1, "paper6"),   # leftovers of every pattern share blocks
+    (3, 5, 33, 10, 7, 3, 2, 1, 1, "random"),
+    (1, 32, 48, 15, 15, 3, 2, 0, 1, "paper6"),
+    (2, 8, 17, 12, 13, 5, 1, 2, 2, "random"),
+    (1, 7, 32, 9, 9, 1, 1, 0, 1, "full"),
+    (2, 3, 64, 23, 23, 7, 2, 3, 1, "full"),      # a ResNet stem
+    (1, 24, 40, 6, 20, (2, 3), (1, 2), (0, 1), 1, "random"),
+    (1, 9, 16, 4, 4, 3, 1, 1, 1, "empty_some"),
+]
+
+
+def _masks(kind, c_out, kh, kw):
+    if kind == "paper6":
+        return PAPER6.masks[torch.randint(1, 6, (c_out,))]
+    if kind == "full":
+        return torch.ones(c_out, kh, kw, dtype=torch.bool)
+    m = torch.rand(c_out, kh, kw) < 0.5
+    if kind == "empty_some":
+        m[::3] = False
+    return m
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("epilogue", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_nhwc_kernel_matches_reference(case, epilogue, threads, poison_outputs):
+    n, c_in, c_out, h, w, k, s, p, d, kind = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    torch.manual_seed(hash(case) % 1000)
+    x = torch.randn(n, c_in, h, w).contiguous(memory_format=torch.channels_last)
+    wt, b = torch.randn(c_out, c_in, kh, kw), torch.randn(c_out)
+    m = _masks(kind, c_out, kh, kw)
+    assert uses_nhwc_kernel(x, wt, 1)
+    ref = F.conv2d(x.double(), wt.double() * m[:, None], b.double(), s, p, d)
+    residual = torch.randn(ref.shape) if epilogue else None
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = asc.ops.pattern_conv2d(x, wt, m, b, s, p, d, backend="cpu", residual=residual,
+                                     activation="relu" if epilogue else None)
+    finally:
+        torch.set_num_threads(old)
+    if epilogue:
+        ref = torch.relu(ref + residual.double())
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert not out.isnan().any(), "an output element was not written"
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_nhwc_layer_and_nan_semantics():
+    torch.manual_seed(3)
+    conv = torch.nn.Conv2d(6, 20, 3, padding=1)
+    layer = asc.nn.PatternConv2d.from_dense(conv, PAPER6.masks[torch.randint(0, 6, (20,))], path="sparse")
+    x = torch.randn(2, 6, 8, 8)
+    x[0, 2, 3, 3] = float("nan")
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        a, b = layer(x), layer(xcl)
+    ref = F.conv2d(x, layer.weight * layer.tap_mask[:, None], layer.bias, padding=1)
+    assert b.is_contiguous(memory_format=torch.channels_last)
+    for out in (a, b):
+        assert torch.equal(out.isnan(), ref.isnan())
+        torch.testing.assert_close(out.nan_to_num(), ref.nan_to_num(), atol=1e-5, rtol=1e-5)
