@@ -26,7 +26,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ from autosculpt import _ext
 from autosculpt.attention_patterns import kept_token_fraction
 from autosculpt.ops import block_sparse_attention
 from autosculpt.reference import block_sparse_attention_ref
+from autosculpt.timing import set_threads, time_interleaved
 
 CONFIGS = [(1024, 12), (4096, 6)]  # (L, H)
 QUICK_CONFIGS = [(1024, 6)]
@@ -89,23 +90,6 @@ def _compiled_flex():
     return _FLEX
 
 
-def time_interleaved(fns: Dict[str, Callable[[], object]], reps: int, warmup: int = 2,
-                     clock: Callable[[], float] = time.perf_counter) -> Dict[str, List[float]]:
-    """Seconds of every repeat per provider; each repeat runs every provider once, in rotating order."""
-    names = list(fns)
-    for _ in range(warmup):
-        for n in names:
-            fns[n]()
-    times: Dict[str, List[float]] = {n: [] for n in names}
-    for r in range(reps):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for n in order:
-            t0 = clock()
-            fns[n]()
-            times[n].append(clock() - t0)
-    return times
-
-
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
@@ -116,7 +100,7 @@ def run(configs, sparsities, reps: int, threads: int, with_flex: bool, progress=
         raise ValueError(f"clock: expected 'wall' or 'cpu', got {clock!r}")
     if clock == "cpu" and threads != 1:
         raise ValueError("clock: 'cpu' sums all threads' time (and OpenMP spin-waits): use it with threads=1")
-    torch.set_num_threads(threads)
+    set_threads(threads)
     rows = []
     flex_errors = FLEX_ERRORS
     for length, heads in configs:
@@ -145,9 +129,10 @@ def run(configs, sparsities, reps: int, threads: int, with_flex: bool, progress=
                 err = float((fns["ours"]() - ref).abs().max())
                 if err > 1e-4:
                     raise RuntimeError(f"kernel disagrees with the reference: max error {err}")
-            samples = time_interleaved(fns, reps, clock=CLOCKS[clock])
-            t = {n: statistics.median(x) for n, x in samples.items()}
-            best = {n: min(x) for n, x in samples.items()}
+            # each repeat runs every provider once, in rotating order
+            timings = time_interleaved(fns, reps, warmup=2, rotate=True, clock=CLOCKS[clock])
+            t = {n: x.median_ms / 1e3 for n, x in timings.items()}  # seconds
+            best = {n: x.min_ms / 1e3 for n, x in timings.items()}
             row = {
                 "L": length, "H": heads, "D": HEAD_DIM, "block": BLOCK, "sparsity": sp, "kept": kept,
                 "sdpa_ms": t["sdpa"] * 1e3, "ours_ms": t["ours"] * 1e3,

@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, List
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ from autosculpt import _ext
 from autosculpt.nn import PatternConv2d
 from autosculpt.ops import pattern_conv2d
 from autosculpt.ops import conv as conv_ops
+from autosculpt.timing import set_threads, time_interleaved
 
 from .conv_shapes import MASK_MIXES, QUICK_SHAPES, SHAPES, ConvShape, make_layer_inputs, make_tap_mask
 from .timing import cpu_name
@@ -98,22 +99,6 @@ def kernel_only(x, weight, tap_mask, bias, stride: int, padding: int, threads: i
     return run
 
 
-def time_interleaved(fns: Dict[str, Callable], reps: int, clock=time.perf_counter) -> Dict[str, List[float]]:
-    """Seconds of every repeat per provider; every repeat runs all providers once, in rotating order."""
-    names = list(fns)
-    for name in names:  # warm-up: packing, oneDNN primitive creation, allocator
-        fns[name]()
-        fns[name]()
-    times: Dict[str, List[float]] = {k: [] for k in names}
-    for r in range(reps):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            t0 = clock()
-            fns[name]()
-            times[name].append(clock() - t0)
-    return times
-
-
 def bench_one(shape: ConvShape, batch: int, mix: str, threads: int, reps: int, check: bool = True,
               clock=time.perf_counter) -> dict:
     x, w, b = make_layer_inputs(shape, batch)
@@ -142,9 +127,10 @@ def bench_one(shape: ConvShape, batch: int, mix: str, threads: int, reps: int, c
                 err = float((fn() - ref).abs().max()) / scale
                 if not err <= 1e-4:
                     raise AssertionError(f"{shape.name} b{batch} {mix}: provider {name} differs, rel err {err:.2e}")
-        samples = time_interleaved(fns, reps, clock)
-    t = {k: statistics.median(v) for k, v in samples.items()}
-    best = {k: min(v) for k, v in samples.items()}  # noise-robust companion figure (shared machines)
+        # warm-up: packing, oneDNN primitive creation, allocator; every repeat runs all providers, rotating
+        timings = time_interleaved(fns, reps, warmup=2, rotate=True, clock=clock)
+    t = {k: v.median_ms / 1e3 for k, v in timings.items()}  # seconds
+    best = {k: v.min_ms / 1e3 for k, v in timings.items()}  # noise-robust companion figure (shared machines)
     kept = float(mask.float().mean())
     ideal = 1.0 / kept if kept > 0 else float("inf")
     sp = t["dense"] / t["sparse"]
@@ -228,7 +214,7 @@ def main(argv=None) -> int:
         ap.error("--cpu-time needs --threads 1 (other threads' CPU time would not be counted)")
     clock = time.thread_time if args.cpu_time else time.perf_counter
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     shapes = SHAPES
     if args.shapes:
         names = args.shapes.split(",")

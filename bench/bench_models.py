@@ -40,6 +40,8 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from autosculpt.timing import set_threads  # noqa: E402
+
 MODELS = ["resnet20", "resnet56", "vgg16", "mobilenetv2", "vit_tiny"]
 TARGETS = [2.0, 3.0]
 SPARSEST_MENU_KEPT = 1.0 / 6  # PAPER6 menu's sparsest mix: half the filters empty, half with 3 of 9 taps
@@ -142,15 +144,6 @@ def calibrate(model: nn.Module, x: torch.Tensor) -> None:
             h.remove()
 
 
-def _synced(fn, device: str):
-    if device == "cuda":
-        def call():
-            fn()
-            torch.cuda.synchronize()
-        return call
-    return fn
-
-
 def run(models, batches, repeats, out_path: Path, device: str = "cpu", compile_dense: bool = True,
         targets=TARGETS, log=print) -> List[dict]:
     """Times every (model, target, batch); writes ``out_path`` (markdown) and its .json twin."""
@@ -162,7 +155,9 @@ def run(models, batches, repeats, out_path: Path, device: str = "cpu", compile_d
     from autosculpt.patterns import PAPER6
     from autosculpt.plan import uniform_plan
 
-    from .timing import cpu_name, header, interleaved_medians
+    from autosculpt.timing import time_interleaved
+
+    from .timing import cpu_name, header
 
     torch.manual_seed(0)
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -203,8 +198,8 @@ def run(models, batches, repeats, out_path: Path, device: str = "cpu", compile_d
                 if compiled is not None:
                     fns["compiled"] = lambda: compiled(x)
                 with torch.no_grad():
-                    t = interleaved_medians({k: _synced(f, device) for k, f in fns.items()},
-                                            repeats=repeats, warmup=3, min_time=0.02)
+                    timings = time_interleaved(fns, repeats, warmup=3, min_time_s=0.02, device=device)
+                t = {k: v.median_ms / 1e3 for k, v in timings.items()}  # seconds
                 sp = t["dense"] / t["pruned"]
                 spf = t["folded"] / t["pruned"]
                 spc = t["compiled"] / t["pruned"] if "compiled" in t else None
@@ -282,7 +277,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no CUDA device")
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     models = args.models or (MODELS[:2] if args.quick else MODELS)
     out = args.out or REPO / "bench" / "results" / f"models-{args.device}.md"
     run(models, [1] if args.quick else [1, 8], args.repeats or (5 if args.quick else 15), out, device=args.device,

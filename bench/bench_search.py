@@ -3,7 +3,7 @@ the digits CNN), and search wall-clock per episode. Writes markdown to bench/res
 
     PYTHONPATH=. python bench/bench_search.py --threads 2 [--quick] [--out bench/results/search.md]
 
-Threads are fixed (torch.set_num_threads); times are the minimum of repeats (LatencyModel's default,
+Threads are fixed (autosculpt.timing.set_threads); times are the minimum of repeats (LatencyModel's default,
 robust to one-sided noise on shared machines); every ratio compares numbers measured in the same run.
 """
 from __future__ import annotations
@@ -25,7 +25,9 @@ from autosculpt.patterns import PAPER6  # noqa: E402
 from autosculpt.plan import PLAN_VERSION, conv_layer_plan  # noqa: E402
 from autosculpt.rl.actions import MixMenu  # noqa: E402
 from autosculpt.runtime import available_backends  # noqa: E402
-from autosculpt.runtime.latency import LatencyModel, device_name  # noqa: E402
+from autosculpt.runtime.device import device_name  # noqa: E402
+from autosculpt.runtime.latency import LatencyModel  # noqa: E402
+from autosculpt.timing import set_threads  # noqa: E402
 
 
 def plans_for(model, layers, seed=0, n_random=3):
@@ -102,7 +104,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer plans and episodes (smoke run)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "search.md"))
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     lines = [
         "# Search benchmark", "",
         f"Machine: {device_name('cpu')}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, threads={args.threads}, "

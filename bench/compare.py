@@ -55,7 +55,8 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bench.timing import cpu_name, interleaved_medians  # noqa: E402
+from autosculpt import timing  # noqa: E402
+from bench.timing import cpu_name  # noqa: E402
 
 METHODS = ("autosculpt", "paper_reward", "random", "uniform", "l1_filter")  # random needs autosculpt's plan count
 RECORD_FIELDS = ("method", "model", "target_speedup", "seed", "val_acc", "test_acc", "latency_ms_b1", "latency_ms_b8",
@@ -205,20 +206,16 @@ def measure_pair(dense: nn.Module, pruned: nn.Module, input_shape, batches: Sequ
     and shortcut adds fused into pattern convs), as the latency model times them."""
     from autosculpt.fuse import for_inference
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
     out = {}
-    try:
+    with timing.threads(threads):
         dense, pruned = dense.eval(), pruned.eval()
         for b in batches:
             x = torch.randn(b, *input_shape, generator=torch.Generator().manual_seed(b))
             with torch.no_grad():
                 d, p = for_inference(dense, x), for_inference(pruned, x)
-                t = interleaved_medians({"dense": lambda: d(x), "pruned": lambda: p(x)},
-                                        repeats=repeats, warmup=3, min_time=0.01)
-            out[b] = {"dense_ms": t["dense"] * 1e3, "pruned_ms": t["pruned"] * 1e3}
-    finally:
-        torch.set_num_threads(old)
+                t = timing.time_interleaved({"dense": lambda: d(x), "pruned": lambda: p(x)}, repeats, warmup=3,
+                                            min_time_s=0.01)
+            out[b] = {"dense_ms": t["dense"].median_ms, "pruned_ms": t["pruned"].median_ms}
     return out
 
 
@@ -542,7 +539,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg.check()
     except ValueError as exc:
         ap.error(str(exc))
-    torch.set_num_threads(cfg.threads)  # training too: see CompareConfig.threads
+    timing.set_threads(cfg.threads)  # training too: see CompareConfig.threads
     if args.report_only:
         records = load_records(out, cfg.config_id())
         done = {_key(r) for r in records}

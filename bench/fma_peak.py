@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -124,19 +123,12 @@ def _compile(isa: str, log=print) -> Optional[Path]:
 def _matmul_gflops(n: int = 2048, reps: int = 5) -> float:
     import torch
 
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    from autosculpt import timing
+
+    with timing.threads(1):
         a, b = torch.randn(n, n), torch.randn(n, n)
-        a @ b
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(prev)
-    return 2.0 * n ** 3 / best / 1e9
+        best_ms = timing.time_fn(lambda: a @ b, reps, warmup=1).min_ms
+    return 2.0 * n ** 3 / (best_ms / 1e3) / 1e9
 
 
 def fma_peak(threads: List[int], seconds: float = 0.15, trials: int = 9, log=print) -> Dict[str, object]:

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
@@ -22,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from autosculpt.ops import block_sparse_attention
+from autosculpt.timing import time_fn
 from autosculpt.reference import block_sparse_attention_ref
 
 from .bench_attention import random_block_mask
@@ -40,27 +39,10 @@ SPARSITIES = (0.0, 0.5, 0.75, 0.9)
 
 
 def _timer(device: str) -> Callable[[Callable[[], object], int], float]:
-    if device == "cuda":
-        def cuda_time(fn, reps):
-            times = []
-            for _ in range(reps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            return statistics.median(times)
-        return cuda_time
-
-    def cpu_time(fn, reps):
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-    return cpu_time
+    """Median seconds of ``reps`` calls of a warmed-up function: CUDA events on the GPU, wall time on the CPU."""
+    def median_s(fn, reps):
+        return time_fn(fn, reps, warmup=0, device=device, cuda_events=device == "cuda").median_ms / 1e3
+    return median_s
 
 
 def _flex(q, k, v, mask: torch.Tensor, bs: int):

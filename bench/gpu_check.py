@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,8 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from autosculpt.timing import time_fn  # noqa: E402
 
 # The CPU benchmark's layers and masks: both benchmarks measure the same things.
 from bench.conv_shapes import MASK_MIXES, SHAPES, ConvShape, make_tap_mask  # noqa: E402
@@ -83,15 +84,7 @@ def _set_tf32(enabled: bool) -> None:
 
 def _timer(device: str, quick: bool) -> Callable[[Callable[[], object]], float]:
     if device == "cpu":
-        def cpu_ms(fn):
-            fn()
-            times = []
-            for _ in range(3 if quick else 10):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
-        return cpu_ms
+        return lambda fn: time_fn(fn, 3 if quick else 10, warmup=1).median_ms
     try:
         import triton.testing
 

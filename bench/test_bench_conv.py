@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from autosculpt import _ext
 from autosculpt.ops import pattern_conv2d
+from autosculpt.timing import threads
 
 from .conv_shapes import make_layer_inputs, make_tap_mask, shape_by_name
 
@@ -26,10 +27,8 @@ CASES = {
 
 @pytest.fixture(autouse=True)
 def fixed_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    yield
-    torch.set_num_threads(before)
+    with threads(os.cpu_count() or 1):
+        yield
 
 
 @pytest.mark.parametrize("provider", ["dense", "sparse"])

@@ -6,7 +6,6 @@ Run: ``python -m bench.vit_attention_speed [--threads N]``. Prints dense vs spar
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -17,6 +16,7 @@ from autosculpt.models import vit_tiny
 from autosculpt.models.vit import vit_attention_names, vit_mlp_pairs
 from autosculpt.nn.attention import attention_layer_plan
 from autosculpt.nn.linear import mlp_pair_plan
+from autosculpt.timing import set_threads, time_fn
 
 
 def example_plan(model, embed_dim: int) -> dict:
@@ -30,14 +30,9 @@ def example_plan(model, embed_dim: int) -> dict:
 
 
 def _time(model, x, reps: int) -> float:
+    """Median process time (s) of ``reps`` forward passes after one warm-up."""
     with torch.no_grad():
-        model(x)
-        times = []
-        for _ in range(reps):
-            t0 = time.process_time()
-            model(x)
-            times.append(time.process_time() - t0)
-    return statistics.median(times)
+        return time_fn(lambda: model(x), reps, warmup=1, clock=time.process_time).median_ms / 1e3
 
 
 def main(argv=None) -> None:
@@ -45,7 +40,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=15)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     embed_dim = 192
     for image in (32, 64):
         model = vit_tiny(10, image, 2, 3, embed_dim=embed_dim, depth=4, num_heads=6, mlp_ratio=4).eval()
