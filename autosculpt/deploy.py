@@ -18,14 +18,14 @@ interleaved rounds (every candidate once per round, the order rotating), the med
 """
 from __future__ import annotations
 
-import statistics
-import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
+
+from .timing import time_interleaved
 
 __all__ = ["ROUTES", "DeploymentReport", "DeployedModel", "optimize_for_inference"]
 
@@ -85,26 +85,8 @@ def _has_pattern_layers(model: nn.Module) -> bool:
 def _interleaved_medians(fns: Dict[str, Callable[[], object]], rounds: int, min_time: float = 0.01):
     """(median ms, IQR ms) per candidate, rounds interleaved with a rotating order; each timing repeats
     the call until ``min_time`` seconds passed (short models), reported per call."""
-    reps = {}
-    for name, fn in fns.items():  # warm-up, and how many calls one timing needs
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        reps[name] = max(1, int(min_time / max(time.perf_counter() - t0, 1e-7)))
-    samples: Dict[str, List[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            fn, n = fns[name], reps[name]
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / n * 1e3)
-    out = {}
-    for name, s in samples.items():
-        q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0]] * 3
-        out[name] = (statistics.median(s), q[2] - q[0])
-    return out
+    timings = time_interleaved(fns, rounds, warmup=1, rotate=True, min_time_s=min_time)
+    return {name: (t.median_ms, t.iqr_ms) for name, t in timings.items()}
 
 
 def _close(out: torch.Tensor, ref: torch.Tensor) -> bool:
