@@ -7,7 +7,10 @@ Candidates ("routes"):
   in the pattern kernels' epilogues, AutoSculpt's max-pool, weights packed once (frozen layers); each
   ``PatternConv2d`` with ``path="auto"`` then measures, in its place in this form and at the example's
   shape, whether its sparse kernel or the dense conv is faster (the per-layer dense fallback).
-* ``"inductor"``: that same fused form compiled by ``torch.compile`` (inductor, ``freezing=True``);
+* ``"autosculpt_channels_last"``: the same fused form with weights and activations in channels_last
+  (NHWC) from layer to layer: dense convs run in oneDNN's native layout without a reorder per call,
+  pattern convs in AutoSculpt's NHWC kernel (path decisions measured again in this layout).
+* ``"inductor"``: the NCHW fused form compiled by ``torch.compile`` (inductor, ``freezing=True``);
   the pattern layers stay one custom-op call each (no graph break).
 * ``"inductor_channels_last"`` (models without pattern layers only): inductor with freezing on the
   model and input in channels_last, as one deploys a dense model with inductor.
@@ -29,7 +32,7 @@ from .timing import time_interleaved
 
 __all__ = ["ROUTES", "DeploymentReport", "DeployedModel", "optimize_for_inference"]
 
-ROUTES = ("autosculpt", "inductor", "inductor_channels_last")
+ROUTES = ("autosculpt", "autosculpt_channels_last", "inductor", "inductor_channels_last")
 
 
 @dataclass
@@ -165,6 +168,13 @@ def _build_route(route: str, model: nn.Module, fused: nn.Module, x: torch.Tensor
     """(callable, module it runs, channels_last input) for one route."""
     if route == "autosculpt":
         return fused, fused, False
+    if route == "autosculpt_channels_last":
+        import copy
+
+        cl = copy.deepcopy(fused).to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            cl(x.contiguous(memory_format=torch.channels_last))  # per-layer path decisions in this layout
+        return cl, cl, True
     from torch._inductor import config as inductor_config
 
     with warnings.catch_warnings():

@@ -4,7 +4,8 @@ mode), as the custom op ``torch.ops.autosculpt.max_pool2d`` (fake impl registere
 
 PyTorch's CPU max-pool on NCHW float32 tensors computes indices and runs a generic loop: it was a
 quarter of a pruned resnet18's time. The C++ kernel computes the same values (NaN propagates alike);
-anything it does not cover (other devices or dtypes, autograd) runs ``F.max_pool2d`` itself.
+anything it does not cover (other devices or dtypes, autograd, channels_last input, where torch's own
+pooling is already vectorised over channels) runs ``F.max_pool2d`` itself.
 """
 from __future__ import annotations
 
@@ -44,7 +45,9 @@ def max_pool2d(x: torch.Tensor, kernel_size: IntPair, stride: IntPair = None, pa
     oh, ow = pool_output_size(x.shape[-2], x.shape[-1], kernel, stride, padding)
     if oh < 1 or ow < 1:
         raise ValueError(f"x: spatial size {tuple(x.shape[-2:])} is too small for a {kernel} window with padding {padding}")
+    channels_last = x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     usable = (x.device.type == "cpu" and x.dtype == torch.float32 and _ext.extension() is not None
+              and not channels_last  # torch's channels-last CPU pooling is vectorised over channels already
               and not (torch.is_grad_enabled() and x.requires_grad))
     if not usable:
         return F.max_pool2d(x, kernel, stride, padding)
@@ -55,7 +58,8 @@ def max_pool2d(x: torch.Tensor, kernel_size: IntPair, stride: IntPair = None, pa
 
 @torch.library.custom_op("autosculpt::max_pool2d", mutates_args=())
 def _max_pool2d_op(x: torch.Tensor, kernel: List[int], stride: List[int], padding: List[int]) -> torch.Tensor:
-    if x.device.type != "cpu" or x.dtype != torch.float32:
+    channels_last = x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    if x.device.type != "cpu" or x.dtype != torch.float32 or channels_last:
         return F.max_pool2d(x, kernel, stride, padding)
     return _cpu_kernel(x, kernel, stride, padding)
 
@@ -76,4 +80,6 @@ def _cpu_kernel(x: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
 @_max_pool2d_op.register_fake
 def _(x, kernel, stride, padding):
     oh, ow = pool_output_size(x.shape[-2], x.shape[-1], tuple(kernel), tuple(stride), tuple(padding))
-    return x.new_empty(x.shape[:-2] + (oh, ow))
+    channels_last = x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.empty(x.shape[:-2] + (oh, ow), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
