@@ -11,7 +11,8 @@ inside a function), including ``importlib.import_module("autosculpt.x")`` string
 3. ``rl/`` and ``graph/`` import no kernel code (``ops``, ``_ext``, ``_triton``);
 4. no private name (leading underscore) crosses from one subpackage to another, neither imported
    (``from ..x import _y``, ``from ..x._y import z``) nor read off an imported module (``x._y``);
-5. ``timing`` imports no autosculpt module (it is the bottom of everything that times).
+5. ``timing`` imports no autosculpt module (it is the bottom of everything that times), and it is the
+   only module that calls ``torch.set_num_threads`` (elsewhere: ``timing.threads(n)``, which restores).
 
 A "subpackage" is the first component under ``autosculpt`` (``ops``, ``nn``, ``plan``, ``runtime``...);
 the top-level private modules (``_ext``, ``_optional``, ``_atomic``...) are shared by the whole package.
@@ -302,3 +303,14 @@ def test_no_private_name_crosses_a_subpackage():
 def test_timing_stands_alone():
     bad = [_where(i) for i in _imports_of("timing")]
     assert not bad, "autosculpt.timing must import only torch and the standard library:\n" + "\n".join(bad)
+
+
+def test_threads_are_pinned_only_through_timing():
+    bad = []
+    for mod, path in MODULES.items():
+        if mod == f"{PKG}.timing":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and (_dotted(node.func) or "").endswith("set_num_threads"):
+                bad.append(f"{path.relative_to(ROOT.parent)}:{node.lineno}")
+    assert not bad, "torch.set_num_threads outside autosculpt.timing (use timing.threads / set_threads):\n" + "\n".join(bad)
