@@ -314,3 +314,15 @@ def test_threads_are_pinned_only_through_timing():
             if isinstance(node, ast.Call) and (_dotted(node.func) or "").endswith("set_num_threads"):
                 bad.append(f"{path.relative_to(ROOT.parent)}:{node.lineno}")
     assert not bad, "torch.set_num_threads outside autosculpt.timing (use timing.threads / set_threads):\n" + "\n".join(bad)
+
+
+def test_plan_kinds_are_registered_whatever_is_imported_first():
+    """``plan`` imports none of the modules that define its kinds; any ``import autosculpt.x`` first runs
+    ``autosculpt/__init__``, which imports ``nn`` (conv, attention and linear register there)."""
+    import subprocess
+    import sys
+
+    code = "import autosculpt.plan as p; print(' '.join(sorted(p._KINDS)))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert {"conv", "attention", "linear"} <= set(run.stdout.split())
