@@ -3,10 +3,11 @@ a model (pruned or dense) on the example's device, measures them side by side an
 
 Candidates ("routes"):
 
-* ``"autosculpt"``: :func:`autosculpt.fuse_for_inference` — BatchNorm folded, shortcut adds and ReLUs
-  in the pattern kernels' epilogues, AutoSculpt's max-pool, weights packed once (frozen layers); each
-  ``PatternConv2d`` with ``path="auto"`` then measures, in its place in this form and at the example's
-  shape, whether its sparse kernel or the dense conv is faster (the per-layer dense fallback).
+* ``"autosculpt"``: :func:`autosculpt.fuse_for_inference` with ``dense_convs=True`` — BatchNorm folded,
+  shortcut adds and ReLUs in the kernels' epilogues, AutoSculpt's max-pool, weights packed once
+  (frozen layers), dense convs as all-taps pattern layers; each ``PatternConv2d`` with
+  ``path="auto"`` then measures, in its place in this form and at the example's shape, whether
+  AutoSculpt's kernel or torch's conv is faster (the per-layer dense fallback).
 * ``"autosculpt_channels_last"``: the same fused form with weights and activations in channels_last
   (NHWC) from layer to layer: dense convs run in oneDNN's native layout without a reorder per call,
   pattern convs in AutoSculpt's NHWC kernel (path decisions measured again in this layout).
@@ -133,7 +134,7 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor, *,
     x = example_input.detach()
     with torch.no_grad():
         ref = model(x)
-    fused = fuse_for_inference(model, x)
+    fused = fuse_for_inference(model, x, dense_convs=True)
     candidates: Dict[str, tuple] = {}
     skipped: Dict[str, str] = {}
     with torch.no_grad():

@@ -127,7 +127,8 @@ def _fast_max_pool(m: nn.Module) -> Optional[nn.Module]:
 
 
 def fuse_for_inference(model: nn.Module, example_input: torch.Tensor, *, fold_bn: bool = True,
-                       residual: bool = True, relu: bool = True, max_pool: bool = True) -> torch.fx.GraphModule:
+                       residual: bool = True, relu: bool = True, max_pool: bool = True,
+                       dense_convs: bool = False) -> torch.fx.GraphModule:
     """A copy of ``model`` (in eval mode) with BatchNorm folded into convs and shortcut adds / ReLUs
     fused into ``PatternConv2d`` epilogues (see the module docstring). ``model`` is not changed.
 
@@ -135,6 +136,10 @@ def fuse_for_inference(model: nn.Module, example_input: torch.Tensor, *, fold_bn
         model: an eval-mode model (BatchNorm must use its running statistics).
         example_input: a batch of the model's input, used to check the shapes of residual adds.
         fold_bn, residual, relu, max_pool: which rewrites to apply.
+        dense_convs: also turn every plain ``nn.Conv2d`` (ungrouped, zero padding) into a
+            ``PatternConv2d`` keeping all taps with ``path="auto"``: it then runs AutoSculpt's kernel
+            (with the BN, shortcut add and ReLU in its epilogue) where that measures faster than
+            torch's conv at its shape, and torch's conv elsewhere (the deployed form uses this).
 
     The returned ``GraphModule`` has an attribute ``fusion_report`` (:class:`FusionReport`). Its
     pattern layers are frozen (:meth:`PatternConv2d.freeze`): it is an inference snapshot whose
@@ -155,6 +160,14 @@ def fuse_for_inference(model: nn.Module, example_input: torch.Tensor, *, fold_bn
         raise ValueError(f"model: torch.fx cannot trace {type(model).__name__} for fusion ({type(exc).__name__}: {exc})") from exc
     gm = torch.fx.GraphModule(model, graph, class_name=type(model).__name__ + "Fused")
     report = FusionReport(bn_folded=0, residual=0, relu=0, max_pool=0)
+    if dense_convs:
+        report["dense_convs"] = 0
+        for node in gm.graph.nodes:
+            mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+            if type(mod) is nn.Conv2d and mod.groups == 1 and mod.padding_mode == "zeros" and not isinstance(mod.padding, str):
+                full = torch.ones(mod.out_channels, *mod.kernel_size, dtype=torch.bool, device=mod.weight.device)
+                set_submodule(gm, node.target, PatternConv2d.from_dense(mod, full, path="auto").eval())
+                report["dense_convs"] += 1
 
     def conv_node(node) -> Optional[torch.fx.Node]:
         """``node`` when it calls a conv whose output feeds nothing else."""

@@ -46,6 +46,7 @@ struct NhwcBlock {
   int32_t nfilt = 0;          // real filters (<= 16 * nv); the other lanes have zero weights
   int32_t filters[kBlock];    // output channel of each lane
   int64_t w_offset = 0;       // start of [taps][c_in][16 * nv] in packed
+  bool contiguous = false;    // all 16 * nv lanes real and filters[j] == filters[0] + j (vector stores)
 };
 
 inline int lanes(const NhwcBlock& b) { return 16 * b.nv; }
@@ -151,12 +152,49 @@ __attribute__((target("avx512f,fma"))) void tile_avx512(const NhwcCall& a, const
       }
     }
   }
-  alignas(64) float tile[MR * 16 * NV];
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i)
+  if (blk.contiguous) {  // consecutive output channels: the epilogue on vectors, straight from registers
+    const int32_t c0 = blk.filters[0];
+    __m512 bias[NV];
 #pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) _mm512_store_ps(tile + (i * NV + v) * 16, acc[i][v]);
-  store_tile(a, blk, oy, ox0, MR, tile);
+    for (int v = 0; v < NV; ++v) bias[v] = a.bias ? _mm512_loadu_ps(a.bias + c0 + 16 * v) : _mm512_setzero_ps();
+    const __m512 zero = _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const int64_t at = (oy * a.ow + ox0 + i) * a.c_out + c0;
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) {
+        __m512 o = _mm512_add_ps(acc[i][v], bias[v]);
+        if (a.residual) o = _mm512_add_ps(o, _mm512_loadu_ps(a.residual + at + 16 * v));
+        if (a.relu) o = _mm512_max_ps(zero, o);  // max_ps returns its 2nd operand on NaN: NaN stays
+        _mm512_storeu_ps(a.out + at + 16 * v, o);
+      }
+    }
+    return;
+  }
+  // Filters of several masks: lanes go to their channels with a scatter (and gathers for the bias and
+  // residual); lanes past nfilt are masked off.
+  __m512i idx[NV];
+  __mmask16 live[NV];
+  __m512 bias[NV];
+#pragma GCC unroll 2
+  for (int v = 0; v < NV; ++v) {
+    idx[v] = _mm512_loadu_si512(blk.filters + 16 * v);
+    const int n_live = std::max(0, std::min(16, blk.nfilt - 16 * v));
+    live[v] = __mmask16((1u << n_live) - 1u);
+    bias[v] = a.bias ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live[v], idx[v], a.bias, 4) : _mm512_setzero_ps();
+  }
+  const __m512 zero = _mm512_setzero_ps();
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    const int64_t at = (oy * a.ow + ox0 + i) * a.c_out;
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      __m512 o = _mm512_add_ps(acc[i][v], bias[v]);
+      if (a.residual) o = _mm512_add_ps(o, _mm512_mask_i32gather_ps(zero, live[v], idx[v], a.residual + at, 4));
+      if (a.relu) o = _mm512_max_ps(zero, o);
+      _mm512_mask_i32scatter_ps(a.out + at, live[v], idx[v], o, 4);
+    }
+  }
 }
 
 using TileFn = void (*)(const NhwcCall&, const NhwcBlock&, const float*, int64_t, int64_t);
@@ -343,6 +381,8 @@ class PackedPatternConvNhwc {
     for (int32_t j = 0; j < 16 * nv; ++j) blk.filters[j] = filters[j < nfilt ? j : 0];
     for (int64_t t = 0; t < kh_ * kw_; ++t)
       if (taps_bits >> t & 1) blk.taps.push_back(int32_t(t));
+    blk.contiguous = nfilt == 16 * nv;
+    for (int32_t j = 1; j < nfilt && blk.contiguous; ++j) blk.contiguous = filters[j] == filters[0] + j;
     blocks_.push_back(blk);
   }
 
