@@ -156,6 +156,47 @@ def kernel_summaries(results: Path) -> List[str]:
     return out
 
 
+def engines_section(data: dict) -> List[str]:
+    """Whole models against the best inference engine (``bench/results/engines-cpu.json``): the summary
+    per (batch, threads) and, per model, the pruned deployed form's speedup over the best engine."""
+    m = data["machine"]
+    out = ["### Against the best inference engine (CPU)", "",
+           f"`python -m bench.bench_engines` on {m['cpu']} ({m['cores']} cores; load average at start "
+           f"{data['loadavg_start'][0]:.1f}); FMA peak " + ", ".join(f"{g:.0f} GFLOP/s at {t} thread(s)"
+                                                                for t, g in data["fma_peak"]["gflops"].items())
+           + ". best engine = fastest of ONNX Runtime, OpenVINO and inductor (freezing, channels_last) on the "
+           "same line; ideal = dense MACs ÷ pruned MACs.", "",
+           "| batch | threads | pruned ÷ ideal vs best engine: median | worst | our dense vs best engine: median | worst |",
+           "|---|---|---|---|---|---|"]
+    for r in data["summary"]:
+        def f(v):
+            return "—" if v is None else f"{v:.2f}"
+        out.append(f"| {r['batch']} | {r['threads']} | {f(r['pruned_of_ideal_median'])} | {f(r['pruned_of_ideal_worst'])} "
+                   f"| {f(r['dense_vs_best_median'])} | {f(r['dense_vs_best_worst'])} |")
+    out += ["", "| model | batch | threads | best engine (ms) | ours dense (ms) | ours 2× (ms, vs best, ÷ ideal) "
+            "| ours 3× (ms, vs best, ÷ ideal) |", "|---|---|---|---|---|---|---|"]
+    lines = {}
+    for r in data["records"]:
+        if "failed" in r:
+            continue
+        lines.setdefault((r["model"], r["batch"], r["threads"]), {})[r["provider"]] = r
+    for (model, b, t), rows in lines.items():
+        best = next(iter(rows.values())).get("best_engine_ms")
+        best_name = next(iter(rows.values())).get("best_engine")
+
+        def cell(p):
+            r = rows.get(p)
+            if r is None:
+                return "—"
+            if "cut" not in r:
+                return f"{r['median_ms']:.2f}"
+            return f"{r['median_ms']:.2f}, {r['speedup_vs_best_engine']:.2f}×, {r['of_ideal']:.2f}"
+
+        out.append(f"| {model} | {b} | {t} | {best:.2f} ({best_name}) | {cell('autosculpt dense')} | "
+                   f"{cell('autosculpt 2×')} | {cell('autosculpt 3×')} |")
+    return out + [""]
+
+
 def build_section(results: Path) -> str:
     """The Markdown that goes between the markers."""
     parts = ["", "## Results", "",
@@ -166,6 +207,9 @@ def build_section(results: Path) -> str:
         body += compare_section(json.loads(cmp_path.read_text()))
     if models_path.exists():
         body += models_section(json.loads(models_path.read_text()))
+    engines_path = results / "engines-cpu.json"
+    if engines_path.exists():
+        body += engines_section(json.loads(engines_path.read_text()))
     body += kernel_summaries(results)
     if not body:
         body = ["No results yet: run `python -m bench.compare` and `python -m bench.bench_models`.", ""]
