@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
