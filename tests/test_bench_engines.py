@@ -44,4 +44,4 @@ def test_engines_resnet20_smoke(tmp_path):
     assert data["fma_peak"]["gflops"]["1"] > 0
     assert len(data["loadavg_start"]) == 3 and len(data["summary"]) == 1
     text = out.read_text()
-    assert "| resnet20 | 1 | 1 | autosculpt 2× |" in text and "## Summary" in text
+    assert "| resnet20 | 1 | 1 | autosculpt 2× [autosculpt" in text and "## Summary" in text  # [chosen route]

@@ -232,7 +232,9 @@ def _eager_inference(x, weight, bias) -> bool:
 # --------------------------------------------------------------------------- custom op
 
 
-@torch.library.custom_op("autosculpt::pattern_conv2d", mutates_args=())
+# needs_exact_strides: inductor passes the inputs with the strides the fake impl saw (the output layout
+# follows the input layout: a re-laid-out input would make the real output disagree with the fake).
+@torch.library.custom_op("autosculpt::pattern_conv2d", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
 def _pattern_conv2d_op(
     x: torch.Tensor,
     weight: torch.Tensor,
