@@ -243,6 +243,7 @@ def test_item13_load_hint_user_model(tmp_path, monkeypatch):
         "                         nn.Linear(width, num_classes))\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_nets", raising=False)  # another test's my_nets must not be reused
     factory, meta = resolve_model("my_nets:make", 7, (3, 8, 8), {"width": 4})
     model = factory()
     x = torch.randn(2, 3, 8, 8)
