@@ -17,9 +17,8 @@ ceil(L / block_size)``: True where a query block attends to a key block. Specs a
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Dict, Mapping, Sequence, Tuple
 
 import torch
 

@@ -338,10 +338,9 @@ def _load_hint(path: str) -> str:
 
 
 def _cmd_finetune(args) -> int:
+    from .config import load_config_file
     from .finetune import is_main_process
     from .pipeline import run_finetune
-
-    from .config import load_config_file
 
     file_values = load_config_file(args.config) if args.config else {}
     cfg = _resolve(args)

@@ -27,6 +27,7 @@ from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from . import timing
 from ._atomic import atomic_torch_save, atomic_write_text
 from .budget import Budget
 from .config import DEFAULTS
@@ -34,7 +35,6 @@ from .patterns import PAPER6, PatternSet
 from .rl.env import PruningEnv
 from .rl.policy import GNNActorCritic
 from .rl.ppo import PPO, PPOConfig, seed_everything
-from . import timing
 from .train import evaluate
 
 __all__ = ["search", "SearchResult", "Budget", "SelectionSettings", "Selection", "select_plan"]

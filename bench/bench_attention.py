@@ -61,7 +61,7 @@ def random_block_mask(heads: int, nb: int, sparsity: float, seed: int) -> torch.
 
 def flex_provider(q, k, v, block_mask: torch.Tensor, bs: int) -> Tuple[Callable[[], torch.Tensor], float]:
     """A zero-argument FlexAttention call with the same block mask; returns (fn, seconds spent compiling)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
 
     heads, length = q.shape[1], q.shape[2]
     mask = block_mask.clone()

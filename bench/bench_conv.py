@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 from autosculpt import _ext
 from autosculpt.nn import PatternConv2d
-from autosculpt.ops import pattern_conv2d
 from autosculpt.ops import conv as conv_ops
+from autosculpt.ops import pattern_conv2d
 from autosculpt.timing import set_threads, time_interleaved
 
 from .conv_shapes import MASK_MIXES, QUICK_SHAPES, SHAPES, ConvShape, make_layer_inputs, make_tap_mask

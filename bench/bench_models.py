@@ -154,7 +154,6 @@ def run(models, batches, repeats, out_path: Path, device: str = "cpu", compile_d
     from autosculpt.nn import PatternConv2d
     from autosculpt.patterns import PAPER6
     from autosculpt.plan import uniform_plan
-
     from autosculpt.timing import time_interleaved
 
     from .timing import cpu_name, header

@@ -34,7 +34,6 @@ checkpoints live in the user cache folder (``$AUTOSCULPT_CACHE``).
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import hashlib
 import json
@@ -354,9 +353,9 @@ def run_compare(cfg: CompareConfig, out_json: Path, *, fresh: bool = False, work
     """Runs every missing (model, target, seed, method) record, writing ``out_json`` after each and
     the markdown table (``out_json`` with suffix .md) at the end. Returns all records."""
     from autosculpt.config import cache_dir
+    from autosculpt.finetune import evaluate
     from autosculpt.models import get_model
     from autosculpt.models.pretrained import dense_model
-    from autosculpt.finetune import evaluate
 
     cfg.check()
     cid = cfg.config_id()

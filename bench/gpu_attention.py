@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from autosculpt.ops import block_sparse_attention
-from autosculpt.timing import time_fn
 from autosculpt.reference import block_sparse_attention_ref
+from autosculpt.timing import time_fn
 
 from .bench_attention import random_block_mask
 

@@ -108,7 +108,6 @@ def run(outdir: Path, device: str, quick: bool, budget_s: float, providers: List
         requested_batches: Optional[List[int]] = None, max_shapes: Optional[int] = None) -> Path:
     """Runs the sweep and writes the report; returns the markdown path."""
     import autosculpt as asc
-    from autosculpt.patterns import conv_flops
 
     t_start = time.monotonic()
     deadline = t_start + budget_s
@@ -171,7 +170,7 @@ def run(outdir: Path, device: str, quick: bool, budget_s: float, providers: List
                     x = x.to(memory_format=torch.channels_last)
                 stride, pad = shape.stride, shape.padding
                 dense_w = w.to(memory_format=torch.channels_last) if channels_last else w
-                dense_ms = bench_ms(lambda: F.conv2d(x, dense_w, b, stride, pad))
+                dense_ms = bench_ms(lambda: F.conv2d(x, dense_w, b, stride, pad))  # noqa: F821 - `del` below is later
                 for mix in MASK_MIXES:
                     if time.monotonic() > deadline:
                         skipped += 1
@@ -185,7 +184,7 @@ def run(outdir: Path, device: str, quick: bool, budget_s: float, providers: List
                     key = asc.ops.conv.new_cache_key()  # a layer: packed weights cached like PatternConv2d
                     for prov in providers:
                         def call(prov=prov):
-                            return asc.ops.pattern_conv2d(x, w, m, b, stride, pad, backend=prov, _cache_key=key)
+                            return asc.ops.pattern_conv2d(x, w, m, b, stride, pad, backend=prov, _cache_key=key)  # noqa: F821
                         try:
                             y = call()  # first call: autotuning / auto's measurement, outside the timing
                             err = (y.float() - ref).abs().max().item() / scale
@@ -334,7 +333,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     run(args.outdir, args.device, args.quick, args.budget_s, providers, requested_batches=batches,
         max_shapes=args.max_shapes or None)
     if args.with_models:  # optional section: the end-to-end model benchmark on the same device
-        from bench.bench_models import MODELS, run as run_models
+        from bench.bench_models import MODELS
+        from bench.bench_models import run as run_models
 
         card = card_slug(torch.cuda.get_device_name()) if args.device == "cuda" else "cpu-dryrun"
         run_models(MODELS if not args.quick else MODELS[:1], [1, 8] if not args.quick else [1],

@@ -1,6 +1,5 @@
 """The evaluation harness (bench/compare.py), the baselines it compares against, and the README
 results generator, on tiny budgets with a deterministic latency model (latency ∝ MACs that run)."""
-import copy
 import json
 import math
 

@@ -9,13 +9,12 @@ import threading
 
 import pytest
 import torch
+from conftest import requires_ext
 
 from autosculpt import _ext
 from autosculpt.ops import pattern_conv2d
 from autosculpt.patterns import PAPER6
 from autosculpt.reference import pattern_conv2d_ref
-
-from conftest import requires_ext
 
 pytestmark = requires_ext
 

@@ -1,6 +1,7 @@
 """fuse_for_inference: BN folding, residual and ReLU fusion give the same outputs as the unfused model."""
 import pytest
 import torch
+from conftest import requires_ext
 from torch import nn
 
 import autosculpt as asc
@@ -9,8 +10,6 @@ from autosculpt.models import get_model
 from autosculpt.nn import PatternConv2d
 from autosculpt.patterns import PAPER6
 from autosculpt.plan import uniform_plan
-
-from conftest import requires_ext
 
 
 def _randomise_bn(model, seed=0):

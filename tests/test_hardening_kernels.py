@@ -1,6 +1,5 @@
 """Regression tests for the hardening issue's kernel items (stale weights, NaN/Inf, sizes, drop-in
 shapes). Each test is named after the item it proves fixed."""
-import math
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from torch import nn
 import autosculpt as asc
 from autosculpt.nn import PatternConv2d
 from autosculpt.ops import block_sparse_attention, pattern_conv2d
-from autosculpt.reference import block_sparse_attention_ref, pattern_conv2d_ref
+from autosculpt.reference import block_sparse_attention_ref
 
 HAS_CPU = asc.runtime.available_backends()["cpu"]
 needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="C++ extension not built")

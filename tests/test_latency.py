@@ -8,9 +8,8 @@ import torch
 from torch import nn
 
 from autosculpt import __version__
-from autosculpt.patterns import PAPER6
+from autosculpt.patterns import PAPER6, keep_level_grid
 from autosculpt.plan import conv_layer_plan, sparsify
-from autosculpt.patterns import keep_level_grid
 from autosculpt.runtime.grid import grid_mask
 from autosculpt.runtime.latency import FlopsLatencyModel, LatencyModel
 from autosculpt.runtime.predict import plan_tap_masks, sparse_layer_ms

@@ -1,6 +1,7 @@
 """PatternConv2d (the layer) and sparsify (plans) for convolutions."""
 import pytest
 import torch
+from conftest import requires_ext
 from torch import nn
 
 import autosculpt as asc
@@ -8,8 +9,6 @@ from autosculpt.nn import PatternConv2d
 from autosculpt.patterns import PAPER6
 from autosculpt.plan import conv_layer_plan, dense_plan, validate_plan
 from autosculpt.reference import pattern_conv2d_ref
-
-from conftest import requires_ext
 
 
 def _masked_conv(conv, mask):

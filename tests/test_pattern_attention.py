@@ -9,7 +9,13 @@ from torch import nn
 import autosculpt as asc
 from autosculpt import _ext
 from autosculpt.attention_patterns import (
-    ATTN6, AttentionPatternSet, attention_flops, block_layout, head_block_mask, kept_token_fraction, normalize_spec,
+    ATTN6,
+    AttentionPatternSet,
+    attention_flops,
+    block_layout,
+    head_block_mask,
+    kept_token_fraction,
+    normalize_spec,
 )
 from autosculpt.models.vit import Attention
 from autosculpt.nn import PatternAttention

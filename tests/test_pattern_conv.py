@@ -1,12 +1,11 @@
 """pattern_conv2d (the op) against the masked dense reference, on both CPU backends."""
 import pytest
 import torch
+from conftest import requires_ext
 
 import autosculpt as asc
 from autosculpt.patterns import PAPER6
 from autosculpt.reference import pattern_conv2d_ref
-
-from conftest import requires_ext
 
 BACKENDS = [pytest.param("cpu", marks=requires_ext), "torch"]
 

@@ -6,7 +6,15 @@ import pytest
 
 from autosculpt.patterns import PAPER6
 from autosculpt.plan import conv_layer_plan
-from autosculpt.report import PLOTS, format_table, history_series, pareto_front, plan_pattern_mix, render_report, summary_table
+from autosculpt.report import (
+    PLOTS,
+    format_table,
+    history_series,
+    pareto_front,
+    plan_pattern_mix,
+    render_report,
+    summary_table,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -17,8 +17,17 @@ from autosculpt.nn.attention import AttentionPlan, attention_layer_plan
 from autosculpt.nn.conv import ConvPlan
 from autosculpt.nn.linear import LinearPlan, linear_layer_plan, mlp_pair_plan
 from autosculpt.patterns import PAPER6
-from autosculpt.plan import (LayerPlan, conv_layer_plan, dense_plan, is_prunable_conv, layer_plan_from_json,
-                             layer_plan_type, parse_plan, uniform_plan, validate_plan)
+from autosculpt.plan import (
+    LayerPlan,
+    conv_layer_plan,
+    dense_plan,
+    is_prunable_conv,
+    layer_plan_from_json,
+    layer_plan_type,
+    parse_plan,
+    uniform_plan,
+    validate_plan,
+)
 
 # Layer plans exactly as files written by earlier versions hold them.
 OLD_CONV = {"kind": "conv", "pattern_set": PAPER6.to_json(), "pattern_ids": [5, 0, 3, 1]}

@@ -209,6 +209,7 @@ def build_graph(
         GraphBuildError (a TypeError) when the model cannot be traced, saying what to change.
     """
     from torch.fx.passes.shape_prop import ShapeProp
+
     from .._optional import require
 
     Data = require("torch_geometric.data", what="autosculpt.graph.build_graph").Data

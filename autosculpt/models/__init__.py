@@ -11,7 +11,6 @@ from .mobilenet import mobilenetv2
 from .resnet import resnet20, resnet56, resnet110
 from .vit import VisionTransformer, vit_tiny
 
-
 _REGISTRY: Dict[str, Callable[..., nn.Module]] = {
     "digits_cnn": digits_cnn,
     "resnet20": resnet20,

@@ -20,7 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention_patterns import (
-    ATTN6, AttentionPatternSet, attention_flops, head_block_mask, kept_token_fraction, normalize_spec,
+    AttentionPatternSet,
+    attention_flops,
+    head_block_mask,
+    kept_token_fraction,
+    normalize_spec,
 )
 from ..ops.attention import block_sparse_attention
 from ..plan import LayerPlan, plan_fields, plan_int, plan_int_list, register_kind

@@ -16,8 +16,8 @@ from .. import _ext
 from ..reference import pattern_conv2d_ref
 from . import weight_cache
 from ._pattern_groups import masked_weight  # noqa: F401  (public here: PatternConv2d's dense path)
-from .weight_cache import WeightCache
 from .backends import check_backend
+from .weight_cache import WeightCache
 
 IntPair = Union[int, Sequence[int]]
 

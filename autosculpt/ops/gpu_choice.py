@@ -14,8 +14,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import conv as conv_ops
 from .. import timing
+from . import conv as conv_ops
 from ._pattern_groups import fp32_conv_precision
 from .backends import build_info
 
