@@ -20,7 +20,18 @@ def pattern_conv2d_ref(
 ) -> torch.Tensor:
     """conv2d with each filter's weights multiplied by its (kh, kw) tap mask."""
     w = weight * tap_mask[:, None].to(weight.dtype)
-    return F.conv2d(x, w, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
+    return F.conv2d(torch_conv_input(x), w, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
+
+
+def torch_conv_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as torch's CPU convolution can take it. torch 2.13's oneDNN path crashes (segfault in the
+    forward, abort in the weight gradient) on some channels_last inputs with a spatial size of 1 (e.g.
+    7x1 input, stride (1, 2), padding (0, 1), dilation (1, 2), with bias), found by tests/fuzz: such
+    inputs are passed contiguous (NCHW) instead. They are tiny, so the copy costs nothing."""
+    if (x.ndim == 4 and x.device.type == "cpu" and min(x.shape[-2:]) == 1 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        return x.contiguous()
+    return x
 
 
 def expand_block_mask(block_mask: torch.Tensor, block_size: int, lq: int, lk: int) -> torch.Tensor:

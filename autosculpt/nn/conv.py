@@ -11,6 +11,7 @@ from torch import nn
 
 from ..ops import conv as conv_ops
 from ..ops import weight_cache
+from ..reference import torch_conv_input
 from ..patterns import PatternSet, masks_from_ids
 from ..plan import LayerPlan, plan_fields, plan_int_list, register_kind
 
@@ -239,7 +240,7 @@ class PatternConv2d(nn.Module):
             from ..ops.conv import masked_weight
 
             w = masked_weight(self.weight, self.tap_mask, self._cache_key, x)
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(torch_conv_input(x), w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _decision_key(self, x: torch.Tensor) -> tuple:
         channels_last = x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

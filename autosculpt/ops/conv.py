@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .. import _ext
-from ..reference import pattern_conv2d_ref
+from ..reference import pattern_conv2d_ref, torch_conv_input
 from . import weight_cache
 from ._pattern_groups import masked_weight  # noqa: F401  (public here: PatternConv2d's dense path)
 from .backends import check_backend
@@ -300,6 +300,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     # Gradients through the masked dense reference: dropped taps get exactly zero gradient.
     x, weight, tap_mask = ctx.saved_tensors
+    x, grad = torch_conv_input(x), torch_conv_input(grad)
     stride, padding, dilation, groups = ctx.conf
     mask = tap_mask[:, None].to(weight.dtype)
     grad_x = grad_w = grad_b = None

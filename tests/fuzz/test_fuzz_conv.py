@@ -11,6 +11,7 @@ from torch import nn
 import autosculpt as asc
 from autosculpt.nn import PatternConv2d
 from autosculpt.ops import pattern_conv2d
+from autosculpt.reference import torch_conv_input  # works around a torch 2.13 channels_last crash
 
 HAS_CPU = asc.runtime.available_backends()["cpu"]
 try:
@@ -47,7 +48,7 @@ def _describe(a) -> str:
 
 
 def _reference(x, w, mask, b, a, residual=None, relu=False):
-    out = F.conv2d(x.double(), w.double() * mask[:, None].double(), None if b is None else b.double(), a["stride"],
+    out = F.conv2d(torch_conv_input(x).double(), w.double() * mask[:, None].double(), None if b is None else b.double(), a["stride"],
                    a["padding"], a["dilation"], a["groups"])
     if residual is not None:
         out = out + residual.double()
@@ -56,7 +57,7 @@ def _reference(x, w, mask, b, a, residual=None, relu=False):
 
 def _bound(x, w, mask, a):
     """Per-element error bound: fp32 rounding of the sum of |terms| (the reference's own scale)."""
-    mag = F.conv2d(x.double().abs().nan_to_num(0, 0, 0), w.double().abs() * mask[:, None], None, a["stride"],
+    mag = F.conv2d(torch_conv_input(x).double().abs().nan_to_num(0, 0, 0), w.double().abs() * mask[:, None], None, a["stride"],
                    a["padding"], a["dilation"], a["groups"])
     k = max(1, int(mask.sum(dim=(1, 2)).max()) * x.shape[1] // a["groups"])
     return mag * (4e-7 * k ** 0.5 + 1e-6) + 1e-6
@@ -123,7 +124,7 @@ def _check_backward(tally, rng, case, x, w, b, a):
     except Exception as exc:  # noqa: BLE001
         tally.crashes.append(f"case {case} backward backend={backend}: {type(exc).__name__}: {exc}")
         return
-    ref = F.conv2d(xd, wd * a["mask"][:, None].double(), bd, a["stride"], a["padding"], a["dilation"], a["groups"])
+    ref = F.conv2d(torch_conv_input(xd), wd * a["mask"][:, None].double(), bd, a["stride"], a["padding"], a["dilation"], a["groups"])
     ref.backward(g.double())
     tally.compared += 1
     scale = 1e-4 * (1 + sum(float(t.abs().max()) for t in (xd.grad, wd.grad) if t.numel()))
@@ -172,7 +173,7 @@ def module_case(tally: Tally, case: int) -> None:
                 out = layer(x)
                 if train and out.numel():
                     out.sum().backward()
-            ref = F.conv2d(x.double(), (layer.weight.detach() * layer.tap_mask[:, None]).double(),
+            ref = F.conv2d(torch_conv_input(x).double(), (layer.weight.detach() * layer.tap_mask[:, None]).double(),
                            None if layer.bias is None else layer.bias.detach().double(), a["stride"], a["padding"],
                            a["dilation"], a["groups"])
             tally.compared += 1
