@@ -2,6 +2,8 @@
 // every kernel takes raw pointers (uintptr_t), sizes and, for CUDA, a stream handle.
 #include "registry.h"
 
+#include "cpu/cpu_features.h"
+
 #include <omp.h>
 #include <string>
 
@@ -10,14 +12,11 @@ namespace py = pybind11;
 namespace autosculpt {
 
 static std::string simd_level() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return "avx512";
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "avx2";
+  const CpuFeatures& f = cpu_features();
+  if (!f.x86) return "generic";
+  if (f.avx512f) return "avx512";
+  if (f.avx2_fma) return "avx2";
   return "sse2";
-#else
-  return "generic";
-#endif
 }
 
 void register_info(py::module_& m) {

@@ -1,6 +1,6 @@
 // AVX-512 task kernel of block-sparse attention (see attn_kernel.h). Every function here carries
 // target("avx512f,fma") so the file builds on a plain x86-64 baseline; the driver calls it only after
-// __builtin_cpu_supports("avx512f"). No STL in here: nothing AVX-512-compiled can leak into shared
+// cpu_features().avx512f. No STL in here: nothing AVX-512-compiled can leak into shared
 // inline functions used by baseline code.
 //
 // Transposed formulation, vectorised over the 16 query rows of a lane group:
@@ -13,6 +13,7 @@
 #include <cmath>
 
 #include "cpu/attn_kernel.h"
+#include "cpu/cpu_features.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -25,8 +26,7 @@ namespace autosculpt {
 
 bool cpu_has_avx512f() {
 #ifdef AS_HAVE_AVX512_CODE
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f");
+  return cpu_features().avx512f;
 #else
   return false;
 #endif

@@ -16,6 +16,7 @@
 #include <cstring>
 
 #include "cpu/attn_kernel.h"
+#include "cpu/cpu_features.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define AS_HAVE_AVX2_CLONE 1
@@ -194,10 +195,7 @@ __attribute__((target("avx2,fma"))) void attn_task_portable_avx2(const AttnDims&
                                                                  const AttnScratch& sc) {
   portable_task<8>(dims, t, sc);
 }
-bool cpu_has_avx2_fma() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
+bool cpu_has_avx2_fma() { return cpu_features().avx2_fma; }
 #else
 void attn_task_portable_avx2(const AttnDims& dims, const AttnTask& t, const AttnScratch& sc) {
   portable_task<4>(dims, t, sc);

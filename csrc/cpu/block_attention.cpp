@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "cpu/attn_kernel.h"
+#include "cpu/cpu_features.h"
 #include "registry.h"
 
 namespace autosculpt {
@@ -161,16 +162,24 @@ static void block_attention_forward(const float* q, const float* k, const float*
   const bool avx512_ok = cpu_has_avx512f() && attn_avx512_supported_shape(dims);
   // Block sizes the register-tiled kernels handle; others take the simple packed loops.
   const bool tiled_bs = bs == 16 || bs == 32 || bs == 64 || bs == 128;
-  const bool use_avx2 = isa != 3 && cpu_has_avx2_fma();
-  bool use_avx512;
-  if (isa == 0) use_avx512 = avx512_ok;
-  else if (isa == 1 || isa == 3) use_avx512 = false;
-  else if (isa == 2) {
+  // The Python-facing code, read into the Isa the conv kernels share: 1 = at most AVX2 (portable
+  // kernels, their AVX2 build when the CPU has it), 3 = the baseline build only.
+  Isa choice;
+  switch (isa) {
+    case 0: choice = Isa::kAuto; break;
+    case 1: choice = Isa::kAvx2; break;
+    case 2: choice = Isa::kAvx512; break;
+    case 3: choice = Isa::kGeneric; break;
+    default: throw std::invalid_argument("block_sparse_attention: isa must be 0, 1, 2 or 3");
+  }
+  const bool use_avx2 = choice != Isa::kGeneric && cpu_has_avx2_fma();
+  bool use_avx512 = false;
+  if (choice == Isa::kAuto) {
+    use_avx512 = avx512_ok;
+  } else if (choice == Isa::kAvx512) {
     if (!avx512_ok)
       throw std::invalid_argument("block_sparse_attention: AVX-512 path needs avx512f, block_size in {16, 32, 64, 128} and D <= 256");
     use_avx512 = true;
-  } else {
-    throw std::invalid_argument("block_sparse_attention: isa must be 0, 1, 2 or 3");
   }
   if (num_threads <= 0) num_threads = omp_get_max_threads();
 

@@ -1,4 +1,4 @@
-// Gathering the input pixels a pattern-conv tile needs (included by pattern_conv.cpp only).
+// Gathering the input pixels a pattern-conv tile needs (included by pattern_conv_forward.cpp).
 //
 // A tile's gathered input is laid out [sub-tile][tap slot][channel][SW lanes], so the micro-kernel
 // reads its B operand strictly sequentially. What to copy is described once per (tile, tap slot) as

@@ -1,4 +1,5 @@
-// Register-blocked micro-kernels of the pattern conv (included by pattern_conv.cpp only).
+// Register-blocked micro-kernels of the pattern conv (included by pattern_conv_pack.cpp and
+// pattern_conv_forward.cpp).
 //
 // Each computes an MR x (NV vectors) block of outputs over the whole K = ntaps * cin:
 //   c[m][j] = bias[m] + sum_t sum_ci a[(t*cin + ci)*MR + m] * b[tap_off[t] + ci*ldb + j]
@@ -6,7 +7,7 @@
 // is broadcast from the packed panel, the pixels are contiguous loads from the gathered tile.
 //
 // The AVX2 / AVX-512 versions carry GCC/Clang target attributes, so this file compiles with the
-// plain x86-64 baseline and the caller picks a version after checking the CPU (__builtin_cpu_supports).
+// plain x86-64 baseline and the caller picks a version after checking the CPU (cpu_features(), cpu_features.h).
 #pragma once
 #include <cstdint>
 

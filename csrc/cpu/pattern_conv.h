@@ -26,10 +26,9 @@
 #include <vector>
 
 #include "cpu/conv_gather.h"
+#include "cpu/cpu_features.h"
 
 namespace autosculpt {
-
-enum class ConvIsa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
 
 // Micro-kernel: c[m][0 .. nv*W) = bias[m] + sum_k a[k*mr + m] * B_k[0 .. nv*W), where k runs over
 // (tap t < ntaps, channel ci < cin) and B_(t,ci) = b + tap_off[t] + ci * ldb.
@@ -77,17 +76,33 @@ struct ConvEpilogue {
   void store(float* dst, const float* src, int64_t at, int64_t len) const;
 };
 
+// Everything one PackedPatternConv::forward() call takes (the CPU twin of the CUDA kernels' args).
+// x: (n, c_in, h, w); out: (n, c_out, out_h, out_w); bias may be null. num_threads <= 0 means
+// OpenMP's default. `epilogue` fuses a residual add and/or ReLU.
+struct ConvForwardArgs {
+  const float* x = nullptr;
+  const float* bias = nullptr;
+  float* out = nullptr;
+  int64_t n = 0, h = 0, w = 0;
+  int64_t stride_h = 1, stride_w = 1;
+  int64_t pad_h = 0, pad_w = 0;
+  int64_t dil_h = 1, dil_w = 1;
+  int num_threads = 0;
+  ConvEpilogue epilogue;
+};
+
+// True when no element of x[0, n) is NaN or +-inf.
+bool all_finite(const float* x, int64_t n, int num_threads);
+
 class PackedPatternConv {
  public:
-  // isa: "" (best the CPU supports), "avx512", "avx2" or "generic" (tests force each path).
+  // isa: kAuto (best the CPU supports), kAvx512, kAvx2 or kGeneric (tests force each path; the
+  // binding reads the Python name "" / "avx512" / "avx2" / "generic"). Throws if the CPU lacks it.
   PackedPatternConv(const float* weight, const uint8_t* tap_mask, int64_t c_out, int64_t c_in_per_group,
-                    int64_t kh, int64_t kw, int64_t groups, const std::string& isa = "");
+                    int64_t kh, int64_t kw, int64_t groups, Isa isa = Isa::kAuto);
 
-  // x: (n, c_in, h, w); out: (n, c_out, out_h, out_w); bias may be null. Every element of out is
-  // written. num_threads <= 0 means OpenMP's default. `epi` fuses a residual add and/or ReLU.
-  void forward(const float* x, const float* bias, float* out, int64_t n, int64_t h, int64_t w,
-               int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
-               int64_t dil_w, int num_threads, const ConvEpilogue& epi = ConvEpilogue()) const;
+  // See ConvForwardArgs. Every element of out is written.
+  void forward(const ConvForwardArgs& args) const;
 
   int64_t c_out() const { return c_out_; }
   int64_t kept_taps() const;  // sum over filters of kept taps (FLOPs numerator)
@@ -107,9 +122,8 @@ class PackedPatternConv {
   bool uses_direct(int64_t out_w, int64_t stride_h, int64_t stride_w) const;
 
  private:
-  void forward_depthwise(const float* x, const float* bias, float* out, int64_t n, int64_t h, int64_t w,
-                         int64_t oh, int64_t ow, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
-                         int64_t dw, int threads, const ConvEpilogue& epi) const;
+  // The helpers take forward()'s args with num_threads resolved (> 0) and epilogue.wide set.
+  void forward_depthwise(const ConvForwardArgs& args, int64_t oh, int64_t ow) const;
   void fill_empty_filters(const ConvGroupPlan& pl, const float* bias, float* out, int64_t n, int64_t P,
                           const ConvEpilogue& epi, int tid, int T) const;
   struct GroupCall;
@@ -117,16 +131,12 @@ class PackedPatternConv {
                    float* colt, std::vector<GatherSeg>& segs) const;
   void compute_block(const GroupCall& a, int64_t g0, int64_t valid, const FilterBlock& blk, const float* colt,
                      float* tmp) const;
-  void forward_group(int64_t g, const float* x, const float* bias, float* out, int64_t n, int64_t h, int64_t w,
-                     int64_t oh, int64_t ow, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
-                     int64_t dw, int threads, const ConvEpilogue& epi) const;
-  void forward_group_direct(int64_t g, const float* x, const float* bias, float* out, int64_t n, int64_t h,
-                            int64_t w, int64_t oh, int64_t ow, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
-                            int threads, const ConvEpilogue& epi) const;
+  void forward_group(int64_t g, const ConvForwardArgs& args, int64_t oh, int64_t ow) const;
+  void forward_group_direct(int64_t g, const ConvForwardArgs& args, int64_t oh, int64_t ow) const;
 
   int64_t c_out_, c_in_pg_, kh_, kw_, groups_;
   bool depthwise_ = false;
-  ConvIsa isa_;
+  Isa isa_;  // resolved: never kAuto
   int mr_ = 1, lanes_ = 1, nv_max_ = 1;          // micro-kernel shape: mr_ filters x nv_max_*lanes_ pixels
   const ConvMicroKernel* kernels_ = nullptr;     // [(mr - 1) * nv_max_ + (nv - 1)]
   const ConvMicroKernel2* kernels2_ = nullptr;   // [mr - 1] for mr <= mr2_max_ (AVX-512 only)

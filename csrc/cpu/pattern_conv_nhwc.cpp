@@ -1,6 +1,6 @@
 // Pattern-sparse 2-D convolution on channels-last (NHWC) float32 tensors, torch-free.
 //
-// Same semantics as pattern_conv.cpp (out = conv2d(x, weight * tap_mask[:, None], bias, ...) with an
+// Same semantics as pattern_conv.h (out = conv2d(x, weight * tap_mask[:, None], bias, ...) with an
 // optional residual add and ReLU), for the layout the deployed form keeps from layer to layer: with
 // activations in NHWC, dense convs run in oneDNN's native layout (no reorder per call) and this kernel
 // reads its input rows directly, without gathering.
@@ -26,6 +26,8 @@
 #include <memory>
 #include <stdexcept>
 #include <vector>
+
+#include "cpu/cpu_features.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -54,8 +56,7 @@ inline int max_mr(int nv) { return nv == 1 ? 14 : 8; }
 
 bool cpu_avx512() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f");
+  return cpu_features().avx512f;
 #else
   return false;
 #endif
