@@ -59,7 +59,7 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 if "$PY" -c "import pytest" >/dev/null 2>&1; then
   budget=$(( TOTAL - $(elapsed) - 200 )); [ $budget -gt 180 ] && budget=180; [ $budget -lt 30 ] && budget=30
   echo "[gpu_check] tests (timeout ${budget}s) -> $OUT/tests.log"
-  ( cd "$REPO" && timeout "$budget" "$PY" -m pytest tests/test_cuda_conv.py tests/test_triton_conv.py -q -rs \
+  ( cd "$REPO" && timeout "$budget" "$PY" -m pytest tests/ops/test_cuda_conv.py tests/ops/test_triton_conv.py -q -rs \
       -p no:cacheprovider ) >"$OUT/tests.log" 2>&1
   rc=$?
   tail -4 "$OUT/tests.log"

@@ -20,6 +20,17 @@ def poison_outputs(monkeypatch):
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test, restored after it. Tiny models gain nothing from threads, and on
+    a loaded 2-core machine OpenMP barriers waiting for a descheduled thread make 2-thread runs (and
+    training) several times slower. Modules opt in with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     """A private cache folder so tests never touch the user's real cache."""
     d = tmp_path / "cache"

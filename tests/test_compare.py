@@ -14,13 +14,8 @@ from autosculpt.runtime.latency import FlopsLatencyModel
 pytest.importorskip("torch_pruning")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: on a busy 2-core machine two OpenMP threads train several times slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# one torch thread per test (the shared fixture in conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mac_latency_model():

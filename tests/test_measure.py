@@ -8,15 +8,8 @@ from autosculpt.measure import count_flops, count_params, layer_latency, measure
 from autosculpt.patterns import PAPER6
 from autosculpt.plan import conv_layer_plan
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and on a loaded 2-core machine OpenMP barriers waiting
-    # for a descheduled thread make 2-thread runs 10x slower. Restored after each test.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one torch thread per test (the shared fixture in conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def net():

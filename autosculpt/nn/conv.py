@@ -11,9 +11,9 @@ from torch import nn
 
 from ..ops import conv as conv_ops
 from ..ops import weight_cache
-from ..reference import torch_conv_input
 from ..patterns import PatternSet, masks_from_ids
 from ..plan import LayerPlan, plan_fields, plan_int_list, register_kind
+from ..reference import torch_conv_input
 
 # (shape, mask bytes, device, dtype, threads) -> "sparse" | "dense": decisions shared by identical layers
 _PATH_DECISIONS: Dict[tuple, str] = {}

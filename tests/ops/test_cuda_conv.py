@@ -21,7 +21,7 @@ from autosculpt import _ext
 from autosculpt.patterns import PAPER6
 from autosculpt.reference import pattern_conv2d_ref
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _cuda_built() -> bool:

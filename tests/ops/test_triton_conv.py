@@ -19,7 +19,7 @@ from autosculpt.ops import _pattern_groups  # noqa: E402
 from autosculpt.patterns import PAPER6  # noqa: E402
 from autosculpt.reference import pattern_conv2d_ref  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
