@@ -1,5 +1,5 @@
 // Builds csrc/cuda/pattern_conv.cu for the host with the emulation shim (see emulate_shim.h) and
-// exposes its launcher to ctypes. Compiled by tests/test_cuda_conv.py; not part of the package.
+// exposes its launcher to ctypes. Compiled by tests/ops/test_cuda_conv.py; not part of the package.
 #include "cuda/pattern_conv.cu"
 
 extern "C" int emu_pattern_conv2d_forward(const int64_t* ptrs, const int64_t* sizes, const int64_t* x_stride,

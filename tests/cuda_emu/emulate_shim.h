@@ -1,5 +1,5 @@
 // Host emulation of the few CUDA features csrc/cuda/pattern_conv.cu uses, so its kernel runs on a CPU
-// (tests/test_cuda_conv.py compiles it with g++ when no GPU is present). A thread block is 128 OS
+// (tests/ops/test_cuda_conv.py compiles it with g++ when no GPU is present). A thread block is 128 OS
 // threads with a std::barrier for __syncthreads; blocks run one after another, so `__shared__` can be
 // a function-static variable. WMMA fragments hold their whole tile; lane 0 of each warp loads, multiplies and
 // stores it for the warp (other lanes' fragments are unused). Tests the indexing, tiling, masking and
