@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -544,15 +545,32 @@ void PackedPatternConv::forward_group(int64_t g, const ConvForwardArgs& args, in
   }
 }
 
-// True when no element of x[0, n) is NaN or +-inf: x * 0 is exactly +-0 for a finite x and NaN
-// otherwise, so the sum is 0 exactly when all are finite. Screens a conv input cheaply (one read)
-// before the NaN propagation that dropped taps need (see ops/conv.py).
+namespace {
+
+// Whether x[0, n) holds a NaN or +-inf: an all-ones exponent. Integer ORs vectorise without any
+// reordering question (the float version, a strict sum, ran scalar: 16 us for 16K values).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=x86-64-v4", "arch=haswell", "default")))
+#endif
+bool any_nonfinite(const float* x, int64_t n) {
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(x);
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= uint32_t((bits[i] & 0x7f800000u) == 0x7f800000u);
+  return bad != 0;
+}
+
+}  // namespace
+
+// True when no element of x[0, n) is NaN or +-inf. Screens a conv input cheaply (one read) before
+// the NaN propagation that dropped taps need (see ops/conv.py); large inputs are split over threads.
 bool all_finite(const float* x, int64_t n, int num_threads) {
-  float acc = 0.f;
   if (num_threads <= 0) num_threads = omp_get_max_threads();
-#pragma omp parallel for simd reduction(+ : acc) num_threads(num_threads) if (n >= (int64_t(1) << 18))
-  for (int64_t i = 0; i < n; ++i) acc += x[i] * 0.0f;
-  return acc == 0.0f;
+  constexpr int64_t kChunk = int64_t(1) << 18;
+  if (n < 2 * kChunk || num_threads == 1) return !any_nonfinite(x, n);
+  bool bad = false;
+#pragma omp parallel for num_threads(num_threads) reduction(|| : bad) schedule(static)
+  for (int64_t c = 0; c < n; c += kChunk) bad = bad || any_nonfinite(x + c, std::min(kChunk, n - c));
+  return !bad;
 }
 
 }  // namespace autosculpt
