@@ -11,6 +11,10 @@ times, interleaved within each repeat so machine noise hits all providers alike:
 * ``kernel``   the packed C++ kernel called directly (``PackedPatternConv.forward``), i.e. the op
                without the Python/custom-op overhead;
 * ``layer``    ``autosculpt.nn.PatternConv2d`` with ``path="auto"`` (calibrated dense fallback);
+* ``native``   oneDNN in its native layouts: a prepacked ``to_mkldnn`` conv on nChw16c tensors, and a
+               channels_last ``F.conv2d`` (``dense_nhwc``); the better of the two is the fair per-layer
+               baseline (plain ``F.conv2d`` on NCHW pays a reorder per call);
+* ``nhwc``     AutoSculpt's channels-last kernel (``pattern_conv2d`` on a channels_last input);
 * ``existing`` the "existing engine" baseline: one ``F.conv2d`` per distinct pattern shape (kernel
                cropped to the pattern's bounding box) on the filters having it, outputs put back in order.
 
@@ -31,6 +35,7 @@ from typing import Callable, List
 
 import torch
 import torch.nn.functional as F
+import torch.utils.mkldnn
 
 from autosculpt import _ext
 from autosculpt.nn import PatternConv2d
@@ -112,7 +117,21 @@ def bench_one(shape: ConvShape, batch: int, mix: str, threads: int, reps: int, c
     layer = PatternConv2d.from_dense(conv, mask, path="auto")
     layer.calibrate(x)
     key = conv_ops.new_cache_key()  # the op's own packing-cache entry (the layer has another)
+    key_nhwc = conv_ops.new_cache_key()
+    # oneDNN in its native layouts: a prepacked blocked (nChw16c) conv on mkldnn tensors, and the
+    # channels_last (NHWC) conv that the deployed form runs; our NHWC kernel against the latter.
+    dense_conv = torch.nn.Conv2d(shape.c_in, shape.c_out, shape.kernel, s, p)
+    with torch.no_grad():
+        dense_conv.weight.copy_(wm)
+        dense_conv.bias.copy_(b)
+    mk = torch.utils.mkldnn.to_mkldnn(dense_conv)
+    xm = x.to_mkldnn()
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    wm_cl = wm.contiguous(memory_format=torch.channels_last)
     fns = {
+        "native": lambda: mk(xm),
+        "dense_nhwc": lambda: F.conv2d(xcl, wm_cl, b, s, p),
+        "nhwc": lambda: pattern_conv2d(xcl, w, mask, b, s, p, backend="cpu", _cache_key=key_nhwc),
         "dense": lambda: F.conv2d(x, wm, b, s, p),
         "sparse": lambda: pattern_conv2d(x, w, mask, b, s, p, backend="cpu", _cache_key=key),
         "kernel": kernel_only(x, w, mask, b, s, p, threads),
@@ -124,7 +143,9 @@ def bench_one(shape: ConvShape, batch: int, mix: str, threads: int, reps: int, c
             ref = fns["dense"]()
             scale = float(ref.abs().max())
             for name, fn in fns.items():
-                err = float((fn() - ref).abs().max()) / scale
+                out = fn()
+                out = out.to_dense() if out.is_mkldnn else out
+                err = float((out - ref).abs().max()) / scale
                 if not err <= 1e-4:
                     raise AssertionError(f"{shape.name} b{batch} {mix}: provider {name} differs, rel err {err:.2e}")
         # warm-up: packing, oneDNN primitive creation, allocator; every repeat runs all providers, rotating
@@ -134,7 +155,12 @@ def bench_one(shape: ConvShape, batch: int, mix: str, threads: int, reps: int, c
     kept = float(mask.float().mean())
     ideal = 1.0 / kept if kept > 0 else float("inf")
     sp = t["dense"] / t["sparse"]
+    native = min(t["native"], t["dense_nhwc"])  # the better of oneDNN's native layouts
+    dense_flop, kept_flop = 2.0 * shape.dense_macs(batch), 2.0 * shape.dense_macs(batch) * kept
     return {
+        "native_ms": t["native"] * 1e3, "dense_nhwc_ms": t["dense_nhwc"] * 1e3, "nhwc_ms": t["nhwc"] * 1e3,
+        "nhwc_ratio_native": native / t["nhwc"] / ideal,
+        "native_gflops": dense_flop / native / 1e9, "nhwc_gflops_kept": kept_flop / t["nhwc"] / 1e9,
         "shape": shape.name, "batch": batch, "mask": mix, "kept": kept, "ideal": ideal,
         "dense_ms": t["dense"] * 1e3, "sparse_ms": t["sparse"] * 1e3, "kernel_ms": t["kernel"] * 1e3,
         "speedup": sp, "ratio": sp / ideal, "kernel_ratio": t["dense"] / t["kernel"] / ideal,
@@ -154,7 +180,8 @@ def reps_for(shape: ConvShape, batch: int, budget_s: float, lo: int, hi: int) ->
 def to_markdown(rows: List[dict], meta: dict) -> str:
     out = ["# CPU pattern conv benchmark", ""]
     for k, v in meta.items():
-        out.append(f"- {k}: {v}")
+        if not k.startswith("_"):
+            out.append(f"- {k}: {v}")
     out += ["", "speedup = dense ms / x ms; ideal = dense MACs / kept MACs; ratio = speedup ÷ ideal. "
             "`sparse` is `pattern_conv2d(backend='cpu')`; `kernel` is the same C++ kernel called "
             "directly (no Python dispatch); `layer` is `PatternConv2d(path='auto')` with its dense fallback; "
@@ -172,6 +199,22 @@ def to_markdown(rows: List[dict], meta: dict) -> str:
                 f"{r['sparse_ms']:.3f} | {r['speedup']:.2f} | {r['ideal']:.2f} | {r['ratio']:.2f} | "
                 f"{r['kernel_ratio']:.2f} | {r['layer_speedup']:.2f} | {r['layer_path']} | {r['existing_speedup']:.2f} |")
         out.append("")
+        peak = meta.get("_peak")
+        out += [f"### batch {batch}: against oneDNN in its native layout", "",
+                "native = the faster of a prepacked mkldnn conv (nChw16c) and a channels_last conv; `nhwc` = "
+                "AutoSculpt's channels-last kernel (`pattern_conv2d` on a channels_last input). GFLOP/s of ours "
+                "count kept MACs only" + (f"; % of the FMA peak ({peak:.0f} GFLOP/s at these threads)" if peak else "")
+                + ".", "",
+                "| shape | mask | mkldnn ms | dense NHWC ms | nhwc ms | nhwc vs native ÷ ideal | native GFLOP/s | "
+                "nhwc GFLOP/s (kept) | native % peak | nhwc % peak |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            if r["batch"] != batch:
+                continue
+            pk = (lambda g: f"{100 * g / peak:.0f}%") if peak else (lambda g: "—")
+            out.append(f"| {r['shape']} | {r['mask'].split(':', 1)[1]} | {r['native_ms']:.3f} | {r['dense_nhwc_ms']:.3f} "
+                       f"| {r['nhwc_ms']:.3f} | {r['nhwc_ratio_native']:.2f} | {r['native_gflops']:.0f} | "
+                       f"{r['nhwc_gflops_kept']:.0f} | {pk(r['native_gflops'])} | {pk(r['nhwc_gflops_kept'])} |")
+        out.append("")
     out += ["## Summary", ""] + [f"- {line}" for line in summary_lines(rows)] + [""]
     return "\n".join(out)
 
@@ -184,6 +227,10 @@ def summary_lines(rows: List[dict]) -> List[str]:
                      f"(pattern_conv2d op), {statistics.median(r['kernel_ratio'] for r in rs):.2f} (kernel called "
                      f"directly); median speedup {statistics.median(r['speedup'] for r in rs):.2f}x; "
                      f"median existing-engine speedup {statistics.median(r['existing_speedup'] for r in rs):.2f}x")
+        lines.append(f"batch {batch}: AutoSculpt's NHWC kernel vs oneDNN in its native layout, median speedup ÷ ideal = "
+                     f"{statistics.median(r['nhwc_ratio_native'] for r in rs):.2f}; median GFLOP/s: native dense "
+                     f"{statistics.median(r['native_gflops'] for r in rs):.0f}, ours (kept MACs) "
+                     f"{statistics.median(r['nhwc_gflops_kept'] for r in rs):.0f}")
         lines.append(f"batch {batch}, best-of-repeats instead of medians (less sensitive to other processes): "
                      f"median speedup ÷ ideal = {statistics.median(r['ratio_best'] for r in rs):.2f} (op), "
                      f"{statistics.median(r['kernel_ratio_best'] for r in rs):.2f} (kernel)")
@@ -237,6 +284,11 @@ def main(argv=None) -> int:
         "load average at start (1/5/15 min)": " / ".join(f"{v:.1f}" for v in os.getloadavg()),
         "command": "python -m bench.bench_conv " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
+    from .fma_peak import fma_peak
+
+    peak = fma_peak([args.threads], log=lambda *_: None)
+    meta["FMA peak"] = f"{peak['gflops'][args.threads]:.1f} GFLOP/s at {args.threads} thread(s) ({peak['method']})"
+    meta["_peak"] = peak["gflops"][args.threads]
     rows = []
     t_start = time.time()
     total = len(shapes) * len(batches) * len(mixes)
@@ -250,7 +302,8 @@ def main(argv=None) -> int:
                       f"{mix.split(':')[0]:>4s} dense {r['dense_ms']:8.3f}ms sparse {r['sparse_ms']:8.3f}ms "
                       f"speedup {r['speedup']:5.2f} / ideal {r['ideal']:4.2f} = {r['ratio']:4.2f} "
                       f"(kernel {r['kernel_ratio']:4.2f}) layer {r['layer_speedup']:4.2f} "
-                      f"existing {r['existing_speedup']:4.2f}", flush=True)
+                      f"existing {r['existing_speedup']:4.2f} | nhwc {r['nhwc_ms']:.3f}ms vs native "
+                      f"{min(r['native_ms'], r['dense_nhwc_ms']):.3f}ms: {r['nhwc_ratio_native']:4.2f} of ideal", flush=True)
     meta["wall time"] = f"{time.time() - t_start:.0f} s"
     meta["load average at end (1/5/15 min)"] = " / ".join(f"{v:.1f}" for v in os.getloadavg())
     for line in summary_lines(rows):

@@ -5,8 +5,7 @@ A tensor's ``_version`` counter misses some in-place writes: fused optimizers (`
 and writes through ``.data`` do not bump it. So a cache entry is trusted only when it can be checked:
 
 * **Live layers** (the default: a trainable ``PatternConv2d``) keep a copy of the weight and mask the
-  entry was built from and compare it on every use (``torch.equal``: one read of the weights, no
-  allocation). On CUDA, where that comparison would synchronise the stream, nothing is cached: the
+  entry was built from and compare it on every use (one ``memcmp`` of the weights' bytes). On CUDA, where that comparison would synchronise the stream, nothing is cached: the
   packing is re-done per call (one scatter kernel).
 * **Frozen layers** (:func:`freeze`, used by the inference forms ``fuse_for_inference`` builds) are a
   snapshot by contract, as with inductor's ``freezing``: weights are prepared once. Their entries are
@@ -53,6 +52,18 @@ def release(cache_key: int) -> None:
         cache.pop(cache_key)
 
 
+def _same_bytes(copy: torch.Tensor, live: torch.Tensor) -> bool:
+    """Whether ``live`` still holds exactly the bytes of ``copy`` (its contiguous snapshot): one memcmp
+    on the CPU (bitwise, so an unchanged NaN counts as unchanged), ``torch.equal`` elsewhere."""
+    if live.device.type == "cpu" and live.is_contiguous() and copy.is_contiguous() and live.dtype == copy.dtype:
+        from .. import _ext
+
+        ext = _ext.extension()
+        if ext is not None and hasattr(ext, "bytes_equal"):
+            return bool(ext.bytes_equal(copy.data_ptr(), live.data_ptr(), live.numel() * live.element_size()))
+    return torch.equal(copy, live)
+
+
 def _fingerprint(weight: torch.Tensor, tap_mask: torch.Tensor, extra: tuple) -> tuple:
     return (
         weight.data_ptr(), weight._version, tuple(weight.shape), tuple(weight.stride()), weight.dtype,
@@ -79,7 +90,7 @@ class WeightCache:
         fingerprint = _fingerprint(weight, tap_mask, extra)
         hit = self._entries.get(cache_key)
         if hit is not None and hit[0] == fingerprint and (
-                frozen or (torch.equal(hit[1], weight) and torch.equal(hit[2], tap_mask))):
+                frozen or (_same_bytes(hit[1], weight) and _same_bytes(hit[2], tap_mask))):
             return hit[3]
         value = build()
         copies = (None, None) if frozen else (weight.detach().clone(), tap_mask.detach().clone())

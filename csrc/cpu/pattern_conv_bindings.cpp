@@ -1,6 +1,7 @@
 // Python binding of PackedPatternConv and all_finite (raw pointers in, GIL released).
 #include <pybind11/pybind11.h>
 
+#include <cstring>
 #include <string>
 
 #include "cpu/pattern_conv.h"
@@ -15,6 +16,13 @@ void register_pattern_conv(pybind11::module_& m) {
       [](uintptr_t x, int64_t n, int threads) { return all_finite(reinterpret_cast<const float*>(x), n, threads); },
       py::arg("x_ptr"), py::arg("n"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
       "True when none of the n float32 values at x_ptr is NaN or infinite");
+  m.def(
+      "bytes_equal",
+      [](uintptr_t a, uintptr_t b, size_t n) {
+        return std::memcmp(reinterpret_cast<const void*>(a), reinterpret_cast<const void*>(b), n) == 0;
+      },
+      py::arg("a_ptr"), py::arg("b_ptr"), py::arg("nbytes"), py::call_guard<py::gil_scoped_release>(),
+      "True when the n bytes at a_ptr and b_ptr are identical (a weight cache's staleness check)");
   py::class_<PackedPatternConv>(m, "PackedPatternConv",
                                 "Weights of one pattern-sparse conv layer, grouped by tap mask and packed")
       .def(py::init([](uintptr_t weight, uintptr_t tap_mask, int64_t c_out, int64_t c_in_pg, int64_t kh,
