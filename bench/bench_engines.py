@@ -542,7 +542,8 @@ def markdown(res: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores. {res['started']} – {res['finished']}. "
         f"Load average (1/5/15 min) at start {_f(la0 and la0[0], '{:.1f}')}/{_f(la0 and la0[1], '{:.1f}')}/"
         f"{_f(la0 and la0[2], '{:.1f}')}, at end {_f(la1 and la1[0], '{:.1f}')}/{_f(la1 and la1[1], '{:.1f}')}/"
-        f"{_f(la1 and la1[2], '{:.1f}')}.",
+        f"{_f(la1 and la1[2], '{:.1f}')}." + ("".join(f" Run started {st}: load {a and a[0]:.1f} at start, {b and b[0]:.1f} at end."
+                                                   for st, a, b in res.get("loadavg_runs", []))),
         "",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val) + ".",
         "",
@@ -574,6 +575,22 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: List[Path], out_path: Path) -> dict:
+    """One result from several runs' JSON files (e.g. 1 thread and 2 threads run one after the other):
+    records concatenated, the FMA peaks of every thread count, the first start and the last end."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    res = dict(parts[0])
+    res["records"] = [r for part in parts for r in part["records"]]
+    for key in ("gflops", "start", "end"):
+        res["fma_peak"][key] = {k: v for part in parts for k, v in part["fma_peak"][key].items()}
+    res["finished"], res["loadavg_end"] = parts[-1]["finished"], parts[-1]["loadavg_end"]
+    res["loadavg_runs"] = [(part["started"], part["loadavg_start"], part["loadavg_end"]) for part in parts]
+    res["summary"] = summarize(res["records"])
+    out_path.write_text(markdown(res))
+    out_path.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    return res
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=None, help=f"default: {' '.join(MODELS)}")
@@ -585,7 +602,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke test: resnet20, batch 1, 1 thread, 3 repeats")
     ap.add_argument("--out", type=Path, default=None, help="default bench/results/engines-cpu.md (.json beside it); "
                     "--quick: engines-cpu-quick.md in the temp folder")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="instead of measuring: merge these results' JSON files into --out")
     args = ap.parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.out or REPO / "bench" / "results" / "engines-cpu.md")
+        return 0
     unknown = [m for m in (args.models or []) if m not in MODELS]
     if unknown:
         ap.error(f"--models: unknown {unknown}; choose from {MODELS}")
