@@ -1,7 +1,6 @@
 """``PatternConv2d``: a drop-in for ``nn.Conv2d`` whose filters keep only some kernel taps."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Dict, Optional, Tuple
 
@@ -14,25 +13,18 @@ from ..ops import weight_cache
 from ..patterns import PatternSet, masks_from_ids
 from ..plan import LayerPlan, plan_fields, plan_int_list, register_kind
 from ..reference import torch_conv_input
+from ..timing import time_interleaved
 
 # (shape, mask bytes, device, dtype, threads) -> "sparse" | "dense": decisions shared by identical layers
 _PATH_DECISIONS: Dict[tuple, str] = {}
 
 
-def faster_path(sparse: Callable[[], object], dense: Callable[[], object], reps: int) -> str:
-    """Runs both paths once (warm-up), then ``reps`` interleaved rounds, and returns "sparse" or
-    "dense", whichever had the smaller minimum: another process stealing the CPU can only add time,
-    so the minimum is the stable estimate of what each path costs."""
-    sparse()
-    dense()  # warm-up: packing, mask caches, allocator, oneDNN primitives
-    best = {"sparse": float("inf"), "dense": float("inf")}
-    for i in range(reps):
-        order = (("sparse", sparse), ("dense", dense)) if i % 2 == 0 else (("dense", dense), ("sparse", sparse))
-        for name, fn in order:
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return "sparse" if best["sparse"] <= best["dense"] else "dense"
+def faster_path(sparse: Callable[[], object], dense: Callable[[], object], reps: int, device=None) -> str:
+    """Runs both paths once (warm-up), then ``reps`` interleaved rounds (alternating which goes first),
+    and returns "sparse" or "dense", whichever had the smaller minimum: another process stealing the
+    CPU can only add time, so the minimum is the stable estimate of what each path costs."""
+    t = time_interleaved({"sparse": sparse, "dense": dense}, reps, warmup=1, rotate=True, device=device)
+    return "sparse" if t["sparse"].min_ms <= t["dense"].min_ms else "dense"
 
 
 class PatternConv2d(nn.Module):
