@@ -19,6 +19,15 @@ def poison_outputs(monkeypatch):
     return nan_output
 
 
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """:func:`one_thread` for a whole module (its module-scoped fixtures train under it too)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test, restored after it. Tiny models gain nothing from threads, and on

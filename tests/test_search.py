@@ -16,13 +16,8 @@ from autosculpt.train import train_classifier
 BUDGET = 0.5  # remove at least half of the 3×3 convs' multiply-accumulates
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: one thread avoids OpenMP fork/join overhead, which dominates on 2 shared cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# Tiny networks: one thread avoids OpenMP fork/join overhead, which dominates on 2 shared cores.
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

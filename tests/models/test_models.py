@@ -7,14 +7,8 @@ from autosculpt.data.digits import load_digits_splits
 from autosculpt.models import MODEL_NAMES, get_model
 from autosculpt.train import evaluate, recalibrate_bn, train_classifier
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread avoids OpenMP fork/join overhead, which dominates on 2 shared cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# Tiny networks: one thread avoids OpenMP fork/join overhead, which dominates on 2 shared cores.
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.mark.parametrize("name,shape,n3x3", [

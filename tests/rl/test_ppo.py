@@ -7,14 +7,8 @@ from torch import nn
 
 from autosculpt.rl.ppo import PPO, MLPActorCritic, PPOConfig, compute_gae
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: one thread avoids OpenMP fork/join overhead, which dominates on 2 shared cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# Tiny networks: one thread avoids OpenMP fork/join overhead, which dominates on 2 shared cores.
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 class MatchTargetEnv:
