@@ -56,6 +56,15 @@ def plan_int_list(value, name: str, what: str = "integers") -> tuple:
     return tuple(plan_int(v, name) for v in value)
 
 
+def plan_index_list(value, name: str, size: int) -> tuple:
+    """A list field of indices into a set of ``size`` patterns (each as :func:`plan_int`), as a tuple."""
+    ids = plan_int_list(value, name)
+    for i in ids:
+        if not 0 <= i < size:
+            raise ValueError(f"{name}: {i} is out of range for a set of {size} patterns")
+    return ids
+
+
 def plan_fields(data, kind: str, required: Iterable[str], optional: Iterable[str] = ()) -> dict:
     """Checks that ``data`` is a layer plan of ``kind`` with the ``required`` fields and no field other
     than those and the ``optional`` ones; returns it."""

@@ -27,7 +27,7 @@ from ..attention_patterns import (
     normalize_spec,
 )
 from ..ops.attention import block_sparse_attention
-from ..plan import LayerPlan, plan_fields, plan_int, plan_int_list, register_kind
+from ..plan import LayerPlan, plan_fields, plan_index_list, plan_int, register_kind
 from .conv import faster_path
 
 __all__ = ["PatternAttention", "AttentionPlan", "attention_layer_plan"]
@@ -414,11 +414,7 @@ class AttentionPlan(LayerPlan):
     def __post_init__(self):
         if not isinstance(self.pattern_set, AttentionPatternSet):
             raise ValueError(f"pattern_set: expected an AttentionPatternSet, got {type(self.pattern_set).__name__}")
-        ids = plan_int_list(self.head_pattern_ids, "head_pattern_ids")
-        for i in ids:
-            if not 0 <= i < len(self.pattern_set):
-                raise ValueError(f"head_pattern_ids: {i} is out of range for a set of {len(self.pattern_set)} patterns")
-        object.__setattr__(self, "head_pattern_ids", ids)
+        object.__setattr__(self, "head_pattern_ids", plan_index_list(self.head_pattern_ids, "head_pattern_ids", len(self.pattern_set)))
         bs = plan_int(self.block_size, "block_size")
         if bs < 1:
             raise ValueError(f"block_size: expected a positive int, got {self.block_size!r}")

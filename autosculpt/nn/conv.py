@@ -11,7 +11,7 @@ from torch import nn
 from ..ops import conv as conv_ops
 from ..ops import weight_cache
 from ..patterns import PatternSet, masks_from_ids
-from ..plan import LayerPlan, plan_fields, plan_int_list, register_kind
+from ..plan import LayerPlan, plan_fields, plan_index_list, register_kind
 from ..reference import torch_conv_input
 from ..timing import time_interleaved
 
@@ -322,8 +322,6 @@ class PatternConv2d(nn.Module):
         return conv_ops.apply_epilogue(out, residual, self.activation, inplace=False)
 
     def _check_input(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
-        if isinstance(x, torch.fx.Proxy):
-            return
         conv_ops.validate_conv_args(x, self.weight, self.tap_mask, self.bias, self.stride, self.padding,
                                     self.dilation, self.groups)
         conv_ops.validate_epilogue(x, self.weight, residual, self.activation, self.stride, self.padding,
@@ -383,11 +381,7 @@ class ConvPlan(LayerPlan):
     def __post_init__(self):
         if not isinstance(self.pattern_set, PatternSet):
             raise ValueError(f"pattern_set: expected a PatternSet, got {type(self.pattern_set).__name__}")
-        ids = plan_int_list(self.pattern_ids, "pattern_ids")
-        for i in ids:
-            if not 0 <= i < len(self.pattern_set):
-                raise ValueError(f"pattern_ids: {i} is out of range for a set of {len(self.pattern_set)} patterns")
-        object.__setattr__(self, "pattern_ids", ids)
+        object.__setattr__(self, "pattern_ids", plan_index_list(self.pattern_ids, "pattern_ids", len(self.pattern_set)))
         if self.path not in _PATHS:
             raise ValueError(f"path: expected one of {', '.join(map(repr, _PATHS))}, got {self.path!r}")
 

@@ -20,6 +20,8 @@ from typing import Any, Callable, Dict, Optional, Set, Tuple
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .. import _ext
+
 __all__ = ["WeightCache", "freeze", "is_frozen", "release"]
 
 _OPTIMIZER_STEPS = [0]
@@ -56,8 +58,6 @@ def _same_bytes(copy: torch.Tensor, live: torch.Tensor) -> bool:
     """Whether ``live`` still holds exactly the bytes of ``copy`` (its contiguous snapshot): one memcmp
     on the CPU (bitwise, so an unchanged NaN counts as unchanged), ``torch.equal`` elsewhere."""
     if live.device.type == "cpu" and live.is_contiguous() and copy.is_contiguous() and live.dtype == copy.dtype:
-        from .. import _ext
-
         ext = _ext.extension()
         if ext is not None and hasattr(ext, "bytes_equal"):
             return bool(ext.bytes_equal(copy.data_ptr(), live.data_ptr(), live.numel() * live.element_size()))
