@@ -41,7 +41,7 @@ def bench_kernels(reps: int = 30, progress: bool = True, seed: int = 0) -> str:
         ids = torch.tensor(MIXES[mix])[torch.randint(len(MIXES[mix]), (cout,), generator=g)]
         sparse = PatternConv2d.from_dense(conv, masks_from_ids(PAPER6, ids), path="sparse")
         x = torch.randn(n, cin, h, w, generator=g)
-        t = measure_latency({"dense": conv, "sparse": sparse}, x, reps=reps)
+        t = measure_latency({"dense": conv, "sparse": sparse}, x, reps=reps, form="eager")
         rows.append([f"{label} b{n} {cin}->{cout} {h}x{w}", mix, f"{100 * sparse.kept_fraction():.0f}%",
                      f"{t['dense']:.4f}", f"{t['sparse']:.4f}", f"{t['dense'] / t['sparse']:.2f}x"])
     head = f"pattern conv (backend auto) vs dense conv, {torch.get_num_threads()} threads, median ms of {reps}"

@@ -200,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--batches", type=_batch_int, nargs="+", default=[1, 8], metavar="B", help="batch sizes [1 8]")
     bp.add_argument("--reps", type=_positive_int, default=30, help="timed repeats [30]")
     bp.add_argument("--threads", type=_positive_int, help="torch threads")
+    bp.add_argument("--all-routes", action="store_true",
+                    help="'bench model': also race the inductor routes (torch.compile, tens of seconds per model)")
     bp.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
     e = sub.add_parser("export", help="write torch.export programs and an ONNX file",
@@ -306,9 +308,16 @@ def _cmd_prune(args) -> int:
     _say(f"latency: {summary.get('latency_timed_as', 'eager models')}")
     _say("")
     t = summary["stage_seconds"]
-    _say(f"budget: {summary['budget']} at batch {cfg['search_batch']}"
-         f"{'' if summary['met_budget_in_search'] else ' (NOT met by the chosen plan)'}; "
+    final = summary.get("met_budget_final") or {}
+    verdict = ("met" if final.get("met") else "NOT met") if final else ""
+    if final.get("measured") is not None:
+        verdict += f" in the final measurement ({final['what']}: {final['measured']:.3g}, target {final['target']:g})"
+    elif final:
+        verdict += f" ({final['what']})"
+    _say(f"budget: {summary['budget']} at batch {cfg['search_batch']}: {verdict}; "
          f"run time {t['total']:.0f} s (search {t['search']:.0f} s, fine-tune {t['finetune']:.0f} s)")
+    if final and not final.get("met"):
+        _say("WARNING: the pruned model does NOT meet the budget in the final measurement (see report.md)")
     _say(f"run folder: {summary['run_dir']}")
     _say(f"  report  : {os.path.join(summary['run_dir'], 'report.md')}")
     _say(f"  model   : {summary['pruned']['file']}   ({_load_hint(summary['pruned']['file'])} rebuilds it)")
@@ -402,23 +411,28 @@ def _cmd_bench(args) -> int:
         return 0
     if not args.model_file:
         raise UsageError("'bench model' needs a MODEL_FILE")
+    from .deploy import QUICK_ROUTES, ROUTES
     from .export import dense_equivalent
-    from .measure import count_flops, measure_latency
+    from .measure import count_flops, measure_latency_stats
     from .report import format_table
 
     model, shape = _load_for_cli(args.model_file, args.model)
+    model.eval()
     dense = dense_equivalent(model).eval()
     rows = []
     x1 = torch.randn(1, *shape)
     rows.append(["FLOPs (MACs / sample)", f"{count_flops(dense, x1):,}", f"{count_flops(model, x1):,}", ""])
+    routes = ROUTES if args.all_routes else QUICK_ROUTES
     for b in args.batches:
         x = torch.randn(b, *shape)
-        t = measure_latency({"dense": dense, "pruned": model}, x, reps=args.reps, progress=args.progress,
-                            desc=f"batch {b}")
-        rows.append([f"latency, batch {b}", f"{t['dense']:.3f} ms", f"{t['pruned']:.3f} ms", f"{t['dense'] / t['pruned']:.2f}x"])
-    _say(f"{args.model_file}: dense-equivalent vs pruned, {torch.get_num_threads()} threads, median of {args.reps}; "
-         "both timed as deployed (autosculpt.fuse_for_inference: BatchNorm folded, max-pools rewritten, "
-         "ReLU and shortcut adds fused into pattern convs)")
+        t = measure_latency_stats({"dense": dense, "pruned": model}, x, reps=args.reps, progress=args.progress,
+                                  desc=f"batch {b}", routes=routes)
+        rows.append([f"latency, batch {b}"]
+                    + [f"{t[k].median_ms:.3f} ms (IQR {t[k].iqr_ms:.3f}, {t[k].route})" for k in ("dense", "pruned")]
+                    + [f"{t['dense'].median_ms / t['pruned'].median_ms:.2f}x (load {t['pruned'].load_average:.1f})"])
+    _say(f"{args.model_file}: dense-equivalent vs pruned, {torch.get_num_threads()} threads, median (IQR) of "
+         f"{args.reps} interleaved repeats; each model in its fastest deployed form (autosculpt.optimize_for_inference "
+         f"over {', '.join(routes)})")
     _say(format_table(rows, header=("", "dense", "pruned", "speedup")))
     return 0
 

@@ -31,9 +31,11 @@ from torch import nn
 
 from .timing import time_interleaved
 
-__all__ = ["ROUTES", "DeploymentReport", "DeployedModel", "optimize_for_inference"]
+__all__ = ["ROUTES", "QUICK_ROUTES", "DeploymentReport", "DeployedModel", "deployed_form", "optimize_for_inference"]
 
 ROUTES = ("autosculpt", "autosculpt_channels_last", "inductor", "inductor_channels_last")
+#: the routes that build in well under a second (no compilation): what the search's latency model races
+QUICK_ROUTES = ("autosculpt", "autosculpt_channels_last")
 
 
 @dataclass
@@ -113,14 +115,7 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor, *,
         rounds: interleaved timing rounds.
         log: called with progress lines (building a compiled route takes tens of seconds).
     """
-    from .fuse import fuse_for_inference
-
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    if not isinstance(example_input, torch.Tensor):
-        raise TypeError(f"example_input: expected a torch.Tensor, got {type(example_input).__name__}")
-    if model.training:
-        raise ValueError("model: optimize_for_inference needs an eval-mode model; call model.eval() first")
+    _check_model_and_input(model, example_input)
     if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
         raise ValueError(f"rounds: expected a positive int, got {rounds!r}")
     pattern = _has_pattern_layers(model)
@@ -132,25 +127,7 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor, *,
         raise ValueError("routes: 'inductor_channels_last' is for models without pattern layers (their kernels take NCHW)")
     say = log or (lambda _msg: None)
     x = example_input.detach()
-    with torch.no_grad():
-        ref = model(x)
-    fused = fuse_for_inference(model, x, dense_convs=True)
-    candidates: Dict[str, tuple] = {}
-    skipped: Dict[str, str] = {}
-    with torch.no_grad():
-        fused(x)  # per-layer path decisions (dense fallback) measured in this form
-    for route in wanted:
-        try:
-            say(f"optimize_for_inference: building route {route!r}")
-            fn, source, cl = _build_route(route, model, fused, x)
-            with torch.no_grad():
-                out = fn(x.contiguous(memory_format=torch.channels_last) if cl else x)
-            if not _close(out, ref):
-                skipped[route] = "output differs from the eager model"
-                continue
-            candidates[route] = (fn, source, cl)
-        except Exception as exc:  # noqa: BLE001 - a route that cannot be built here is reported, not fatal
-            skipped[route] = f"{type(exc).__name__}: {exc}"[:300]
+    candidates, skipped = _build_checked(model, x, wanted, say)
     if not candidates:
         raise RuntimeError(f"optimize_for_inference: no route could be built: {skipped}")
     xcl = x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
@@ -163,6 +140,59 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor, *,
     say(report.summary())
     fn, source, cl = candidates[best]
     return DeployedModel(fn, best, report, cl, source)
+
+
+def _check_model_and_input(model, example_input) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"example_input: expected a torch.Tensor, got {type(example_input).__name__}")
+    if model.training:
+        raise ValueError("model: the deployed form needs an eval-mode model; call model.eval() first")
+
+
+def _build_checked(model: nn.Module, x: torch.Tensor, routes: Sequence[str], say: Callable[[str], None]):
+    """({route: (callable, source, channels_last)}, {route: why skipped}) for the routes that build and
+    agree with the eager model's output on ``x``."""
+    from .fuse import fuse_for_inference
+
+    with torch.no_grad():
+        ref = model(x)
+    fused = fuse_for_inference(model, x, dense_convs=True)
+    candidates: Dict[str, tuple] = {}
+    skipped: Dict[str, str] = {}
+    with torch.no_grad():
+        fused(x)  # per-layer path decisions (dense fallback) measured in this form
+    for route in routes:
+        try:
+            say(f"deploy: building route {route!r}")
+            fn, source, cl = _build_route(route, model, fused, x)
+            with torch.no_grad():
+                out = fn(x.contiguous(memory_format=torch.channels_last) if cl else x)
+            if not _close(out, ref):
+                skipped[route] = "output differs from the eager model"
+                continue
+            candidates[route] = (fn, source, cl)
+        except Exception as exc:  # noqa: BLE001 - a route that cannot be built here is reported, not fatal
+            skipped[route] = f"{type(exc).__name__}: {exc}"[:300]
+    return candidates, skipped
+
+
+def deployed_form(model: nn.Module, example_input: torch.Tensor, route: str) -> DeployedModel:
+    """``model`` in one given deployment route (no race between routes: the form a latency model times
+    again and again once :func:`optimize_for_inference` or a profile has chosen the route). The form is
+    checked against the eager model's output on ``example_input``; a route that cannot be built or
+    disagrees raises ``RuntimeError`` saying why (never a silent fallback to another form)."""
+    _check_model_and_input(model, example_input)
+    if route not in ROUTES:
+        raise ValueError(f"route: unknown route {route!r} (known: {', '.join(ROUTES)})")
+    if route == "inductor_channels_last" and _has_pattern_layers(model):
+        raise ValueError("route: 'inductor_channels_last' is for models without pattern layers")
+    candidates, skipped = _build_checked(model, example_input.detach(), [route], lambda _m: None)
+    if route not in candidates:
+        raise RuntimeError(f"deployed_form: route {route!r} could not be used: {skipped.get(route)}")
+    fn, source, cl = candidates[route]
+    return DeployedModel(fn, route, None, cl, source)
 
 
 def _build_route(route: str, model: nn.Module, fused: nn.Module, x: torch.Tensor):

@@ -2,18 +2,21 @@
 
 Used by the CLI summary, ``autosculpt bench`` and the report. FLOPs are multiply-accumulates of
 convolutions and linear layers for one sample; a pattern conv counts only its kept taps. Latency is
-the median of interleaved repeats (dense and pruned alternate, so machine noise hits both alike).
+the median (and IQR) of interleaved repeats (dense and pruned alternate, so machine noise hits both
+alike), each model in its deployed form (:func:`autosculpt.optimize_for_inference`) unless told otherwise.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .timing import time_interleaved
 
-__all__ = ["count_params", "count_flops", "measure_latency", "layer_latency"]
+__all__ = ["count_params", "count_flops", "LatencyStat", "measure_latency", "measure_latency_stats", "layer_latency"]
 
 
 def _pattern_conv_cls():
@@ -47,50 +50,108 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
     return int(count_macs(model, example_input[:1])["total"])
 
 
+@dataclass(frozen=True)
+class LatencyStat:
+    """One model's end-to-end latency: median and IQR (ms) of interleaved repeats, the form it ran in
+    (a route of :mod:`autosculpt.deploy`, or "fused" / "eager") and the 1-minute load average when the
+    timing ended."""
+
+    median_ms: float
+    iqr_ms: float
+    route: str
+    load_average: float
+
+    def to_dict(self) -> dict:
+        return {"median_ms": self.median_ms, "iqr_ms": self.iqr_ms, "route": self.route,
+                "load_average": self.load_average}
+
+
+def _load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - not POSIX
+        return 0.0
+
+
+def _timed_form(model: nn.Module, example_input: torch.Tensor, form: str, routes: Sequence[str]):
+    """(callable, route name) of ``model`` in ``form``."""
+    if form == "eager":
+        return model, "eager"
+    from .fuse import for_inference
+
+    if form == "fused":
+        return for_inference(model, example_input), "fused"
+    from .deploy import optimize_for_inference
+
+    try:
+        deployed = optimize_for_inference(model, example_input, routes=routes, rounds=5)
+    except ValueError as exc:  # torch.fx cannot trace it: timed as given, and said so
+        import warnings
+
+        warnings.warn(f"{type(model).__name__} cannot be deployed ({exc}); timing it unfused", RuntimeWarning,
+                      stacklevel=3)
+        return model, "eager"
+    return deployed, deployed.route
+
+
 @torch.no_grad()
-def measure_latency(models: Dict[str, nn.Module], example_input: torch.Tensor, *, reps: int = 30, warmup: int = 3,
-                    min_seconds: float = 0.0, progress: bool = False, desc: str = "latency",
-                    fuse: bool = True) -> Dict[str, float]:
-    """Median forward latency in milliseconds of each model on ``example_input``, interleaved.
+def measure_latency_stats(models: Dict[str, nn.Module], example_input: torch.Tensor, *, reps: int = 30,
+                          warmup: int = 3, min_seconds: float = 0.0, progress: bool = False, desc: str = "latency",
+                          form: str = "deployed", routes: Optional[Sequence[str]] = None) -> Dict[str, LatencyStat]:
+    """Each model's end-to-end latency on ``example_input`` as a :class:`LatencyStat`, interleaved.
 
     Args:
         models: name -> model (eval mode is used and restored).
         example_input: the batch to time (its batch size is the one measured).
         reps: timed repeats per model (at least; more if ``min_seconds`` is not reached).
         warmup: untimed calls first (pattern layers pick their path, packing, allocator).
-        fuse: time each model in its inference form (:func:`autosculpt.fuse.for_inference`: BatchNorm
-            folded for every model, shortcut adds and ReLUs fused into pattern convs), as deployed.
+        form: ``"deployed"`` (default): each model in its fastest deployed form
+            (:func:`autosculpt.optimize_for_inference` over ``routes``), as a user deploys it;
+            ``"fused"``: :func:`autosculpt.fuse.for_inference`; ``"eager"``: as given.
+        routes: the deployment routes to race (default :data:`autosculpt.deploy.QUICK_ROUTES`;
+            :data:`autosculpt.deploy.ROUTES` adds the inductor routes, which compile for tens of seconds).
     """
+    from .deploy import QUICK_ROUTES
+
     if reps < 1:
         raise ValueError(f"reps: expected >= 1, got {reps}")
+    if form not in ("deployed", "fused", "eager"):
+        raise ValueError(f"form: expected 'deployed', 'fused' or 'eager', got {form!r}")
     modes = {k: m.training for k, m in models.items()}
     for m in models.values():
         m.eval()
-    if fuse:
-        from .fuse import for_inference
-
-        timed_models = {k: for_inference(m, example_input) for k, m in models.items()}
-    else:
-        timed_models = models
     bar, last = None, list(models)[-1] if models else None
-    if progress:
-        from ._optional import tqdm
-
-        bar = tqdm(total=reps, desc=desc, unit="rep", leave=False, dynamic_ncols=True)
-
-    def on_burst(r: int, name: str) -> None:  # one tick per round over all models
-        if bar is not None and name == last and r < reps:
-            bar.update(1)
-
     try:
-        timings = time_interleaved({k: (lambda m=m: m(example_input)) for k, m in timed_models.items()}, reps, warmup,
+        timed = {k: _timed_form(m, example_input, form, tuple(routes or QUICK_ROUTES)) for k, m in models.items()}
+        if progress:
+            from ._optional import tqdm
+
+            bar = tqdm(total=reps, desc=desc, unit="rep", leave=False, dynamic_ncols=True)
+
+        def on_burst(r: int, name: str) -> None:  # one tick per round over all models
+            if bar is not None and name == last and r < reps:
+                bar.update(1)
+
+        timings = time_interleaved({k: (lambda f=f: f(example_input)) for k, (f, _r) in timed.items()}, reps, warmup,
                                    min_total_s=min_seconds, device=example_input.device, on_burst=on_burst)
     finally:
         if bar is not None:
             bar.close()
         for k, m in models.items():
             m.train(modes[k])
-    return {k: t.median_ms for k, t in timings.items()}
+    load = _load_average()
+    return {k: LatencyStat(t.median_ms, t.iqr_ms, timed[k][1], load) for k, t in timings.items()}
+
+
+@torch.no_grad()
+def measure_latency(models: Dict[str, nn.Module], example_input: torch.Tensor, *, reps: int = 30, warmup: int = 3,
+                    min_seconds: float = 0.0, progress: bool = False, desc: str = "latency",
+                    form: str = "deployed", routes: Optional[Sequence[str]] = None) -> Dict[str, float]:
+    """Median forward latency in milliseconds of each model on ``example_input``, interleaved, in
+    ``form`` (:func:`measure_latency_stats`, whose arguments these are)."""
+    stats = measure_latency_stats(models, example_input, reps=reps, warmup=warmup, min_seconds=min_seconds,
+                                  progress=progress, desc=desc, form=form, routes=routes)
+    return {k: s.median_ms for k, s in stats.items()}
 
 
 @torch.no_grad()
@@ -120,7 +181,7 @@ def layer_latency(dense: nn.Module, pruned: nn.Module, example_input: torch.Tens
         it = tqdm(targets, desc="layer latency", unit="layer", leave=False, dynamic_ncols=True)
     for name, m in it:
         x = inputs[name]
-        t = measure_latency({"dense": dense_mods[name], "pruned": m}, x, reps=reps, warmup=2, fuse=False)
+        t = measure_latency({"dense": dense_mods[name], "pruned": m}, x, reps=reps, warmup=2, form="eager")
         rows.append({"layer": name, "dense_ms": t["dense"], "pruned_ms": t["pruned"], "path": m.active_path(x),
                      "kept": m.kept_fraction(), "input_shape": list(x.shape)})
     return rows

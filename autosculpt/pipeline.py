@@ -32,9 +32,25 @@ class Interrupted(Exception):
         super().__init__(message)
 
 
-INFERENCE_FORM = ("both models as deployed for inference: BatchNorm folded into the convs, 2x2 max-pools "
-                  "rewritten; the pruned model's shortcut adds and ReLUs fused into its pattern convs "
-                  "(autosculpt.fuse_for_inference)")
+INFERENCE_FORM = ("each model in its fastest deployed form (autosculpt.optimize_for_inference over the routes "
+                  "autosculpt / autosculpt_channels_last: BatchNorm folded, epilogues fused, weights packed once); "
+                  "median (IQR) of interleaved repeats")
+
+
+def final_budget_check(cfg: dict, latency: dict, flops_met: bool) -> dict:
+    """Whether the FINAL measurement meets the budget: ``{"met": bool, "measured": value, "target":
+    value, "what": text}``. A speed budget is checked on the search batch's measured median speedup
+    (or latency); a FLOPs budget (counted, not measured: ``flops_met`` is the search's exact check of
+    the prunable convs' multiply-accumulates) is reported as the search found it."""
+    b = str(cfg["search_batch"])
+    if cfg.get("target_speedup") is not None:
+        got, want = latency[b]["speedup"], float(cfg["target_speedup"])
+        return {"met": got >= want, "measured": got, "target": want, "what": f"measured speedup at batch {b}"}
+    if cfg.get("target_latency_ms") is not None:
+        got, want = latency[b]["pruned"], float(cfg["target_latency_ms"])
+        return {"met": got <= want, "measured": got, "target": want, "what": f"measured latency (ms) at batch {b}"}
+    return {"met": bool(flops_met), "measured": None, "target": float(cfg["target_flops_ratio"]),
+            "what": "fraction of the prunable convs' MACs removed (counted by the search)"}
 
 
 def new_run_dir(cfg: dict) -> str:
@@ -131,7 +147,7 @@ def run_prune(cfg: dict, run_dir: str, *, resume: bool = False, log: Log = print
     """Prunes ``cfg['model']`` on ``cfg['data']`` into ``run_dir``; returns the summary dict."""
     from .finetune import FinetuneConfig, finetune
     from .io import load, save
-    from .measure import count_flops, count_params, layer_latency, measure_latency
+    from .measure import count_flops, count_params, layer_latency, measure_latency_stats
     from .plan import sparsify
     from .report import render_report, write_json
 
@@ -219,11 +235,16 @@ def run_prune(cfg: dict, run_dir: str, *, resume: bool = False, log: Log = print
     dense_val, dense_test = evaluate(dense, val), evaluate(dense, test)
     one = _batch(val, 1).to(device)
     latency = {}
-    for b in cfg["latency_batches"]:
-        x = _batch(val, int(b)).to(device)
-        t = measure_latency({"dense": dense, "pruned": pruned}, x, reps=cfg["latency_reps"], progress=cfg["progress"],
-                            desc=f"latency batch {b}")
-        latency[str(b)] = {"dense": t["dense"], "pruned": t["pruned"], "speedup": t["dense"] / t["pruned"]}
+    batches = list(dict.fromkeys([*map(int, cfg["latency_batches"]), int(cfg["search_batch"])]))
+    for b in batches:
+        x = _batch(val, b).to(device)
+        t = measure_latency_stats({"dense": dense, "pruned": pruned}, x, reps=cfg["latency_reps"],
+                                  progress=cfg["progress"], desc=f"latency batch {b}")
+        latency[str(b)] = {"dense": t["dense"].median_ms, "pruned": t["pruned"].median_ms,
+                           "speedup": t["dense"].median_ms / t["pruned"].median_ms,
+                           "dense_iqr": t["dense"].iqr_ms, "pruned_iqr": t["pruned"].iqr_ms,
+                           "dense_route": t["dense"].route, "pruned_route": t["pruned"].route,
+                           "load_average": t["pruned"].load_average}
     layers = layer_latency(dense, pruned, search_input, reps=max(5, cfg["latency_reps"] // 2), progress=cfg["progress"])
     write_json(layers, os.path.join(run_dir, "layer_latency.json"))
     stage_s["measure"] = time.perf_counter() - t0
@@ -245,6 +266,7 @@ def run_prune(cfg: dict, run_dir: str, *, resume: bool = False, log: Log = print
                    "params": count_params(pruned), "file": os.path.abspath(model_path)},
         "latency_ms": latency,
         "latency_timed_as": INFERENCE_FORM,
+        "met_budget_final": final_budget_check(cfg, latency, result.met_budget),
         "search": {
             "episodes": result.settings.get("episodes"), "evaluated_plans": len(hist), "seconds": result.wall_time_s,
             "chosen_index": chosen_index, "chosen_val_acc": result.best_record.get("val_acc"),

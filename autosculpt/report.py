@@ -86,10 +86,6 @@ def pareto_front(points: Sequence[tuple]) -> List[int]:
     return front
 
 
-def _plan_latency(s: Dict[str, list]) -> List[Optional[float]]:
-    return [m if m is not None else p for m, p in zip(s["measured_ms"], s["predicted_ms"])]
-
-
 def _plot_search(plt, series, budget_ms, path):
     n = len(series["acc"])
     xs = list(range(1, n + 1))
@@ -124,8 +120,32 @@ def _plot_search(plt, series, budget_ms, path):
     plt.close(fig)
 
 
+def budget_verdict(summary: dict) -> str:
+    """One line: whether the final measurement meets the budget ("NOT met" whenever it does not)."""
+    final = summary.get("met_budget_final")
+    if not final:
+        return f"Budget {summary.get('budget', '?')}: " + ("met in the search." if summary.get("met_budget_in_search")
+                                                            else "NOT met by the chosen plan in the search.")
+    got = f": {final['measured']:.3g} against {final['target']:g}" if final.get("measured") is not None else ""
+    return (f"Budget {summary.get('budget', '?')}: **{'met' if final['met'] else 'NOT met'}** in the final "
+            f"measurement ({final['what']}{got}).")
+
+
+def user_budget_ms(summary: dict) -> Optional[float]:
+    """The user's latency budget on the latency model's (predicted) scale, without the search's safety
+    margin: dense predicted latency ÷ target speedup, or the target latency (None for FLOPs budgets)."""
+    cfg, search = summary.get("config", {}), summary.get("search", {})
+    if cfg.get("target_latency_ms") is not None:
+        return float(cfg["target_latency_ms"])
+    if cfg.get("target_speedup") is not None and search.get("dense_latency_ms") is not None:
+        return float(search["dense_latency_ms"]) / float(cfg["target_speedup"])
+    return None
+
+
 def _plot_pareto(plt, series, chosen_idx, dense_point, budget_ms, path):
-    lat = _plan_latency(series)
+    """Accuracy against PREDICTED latency only (every plan has one; measured points would mix two
+    scales), with the dense model and the user's budget on the same scale."""
+    lat = series["predicted_ms"]
     pts = [(l, a) for l, a in zip(lat, series["acc"]) if l is not None and a is not None]
     fig, ax = plt.subplots(figsize=(7, 5))
     if pts:
@@ -137,8 +157,8 @@ def _plot_pareto(plt, series, chosen_idx, dense_point, budget_ms, path):
     if dense_point:
         ax.scatter([dense_point[0]], [dense_point[1]], marker="D", s=60, color="k", zorder=5, label="dense model")
     if budget_ms:
-        ax.axvline(budget_ms, color="C3", ls="--", lw=1, label="latency budget")
-    ax.set_xlabel("latency (ms, search batch)")
+        ax.axvline(budget_ms, color="C3", ls="--", lw=1, label="your budget (no search margin)")
+    ax.set_xlabel("predicted latency (ms, search batch, deployed form)")
     ax.set_ylabel("validation accuracy (before fine-tuning)")
     ax.set_title("Accuracy vs latency of every evaluated plan")
     ax.grid(alpha=0.3)
@@ -231,9 +251,19 @@ def summary_table(summary: dict) -> List[List[str]]:
             ["parameters", _fmt(d.get("params"), "int"), _fmt(p.get("params"), "int"),
              _fmt(d["params"] / p["params"] if p.get("params") else None, "x")]]
     for b, lat in sorted(summary.get("latency_ms", {}).items(), key=lambda kv: int(kv[0])):
-        rows.append([f"latency, batch {b}", _fmt(lat["dense"], "ms"), _fmt(lat["pruned"], "ms"),
-                     _fmt(lat["dense"] / lat["pruned"], "x") + " speedup"])
+        rows.append([f"latency, batch {b}", _latency_cell(lat, "dense"), _latency_cell(lat, "pruned"),
+                     _fmt(lat["dense"] / lat["pruned"], "x") + " speedup"
+                     + (f" (load {lat['load_average']:.1f})" if lat.get("load_average") is not None else "")])
     return rows
+
+
+def _latency_cell(lat: dict, which: str) -> str:
+    """``1.234 ms (IQR 0.010, autosculpt)``: the median, its IQR and the deployed route when recorded."""
+    text = _fmt(lat[which], "ms")
+    extra = [f"IQR {lat[which + '_iqr']:.3f}"] if lat.get(which + "_iqr") is not None else []
+    if lat.get(which + "_route"):
+        extra.append(str(lat[which + "_route"]))
+    return text + (f" ({', '.join(extra)})" if extra else "")
 
 
 def format_table(rows: List[List[str]], header=("", "dense", "pruned", "")) -> str:
@@ -273,7 +303,7 @@ def render_report(run_dir: str) -> str:
     if dl is not None and da is not None:
         dense_pt = (dl, da)
     _plot_search(plt, series, budget_ms, os.path.join(plots, PLOTS[0]))
-    _plot_pareto(plt, series, chosen, dense_pt, budget_ms, os.path.join(plots, PLOTS[1]))
+    _plot_pareto(plt, series, chosen, dense_pt, user_budget_ms(summary), os.path.join(plots, PLOTS[1]))
     _plot_mix(plt, plan, os.path.join(plots, PLOTS[2]))
     _plot_layer_latency(plt, layer_rows, os.path.join(plots, PLOTS[3]))
 
@@ -295,7 +325,7 @@ def render_report(run_dir: str) -> str:
         "Validation accuracy selected every plan and checkpoint; test accuracy was measured once per model, at the end. "
         "Latency is the median of interleaved repeats of whole-model forward passes on this machine"
         + (f", {summary['latency_timed_as']}." if summary.get("latency_timed_as") else "."),
-        "",
+        "", budget_verdict(summary), "",
         "## Search", "",
         f"{len(history)} plans evaluated in {s.get('episodes', '?')} episodes ({s.get('seconds') or 0:.0f} s). "
         f"Chosen plan: validation accuracy {_fmt(s.get('chosen_val_acc'), 'acc')} before fine-tuning, "

@@ -86,8 +86,23 @@ def test_config_file_and_flags_precedence_in_the_run(tiny_run):
     assert saved["latency_batches"] == [1, 2] and saved["search_batch"] == 4
     assert saved["lr"] == 0.01 and saved["target_speedup"] == 2.0  # defaults
     summary = json.loads((tiny_run["dir"] / "summary.json").read_text())
-    assert set(summary["latency_ms"]) == {"1", "2"}
+    assert set(summary["latency_ms"]) == {"1", "2", "4"}  # the summary's batches and the search batch
     assert summary["finetune"]["epochs"] == 1
+
+
+def test_summary_says_whether_the_final_measurement_meets_the_budget(tiny_run):
+    summary = json.loads((tiny_run["dir"] / "summary.json").read_text())
+    final, lat = summary["met_budget_final"], summary["latency_ms"]["4"]
+    assert final["measured"] == lat["speedup"] and final["target"] == 2.0
+    assert final["met"] == (lat["speedup"] >= 2.0)
+    for b in summary["latency_ms"].values():  # medians with their spread, route and the load
+        assert b["dense_iqr"] >= 0 and b["pruned_iqr"] >= 0 and b["load_average"] >= 0
+        assert b["dense_route"] in ("autosculpt", "autosculpt_channels_last", "eager")
+    verdict = "NOT met in the final measurement" if not final["met"] else ": met in the final measurement"
+    assert verdict in tiny_run["out"]
+    assert ("WARNING: the pruned model does NOT meet the budget" in tiny_run["out"]) == (not final["met"])
+    report = (tiny_run["dir"] / "report.md").read_text()
+    assert ("**NOT met**" in report) == (not final["met"])
 
 
 def test_saved_model_loads_and_reproduces_the_summary(tiny_run):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import autosculpt as asc
-from autosculpt.deploy import DeployedModel, optimize_for_inference
+from autosculpt.deploy import QUICK_ROUTES, DeployedModel, deployed_form, optimize_for_inference
 from autosculpt.export import export_model
 from autosculpt.models import get_model
 from autosculpt.patterns import PAPER6
@@ -53,6 +53,32 @@ def test_optimize_for_inference_rejects_bad_arguments():
         optimize_for_inference(dense.train(), x)
     with pytest.raises(TypeError, match="example_input"):
         optimize_for_inference(dense.eval(), [1, 2])
+
+
+@pytest.mark.parametrize("route", QUICK_ROUTES)
+def test_deployed_form_builds_one_route_checked_against_eager(route):
+    dense, pruned = _pruned()
+    x = torch.randn(3, 3, 32, 32)  # an odd batch, not the one the form was checked at
+    deployed = deployed_form(pruned, x[:2], route)
+    assert deployed.route == route and deployed.report is None
+    assert deployed.channels_last == (route == "autosculpt_channels_last")
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), pruned(x), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="route: unknown route"):
+        deployed_form(pruned, x, "tensorrt")
+    with pytest.raises(ValueError, match="inductor_channels_last"):
+        deployed_form(pruned, x, "inductor_channels_last")
+
+
+def test_deployed_form_raises_when_the_route_disagrees(monkeypatch):
+    import autosculpt.deploy as deploy
+
+    dense, _ = _pruned()
+    x = torch.randn(1, 3, 32, 32)
+    real = deploy._build_route
+    monkeypatch.setattr(deploy, "_build_route", lambda *a: (lambda t: real(*a)[0](t) + 1.0, None, False))
+    with pytest.raises(RuntimeError, match="output differs from the eager model"):
+        deployed_form(dense, x, "autosculpt")
 
 
 def test_export_writes_the_deployed_form_with_a_dynamic_batch(tmp_path):

@@ -124,3 +124,17 @@ def test_missing_run_files_are_clear_errors(tmp_path):
     (tmp_path / "plan.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         render_report(str(tmp_path))
+
+
+def test_budget_verdict_and_the_users_budget_line():
+    from autosculpt.report import budget_verdict, user_budget_ms
+
+    summary = {"budget": "2× measured speedup", "met_budget_in_search": True,
+               "config": {"target_speedup": 2.0}, "search": {"dense_latency_ms": 3.0, "budget_latency_ms": 1.3},
+               "met_budget_final": {"met": False, "measured": 1.38, "target": 2.0, "what": "measured speedup at batch 8"}}
+    assert "**NOT met**" in budget_verdict(summary) and "1.38 against 2" in budget_verdict(summary)
+    summary["met_budget_final"].update(met=True, measured=2.2)
+    assert "**met**" in budget_verdict(summary)
+    assert user_budget_ms(summary) == pytest.approx(1.5)  # dense ÷ target, not the margin-tightened 1.3
+    assert user_budget_ms({"config": {"target_latency_ms": 0.7}}) == 0.7
+    assert user_budget_ms({"config": {"target_flops_ratio": 0.5}}) is None

@@ -21,14 +21,20 @@ the sparse kernel, from one end-to-end timing of the model at a reference plan (
 mix, every layer forced onto the sparse kernel). ``verify`` runs the sparsified model end to end and
 reports how far the prediction is off.
 
-Whole models are timed in their inference form (``autosculpt.fuse``): BatchNorm folded, and a pattern
-conv's following ReLU / shortcut add fused into its kernel. The dense model still runs those ops
+Whole models are timed in their DEPLOYED form (:func:`autosculpt.deploy.deployed_form`): the route the
+user's model will run in (NCHW or channels_last AutoSculpt form, raced once on the model's reference
+plan and cached), with BatchNorm folded, weights packed once and a pattern conv's following ReLU /
+shortcut add fused into its kernel; layers are timed alone in that route's layout. The dense model still runs those ops
 separately, so their time is part of the remainder; for each prunable layer whose epilogue fusion
 absorbs them, that time is measured too (``epilogue_ms``), taken out of the remainder and charged to the
 layer only when it runs the dense conv (a layer on the sparse kernel gets it for free).
 
-Layer timings are cached on disk (:mod:`autosculpt.runtime.cache`), keyed by device name, backend,
-thread count, statistic, library version, build, layer shape and mix.
+Every timing is cached on disk (:mod:`autosculpt.runtime.cache`), keyed by device name, backend,
+thread count, statistic, library version, build, layout and layer shape and mix, or (whole models:
+route race, remainder, dense model, reference plan, and each verified plan) the model's architecture
+and route. Same machine, build and cache → the same profile, predictions and verifications, so a
+seeded search repeats exactly. ``verify`` retakes a measurement taken while the machine is visibly
+loaded (its dense model off the profiled dense timing by more than twice the IQR, at least 10%).
 
 ``FlopsLatencyModel`` (:mod:`autosculpt.runtime.base`, re-exported here) has the same interface and is
 deterministic (latency ∝ multiply-accumulates that actually run + a fixed per-layer overhead): for tests
@@ -36,7 +42,10 @@ and for FLOPs-style budgets.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -54,7 +63,19 @@ from .hooks import fusable_epilogues, stub_layers
 from .predict import layer_out_shape, plan_tap_masks
 from .profile import Profile
 
-__all__ = ["LatencyModel", "FlopsLatencyModel", "Profile", "plan_tap_masks", "keep_level_grid", "device_name"]
+__all__ = ["FORMS", "LatencyModel", "FlopsLatencyModel", "Profile", "plan_tap_masks", "keep_level_grid",
+           "device_name"]
+
+#: how :class:`LatencyModel` times whole models (see its ``form`` argument)
+FORMS = ("deployed", "fused", "eager")
+
+
+def _load_average() -> float:
+    """The 1-minute load average (0.0 where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - not POSIX
+        return 0.0
 
 
 def _clamped_factor(measured: float, predicted: float) -> float:
@@ -78,17 +99,39 @@ class LatencyModel(LatencyModelBase):
             (the best round's statistic is kept): robust to load that comes and goes, and the model and
             its layers are timed under the same conditions.
         threads: CPU threads during measurement (default: ``torch.get_num_threads()`` now).
-        fuse: whole models are timed in their inference form (:func:`autosculpt.fuse.for_inference`:
-            BatchNorm folded, shortcut adds and ReLUs fused into pattern convs). The remainder is then
-            the folded dense model minus its convs, which still counts the ReLUs and adds a pruned
-            model fuses away, so predictions of pruned plans lean slow (on the safe side of a budget).
+        form: how whole models are timed: ``"deployed"`` (default): in a deployment route of
+            :mod:`autosculpt.deploy` (what the user runs), layers timed in that route's layout;
+            ``"fused"``: :func:`autosculpt.fuse.for_inference` (NCHW, BatchNorm folded, epilogues fused);
+            ``"eager"``: as given. The remainder is the dense model in that form minus its prunable convs,
+            which still counts the ReLUs and adds a pruned model fuses away, so predictions of pruned
+            plans lean slow (on the safe side of a budget).
+        route: with ``form="deployed"``, the route to time in; None (default): the faster of
+            :data:`autosculpt.deploy.QUICK_ROUTES` for the model's reference plan, raced once at
+            :meth:`profile` and cached (no compiled route: building one per candidate plan would cost
+            tens of seconds each).
+        retakes: an end-to-end measurement whose dense model disagrees with the cached dense timing
+            beyond its spread (the machine is visibly loaded) is taken again up to this many times.
     """
 
     def __init__(self, device: str | torch.device = "cpu", cache_path: Optional[str] = None, backend: str = "auto",
                  pattern_set: PatternSet = PAPER6, reps: int = 15, warmup: int = 3, threads: Optional[int] = None,
-                 stat: str = "min", rounds: int = 3, fuse: bool = True):
+                 stat: str = "min", rounds: int = 3, form: str = "deployed", route: Optional[str] = None,
+                 retakes: int = 2):
         super().__init__(pattern_set)
-        self.fuse = bool(fuse)
+        from ..deploy import QUICK_ROUTES, ROUTES
+
+        if form not in FORMS:
+            raise ValueError(f"form: expected one of {', '.join(FORMS)}, got {form!r}")
+        if route is not None and (form != "deployed" or route not in QUICK_ROUTES):
+            raise ValueError(f"route: expected None or (with form='deployed') one of {', '.join(QUICK_ROUTES)}, "
+                             f"got {route!r} (compiled routes of {', '.join(ROUTES)} are raced by "
+                             "optimize_for_inference, not timed per plan)")
+        if not isinstance(retakes, int) or isinstance(retakes, bool) or retakes < 0:
+            raise ValueError(f"retakes: expected an int >= 0, got {retakes!r}")
+        self.form, self.retakes = form, retakes
+        self.fixed_route = route
+        self.route: Optional[str] = route if form == "deployed" else None
+        self.candidate_routes = QUICK_ROUTES
         try:
             self.device = torch.device(device)
         except (RuntimeError, TypeError) as exc:
@@ -132,7 +175,7 @@ class LatencyModel(LatencyModelBase):
         from .._ext import build_signature
 
         # the build's hash: a rebuilt (e.g. faster) kernel never reuses the old build's timings
-        return "|".join([self.device_name, self.backend, f"t{self.threads}", self.stat, __version__,
+        return "|".join(["lm2", self.device_name, self.backend, f"t{self.threads}", self.stat, __version__,
                          f"build-{build_signature()}", *map(str, parts)])
 
     # -- timing one layer -----------------------------------------------------------------
@@ -146,10 +189,21 @@ class LatencyModel(LatencyModelBase):
             self.measurements += 1
         return self.cache[key]
 
+    @property
+    def channels_last(self) -> bool:
+        """Whether layers are timed with channels_last (NHWC) inputs and weights: the deployed route's layout."""
+        return self.route in ("autosculpt_channels_last", "inductor_channels_last")
+
     def _layer_signature(self, info: dict) -> str:
-        return "conv{}".format(json.dumps([list(info["in_shape"]), info["c_out"], list(info["kernel_size"]),
+        return ("nhwc-" if self.channels_last else "") + "conv{}".format(json.dumps([list(info["in_shape"]), info["c_out"], list(info["kernel_size"]),
                                            list(info["stride"]), list(info["padding"]), list(info["dilation"]),
                                            info["groups"], info["bias"]], separators=(",", ":")))
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores a profile (:meth:`LatencyModelBase.load_state_dict`) and the route it was measured in."""
+        super().load_state_dict(state)
+        if self.form == "deployed" and self.fixed_route is None:
+            self.route = self.profile_data.meta.get("route") or None
 
     def _make_conv(self, info: dict) -> Tuple[nn.Conv2d, torch.Tensor]:
         gen = torch.Generator().manual_seed(0)
@@ -158,12 +212,16 @@ class LatencyModel(LatencyModelBase):
         with torch.no_grad():
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
         x = torch.randn(info["in_shape"], generator=gen)
-        return conv.to(self.device).eval(), x.to(self.device)
+        conv, x = conv.to(self.device).eval(), x.to(self.device)
+        if self.channels_last:
+            conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        return conv, x
 
     def _sparse_layer(self, conv: nn.Conv2d, mask: torch.Tensor) -> nn.Module:
         from ..nn.conv import PatternConv2d
 
-        return PatternConv2d.from_dense(conv, mask.to(self.device), backend=self.backend, path="sparse").eval()
+        layer = PatternConv2d.from_dense(conv, mask.to(self.device), backend=self.backend, path="sparse").eval()
+        return layer.freeze()  # weights packed once, as in the deployed form
 
     def _grid_masks(self, info: dict) -> Dict[str, torch.Tensor]:
         """Cache key -> tap mask of the layer's grid points."""
@@ -193,35 +251,59 @@ class LatencyModel(LatencyModelBase):
         shape = layer_out_shape(info)
 
         def make():
-            y = torch.randn(shape, device=self.device)
-            r = torch.randn(shape, device=self.device)
+            fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+            y = torch.randn(shape, device=self.device).contiguous(memory_format=fmt)
+            r = torch.randn(shape, device=self.device).contiguous(memory_format=fmt)
 
             def ops():  # what the unfused model runs after the conv
                 z = y + r if residual else y
                 return torch.relu_(z) if relu else z
             return ops
-        return self._cached(self._key("epilogue", json.dumps(shape), f"relu{int(relu)}", f"res{int(residual)}"), make)
+        return self._cached(self._key("epilogue", "nhwc" if self.channels_last else "nchw", json.dumps(shape), f"relu{int(relu)}", f"res{int(residual)}"), make)
 
     # -- timing whole models --------------------------------------------------------------
-    def _inference_form(self, model: nn.Module, x: torch.Tensor) -> nn.Module:
-        if not self.fuse:
+    def _inference_form(self, model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``model`` as this latency model times it (see ``form``); before :meth:`profile` has chosen
+        the deployed route, the first of the candidate routes."""
+        if self.form == "eager":
             return model
         from ..fuse import for_inference
 
-        with torch.no_grad():
-            return for_inference(model, x)
+        if self.form == "fused":
+            with torch.no_grad():
+                return for_inference(model, x)
+        from ..deploy import deployed_form
+
+        try:
+            return deployed_form(model, x, self.route or self.candidate_routes[0])
+        except ValueError as exc:  # not traceable by torch.fx: timed as given, and said so
+            warnings.warn(f"latency: {type(model).__name__} cannot be deployed ({exc}); timing it unfused",
+                          RuntimeWarning, stacklevel=3)
+            return model
+
+    def _model_signature(self, model: nn.Module, x: torch.Tensor) -> str:
+        """Names a model's architecture at an input shape (its repr: module types, shapes, patterns),
+        for the cached whole-model timings; weights do not change a timing and are not part of it."""
+        text = "\n".join([repr(model), str(tuple(x.shape)), str(x.dtype)])
+        return "model-" + hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    def _form_tag(self) -> str:
+        return self.route or self.form
 
     def measure_models(self, models, example_input: torch.Tensor, reps: Optional[int] = None) -> List[float]:
         """End-to-end latency of several models in ms, timed INTERLEAVED (one call of each per round), so
         that load changes on a shared machine hit all of them alike and their ratios stay meaningful.
         Each model's MEDIAN over the rounds is returned (whatever ``stat`` says for layer timings): the
         statistic of the final measurements a user sees, so a plan verified here meets the budget there."""
+        return [t.median_ms for t in self._time_models(models, example_input, reps)]
+
+    def _time_models(self, models, example_input: torch.Tensor, reps: Optional[int] = None) -> List[timing.Timing]:
         x = example_input.to(self.device)
         modes = [m.training for m in models]
         for m in models:
             m.eval()
-        timed = [self._inference_form(m, x) for m in models]
         try:
+            timed = [self._inference_form(m, x) for m in models]
             with timing.threads(self.threads), torch.no_grad():
                 # the warm-up also lets sparse layers decide their path
                 out = timing.time_interleaved({i: (lambda m=m: m(x)) for i, m in enumerate(timed)},
@@ -229,11 +311,11 @@ class LatencyModel(LatencyModelBase):
         finally:
             for m, mode in zip(models, modes):
                 m.train(mode)
-        return [out[i].median_ms for i in range(len(models))]
+        return [out[i] for i in range(len(models))]
 
     def measure_model(self, model: nn.Module, example_input: torch.Tensor, reps: Optional[int] = None) -> float:
-        """End-to-end latency of ``model`` (eval mode, no grad) on ``example_input`` in ms.
-        Sparse layers pick their path (sparse kernel or dense fallback) during the warm-up."""
+        """End-to-end latency of ``model`` (eval mode, no grad) on ``example_input`` in ms, in this
+        latency model's form. Sparse layers pick their path (sparse kernel or dense fallback) during the warm-up."""
         was_training = model.training
         model.eval()
         try:
@@ -242,6 +324,52 @@ class LatencyModel(LatencyModelBase):
             return self._timed(lambda: timed(x), reps)
         finally:
             model.train(was_training)
+
+    def verify(self, model: nn.Module, plan, example_input: torch.Tensor, reps: int = 20) -> dict:
+        """Sparsifies ``model`` with ``plan``, measures it and the dense model end to end, interleaved,
+        in the deployed form, and compares with the prediction (keys of
+        :meth:`LatencyModelBase.verify`, plus ``load_average``, ``takes`` and ``from_cache``).
+
+        Reproducible: a plan measured before on this machine, build, threads and form is read back
+        from the cache. A measurement whose dense model disagrees with the profile's dense timing by
+        more than twice its IQR (at least 10%) was taken on a visibly loaded machine: it is taken again
+        (``retakes`` times); if it never agrees, the last one is used, not cached, with a warning."""
+        from ..plan import sparsify
+
+        if not self.layers:
+            self.profile(model, example_input)
+        x = example_input.to(self.device)
+        sig = self._model_signature(model, x)
+        plan_hash = hashlib.sha256(json.dumps(dict(plan), sort_keys=True, default=str).encode()).hexdigest()[:20]
+        keys = [self._key(sig, self._form_tag(), "verify", plan_hash, part) for part in ("pruned", "dense")]
+        ref_key = self._key(sig, self._form_tag(), "dense-median")
+        ref = (self.cache.entries.get(ref_key), self.cache.entries.get(self._key(sig, self._form_tag(), "dense-iqr")))
+        takes, agreed, from_cache = 0, True, all(k in self.cache for k in keys)
+        if from_cache:
+            measured, dense_measured = (self.cache[k] for k in keys)
+        else:
+            sparse_model = sparsify(model, dict(plan), backend=getattr(self, "backend", "auto")).eval()
+            while True:
+                takes += 1
+                measured, dense_measured = self.measure_models([sparse_model, model], x, reps=reps)
+                agreed = ref[0] is None or abs(dense_measured - ref[0]) <= max(2 * (ref[1] or 0.0), 0.1 * ref[0])
+                if agreed or takes > self.retakes:
+                    break
+            if agreed:
+                self.cache[keys[0]], self.cache[keys[1]] = measured, dense_measured
+                self.save_cache()
+            else:
+                warnings.warn(
+                    f"latency: the machine looks loaded (load average {_load_average():.1f}): the dense model "
+                    f"measured {dense_measured:.3f} ms against {ref[0]:.3f} ms (IQR {ref[1] or 0:.3f}) when "
+                    f"profiled, in all {takes} takes; using the last one, not cached", RuntimeWarning, stacklevel=2)
+        predicted = self.predict(plan)
+        return {
+            "predicted_ms": predicted, "measured_ms": measured, "rel_error": abs(predicted - measured) / measured,
+            "dense_predicted_ms": self.dense_ms(), "dense_measured_ms": dense_measured,
+            "predicted_speedup": self.dense_ms() / predicted, "measured_speedup": dense_measured / measured,
+            "load_average": _load_average(), "takes": takes, "from_cache": from_cache, "loaded": not agreed,
+        }
 
     # -- the profile ----------------------------------------------------------------------
     def _uncached_layer_jobs(self, layers: Dict[str, dict]) -> Dict[str, Callable[[], object]]:
@@ -259,11 +387,12 @@ class LatencyModel(LatencyModelBase):
                 jobs[key] = (lambda c, t: lambda: c(t))(layer, x)
         return jobs
 
-    def _time_in_rounds(self, jobs: Dict[str, Callable[[], object]], progress: bool) -> Dict[str, float]:
-        """Each job's best round: ``rounds`` passes over all jobs, each timing a burst of
-        ``ceil(reps / rounds)`` calls of one job (its statistic per burst, the minimum over rounds kept).
-        Spreading a measurement's repeats over the whole profiling time (instead of one burst) makes the
-        result robust to load that comes and goes on a shared machine."""
+    def _time_in_rounds(self, jobs: Dict[str, Callable[[], object]], progress: bool) -> Dict[str, timing.Timing]:
+        """Each job's burst statistics: ``rounds`` passes over all jobs, each timing a burst of
+        ``ceil(reps / rounds)`` calls of one job; returns one :class:`Timing` per job whose samples are
+        the per-burst statistics (``stat``), so its minimum is the best round and its median/IQR the
+        spread over rounds. Spreading a measurement's repeats over the whole profiling time (instead of
+        one burst) makes the result robust to load that comes and goes on a shared machine."""
         bar = None
         if progress:
             from .._optional import tqdm
@@ -277,14 +406,60 @@ class LatencyModel(LatencyModelBase):
         finally:
             if bar is not None:
                 bar.close()
-        return {key: min(timing.Timing(t.samples_ms[r * burst:(r + 1) * burst]).stat(self.stat) for r in range(self.rounds))
+        return {key: timing.Timing(tuple(timing.Timing(t.samples_ms[r * burst:(r + 1) * burst]).stat(self.stat)
+                                         for r in range(self.rounds)))
                 for key, t in out.items()}
+
+    def _reference_model(self, model: nn.Module, plan) -> nn.Module:
+        """``model`` sparsified by ``plan`` with every pattern layer forced onto the sparse kernel."""
+        from ..nn.conv import PatternConv2d
+        from ..plan import sparsify
+
+        ref = sparsify(model, plan, backend=self.backend).eval()
+        for m in ref.modules():
+            if isinstance(m, PatternConv2d):
+                m.path = "sparse"
+        return ref
+
+    def _choose_route(self, sig: str, ref: nn.Module, x: torch.Tensor) -> str:
+        """The faster candidate route for the reference plan (``ref``), raced once and cached."""
+        keys = {r: self._key(sig, "route-race", r) for r in self.candidate_routes}
+        if not all(k in self.cache for k in keys.values()):
+            from ..deploy import deployed_form
+
+            forms = {}
+            for r in self.candidate_routes:
+                try:
+                    forms[r] = deployed_form(ref, x, r)
+                except (RuntimeError, ValueError) as exc:
+                    warnings.warn(f"latency: route {r!r} is not usable for this model ({exc})", RuntimeWarning,
+                                  stacklevel=3)
+            if not forms:
+                raise RuntimeError("latency: no deployment route could be built for the model")
+            with timing.threads(self.threads), torch.no_grad():
+                out = timing.time_interleaved({r: (lambda f=f: f(x)) for r, f in forms.items()}, self.reps,
+                                              max(1, self.warmup), rotate=True, device=self.device)
+            for r, k in keys.items():
+                self.cache[k] = out[r].median_ms if r in out else float(1e300)
+            self.measurements += len(out)
+        return min(keys, key=lambda r: self.cache[keys[r]])
+
+    def _deployed_parts(self, model: nn.Module, ref: nn.Module, x: torch.Tensor, names: List[str]):
+        """Zero-argument calls of the dense model, its remainder (prunable convs stubbed) and the reference
+        plan's model, each in this latency model's form."""
+        full = self._inference_form(model, x)
+        source = getattr(full, "source", full)  # a DeployedModel runs its source module
+        xin = x.contiguous(memory_format=torch.channels_last) if getattr(full, "channels_last", False) and x.ndim == 4 else x
+        stubbed = stub_layers(source, xin, names)  # everything but the prunable convs
+        ref_form = self._inference_form(ref, x)
+        return {"remainder": lambda: stubbed(xin), "dense": lambda: full(x), "sparse_reference": lambda: ref_form(x)}
 
     def profile(self, model, example_input, progress: bool = False):
         """Measures (or loads from the cache) every prunable layer's dense time and its sparse grid, the
-        dense model's remainder and the in-model factors; saves the cache. Returns self."""
-        from ..nn.conv import PatternConv2d
-        from ..plan import sparsify, uniform_plan
+        dense model's remainder and the in-model factors, and (``form="deployed"``) which deployment
+        route the model runs in; saves the cache. Every timing is cached by machine, build, threads,
+        form and architecture, so a second profile of the same model reads them all back. Returns self."""
+        from ..plan import uniform_plan
 
         layers = self._collect_layers(model, example_input)
         names = list(layers)
@@ -293,21 +468,27 @@ class LatencyModel(LatencyModelBase):
         model.eval()
         try:
             xm = example_input.to(self.device)
-            full = self._inference_form(model, xm)
-            stubbed = stub_layers(full, xm, names)  # everything but the prunable convs
-            ref = sparsify(model, reference_plan, backend=self.backend).eval()
-            for m in ref.modules():
-                if isinstance(m, PatternConv2d):
-                    m.path = "sparse"
-            ref = self._inference_form(ref, xm)
-            whole = {"remainder": lambda: stubbed(xm), "dense": lambda: full(xm), "sparse_reference": lambda: ref(xm)}
+            sig = self._model_signature(model, xm)
+            ref = self._reference_model(model, reference_plan)
+            if self.form == "deployed" and self.fixed_route is None:
+                self.route = self._choose_route(sig, ref, xm)
+            whole_keys = {k: self._key(sig, self._form_tag(), k) for k in ("remainder", "dense", "sparse_reference")}
+            whole = {}
+            if not all(k in self.cache for k in whole_keys.values()):
+                whole = self._deployed_parts(model, ref, xm, names)
             jobs = self._uncached_layer_jobs(layers)
-            best = self._time_in_rounds({**jobs, **{f"__{k}__": fn for k, fn in whole.items()}}, progress)
+            timed = self._time_in_rounds({**jobs, **{f"__{k}__": fn for k, fn in whole.items()}}, progress)
         finally:
             model.train(was_training)
-        model_ms = {k: best.pop(f"__{k}__") for k in whole}
-        self.cache.entries.update(best)
-        self.measurements += len(best)
+        if whole:  # the dense model's reference for verify's load check, timed as verify times it
+            _, dense_t = self._time_models([ref, model], xm)
+            self.cache[self._key(sig, self._form_tag(), "dense-median")] = dense_t.median_ms
+            self.cache[self._key(sig, self._form_tag(), "dense-iqr")] = dense_t.iqr_ms
+        for k in whole:
+            self.cache[whole_keys[k]] = timed.pop(f"__{k}__").min_ms
+        model_ms = {k: self.cache[key] for k, key in whole_keys.items()}
+        self.cache.entries.update({k: t.min_ms for k, t in timed.items()})
+        self.measurements += len(timed) + (len(whole) + 2 if whole else 0)  # + the dense median and IQR
 
         fused = fusable_epilogues(model, example_input, self.pattern_set, names)
         profile = Profile(
@@ -318,7 +499,8 @@ class LatencyModel(LatencyModelBase):
             remainder_ms=model_ms["remainder"],
             epilogue_ms={n: self.measure_epilogue(layers[n], *fused[n]) for n in names if n in fused},
             meta={"device": self.device_name, "backend": self.backend, "threads": self.threads, "stat": self.stat,
-                  "version": __version__, "input_shape": list(example_input.shape)},
+                  "version": __version__, "input_shape": list(example_input.shape), "form": self.form,
+                  "route": self.route},
         )
         dense_layers = sum(profile.dense_ms.values())
         if dense_layers > 0:

@@ -41,8 +41,10 @@ def test_cache_round_trip(tmp_path):
     assert list(lm.layers) == ["0", "2"]  # only the 3×3 convs are prunable; the 1×1 is part of the remainder
     assert lm.layers["2"]["in_shape"] == (2, 8, 10, 10)
     n_grid = len(keep_level_grid(PAPER6))
-    # dense + grid points per layer, + each layer's ReLU (fused into the sparse kernel, separate after dense)
-    assert lm.measurements == 2 * (1 + n_grid) + 2
+    # dense + grid points per layer, + each layer's ReLU (fused into the sparse kernel, separate after dense),
+    # + the whole model: the route race (2 routes), remainder, dense, reference plan, dense median and IQR
+    assert lm.measurements == 2 * (1 + n_grid) + 2 + 7
+    assert lm.route in ("autosculpt", "autosculpt_channels_last") and lm.profile_data.meta["route"] == lm.route
     assert lm.epilogue_ms("0") > 0 and lm.epilogue_ms("2") > 0
     data = json.loads(path.read_text())
     assert data["format"] == 1 and len(data["entries"]) == lm.measurements
@@ -50,12 +52,11 @@ def test_cache_round_trip(tmp_path):
     assert lm.device_name in key and __version__ in key and lm.backend in key
     plan = half_plan(tiny_net())
     lm2 = LatencyModel(cache_path=path, reps=2, warmup=1).profile(tiny_net(), X)
-    assert lm2.measurements == 0  # everything came from the cache (the remainder is re-measured, uncached)
-    assert lm2.dense_layer_ms("0") == lm.dense_layer_ms("0")
+    assert lm2.measurements == 0  # everything came from the cache, whole-model timings included
+    assert lm2.profile_data.to_json() == lm.profile_data.to_json()  # the same profile: reproducible predictions
+    assert lm2.route == lm.route and lm2.predict(plan) == lm.predict(plan)
     mask = plan_tap_masks(plan)["2"]
-    # (layer_ms also scales by the in-model factors, re-measured with the remainder: compare the cached parts)
     assert sparse_layer_ms(lm2.profile_data, "2", mask) == sparse_layer_ms(lm.profile_data, "2", mask)
-    assert lm2.epilogue_ms("2") == lm.epilogue_ms("2")
 
 
 def test_corrupt_cache_is_reported_and_rebuilt(tmp_path):
