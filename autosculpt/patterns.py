@@ -127,6 +127,44 @@ def conv_flops(tap_mask: torch.Tensor, c_in_per_group: int, out_h: int, out_w: i
     return int(tap_mask.sum()) * c_in_per_group * out_h * out_w * batch
 
 
+#: output filters per block of the CPU kernels' micro-kernels (two 16-lane AVX-512 vectors)
+KERNEL_BLOCK = 32
+
+
+def block_friendly_counts(pattern_set: PatternSet, counts: Sequence[int], block: int = KERNEL_BLOCK) -> list:
+    """``counts`` (filters per pattern) with filters moved between patterns that keep the SAME number of
+    taps, so that each pattern's count is a multiple of ``block`` (then ``block // 2``) where the
+    level's total allows: the layer keeps exactly the same taps and MACs, but the kernels run whole
+    blocks of one pattern (two vectors of filters per broadcast input) instead of half blocks and
+    leftover blocks that compute the union of several patterns' taps.
+
+    Per level, chunks of ``block`` filters, then one of ``block // 2``, then the rest, go (largest
+    first) to the member pattern with the most filters still wanted."""
+    counts = [int(c) for c in counts]
+    if len(counts) != len(pattern_set):
+        raise ValueError(f"counts: expected {len(pattern_set)} entries, got {len(counts)}")
+    if block < 2 or block % 2:
+        raise ValueError(f"block: expected an even int >= 2, got {block!r}")
+    taps = [int(t) for t in pattern_set.kept_taps().tolist()]
+    out = [0] * len(counts)
+    for level in sorted(set(taps)):
+        members = [p for p, t in enumerate(taps) if t == level]
+        total = sum(counts[p] for p in members)
+        chunks = [block] * (total // block)
+        rest = total % block
+        if rest >= block // 2:
+            chunks.append(block // 2)
+            rest -= block // 2
+        if rest:
+            chunks.append(rest)
+        want = {p: counts[p] for p in members}
+        for c in chunks:
+            p = max(members, key=lambda q: (want[q], -q))
+            out[p] += c
+            want[p] -= c
+    return out
+
+
 def assign(weight: torch.Tensor, pattern_set: PatternSet, counts: Iterable[int]) -> torch.Tensor:
     """Gives each filter a pattern so that the kept weight energy is maximal.
 

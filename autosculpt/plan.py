@@ -229,8 +229,9 @@ def level_counts(pattern_set: PatternSet, n_filters: int, kept_fraction: float) 
     """How many of ``n_filters`` get each pattern so the mean kept fraction is ``kept_fraction``.
 
     Uses the two kept-fraction levels of the set that bracket the target (e.g. PAPER6's 1/3 and 2/3
-    for 0.5), and spreads each level's filters evenly over the patterns of that level. The result's
-    kept fraction is the closest reachable with whole filters.
+    for 0.5), and spreads each level's filters over the patterns of that level in whole kernel blocks
+    (:func:`autosculpt.patterns.block_friendly_counts`). The result's kept fraction is the closest
+    reachable with whole filters.
     """
     if not 0.0 <= kept_fraction <= 1.0:
         raise ValueError(f"kept_fraction: expected a value in [0, 1], got {kept_fraction}")
@@ -249,7 +250,9 @@ def level_counts(pattern_set: PatternSet, n_filters: int, kept_fraction: float) 
         members = [i for i, f in enumerate(fr) if f == level]
         for j, p in enumerate(members):
             counts[p] += n // len(members) + (1 if j < n % len(members) else 0)
-    return counts
+    from .patterns import block_friendly_counts
+
+    return block_friendly_counts(pattern_set, counts)
 
 
 def uniform_plan(model: nn.Module, pattern_set: PatternSet, kept_fraction: float, layers=None) -> dict:

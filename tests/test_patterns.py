@@ -97,3 +97,30 @@ def test_assign_bad_input():
         assign(w, PAPER6, [1, 1, 1, 1, 1, 1])
     with pytest.raises(ValueError, match="weight"):
         assign(torch.randn(4, 2, 5, 5), PAPER6, [4, 0, 0, 0, 0, 0])
+
+
+@pytest.mark.parametrize("counts", [[0, 16, 16, 16, 16, 0], [0, 13, 19, 7, 25, 0], [3, 40, 1, 0, 0, 20],
+                                    [0, 5, 4, 30, 34, 1], [0, 0, 0, 0, 0, 7]])
+def test_block_friendly_counts_keep_every_levels_taps_in_whole_blocks(counts):
+    from autosculpt.patterns import KERNEL_BLOCK, block_friendly_counts
+
+    out = block_friendly_counts(PAPER6, counts)
+    taps = PAPER6.kept_taps().tolist()
+    for level in set(taps):  # the same filters per kept-tap count: the same MACs
+        members = [p for p, t in enumerate(taps) if t == level]
+        assert sum(out[p] for p in members) == sum(counts[p] for p in members)
+        total = sum(counts[p] for p in members)
+        ragged = [out[p] % (KERNEL_BLOCK // 2) for p in members if out[p] % (KERNEL_BLOCK // 2)]
+        assert len(ragged) <= 1 and sum(ragged) == total % (KERNEL_BLOCK // 2)  # at most one part block
+        halves = [out[p] for p in members if out[p] % KERNEL_BLOCK >= KERNEL_BLOCK // 2]
+        assert len(halves) <= 1
+    assert min(out) >= 0
+
+
+def test_block_friendly_counts_rejects_bad_arguments():
+    from autosculpt.patterns import block_friendly_counts
+
+    with pytest.raises(ValueError, match="counts: expected 6 entries"):
+        block_friendly_counts(PAPER6, [1, 2])
+    with pytest.raises(ValueError, match="block: expected an even int"):
+        block_friendly_counts(PAPER6, [0] * 6, block=7)

@@ -18,7 +18,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from ..patterns import PatternSet, assign, keep_level_grid
+from ..patterns import PatternSet, assign, block_friendly_counts, keep_level_grid
 
 __all__ = ["MixMenu"]
 
@@ -69,7 +69,7 @@ class MixMenu:
         level_of = torch.empty(c_out, dtype=torch.long)
         level_of[torch.as_tensor(rows)] = torch.as_tensor([slots[c] for c in cols])
         preferred = torch.stack(argbest, 1).gather(1, level_of[:, None]).squeeze(1)
-        per_pattern = torch.bincount(preferred, minlength=len(ps)).tolist()
+        per_pattern = block_friendly_counts(ps, torch.bincount(preferred, minlength=len(ps)).tolist())
         return assign(weight, ps, per_pattern)
 
     def mix_fractions(self, ids: Sequence[int]) -> torch.Tensor:

@@ -12,22 +12,26 @@ from typing import List, Mapping, Sequence, Tuple
 
 import torch
 
-from ..patterns import PatternSet
+from ..patterns import PatternSet, block_friendly_counts
 
 __all__ = ["grid_mask", "mix_signature", "mask_kept_fraction", "interpolate"]
 
 
 def grid_mask(pattern_set: PatternSet, level_fractions: Mapping[int, float], c_out: int, seed: int = 0) -> torch.Tensor:
-    """A representative tap mask for a grid point: each level's filters cycle through all patterns of
-    that level (the worst case for the number of groups); filter order is a fixed random permutation
-    (as after importance assignment)."""
+    """A representative tap mask for a grid point: each level's filters spread over the patterns of
+    that level as plans spread them (:func:`autosculpt.patterns.block_friendly_counts`: whole kernel
+    blocks of one pattern); filter order is a fixed random permutation (as after importance assignment)."""
     taps = pattern_set.kept_taps()
-    ids: List[int] = []
+    counts = [0] * len(pattern_set)
+    used = 0
     items = sorted(level_fractions.items(), reverse=True)
     for j, (lv, frac) in enumerate(items):
-        n = c_out - len(ids) if j == len(items) - 1 else int(round(frac * c_out))
+        n = c_out - used if j == len(items) - 1 else int(round(frac * c_out))
+        used += n
         members = [p for p in range(len(pattern_set)) if int(taps[p]) == lv]
-        ids += [members[k % len(members)] for k in range(n)]
+        for k in range(n):
+            counts[members[k % len(members)]] += 1
+    ids: List[int] = [p for p, c in enumerate(block_friendly_counts(pattern_set, counts)) for _ in range(c)]
     perm = torch.randperm(c_out, generator=torch.Generator().manual_seed(seed))
     return pattern_set.masks[torch.tensor(ids)[perm]]
 
