@@ -27,6 +27,11 @@ def faster_path(sparse: Callable[[], object], dense: Callable[[], object], reps:
     return "sparse" if t["sparse"].min_ms <= t["dense"].min_ms else "dense"
 
 
+# Attributes a cached kernel shortcut (``PatternConv2d._fast``) depends on: setting one drops them.
+_FAST_CALL_SETTINGS = frozenset({"weight", "tap_mask", "bias", "stride", "padding", "dilation", "groups",
+                                 "activation", "path", "backend"})
+
+
 class PatternConv2d(nn.Module):
     """Convolution whose output filters each keep a subset of the kh×kw taps (``tap_mask``).
 
@@ -173,9 +178,23 @@ class PatternConv2d(nn.Module):
         # weights packed from a freed tensor that happened to live at the same address.
         if name in ("weight", "tap_mask") and "_cache_key" in self.__dict__:
             self._renew_cache_key()
+        if name in _FAST_CALL_SETTINGS:
+            self._forget_fast_calls()
         super().__setattr__(name, value)
 
+    def _forget_fast_calls(self) -> None:
+        """Drops the per-shape kernel shortcuts and validations (the layer's settings or tensors changed)."""
+        self.__dict__.get("_fast", {}).clear()
+        self.__dict__.get("_validated", set()).clear()
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(dtype / device), .half(), .cuda()... may change the tensors in place: validate again
+        out = super()._apply(fn, *args, **kwargs)
+        self._forget_fast_calls()
+        return out
+
     def _renew_cache_key(self) -> None:
+        self._forget_fast_calls()
         conv_ops.release_cache(self.__dict__["_cache_key"])
         object.__setattr__(self, "_cache_key", conv_ops.new_cache_key())
         if self.__dict__.get("_frozen"):
@@ -281,12 +300,13 @@ class PatternConv2d(nn.Module):
             return self.forward(x[None], None if residual is None else residual[None])[0]
         fast_key = None
         if not torch.is_grad_enabled() and type(x) is torch.Tensor and x.is_cpu:
-            # eager CPU inference: after one validated call per input shape, go straight to the kernel
-            fast_key = (x.shape, x.stride(), x.dtype, torch.get_num_threads(), self.path, self.backend, self.activation,
-                        self.weight.dtype, self.weight.device, self.bias is None)
-            out_shape = self._fast.get(fast_key)
-            if out_shape is not None and not torch.compiler.is_compiling():
-                return self._fast_cpu(x, residual, out_shape)
+            # eager CPU inference: after one validated call per input shape, go straight to the kernel.
+            # (The key holds what the call may change; the layer's own settings, tensors, dtype and
+            # device clear ``_fast`` when they change: __setattr__, set_tap_mask, _apply.)
+            fast_key = (x.shape, x.stride(), x.dtype, torch.get_num_threads(), self.path, self.backend, self.activation)
+            fast = self._fast.get(fast_key)
+            if fast is not None:
+                return self._fast_cpu(x, residual, fast)
         checked_key = None if fast_key is None else (fast_key, None if residual is None else
                                                       (residual.shape, residual.dtype, residual.device))
         if checked_key is None or checked_key not in self._validated:
@@ -333,15 +353,19 @@ class PatternConv2d(nn.Module):
         backend = conv_ops.resolve_backend(self.backend, x, self.weight, self.tap_mask, self.stride, self.padding,
                                            self.dilation, self.groups)
         if backend == "cpu":
-            self._fast[key] = (x.shape[0], self.out_channels, *self.output_size(x.shape[2], x.shape[3]))
+            out_shape = (x.shape[0], self.out_channels, *self.output_size(x.shape[2], x.shape[3]))
+            run = conv_ops.cpu_kernel_runner(x, self.weight, self.tap_mask, self.bias, self.stride, self.padding,
+                                             self.dilation, self.groups, self._cache_key, self.activation == "relu")
+            self._fast[key] = (out_shape, run)
 
-    def _fast_cpu(self, x: torch.Tensor, residual: Optional[torch.Tensor], out_shape: tuple) -> torch.Tensor:
-        """The op's CPU backend without its per-call validation (done once for this input shape)."""
+    def _fast_cpu(self, x: torch.Tensor, residual: Optional[torch.Tensor], fast: tuple) -> torch.Tensor:
+        """The op's CPU backend without its per-call validation (done once for this input shape):
+        ``fast`` is (output shape, :func:`autosculpt.ops.conv.cpu_kernel_runner` for this shape)."""
+        out_shape, run = fast
         if residual is not None and (residual.shape != out_shape or residual.dtype != x.dtype or not residual.is_cpu):
             conv_ops.validate_epilogue(x, self.weight, residual, self.activation, self.stride, self.padding,
                                         self.dilation)
-        return conv_ops.run_cpu_kernel(x, self.weight, self.tap_mask, self.bias, self.stride, self.padding, self.dilation,
-                                     self.groups, self._cache_key, residual=residual, relu=self.activation == "relu")
+        return run(x, residual)
 
     def extra_repr(self) -> str:
         s = (

@@ -379,6 +379,51 @@ def run_cpu_kernel(x, weight, tap_mask, bias, stride, padding, dilation, groups,
     return out
 
 
+def cpu_kernel_runner(x: torch.Tensor, weight: torch.Tensor, tap_mask: torch.Tensor, bias, stride, padding, dilation,
+                      groups: int, cache_key: int, relu: bool):
+    """``run(x, residual) -> out``: :func:`run_cpu_kernel` specialised for inputs of ``x``'s shape and
+    strides (validated by the caller): everything that does not change between calls (layout, output
+    shape, the weight cache to use, the kernel's size arguments) is worked out once, so a call costs
+    the packed-weights lookup, the output allocation and the kernel. The weights, mask and bias are
+    read from the given tensors on every call (their current data, through the weight cache's rules)."""
+    ext = _ext.require()
+    n, _, h, w = x.shape
+    oh, ow = conv_output_size(h, w, weight.shape[2], weight.shape[3], stride, padding, dilation)
+    out_shape = (n, weight.shape[0], oh, ow)
+    nhwc = uses_nhwc_kernel(x, weight, groups)
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    sizes = (n, h, w, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+    cache, extra = (_PACKED_NHWC, ("nhwc",)) if nhwc else (_PACKED, (groups,))
+
+    def build():
+        wc = weight.detach().contiguous()
+        m = tap_mask.detach().contiguous().to(torch.uint8)
+        if nhwc:
+            return ext.PackedPatternConvNhwc(wc.data_ptr(), m.data_ptr(), *wc.shape)
+        return ext.PackedPatternConv(wc.data_ptr(), m.data_ptr(), *wc.shape, groups)
+
+    tail = (False,) if nhwc else ()
+    numel = x.numel()
+    copy_input = not nhwc and not x.is_contiguous()
+    if n == 0:
+        return lambda x, residual=None: torch.empty(out_shape, dtype=x.dtype, memory_format=fmt)
+
+    def run(x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if copy_input:
+            x = x.contiguous()
+        packed = cache.get_or_build(cache_key, weight, tap_mask, extra, build)
+        out = _new_output(out_shape, x, memory_format=fmt)
+        r = residual.contiguous(memory_format=fmt) if residual is not None else None
+        threads = torch.get_num_threads()
+        packed.forward(x.data_ptr(), bias.data_ptr() if bias is not None else 0, out.data_ptr(), *sizes, threads,
+                       r.data_ptr() if r is not None else 0, relu, *tail)
+        if not ext.all_finite(x.data_ptr(), numel, threads):
+            propagate_nonfinite_taps(out, x, tap_mask, stride, padding, dilation, groups)
+        return out
+
+    return run
+
+
 def uses_nhwc_kernel(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
     """Whether the CPU backend runs its channels-last kernel for ``x``: a channels_last (NHWC) input,
     an ungrouped conv, at most 64 taps. Its output is then channels_last too."""

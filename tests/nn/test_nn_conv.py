@@ -177,6 +177,29 @@ def test_faster_path_picks_the_cheaper_callable():
 
 
 @requires_ext
+def test_eager_inference_shortcut_follows_setting_changes_and_layouts(poison_outputs):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(6, 16, 3, padding=1)
+    layer = PatternConv2d.from_dense(conv, torch.rand(16, 3, 3) < 0.5, path="sparse").eval().freeze()
+    x = torch.randn(2, 6, 9, 9)
+
+    def ref(mod, inp):
+        out = pattern_conv2d_ref(inp, mod.weight, mod.tap_mask, mod.bias, mod.stride, mod.padding, mod.dilation, 1)
+        return torch.relu(out) if mod.activation == "relu" else out
+
+    with torch.no_grad():
+        for inp in (x, x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3)):  # NCHW, NHWC, strided
+            for _ in range(3):  # validated call, then the shortcut twice
+                out = layer(inp)
+                torch.testing.assert_close(out, ref(layer, inp))
+            assert out.is_contiguous(memory_format=torch.channels_last) == (inp.stride()[1] == 1)
+        layer.stride = (2, 2)  # settings the shortcut depends on: it must not survive them
+        torch.testing.assert_close(layer(x), ref(layer, x))
+        layer.activation = "relu"
+        torch.testing.assert_close(layer(x), ref(layer, x))
+        assert (layer(x) >= 0).all()
+
+
 def test_eager_inference_shortcut_follows_weight_changes_and_copies():
     import copy
 
