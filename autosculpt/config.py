@@ -67,7 +67,7 @@ SETTINGS: Dict[str, Setting] = {
                           flag_help="model factory argument (repeatable), e.g. --model-arg width_mult=0.5"),
     "weights": Setting(None, "dense weights to start from (state_dict or autosculpt model file); default: train and cache",
                        None, parse=None, metavar="FILE", commands=_PRUNE),
-    "data": Setting("digits", "data set: digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH", _MODEL),
+    "data": Setting("digits", "data set: digits | digits-clutter | cifar10:PATH | cifar100:PATH | imagefolder:PATH", _MODEL),
     "image_size": Setting(32, "image-folder images are resized to this size", _MODEL, parse=int),
     "seed": Setting(0, "seed for splits, search and training", _MODEL, parse=int),
     "target_speedup": Setting(None, "speed budget: measured speedup over the dense model (default 2.0 if no budget is given)",

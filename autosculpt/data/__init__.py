@@ -3,6 +3,9 @@
 Specs (no downloads; real data from local folders):
 
 - ``digits``: scikit-learn's bundled 8×8 handwritten digits (:mod:`autosculpt.data.digits`);
+- ``digits-clutter``: those digits at random size, rotation and position on 32×32 canvases with
+  fragments of other digits and noise, split by source image (:mod:`autosculpt.data.clutter`; a
+  benchmark that is not saturated);
 - ``cifar10:PATH`` / ``cifar100:PATH``: the unpacked python-pickle CIFAR folder;
 - ``imagefolder:PATH``: ``PATH/<class>/<image>`` (or ``PATH/{train,val,test}/<class>/<image>``).
 
@@ -18,7 +21,8 @@ import numpy as np
 
 __all__ = ["DATA_KINDS", "DataSplits", "get_dataset", "parse_data_spec", "stratified_split"]
 
-DATA_KINDS = ("digits", "cifar10", "cifar100", "imagefolder")
+DATA_KINDS = ("digits", "digits-clutter", "cifar10", "cifar100", "imagefolder")
+_BUILT_IN = ("digits", "digits-clutter")  # kinds that take no path
 
 
 class DataSplits(tuple):
@@ -43,9 +47,9 @@ def parse_data_spec(spec: str) -> Tuple[str, str]:
     kind = kind.lower()
     if kind not in DATA_KINDS:
         raise ValueError(f"data: unknown kind {kind!r} in {spec!r}; expected one of {', '.join(DATA_KINDS)} (e.g. cifar10:PATH)")
-    if kind == "digits":
+    if kind in _BUILT_IN:
         if path:
-            raise ValueError(f"data: 'digits' is built in and takes no path, got {spec!r}")
+            raise ValueError(f"data: {kind!r} is built in and takes no path, got {spec!r}")
         return kind, ""
     if not path:
         raise ValueError(f"data: {kind} needs a folder, e.g. '{kind}:/path/to/folder'")
@@ -78,8 +82,9 @@ def get_dataset(spec: str, seed: int = 0, *, val_fraction: float = 0.1, test_fra
     """Loads a data set by spec and returns its (train, val, test) splits (see the module docstring).
 
     Args:
-        spec: ``digits``, ``cifar10:PATH``, ``cifar100:PATH`` or ``imagefolder:PATH``.
-        seed: fixes the validation split (and the test split of a single image pool).
+        spec: ``digits``, ``digits-clutter``, ``cifar10:PATH``, ``cifar100:PATH`` or ``imagefolder:PATH``.
+        seed: fixes the validation split (and the test split of a single image pool; for
+            ``digits-clutter`` the source split and every canvas).
         val_fraction: share of the training data held out for validation.
         test_fraction: share held out for test when an image folder has no ``test/``.
         image_size: side length image-folder images are resized to.
@@ -91,6 +96,11 @@ def get_dataset(spec: str, seed: int = 0, *, val_fraction: float = 0.1, test_fra
 
         train, val, test = load_digits_splits(seed)
         return DataSplits(train, val, test, 10, tuple(train[0][0].shape), spec)
+    if kind == "digits-clutter":
+        from .clutter import CLUTTER_CLASSES, load_clutter_splits
+
+        train, val, test = load_clutter_splits(seed)
+        return DataSplits(train, val, test, CLUTTER_CLASSES, tuple(train.tensors[0].shape[1:]), spec)
     if kind in ("cifar10", "cifar100"):
         from .cifar import CifarDataset, load_cifar_arrays
 
