@@ -13,9 +13,9 @@ each timing repeats the call until ~``--min-time`` passed), and reported as medi
 - ``inductor``: ``torch.compile`` (inductor, ``torch._inductor.config.freezing = True``), model and
   input channels_last, under ``torch.no_grad()``, compiled per (batch, threads).
 - ``autosculpt dense``: the dense model in AutoSculpt's deployed form
-  (``autosculpt.optimize_for_inference`` where it exists, else ``autosculpt.fuse_for_inference``).
+  (``autosculpt.optimize_for_inference`` over the routes ``autosculpt`` and ``autosculpt_channels_last``).
 - ``autosculpt N×``: ``autosculpt.sparsify`` with a uniform PAPER6 plan keeping 1/N of the prunable
-  3×3 taps (``autosculpt.plan.plan_for_mac_cut`` where it exists, else ``uniform_plan``), through the
+  3×3 taps (``autosculpt.plan.uniform_plan``, pattern counts in whole kernel blocks), through the
   same deployed form; its output is checked against the sparsified eager model (max abs error).
 
 "best engine" = the fastest of onnxruntime, openvino and inductor on that line. ideal = dense MACs ÷
@@ -99,12 +99,6 @@ def make_plan(model: nn.Module, x: torch.Tensor, cut: float) -> tuple:
     import autosculpt.plan as asc_plan
     from autosculpt.patterns import PAPER6
 
-    fn = getattr(asc_plan, "plan_for_mac_cut", None)
-    if fn is not None:
-        try:
-            return fn(model, x, cut), f"plan_for_mac_cut(cut={cut:g})"
-        except TypeError:
-            pass  # another signature than expected: fall back to the uniform plan
     return asc_plan.uniform_plan(model, PAPER6, 1.0 / cut), f"uniform PAPER6, kept {1 / cut:.3f} of the 3×3 taps"
 
 
@@ -112,12 +106,10 @@ def deployed(model: nn.Module, x: torch.Tensor) -> tuple:
     """(model in AutoSculpt's deployed form, the function's name)."""
     import autosculpt as asc
 
-    if hasattr(asc, "optimize_for_inference"):
-        # AutoSculpt's own forms (NCHW and channels_last); inductor is its own column (compiling it
-        # again inside optimize_for_inference would double the run time and measure the same thing).
-        d = asc.optimize_for_inference(model, x, routes=("autosculpt", "autosculpt_channels_last"))
-        return d, f"optimize_for_inference -> {d.route}"
-    return asc.fuse_for_inference(model, x), "fuse_for_inference"
+    # AutoSculpt's own forms (NCHW and channels_last); inductor is its own column (compiling it
+    # again inside optimize_for_inference would double the run time and measure the same thing).
+    d = asc.optimize_for_inference(model, x, routes=("autosculpt", "autosculpt_channels_last"))
+    return d, f"optimize_for_inference -> {d.route}"
 
 
 def executed_macs(fused: nn.Module, x: torch.Tensor) -> tuple:
