@@ -62,7 +62,8 @@ def resolve_model(spec: str, num_classes: int, input_shape: Tuple[int, ...], mod
                   ) -> Tuple[Callable[[], nn.Module], dict]:
     """A factory for the model named by ``spec`` and the metadata saved with it.
 
-    Built-in names get ``num_classes`` and ``in_chans`` from the data set (model_args override);
+    Built-in names get ``num_classes`` and ``in_chans`` (and ``image_size`` where they take one) from
+    the data set (model_args override);
     ``package.module:factory`` is imported and called with ``model_args`` (plus ``num_classes`` /
     ``in_chans`` if its signature names them). The current folder is importable, as with ``python -m``.
     """
@@ -75,7 +76,11 @@ def resolve_model(spec: str, num_classes: int, input_shape: Tuple[int, ...], mod
     if ":" not in spec:
         if spec not in MODEL_NAMES:
             raise ValueError(f"model: unknown model {spec!r}; expected one of {', '.join(MODEL_NAMES)} or 'package.module:factory'")
-        kwargs = {**auto, **model_args}
+        from . import _REGISTRY
+
+        # a model built for a resolution (ViT: its patch grid) gets the data's image size
+        sized = _accepted(_REGISTRY[spec], {"image_size": int(input_shape[-1])}) if len(input_shape) == 3 else {}
+        kwargs = {**auto, **sized, **model_args}
         return (lambda: get_model(spec, **kwargs)), {"model": spec, "model_args": kwargs}
     factory = import_factory(spec)
     kwargs = {**_accepted(factory, auto), **model_args}
