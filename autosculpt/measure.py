@@ -7,14 +7,13 @@ alike), each model in its deployed form (:func:`autosculpt.optimize_for_inferenc
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .timing import time_interleaved
+from .timing import load_average, time_interleaved
 
 __all__ = ["count_params", "count_flops", "LatencyStat", "measure_latency", "measure_latency_stats", "layer_latency"]
 
@@ -66,11 +65,6 @@ class LatencyStat:
                 "load_average": self.load_average}
 
 
-def _load_average() -> float:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):  # pragma: no cover - not POSIX
-        return 0.0
 
 
 def _timed_form(model: nn.Module, example_input: torch.Tensor, form: str, routes: Sequence[str]):
@@ -139,7 +133,7 @@ def measure_latency_stats(models: Dict[str, nn.Module], example_input: torch.Ten
             bar.close()
         for k, m in models.items():
             m.train(modes[k])
-    load = _load_average()
+    load = load_average()
     return {k: LatencyStat(t.median_ms, t.iqr_ms, timed[k][1], load) for k, t in timings.items()}
 
 

@@ -23,7 +23,7 @@ from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["Timing", "time_interleaved", "time_fn", "threads", "set_threads"]
+__all__ = ["Timing", "time_interleaved", "time_fn", "threads", "set_threads", "load_average"]
 
 Device = Union[str, torch.device, None]
 
@@ -215,3 +215,14 @@ def set_threads(n: int) -> int:
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     return old
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average (0.0 where the OS has none): printed beside every timing a
+    user sees, and what tells a disturbed measurement from a quiet one."""
+    import os
+
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - not POSIX
+        return 0.0

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -70,12 +69,6 @@ __all__ = ["FORMS", "LatencyModel", "FlopsLatencyModel", "Profile", "plan_tap_ma
 FORMS = ("deployed", "fused", "eager")
 
 
-def _load_average() -> float:
-    """The 1-minute load average (0.0 where the OS has none)."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):  # pragma: no cover - not POSIX
-        return 0.0
 
 
 def _clamped_factor(measured: float, predicted: float) -> float:
@@ -360,7 +353,7 @@ class LatencyModel(LatencyModelBase):
                 self.save_cache()
             else:
                 warnings.warn(
-                    f"latency: the machine looks loaded (load average {_load_average():.1f}): the dense model "
+                    f"latency: the machine looks loaded (load average {timing.load_average():.1f}): the dense model "
                     f"measured {dense_measured:.3f} ms against {ref[0]:.3f} ms (IQR {ref[1] or 0:.3f}) when "
                     f"profiled, in all {takes} takes; using the last one, not cached", RuntimeWarning, stacklevel=2)
         predicted = self.predict(plan)
@@ -368,7 +361,7 @@ class LatencyModel(LatencyModelBase):
             "predicted_ms": predicted, "measured_ms": measured, "rel_error": abs(predicted - measured) / measured,
             "dense_predicted_ms": self.dense_ms(), "dense_measured_ms": dense_measured,
             "predicted_speedup": self.dense_ms() / predicted, "measured_speedup": dense_measured / measured,
-            "load_average": _load_average(), "takes": takes, "from_cache": from_cache, "loaded": not agreed,
+            "load_average": timing.load_average(), "takes": takes, "from_cache": from_cache, "loaded": not agreed,
         }
 
     # -- the profile ----------------------------------------------------------------------
