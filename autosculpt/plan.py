@@ -19,7 +19,8 @@ the one plans have always had, so old files still load.
 from __future__ import annotations
 
 import copy
-from typing import ClassVar, Dict, Iterable, Optional, Type
+from dataclasses import dataclass
+from typing import ClassVar, Dict, Iterable, Optional, Tuple, Type
 
 import torch
 from torch import nn
@@ -28,7 +29,8 @@ from .patterns import PatternSet
 
 __all__ = ["PLAN_VERSION", "LayerPlan", "register_kind", "layer_plan_type", "layer_plan_from_json", "parse_plan",
            "validate_plan", "sparsify", "set_submodule", "plan_int", "plan_bool", "plan_int_list", "plan_fields",
-           "is_prunable_conv", "conv_layer_plan", "dense_plan", "uniform_plan", "level_counts"]
+           "is_prunable_conv", "conv_layer_plan", "dense_plan", "uniform_plan", "level_counts",
+           "CHANNEL_PLAN_VERSION", "ChannelPlan", "PrunableStructures", "prunable_structures", "plan_for_mac_cut"]
 
 PLAN_VERSION = 1
 # kind -> its LayerPlan dataclass
@@ -268,3 +270,235 @@ def uniform_plan(model: nn.Module, pattern_set: PatternSet, kept_fraction: float
         counts = level_counts(pattern_set, m.out_channels, kept_fraction)
         out[name] = conv_layer_plan(pattern_set, assign(m.weight, pattern_set, counts))
     return {"version": PLAN_VERSION, "layers": out}
+
+
+# --------------------------------------------------------------------------- channel plans and prunable structures
+
+CHANNEL_PLAN_VERSION = 1
+
+
+def _channel_fingerprint(group) -> Tuple[str, ...]:
+    return tuple(f"{m.module}:{m.dim}" + (f":{m.axis}" if m.axis is not None else "") for m in group.members)
+
+
+@dataclass(frozen=True)
+class ChannelPlan:
+    """Physical channel removal for a whole model: the kept channels of each channel group
+    (:func:`autosculpt.channels.channel_groups`), applied with :func:`autosculpt.channels.remove_channels`.
+
+    JSON (:meth:`to_dict`): ``{"kind": "channels", "version": 1, "input_shape": [...], "groups": [{"id": g,
+    "channels": n, "members": ["module:dim", ...], "keep": [...]}], "keep_ratio": r, "mac_cut": c}``.
+    ``members`` fingerprints each group so a plan applied to another architecture is an error, not a
+    silently different model; ``keep_ratio`` and ``mac_cut`` (the cut measured when planned) are
+    informational.
+    """
+
+    kind: ClassVar[str] = "channels"
+    keep: Dict[int, Tuple[int, ...]]
+    group_sizes: Dict[int, int]
+    members: Dict[int, Tuple[str, ...]]
+    input_shape: Tuple[int, ...]
+    keep_ratio: Optional[float] = None
+    mac_cut: Optional[float] = None
+
+    def to_dict(self) -> dict:
+        groups = [{"id": g, "channels": self.group_sizes[g], "members": list(self.members[g]),
+                   "keep": list(self.keep[g])} for g in sorted(self.keep)]
+        return {"kind": self.kind, "version": CHANNEL_PLAN_VERSION, "input_shape": list(self.input_shape),
+                "groups": groups, "keep_ratio": self.keep_ratio, "mac_cut": self.mac_cut}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ChannelPlan":
+        """Parses (strictly) the JSON written by :meth:`to_dict`; ValueError on bad data."""
+        if not isinstance(data, dict):
+            raise ValueError(f"channel plan: expected a dict, got {type(data).__name__}")
+        if data.get("kind") != cls.kind:
+            raise ValueError(f"channel plan: expected kind {cls.kind!r}, got {data.get('kind')!r}")
+        if data.get("version") != CHANNEL_PLAN_VERSION:
+            raise ValueError(f"channel plan: expected version {CHANNEL_PLAN_VERSION}, got {data.get('version')!r}")
+        unknown = sorted(set(data) - {"kind", "version", "input_shape", "groups", "keep_ratio", "mac_cut"})
+        if unknown:
+            raise ValueError(f"channel plan: unknown field(s) {', '.join(map(repr, unknown))}")
+        shape = plan_int_list(data.get("input_shape"), "input_shape")
+        groups = data.get("groups")
+        if not isinstance(groups, list):
+            raise ValueError("channel plan: 'groups' must be a list")
+        keep, sizes, members = {}, {}, {}
+        for i, g in enumerate(groups):
+            plan_fields({"kind": "group", **g} if isinstance(g, dict) else g, "group",
+                        ("id", "channels", "members", "keep"))
+            gid = plan_int(g["id"], f"groups[{i}].id")
+            n = plan_int(g["channels"], f"groups[{i}].channels")
+            kept = plan_int_list(g["keep"], f"groups[{i}].keep")
+            if not kept or len(set(kept)) != len(kept) or not all(0 <= k < n for k in kept):
+                raise ValueError(f"groups[{i}].keep: expected distinct channels in 0..{n - 1}, at least one")
+            if not isinstance(g["members"], list) or not all(isinstance(m, str) for m in g["members"]):
+                raise ValueError(f"groups[{i}].members: expected a list of strings")
+            if gid in keep:
+                raise ValueError(f"groups[{i}].id: group {gid} listed twice")
+            keep[gid], sizes[gid], members[gid] = tuple(sorted(kept)), n, tuple(g["members"])
+        ratio, cut = data.get("keep_ratio"), data.get("mac_cut")
+        for name, v in (("keep_ratio", ratio), ("mac_cut", cut)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ValueError(f"{name}: expected a number or null, got {v!r}")
+        return cls(keep, sizes, members, shape, None if ratio is None else float(ratio),
+                   None if cut is None else float(cut))
+
+    def apply(self, model: nn.Module, example_input=None) -> nn.Module:
+        """The model with the plan's channels removed (a new model; ``model`` is not changed). Without an
+        ``example_input``, zeros of ``input_shape`` are used to find the groups. Raises ValueError when the
+        model's channel groups are not the ones the plan was made for."""
+        from .channels import analyze_channels, remove_channels
+
+        if example_input is None:
+            p = next(iter(model.parameters()), None)
+            example_input = torch.zeros(self.input_shape, device=None if p is None else p.device)
+        analysis = analyze_channels(model, example_input)
+        for gid, kept in self.keep.items():
+            if gid >= len(analysis.groups):
+                raise ValueError(f"channel plan: group {gid} does not exist in {type(model).__name__}")
+            g = analysis.groups[gid]
+            if g.channels != self.group_sizes[gid] or _channel_fingerprint(g) != self.members[gid]:
+                raise ValueError(f"channel plan: group {gid} of {type(model).__name__} ({g.describe()[:200]}) is not "
+                                 "the group the plan was made for")
+        return remove_channels(model, example_input, dict(self.keep), analysis=analysis)
+
+
+@dataclass(frozen=True)
+class PrunableStructures:
+    """What :func:`prunable_structures` found.
+
+    Attributes:
+        channel_groups: the prunable channel groups (:class:`autosculpt.channels.ChannelGroup`).
+        unprunable_groups: the other groups, each with its ``reasons``.
+        pattern_convs: the convs a pattern plan can sparsify (:func:`is_prunable_conv`).
+        attention: the attention modules (heads / attention patterns).
+        total_macs: the model's MACs on the example input (:func:`autosculpt.flops.count_macs`).
+        layer_macs: MACs per counted layer.
+        mac_share: fraction of ``total_macs`` in the layers each kind can prune: ``"channel_groups"``
+            (layers with a member in a prunable group), ``"pattern_convs"``, ``"attention"``. A layer can
+            belong to several kinds, so the shares overlap.
+    """
+
+    channel_groups: Tuple
+    unprunable_groups: Tuple
+    pattern_convs: Tuple[str, ...]
+    attention: Tuple[str, ...]
+    total_macs: int
+    layer_macs: Dict[str, int]
+    mac_share: Dict[str, float]
+
+    def summary(self) -> str:
+        """A few lines for people."""
+        share = ", ".join(f"{k} {v:.1%}" for k, v in self.mac_share.items())
+        return (f"{len(self.channel_groups)} prunable channel groups ({len(self.unprunable_groups)} not), "
+                f"{len(self.pattern_convs)} pattern convs, {len(self.attention)} attention modules; "
+                f"{self.total_macs} MACs; MAC share: {share}")
+
+
+def _is_attention_module(m: nn.Module) -> bool:
+    from .channels import is_timm_attention
+
+    return isinstance(m, nn.MultiheadAttention) or hasattr(m, "attention_kind") or is_timm_attention(m) or (
+        hasattr(m, "head_patterns") and hasattr(m, "num_heads"))
+
+
+def prunable_structures(model: nn.Module, example_input, pattern_set: Optional[PatternSet] = None) -> PrunableStructures:
+    """Lists what can be pruned in ``model``: channel groups (found from its fx graph), convs whose
+    kernel matches ``pattern_set`` (PAPER6's 3×3 by default) for pattern plans, and attention modules,
+    with the share of the model's MACs each kind covers (see :class:`PrunableStructures`)."""
+    from .channels import analyze_channels
+    from .flops import count_macs
+    from .patterns import PAPER6
+
+    pattern_set = PAPER6 if pattern_set is None else pattern_set
+    analysis = analyze_channels(model, example_input)
+    macs = count_macs(model, example_input)
+    layer_macs, total = dict(macs["layers"]), int(macs["total"])
+    prunable = tuple(g for g in analysis.groups if g.prunable)
+    blocked = tuple(g for g in analysis.groups if not g.prunable)
+    modules = dict(model.named_modules())
+    convs = tuple(name for name, m in modules.items() if name and is_prunable_conv(m, pattern_set))
+    attention = tuple(name for name, m in modules.items() if name and _is_attention_module(m))
+    in_groups = {m.module for g in prunable for m in g.members if m.dim != "param"}
+
+    def share(names) -> float:
+        return sum(v for k, v in layer_macs.items() if k in names) / total if total else 0.0
+
+    return PrunableStructures(prunable, blocked, convs, attention, total, layer_macs,
+                              {"channel_groups": share(in_groups), "pattern_convs": share(set(convs)),
+                               "attention": share(set(attention))})
+
+
+def plan_for_mac_cut(model: nn.Module, example_input, mac_cut: float, *, norm: str = "l1", exact_only: bool = False,
+                     rel_tol: float = 0.005, max_iter: int = 40) -> ChannelPlan:
+    """A uniform channel plan that divides the model's MACs by ``mac_cut`` (2.0 = half the MACs).
+
+    Every prunable channel group keeps the same fraction ``r`` of its channels (at least one), the ones
+    with the largest magnitude (:func:`autosculpt.channels.group_importance`, ``norm`` "l1" or "l2");
+    ``r`` is found by bisection on the MACs of the shrunk model, measured with
+    :func:`autosculpt.flops.count_macs` on ``example_input``, until they are within ``rel_tol`` of the
+    target or no group's count changes any more. ``exact_only`` leaves out the groups whose removal
+    changes LayerNorm statistics (e.g. a ViT's embedding width).
+
+    Raises ValueError when the cut is below 1, when nothing can be pruned, or when even one channel per
+    group does not reach it (the message states the largest reachable cut).
+    """
+    from .channels import analyze_channels, group_importance, remove_channels
+    from .flops import count_macs
+
+    if isinstance(mac_cut, bool) or not isinstance(mac_cut, (int, float)) or not mac_cut >= 1.0:
+        raise ValueError(f"mac_cut: expected a number >= 1 (2.0 = half the MACs), got {mac_cut!r}")
+    analysis = analyze_channels(model, example_input)
+    groups = [g for g in analysis.groups if g.prunable and (g.exact or not exact_only)]
+    if not groups and mac_cut > 1.0:
+        raise ValueError(f"plan_for_mac_cut: {type(model).__name__} has no prunable channel group")
+    total = int(count_macs(model, example_input)["total"])
+    if total <= 0:
+        raise ValueError(f"plan_for_mac_cut: {type(model).__name__} has no counted MACs")
+    ranked = {}
+    for g in groups:
+        score = group_importance(model, g, norm)
+        ranked[g.id] = sorted(range(g.channels), key=lambda i: (-float(score[i]), i))
+
+    def keep_for(ratio: float) -> Dict[int, Tuple[int, ...]]:
+        return {g.id: tuple(sorted(ranked[g.id][:max(1, min(g.channels, int(round(ratio * g.channels))))]))
+                for g in groups}
+
+    cache: Dict[tuple, int] = {}
+
+    def macs_for(ratio: float) -> int:
+        keep = keep_for(ratio)
+        key = tuple(len(v) for v in keep.values())
+        if key not in cache:
+            small = remove_channels(model, example_input, keep, analysis=analysis, verify=False)
+            cache[key] = int(count_macs(small, example_input)["total"])
+        return cache[key]
+
+    target = total / float(mac_cut)
+    best_ratio, best_macs = 1.0, total
+    if mac_cut > 1.0:
+        low_macs = macs_for(0.0)
+        if low_macs > target * (1.0 + rel_tol):
+            raise ValueError(f"plan_for_mac_cut: a {mac_cut:g}x MAC cut is unreachable for {type(model).__name__} by "
+                             f"uniform channel removal; the largest reachable cut is {total / low_macs:.3f}x "
+                             f"(one channel left in each of its {len(groups)} prunable groups)")
+        best_ratio, best_macs = (0.0, low_macs) if abs(low_macs - target) < abs(total - target) else (1.0, total)
+        lo, hi = 0.0, 1.0
+        for _ in range(max_iter):
+            mid = 0.5 * (lo + hi)
+            m = macs_for(mid)
+            if abs(m - target) < abs(best_macs - target):
+                best_ratio, best_macs = mid, m
+            if abs(m - target) <= rel_tol * target:
+                break
+            if m > target:
+                hi = mid
+            else:
+                lo = mid
+            if keep_for(lo) == keep_for(hi):
+                break
+    keep = keep_for(best_ratio)
+    shape = tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else ()
+    return ChannelPlan({g: keep[g] for g in keep}, {g.id: g.channels for g in groups},
+                       {g.id: _channel_fingerprint(g) for g in groups}, shape, best_ratio, total / best_macs)
