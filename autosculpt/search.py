@@ -1,12 +1,23 @@
 """``autosculpt.search``: find the pattern-pruning plan with the best validation accuracy among plans
 whose measured latency meets a budget, with a graph-neural PPO agent.
 
-Pipeline: model → graph (:mod:`autosculpt.graph`) → GNN actor-critic (:mod:`autosculpt.rl.policy`)
-proposes one pattern mix per prunable layer → :class:`~autosculpt.rl.env.PruningEnv` turns it into a
-plan, sparsifies, recalibrates BN, measures validation accuracy and predicted latency → reward →
-hand-written PPO (:mod:`autosculpt.rl.ppo`). Every evaluated plan is recorded. At the end the most
-accurate plans that meet the budget by prediction are run end to end (``LatencyModel.verify``) and the
-best one whose MEASURED latency meets the budget is returned.
+Pipeline: model → graph (:mod:`autosculpt.graph`) → :class:`~autosculpt.rl.env.PruningEnv`, a sequential
+decision process: an episode visits the prunable layers in graph order and the GNN actor-critic
+(:mod:`autosculpt.rl.policy`) picks one pattern mix per step, seeing the graph with the decisions made
+so far, the current layer and the budget used and left (decided prefix, the rest dense / at its
+cheapest). Entries after which the budget can no longer be met are masked. After the last layer the
+complete plan is applied, BN recalibrated, validation accuracy measured and the plan's predicted
+latency (or MACs) taken from the latency model; the episode's reward is paid at that step::
+
+    reward = val_accuracy - penalty · max(0, cost / limit - 1)
+
+(optionally with a potential-based shaping term per step that sums to the same return; see
+:mod:`autosculpt.rl.env`). Hand-written PPO (:mod:`autosculpt.rl.ppo`) updates after every
+``rollout_episodes`` episodes (default 4, i.e. 4 × L transitions), with per-minibatch approx-KL early
+stopping; every update's statistics (explained variance, approx-KL, clip fraction, entropy, ...) are
+kept in :attr:`SearchResult.ppo_stats`. Every evaluated plan is recorded (identical plans are evaluated
+once). At the end the most accurate plans that meet the budget by prediction are run end to end
+(``LatencyModel.verify``) and the best one whose MEASURED latency meets the budget is returned.
 
 The state (policy, optimiser, partial rollout, RNG, evaluated plans, latency profile) is checkpointed
 after every episode with an atomic write; ``resume=True`` continues from the last checkpoint and ends
@@ -37,7 +48,7 @@ from .rl.policy import GNNActorCritic
 from .rl.ppo import PPO, PPOConfig, seed_everything
 from .train import evaluate
 
-__all__ = ["search", "SearchResult", "Budget", "SelectionSettings", "Selection", "select_plan"]
+__all__ = ["search", "SearchResult", "Budget", "SelectionSettings", "Selection", "select_plan", "default_ppo_config"]
 
 CHECKPOINT_NAME = "search_state.pt"
 RESULT_NAME = "search_result.json"
@@ -60,8 +71,11 @@ class SearchResult:
         met_budget: whether the best plan's measured latency (or FLOPs) meets the budget.
         verification: ``LatencyModel.verify`` output for the best plan (predicted vs measured).
         episode_rewards: the reward of every episode.
-        ppo_stats: the PPO update logs (approx_kl, clip_fraction, explained_variance, ...).
-        settings: the search arguments that shape the result (seed, episodes, horizon, ...).
+        ppo_stats: one log per PPO update: ``explained_variance`` (of the critic on the update's rollout),
+            ``approx_kl`` (of the last minibatch looked at), ``max_approx_kl``, ``clip_fraction``,
+            ``entropy``, ``early_stop`` (the KL limit stopped the update), ``minibatch_steps``,
+            ``episode`` (the episode after which it ran), losses, ``return_var``, ``lr``.
+        settings: the search arguments that shape the result (seed, episodes, constrain, ppo, ...).
         wall_time_s: total search time, summed over resumed runs.
     """
 
@@ -118,7 +132,7 @@ class SearchResult:
 # the checkpoint is read with ``torch.load(weights_only=True)``: loading a checkpoint never runs code.
 
 STATE_FORMAT = "autosculpt-search-state"
-STATE_FORMAT_VERSION = 2
+STATE_FORMAT_VERSION = 3  # 3: the sequential environment (one layer per step)
 _TAG = "__autosculpt_type__"
 
 
@@ -366,7 +380,8 @@ def search(
     progress: bool = DEFAULTS["progress"],
     pattern_set: PatternSet = PAPER6,
     ppo_config: Optional[PPOConfig] = None,
-    horizon: int = 1,
+    constrain: bool = True,
+    shaping: bool = False,
     bn_batches: int = 2,
     penalty: float = 2.0,
     verify_top: int = SelectionSettings.verify_top,
@@ -385,7 +400,7 @@ def search(
         target_speedup / target_latency_ms / target_flops_ratio: the budget (exactly one): dense/pruned
             latency ≥ target_speedup; pruned latency ≤ target_latency_ms; or fraction of prunable
             multiply-accumulates removed ≥ target_flops_ratio (paper-style).
-        episodes: episodes to run (each applies ``horizon`` plans).
+        episodes: episodes to run (each decides every prunable layer once and evaluates one plan).
         seed: seeds everything; same seed → same result (see module docstring).
         checkpoint_dir: where the state is saved after every episode (and the latency cache, when
             ``latency_model`` is not given). None: no checkpoints.
@@ -397,8 +412,11 @@ def search(
             ``latency_batch_size`` training inputs.
         progress: show a tqdm bar.
         pattern_set: the patterns plans use (default the paper's six).
-        ppo_config: PPO hyper-parameters (default tuned for short searches).
-        horizon: plans per episode (1: each episode proposes one complete plan).
+        ppo_config: PPO hyper-parameters (default: :func:`default_ppo_config`, an update every 4
+            episodes); its ``seed`` is replaced by ``seed``.
+        constrain: mask the menu entries after which the budget can no longer be met (every plan then
+            meets the budget by prediction).
+        shaping: add the potential-based budget term to every step's reward (see ``autosculpt.rl.env``).
         bn_batches: BN recalibration batches per evaluated plan.
         penalty: over-budget weight of the reward (see ``autosculpt.rl.env``).
         verify_top: how many of the most accurate in-budget plans are measured end to end at the end
@@ -447,11 +465,11 @@ def search(
         cache = os.path.join(checkpoint_dir, "latency_cache.json") if checkpoint_dir else None
         latency_model = LatencyModel("cpu", cache_path=cache, pattern_set=pattern_set)
     selection = SelectionSettings(margin=margin, verify_top=verify_top, tolerance=verify_tolerance)
-    ppo_config = copy.deepcopy(ppo_config) if ppo_config is not None else PPOConfig(
-        num_steps=16, num_minibatches=2, update_epochs=4, learning_rate=3e-3, ent_coef=0.01, target_kl=0.1)
+    ppo_config = copy.deepcopy(ppo_config) if ppo_config is not None else default_ppo_config()
     ppo_config.seed = seed
     settings = {
-        "seed": seed, "episodes": episodes, "horizon": horizon, "bn_batches": bn_batches, "penalty": penalty,
+        "seed": seed, "episodes": episodes, "formulation": "sequential", "constrain": bool(constrain),
+        "shaping": bool(shaping), "bn_batches": bn_batches, "penalty": penalty,
         "budget": budget.as_dict(), "margin": float(margin), "pattern_set": pattern_set.to_json(), "ppo": asdict(ppo_config),
         "example_input_shape": list(example_input.shape), "latency_model": type(latency_model).__name__,
     }
@@ -471,8 +489,9 @@ def search(
         latency_model.load_state_dict(state["latency"])
     else:
         latency_model.profile(model, example_input, progress=progress)
-    env = PruningEnv(model, train_data, val_data, latency_model, example_input, budget.with_margin(margin), pattern_set, horizon,
-                     bn_batches=bn_batches, penalty=penalty, seed=seed, threads=torch.get_num_threads())
+    env = PruningEnv(model, train_data, val_data, latency_model, example_input, budget.with_margin(margin), pattern_set,
+                     bn_batches=bn_batches, penalty=penalty, seed=seed, threads=torch.get_num_threads(),
+                     constrain=constrain, shaping=shaping)
     # The policy's graphs are tiny: one thread avoids OpenMP fork/join overhead (and pathological
     # slow-downs when the cores are shared); the accuracy evaluation uses the caller's thread count.
     with timing.threads(1):
@@ -484,7 +503,7 @@ def search(
 def _run(env, model, train_data, val_data, latency_model, example_input, budget, settings, state, ckpt_path,
          checkpoint_dir, episodes, seed, ppo_config, encoder, progress, callback, selection, t_start):
     """The episode loop of :func:`search` (arguments as there)."""
-    policy = GNNActorCritic(env.graph.data.x.shape[1], len(env.menu), encoder=encoder,
+    policy = GNNActorCritic(len(env.feature_names), len(env.menu), len(env.global_feature_names), encoder=encoder,
                             init_bias=_budget_centred_bias(env))
     ppo = PPO(policy, ppo_config)  # seeds python/numpy/torch again: identical start on every run
     if state is not None:
@@ -510,7 +529,7 @@ def _run(env, model, train_data, val_data, latency_model, example_input, budget,
             rec.setdefault("first_episode", episode)
             ep_reward += reward
             if ppo.ready():
-                ppo.update(obs, done)
+                ppo.update(obs, done)["episode"] = episode
         episode_rewards.append(ep_reward)
         if ckpt_path:
             _save_checkpoint({
@@ -546,16 +565,24 @@ def _run(env, model, train_data, val_data, latency_model, example_input, budget,
     return result
 
 
+def default_ppo_config() -> PPOConfig:
+    """The search's PPO hyper-parameters: an update every 4 episodes (4 × L transitions for L prunable
+    layers), 4 epochs of 4 minibatches, KL-limited per minibatch, undiscounted (the reward comes at the
+    end of a fixed-length episode). ``bench/results/rl-learning.md`` records how they were chosen."""
+    return PPOConfig(rollout_episodes=4, num_minibatches=4, update_epochs=4, learning_rate=1e-3, gamma=1.0,
+                     gae_lambda=0.95, ent_coef=0.01, target_kl=0.05, clip_vloss=False, norm_value=True,
+                     value_replay=4, value_epochs=2, value_minibatch_size=32)
+
+
 def _budget_centred_bias(env: PruningEnv, sharpness: float = 1.0) -> torch.Tensor:
-    """Initial per-layer logits centred on the densest menu entry whose UNIFORM plan (every layer the
-    same entry) meets the budget: the first plans sampled are near the budget instead of uniformly
-    spread (half of them far over it, wasting evaluations). Costs come from the latency model only."""
+    """Initial logits centred on the densest menu entry whose UNIFORM plan (every layer the same entry)
+    meets the budget: the first plans sampled are near the budget instead of uniformly spread (and,
+    with the action mask, not forced to prune the last layers to the minimum). Costs come from the
+    latency model only."""
     n = len(env.menu)
     j = n - 1
     for i in range(n):
-        plan = env.plan_for([i] * env.num_layers)
-        cost = env.latency_model.flops(plan) if env.budget.uses_flops else env.latency_model.predict(plan)
-        if cost <= env.limit:
+        if env.plan_cost([i] * env.num_layers) <= env.limit:
             j = i
             break
     return -sharpness * (torch.arange(n) - j).abs().float()

@@ -1,6 +1,8 @@
 """The search end to end on the digits CNN with a deterministic latency model: the found plan meets the
-budget and beats random budget-meeting plans; same seed → same result; an interrupted search resumes
-and ends exactly like an uninterrupted one; the result is JSON and applies with sparsify."""
+budget and beats random budget-meeting plans; the number of PPO updates is as configured (one every
+``rollout_episodes`` episodes) and every update's statistics are in the result; same seed → same plan;
+an interrupted search resumes (mid-rollout) and ends exactly like an uninterrupted one; the result is
+JSON and applies with sparsify."""
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from autosculpt.models import get_model
 from autosculpt.rl.env import Budget, PruningEnv
 from autosculpt.rl.ppo import PPOConfig
 from autosculpt.runtime.latency import FlopsLatencyModel
+from autosculpt.search import default_ppo_config
 from autosculpt.train import train_classifier
 
 BUDGET = 0.5  # remove at least half of the 3×3 convs' multiply-accumulates
@@ -30,10 +33,10 @@ def setup():
     return model.eval(), tr, va, x
 
 
-def _search(setup, episodes, **kw):
+def _search(setup, episodes, cfg=None, seed=0, **kw):
     model, tr, va, x = setup
-    cfg = PPOConfig(num_steps=8, num_minibatches=2, update_epochs=4, learning_rate=1e-2, ent_coef=0.01, target_kl=0.2)
-    return asc.search(model, tr, va, target_flops_ratio=BUDGET, episodes=episodes, seed=0, progress=False,
+    cfg = cfg if cfg is not None else default_ppo_config()
+    return asc.search(model, tr, va, target_flops_ratio=BUDGET, episodes=episodes, seed=seed, progress=False,
                       latency_model=FlopsLatencyModel(), example_input=x, ppo_config=cfg, bn_batches=1, **kw)
 
 
@@ -56,8 +59,11 @@ def test_search_meets_budget_and_beats_random_plans(setup):
     assert res.best_record["val_acc"] >= np.mean(random_accs) + 0.05, (res.best_record["val_acc"], np.mean(random_accs))
     # the policy learned: later episodes earn more than the first ones
     assert np.mean(res.episode_rewards[-16:]) > np.mean(res.episode_rewards[:16])
+    # the action mask keeps every plan within the budget
+    assert all(r["meets_budget"] for r in res.history)
+    assert len(res.ppo_stats) == 32 // 4
     for s in res.ppo_stats:
-        assert {"approx_kl", "clip_fraction", "explained_variance"} <= set(s)
+        assert {"approx_kl", "clip_fraction", "explained_variance", "entropy", "episode", "early_stop"} <= set(s)
     # one record per evaluated plan, with the metrics the issue asks for
     assert len({tuple(r["action"]) for r in res.history}) == len(res.history)
     for key in ("val_acc", "predicted_ms", "measured_ms", "flops", "reward"):
@@ -68,6 +74,30 @@ def test_search_meets_budget_and_beats_random_plans(setup):
     pruned = asc.sparsify(model, back.best_plan, backend="torch")
     masks = {n: m.tap_mask for n, m in pruned.named_modules() if hasattr(m, "tap_mask")}
     assert set(masks) == set(res.best_plan["layers"])
+
+
+@pytest.mark.parametrize("per_update", [4, 3])
+def test_ppo_updates_as_configured(setup, per_update):
+    cfg = default_ppo_config()
+    cfg.rollout_episodes = per_update
+    res = _search(setup, episodes=12, cfg=cfg)
+    layers = len(res.best_plan["layers"])
+    assert len(res.ppo_stats) == 12 // per_update
+    assert [s["episode"] for s in res.ppo_stats] == [per_update * (i + 1) - 1 for i in range(12 // per_update)]
+    for s in res.ppo_stats:
+        assert s["episodes"] == per_update and s["transitions"] == per_update * layers
+        assert s["minibatch_steps"] >= 1 and 0.0 <= s["clip_fraction"] <= 1.0
+    assert res.settings["formulation"] == "sequential" and res.settings["ppo"]["rollout_episodes"] == per_update
+    # the statistics survive the JSON round trip
+    assert asc.SearchResult.from_json(res.to_json()).ppo_stats == res.ppo_stats
+
+
+def test_same_seed_same_plan(setup):
+    a = _search(setup, episodes=10)
+    b = _search(setup, episodes=10)
+    assert a.best_plan == b.best_plan and a.history == b.history and a.ppo_stats == b.ppo_stats
+    c = _search(setup, episodes=10, seed=1)
+    assert [r["action"] for r in c.history] != [r["action"] for r in a.history]
 
 
 def test_interrupted_search_resumes_exactly(setup, tmp_path):
@@ -86,7 +116,8 @@ def test_interrupted_search_resumes_exactly(setup, tmp_path):
     assert resumed.episode_rewards == full.episode_rewards  # same seed → same result, nothing lost
     assert resumed.history == full.history
     assert resumed.best_plan == full.best_plan
-    assert [s["approx_kl"] for s in resumed.ppo_stats] == [s["approx_kl"] for s in full.ppo_stats]
+    assert resumed.ppo_stats == full.ppo_stats  # killed in the middle of a rollout (4 episodes each)
+    assert len(full.ppo_stats) == 3
     assert (tmp_path / "b" / "search_result.json").exists()
     with pytest.raises(ValueError, match="other settings"):
         _search(setup, episodes=12, checkpoint_dir=str(tmp_path / "b"), resume=True, penalty=3.0)
@@ -114,7 +145,7 @@ def test_budget_margin():
 def test_search_aims_past_a_speed_budget_by_the_margin(setup):
     """The search's limit is the budget tightened by the margin; the chosen plan's prediction meets it."""
     model, tr, va, x = setup
-    cfg = PPOConfig(num_steps=8, num_minibatches=2, update_epochs=4, learning_rate=1e-2, ent_coef=0.01, target_kl=0.2)
+    cfg = PPOConfig(rollout_episodes=2, num_minibatches=2, update_epochs=4, learning_rate=1e-2, ent_coef=0.01, target_kl=0.2)
     kw = dict(target_speedup=1.5, episodes=8, seed=0, progress=False, example_input=x, ppo_config=cfg, bn_batches=1)
     res = asc.search(model, tr, va, latency_model=FlopsLatencyModel(), margin=0.2, **kw)
     dense_ms = FlopsLatencyModel().profile(model, x).dense_ms()

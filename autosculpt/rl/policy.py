@@ -1,18 +1,26 @@
-"""The GNN actor-critic: a torch_geometric encoder over the model graph, one embedding per prunable
-layer, a per-layer categorical over the mix menu, and a critic on the pooled graph.
+"""The GNN actor-critic for the sequential pruning environment (:mod:`autosculpt.rl.env`).
 
-Observations are ``torch_geometric.data.Data`` graphs from :mod:`autosculpt.graph` (with
-``prunable_index``); an action is a LongTensor (num_prunable,) of menu indices. The log-probability of
-an action is the sum of its per-layer log-probabilities — exactly the action the environment applies.
+Observations are ``torch_geometric.data.Data`` graphs with ``x`` (node features: the graph's own and
+the environment's state columns), ``edge_index``, ``prunable_index``, ``current_index`` (the node of
+the layer to decide), ``glob`` (1, G) budget features and ``action_mask`` (1, A) bool. An action is one
+menu index for the current layer; its log-probability is that of the masked categorical the action was
+sampled from, recomputed exactly by :meth:`GNNActorCritic.evaluate` for a batch of observations.
+
+Actor and critic each have their own encoder (a shared one lets the value loss reshape the policy's
+features; PPO implementations such as cleanrl's keep them apart). Both read the current layer's
+embedding, the mean over all nodes, the mean over the prunable layers and the budget row.
 """
 from __future__ import annotations
 
+import copy
 from typing import List, Optional
 
 import torch
 from torch import nn
 
 __all__ = ["GATv2Encoder", "GNNActorCritic"]
+
+_MASKED = -1e9  # logit of a disallowed action (finite: no NaN in softmax or entropy)
 
 
 class GATv2Encoder(nn.Module):
@@ -46,62 +54,88 @@ class GATv2Encoder(nn.Module):
         return h
 
 
+class _Head(nn.Module):
+    """Encoder + readout: [current layer, mean over nodes, mean over prunable layers, budget row] → MLP."""
+
+    def __init__(self, encoder: nn.Module, global_dim: int, hidden: int, out: int):
+        super().__init__()
+        self.encoder = encoder
+        d = int(getattr(encoder, "out_dim", hidden))
+        self.mlp = nn.Sequential(nn.Linear(3 * d + global_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+                                 nn.Linear(hidden, out))
+
+    def forward(self, batch, graph_batch: torch.Tensor, num_graphs: int) -> torch.Tensor:
+        from torch_geometric.nn import global_mean_pool
+
+        h = self.encoder(batch.x, batch.edge_index)
+        pooled = global_mean_pool(h, graph_batch, num_graphs)
+        layers = global_mean_pool(h[batch.prunable_index], graph_batch[batch.prunable_index], num_graphs)
+        parts = [h[batch.current_index], pooled, layers]
+        if getattr(batch, "glob", None) is not None:
+            parts.append(batch.glob.view(num_graphs, -1))
+        return self.mlp(torch.cat(parts, 1))
+
+
 class GNNActorCritic(nn.Module):
     """Actor-critic over model graphs (see module docstring).
 
     Args:
-        in_dim: node feature width (``len(ModelGraph.feature_names)``).
+        in_dim: node feature width (``len(PruningEnv.feature_names)``).
         num_actions: menu size (same for every layer).
-        encoder: a graph encoder; default :class:`GATv2Encoder`.
+        global_dim: width of the observations' ``glob`` row (``len(env.GLOBAL_FEATURES)``; 0: none).
+        encoder: a graph encoder for the actor (the critic gets a deep copy); default :class:`GATv2Encoder`.
         hidden: width of the heads.
-        init_bias: optional (num_actions,) initial logits shared by all layers (e.g. to start near the
-            budget); default uniform.
+        init_bias: optional (num_actions,) initial logits (e.g. to start near the budget); default uniform.
     """
 
-    def __init__(self, in_dim: int, num_actions: int, encoder: Optional[nn.Module] = None, hidden: int = 64,
-                 init_bias: Optional[torch.Tensor] = None):
+    def __init__(self, in_dim: int, num_actions: int, global_dim: int = 0, encoder: Optional[nn.Module] = None,
+                 hidden: int = 64, init_bias: Optional[torch.Tensor] = None):
         super().__init__()
-        self.encoder = encoder if encoder is not None else GATv2Encoder(in_dim, hidden)
-        d = int(getattr(self.encoder, "out_dim", hidden))
-        # actor input: the layer's own embedding + the pooled graph (global context)
-        self.actor = nn.Sequential(nn.Linear(2 * d, hidden), nn.Tanh(), nn.Linear(hidden, num_actions))
-        self.critic = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, 1))
-        nn.init.orthogonal_(self.actor[-1].weight, 0.01)  # near-uniform start
+        enc = encoder if encoder is not None else GATv2Encoder(in_dim, hidden)
+        self.actor = _Head(enc, global_dim, hidden, num_actions)
+        self.critic = _Head(copy.deepcopy(enc), global_dim, hidden, 1)
+        last = self.actor.mlp[-1]
+        nn.init.orthogonal_(last.weight, 0.01)  # near-uniform start
         with torch.no_grad():
-            self.actor[-1].bias.copy_(init_bias if init_bias is not None else torch.zeros(num_actions))
+            last.bias.copy_(init_bias if init_bias is not None else torch.zeros(num_actions))
         self.num_actions = num_actions
 
-    def _forward(self, batch):
-        from torch_geometric.nn import global_mean_pool
+    @staticmethod
+    def _batch(obs_list):
+        from torch_geometric.data import Batch
 
-        h = self.encoder(batch.x, batch.edge_index)
-        graph_batch = batch.batch if getattr(batch, "batch", None) is not None else torch.zeros(h.shape[0], dtype=torch.long)
-        pooled = global_mean_pool(h, graph_batch)  # (G, d)
-        layer_h = h[batch.prunable_index]  # (G * L, d), graphs in order
-        layer_graph = graph_batch[batch.prunable_index]
-        logits = self.actor(torch.cat([layer_h, pooled[layer_graph]], 1))
-        value = self.critic(pooled).squeeze(-1)
+        return Batch.from_data_list(list(obs_list))
+
+    def _forward(self, batch):
+        n = int(batch.num_graphs) if hasattr(batch, "num_graphs") and getattr(batch, "batch", None) is not None else 1
+        graph_batch = batch.batch if getattr(batch, "batch", None) is not None else torch.zeros(batch.x.shape[0], dtype=torch.long)
+        logits = self.actor(batch, graph_batch, n)
+        mask = getattr(batch, "action_mask", None)
+        if mask is not None:
+            logits = logits.masked_fill(~mask.view(n, -1), _MASKED)
+        value = self.critic(batch, graph_batch, n).squeeze(-1)
         return logits, value
 
     def act(self, obs, deterministic: bool = False):
-        """Samples one menu index per prunable layer. Returns (action (L,), summed log-prob, value)."""
+        """Samples the current layer's menu index. Returns (action (), log-prob (), value ())."""
         logits, value = self._forward(obs)
-        dist = torch.distributions.Categorical(logits=logits)
-        action = logits.argmax(-1) if deterministic else dist.sample()
-        return action, dist.log_prob(action).sum(), value[0]
+        dist = torch.distributions.Categorical(logits=logits[0])
+        action = logits[0].argmax() if deterministic else dist.sample()
+        return action, dist.log_prob(action), value[0]
 
     def evaluate(self, obs_list: List, actions: torch.Tensor):
-        """Log-prob (summed over layers), mean per-layer entropy and value for a batch of graphs."""
-        from torch_geometric.data import Batch
+        """Log-prob, entropy and value (each (B,)) of a batch of observations and the actions taken."""
+        logits, value = self._forward(self._batch(obs_list))
+        dist = torch.distributions.Categorical(logits=logits)
+        actions = actions.view(-1)
+        return dist.log_prob(actions), dist.entropy(), value
 
-        batch = Batch.from_data_list(list(obs_list))
-        logits, value = self._forward(batch)
-        g = len(obs_list)
-        dist = torch.distributions.Categorical(logits=logits.view(g, -1, self.num_actions))
-        actions = actions.view(g, -1)
-        return dist.log_prob(actions).sum(-1), dist.entropy().mean(-1), value
+    def value(self, obs_list: List) -> torch.Tensor:
+        """The critic alone (B,) for a batch of observations."""
+        batch = self._batch(obs_list)
+        return self.critic(batch, batch.batch, int(batch.num_graphs)).squeeze(-1)
 
     def probabilities(self, obs) -> torch.Tensor:
-        """Per-layer action probabilities (L, num_actions) for one observation."""
+        """Action probabilities (num_actions,) for one observation (masked entries are 0)."""
         with torch.no_grad():
-            return torch.softmax(self._forward(obs)[0], -1)
+            return torch.softmax(self._forward(obs)[0][0], -1)
