@@ -351,6 +351,9 @@ class ChannelPlan:
         from .channels import analyze_channels, remove_channels
 
         if example_input is None:
+            if not self.input_shape:
+                raise ValueError("channel plan: no input_shape recorded (the plan was made on several inputs); "
+                                 "pass example_input")
             p = next(iter(model.parameters()), None)
             example_input = torch.zeros(self.input_shape, device=None if p is None else p.device)
         analysis = analyze_channels(model, example_input)

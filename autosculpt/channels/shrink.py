@@ -15,6 +15,7 @@ run on the example input and every traced tensor's shape is checked against the 
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Dict, Mapping, Optional, Sequence, Set
 
 import torch
@@ -447,10 +448,15 @@ def kept_indices(analysis: ChannelAnalysis, keep: Mapping[int, Sequence[int]]):
     if not isinstance(keep, Mapping):
         raise TypeError(f"keep: expected a mapping of group id -> kept channel indices, got {type(keep).__name__}")
     for gid, kept in keep.items():
-        if isinstance(gid, bool) or not isinstance(gid, int) or not 0 <= gid < len(groups):
-            raise ValueError(f"keep: {gid!r} is not a group id (0..{len(groups) - 1})")
+        given = gid
+        try:
+            gid = operator.index(gid)  # ints and numpy / torch integers, never bools or floats
+        except TypeError:
+            gid = None
+        if gid is None or isinstance(given, bool) or not 0 <= gid < len(groups):
+            raise ValueError(f"keep: {given!r} is not a group id (0..{len(groups) - 1})")
         g = groups[gid]
-        kept_set = {int(k) for k in kept}
+        kept_set = {operator.index(k) for k in kept}
         bad = [k for k in kept_set if not 0 <= k < g.channels]
         if bad:
             raise ValueError(f"keep[{gid}]: channel(s) {sorted(bad)[:5]} out of range for a group of {g.channels}")

@@ -213,3 +213,78 @@ def test_pruned_multihead_attention_matches_torch(batch_first, need_weights):
         ref.out_proj.weight[:, 12:18] = 0
         torch.testing.assert_close(small(q, q, q, need_weights=False)[0], ref(q, q, q, need_weights=False)[0],
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_timm_style_attention_shrinks_exactly():
+    from autosculpt.channels import PrunedSelfAttention
+    from autosculpt.models.vit import Attention
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(5, 12)
+            self.attn = Attention(12, 3)
+            self.out = nn.Linear(12, 2)
+
+        def forward(self, x):
+            return self.out(self.attn(self.inp(x)))
+
+    model = randomise(Tiny())
+    x = torch.randn(2, 7, 5)
+    an = analyze_channels(model, x)
+    keep = {group_of(an.groups, "attn", "heads").id: [1], group_of(an.groups, "inp", "out").id: [0, 3, 4, 8, 11]}
+    small = remove_channels(model, x, keep, analysis=an)
+    assert isinstance(small.attn, PrunedSelfAttention) and small.attn.num_heads == 1
+    assert small.attn.qkv.weight.shape == (12, 5) and small.attn.proj.weight.shape == (12, 4)
+    with torch.no_grad():
+        assert_close(small(x), masked_reference(model, an, keep)(x))
+
+
+def test_pruned_vit_can_be_pruned_again():
+    model = randomise(vit_tiny(embed_dim=48, depth=1, num_heads=4))
+    x = torch.randn(1, 3, 32, 32)
+    an = analyze_channels(model, x)
+    once = remove_channels(model, x, {group_of(an.groups, "blocks.0.attn", "heads").id: [0, 1, 3]}, analysis=an)
+    an2 = analyze_channels(once, x)
+    heads = group_of(an2.groups, "blocks.0.attn", "heads")
+    assert heads.channels == 3 and heads.prunable
+    twice = remove_channels(once, x, {heads.id: [0, 2]}, analysis=an2)
+    assert twice.blocks[0].attn.head_ids == [0, 3]
+    ref = masked_reference(model, an, {group_of(an.groups, "blocks.0.attn", "heads").id: [0, 3]})
+    with torch.no_grad():
+        assert_close(twice(x), ref(x))
+
+
+class _MiscLayers(nn.Module):
+    """GroupNorm (whole groups), PReLU per channel, InstanceNorm, a depthwise conv with multiplier 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.gn = nn.GroupNorm(4, 8)
+        self.act = nn.PReLU(8)
+        self.dw = nn.Conv2d(8, 16, 3, padding=1, groups=8)
+        self.inorm = nn.InstanceNorm2d(16, affine=True)
+        self.b = nn.Conv2d(16, 6, 1)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = self.dw(self.act(self.gn(self.a(x))))
+        return self.fc(self.b(torch.relu(self.inorm(x))).mean((2, 3)))
+
+
+def test_groupnorm_prelu_instancenorm_depthwise_multiplier():
+    model = randomise(_MiscLayers())
+    with torch.no_grad():
+        model.act.weight.uniform_(0.1, 0.5)
+        model.gn.weight.uniform_(0.5, 1.5)
+        model.gn.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 6, 6)
+    an = analyze_channels(model, x)
+    g = group_of(an.groups, "a", "out")
+    assert g.channels == 4 and g.prunable and g.exact
+    small = remove_channels(model, x, {g.id: [1, 3]}, analysis=an)
+    assert (small.gn.num_groups, small.gn.num_channels, small.act.num_parameters) == (2, 4, 4)
+    assert (small.dw.in_channels, small.dw.out_channels, small.dw.groups, small.inorm.num_features) == (4, 8, 4, 8)
+    with torch.no_grad():
+        assert_close(small(x), masked_reference(model, an, {g.id: [1, 3]})(x))
