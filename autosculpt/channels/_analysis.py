@@ -287,6 +287,9 @@ class Analysis(torch.fx.Interpreter):
         if n.op == "call_module":
             self.module_calls.setdefault(n.target, []).append(n.name)
         info = self._analyze(n, value)
+        if not _consistent(info, value):  # never trust an info that disagrees with the real tensor
+            self.block_info(info, self.shapes[n.name], f"{n.name}: the analysis lost track of its channels")
+            info = self.unsupported(n, "an op whose output shape the analysis did not predict")
         self.infos[n.name] = info
         return value
 
@@ -727,11 +730,16 @@ class Analysis(torch.fx.Interpreter):
         return info
 
     def _spatial(self, n, x, value):
-        """Pooling, interpolation: channels on dims 0-1 pass, any other dim is resized or mixed."""
-        info = self._info(x)
+        """Pooling, interpolation over the trailing 1, 2 or 3 dims (from the op's name; all but the first
+        two for interpolation): channels on any other dim pass."""
+        info, shape = self._info(x), self._shape_of(x)
         self.kinds[n.name] = "spatial"
+        name = _fn_name(n.target) if n.op != "call_module" else type(self.module.get_submodule(n.target)).__name__
+        k = next((d for d in (1, 2, 3) if f"{d}d" in name.lower()), None)
+        if k is None or not isinstance(shape, tuple):
+            k = max(len(shape) - 2, 1) if isinstance(shape, tuple) else 1
         if isinstance(info, ChannelInfo):
-            if info.cdim >= 2:
+            if info.cdim >= len(shape) - k:
                 return self.unsupported(n, "a spatial op over the channel dim")
             return ChannelInfo(info.cdim, info.ids)
         if isinstance(info, ParamInfo):
@@ -1060,6 +1068,36 @@ def _compare_outputs(got, want) -> str:
     return "its output is not a tensor"
 
 
+def _consistent(info, value) -> bool:
+    if isinstance(info, ChannelInfo):
+        return isinstance(value, torch.Tensor) and 0 <= info.cdim < value.dim() and \
+            value.shape[info.cdim] == len(info.ids)
+    if isinstance(info, ParamInfo):
+        return isinstance(value, torch.Tensor) and len(info.axes) == value.dim() and all(
+            a is None or info.shape[a] == value.shape[d] or value.shape[d] == 1 for d, a in enumerate(info.axes))
+    if isinstance(info, TupleInfo):
+        return isinstance(value, (tuple, list)) and len(value) == len(info.items) and all(
+            _consistent(i, v) for i, v in zip(info.items, value))
+    return True
+
+
+def _block_shared_parameters(a: "Analysis", model: nn.Module) -> None:
+    """A parameter reachable under several names (tied weights) would be sliced separately per module and
+    silently untied: every member holding it is blocked."""
+    owners: Dict[int, List[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    shared = [names for names in owners.values() if len(names) > 1]
+    if not shared:
+        return
+    for names in shared:
+        reason = f"parameter shared by {', '.join(names)} (tied weights)"
+        holders = {nm.rpartition(".")[0] for nm in names} | set(names)
+        for (key, _), e in a.slots.items():
+            if key[0] in holders:
+                a.uf.block([e], reason)
+
+
 def _flatten_args(args):
     out = []
 
@@ -1152,4 +1190,5 @@ def analyze(model: nn.Module, example_input) -> Analysis:
                                 f"{type(exc).__name__}: {exc}") from exc
     finally:
         model.train(was_training)
+    _block_shared_parameters(analysis, model)
     return analysis

@@ -161,3 +161,17 @@ def test_nothing_empty_is_a_copy():
     assert result.folded == [] and result.kept == [] and result.model is not model
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), model(x))
+
+
+def test_empty_mlp_hidden_units_fold_into_fc2():
+    from autosculpt.models import vit_tiny
+
+    model = randomise(vit_tiny(embed_dim=48, depth=2, num_heads=3))
+    with torch.no_grad():
+        model.blocks[1].mlp.fc1.weight[[4, 10, 50]] = 0  # GELU(bias) is a constant for fc2
+    x = torch.randn(2, 3, 32, 32)
+    result = fold_empty_filters(model, x)
+    assert result.folded == [("blocks.1.mlp.fc1", 4), ("blocks.1.mlp.fc1", 10), ("blocks.1.mlp.fc1", 50)]
+    assert result.model.blocks[1].mlp.fc2.in_features == 93
+    with torch.no_grad():
+        assert_close(result.model(x), model(x))

@@ -268,3 +268,32 @@ def test_analysis_does_not_change_the_model():
     assert model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k  # BatchNorm statistics untouched
+
+
+def test_tied_weights_and_misread_spatial_ops_block():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 6)
+            self.mid = nn.Linear(6, 6)
+            self.head = nn.Linear(6, 10, bias=False)
+            self.head.weight = self.emb.weight  # tied: slicing one would silently untie them
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.mid(self.emb(ids))))
+
+    groups = channel_groups(Tied(), torch.randint(0, 10, (2, 5)))
+    g = group_of(groups, "emb", "out")
+    assert not g.prunable and any("tied" in r for r in g.reasons)
+
+    class PoolOverChannels(nn.Module):  # a 2-D pool on a 3-D (B, C, L) tensor pools C and L
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv1d(3, 8, 1)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+
+        def forward(self, x):
+            return self.pool(self.c(x)).flatten(1)
+
+    g = group_of(channel_groups(PoolOverChannels(), torch.randn(2, 3, 5)), "c", "out")
+    assert not g.prunable and any("spatial op over the channel dim" in r for r in g.reasons)
