@@ -94,7 +94,7 @@ class PrunedMultiheadAttention(nn.Module):
             raise TypeError(f"expected nn.MultiheadAttention, got {type(m).__name__}")
         if m.bias_k is not None or m.bias_v is not None or m.add_zero_attn:
             raise ValueError("bias_k / bias_v / add_zero_attn are not supported")
-        e, h, d = m.embed_dim, m.num_heads, m.head_dim
+        h, d = m.num_heads, m.head_dim
         if m.in_proj_weight is not None:
             wq, wk, wv = m.in_proj_weight.detach().chunk(3)
         else:
@@ -107,7 +107,6 @@ class PrunedMultiheadAttention(nn.Module):
         _copy_linear(new.k_proj, wk, bk)
         _copy_linear(new.v_proj, wv, bv)
         _copy_linear(new.out_proj, m.out_proj.weight.detach(), None if m.out_proj.bias is None else m.out_proj.bias.detach())
-        assert e == wq.shape[0]
         return new.train(m.training)
 
     def select(self, in_keep=None, key_keep=None, value_keep=None, out_keep=None, heads_keep=None):
