@@ -17,6 +17,9 @@ each timing repeats the call until ~``--min-time`` passed), and reported as medi
 - ``autosculpt N×``: ``autosculpt.sparsify`` with a uniform PAPER6 plan keeping 1/N of the prunable
   3×3 taps (``autosculpt.plan.uniform_plan``, pattern counts in whole kernel blocks), through the
   same deployed form; its output is checked against the sparsified eager model (max abs error).
+- ``autosculpt channels N×`` (``--cuts chN``): ``autosculpt.plan.plan_for_mac_cut`` — channel groups
+  found in the fx graph, magnitude importance, one keep ratio — physically shrinking the model until
+  its whole-model MACs are 1/N; a plain smaller dense model, through the same deployed form.
 
 "best engine" = the fastest of onnxruntime, openvino and inductor on that line. ideal = dense MACs ÷
 pruned MACs (``autosculpt.flops.count_macs``). GFLOP/s = 2 × executed MACs ÷ time (pruned layers that
@@ -33,6 +36,7 @@ import argparse
 import contextlib
 import copy
 import io
+import itertools
 import json
 import math
 import os
@@ -58,11 +62,20 @@ BUILTIN_MODELS = ["resnet20", "resnet56", "vgg16"]  # autosculpt.models, 3×32×
 MODELS = TORCHVISION_MODELS + BUILTIN_MODELS
 ENGINES = ["onnxruntime", "openvino", "inductor"]  # "best dense engine" = the fastest of these
 DENSE_PROVIDERS = ["eager"] + ENGINES + ["autosculpt dense"]
-CUTS = [2.0, 3.0]
+CUTS = ["2", "3"]  # "N": patterns keeping 1/N of the 3×3 taps; "chN": channels, whole-model MACs ÷ N
 
 
-def pruned_name(cut: float) -> str:
-    return f"autosculpt {cut:g}×"
+def cut_kind(cut: str) -> str:
+    """``"patterns"`` or ``"channels"`` (a ``ch`` prefix)."""
+    return "channels" if str(cut).startswith("ch") else "patterns"
+
+
+def cut_value(cut) -> float:
+    return float(str(cut).removeprefix("ch"))
+
+
+def pruned_name(cut) -> str:
+    return f"autosculpt {'channels ' if cut_kind(cut) == 'channels' else ''}{cut_value(cut):g}×"
 
 
 # --------------------------------------------------------------------------- models and plans
@@ -94,12 +107,20 @@ def build_model(name: str) -> tuple:
     return model.eval(), res
 
 
-def make_plan(model: nn.Module, x: torch.Tensor, cut: float) -> tuple:
-    """(plan, description): a uniform PAPER6 plan keeping 1/cut of the prunable 3×3 taps."""
+def make_pruned(model: nn.Module, x: torch.Tensor, cut) -> tuple:
+    """(pruned eval model, description). Patterns (``"N"``): a uniform PAPER6 plan keeping 1/N of the
+    prunable 3×3 taps. Channels (``"chN"``): ``autosculpt.plan.plan_for_mac_cut`` (channel groups from
+    the fx graph, magnitude importance, uniform keep ratio) cutting the whole model's MACs by N."""
+    import autosculpt as asc
     import autosculpt.plan as asc_plan
     from autosculpt.patterns import PAPER6
 
-    return asc_plan.uniform_plan(model, PAPER6, 1.0 / cut), f"uniform PAPER6, kept {1 / cut:.3f} of the 3×3 taps"
+    v = cut_value(cut)
+    if cut_kind(cut) == "channels":
+        plan = asc_plan.plan_for_mac_cut(model, x, v)
+        return plan.apply(model, x).eval(), f"channels: plan_for_mac_cut({v:g}), whole-model MACs"
+    plan = asc_plan.uniform_plan(model, PAPER6, 1.0 / v)
+    return asc.sparsify(model, plan).eval(), f"uniform PAPER6, kept {1 / v:.3f} of the 3×3 taps"
 
 
 def deployed(model: nn.Module, x: torch.Tensor) -> tuple:
@@ -428,14 +449,13 @@ def prepare_model(name: str, batches, cuts, workdir: Path, log=print) -> tuple:
             log(f"  {prep['onnx'][b]}")
     for cut in cuts:
         try:
-            plan, how = make_plan(model, x1, cut)
-            pruned = asc.sparsify(model, plan).eval()
+            pruned, how = make_pruned(model, x1, cut)
             prep["pruned"][cut] = pruned
             prep["plan_how"][cut] = how
             prep["pruned_macs"][cut] = float(count_macs(pruned, x1)["total"])
         except Exception as exc:  # noqa: BLE001
-            prep["pruned"][cut] = f"sparsify: {type(exc).__name__}: {str(exc)[:200]}"
-            log(f"  {name} {cut:g}×: {prep['pruned'][cut]}")
+            prep["pruned"][cut] = f"pruning: {type(exc).__name__}: {str(exc)[:200]}"
+            log(f"  {name} {pruned_name(cut)}: {prep['pruned'][cut]}")
     return model, res, prep
 
 
@@ -497,12 +517,14 @@ def summarize(records: List[dict]) -> List[dict]:
     """Per (batch, threads): pruned ÷ ideal against the best dense engine (median, worst) and the dense
     deployed form against the best engine (median, worst)."""
     out = []
-    for b, t in sorted({(r["batch"], r["threads"]) for r in records}):
+    kinds = sorted({cut_kind(r["cut"]) for r in records if "cut" in r}) or ["patterns"]
+    for (b, t), kind in itertools.product(sorted({(r["batch"], r["threads"]) for r in records}), kinds):
         line = [r for r in records if r["batch"] == b and r["threads"] == t and "failed" not in r]
-        pr = sorted(r["of_ideal"] for r in line if "cut" in r and r.get("of_ideal") is not None)
+        pr = sorted(r["of_ideal"] for r in line
+                    if "cut" in r and cut_kind(r["cut"]) == kind and r.get("of_ideal") is not None)
         dn = sorted(r["speedup_vs_best_engine"] for r in line
                     if r["provider"] == "autosculpt dense" and r.get("speedup_vs_best_engine") is not None)
-        out.append(dict(batch=b, threads=t, pruned_of_ideal_median=statistics.median(pr) if pr else None,
+        out.append(dict(batch=b, threads=t, plans=kind, pruned_of_ideal_median=statistics.median(pr) if pr else None,
                         pruned_of_ideal_worst=pr[0] if pr else None, pruned_rows=len(pr),
                         dense_vs_best_median=statistics.median(dn) if dn else None,
                         dense_vs_best_worst=dn[0] if dn else None, dense_rows=len(dn)))
@@ -549,13 +571,13 @@ def markdown(res: dict) -> str:
         "÷ ideal = (speedup vs best engine) ÷ ideal. GFLOP/s = 2 × executed MACs ÷ median time "
         "(dense-fallback layers counted dense). err = max abs error vs the dense eager model (pruned rows: vs "
         f"the sparsified eager model). Our deployed form: `autosculpt.{deploy}`. Pruned plans: "
-        + ", ".join(sorted({f"{r['cut']:g}×: {r['plan']}" for r in res["records"] if r.get("plan")})) + ".",
+        + ", ".join(sorted({f"{pruned_name(r['cut'])}: {r['plan']}" for r in res["records"] if r.get("plan")})) + ".",
         "", "## Summary", "",
-        "| batch | threads | pruned ÷ ideal vs best engine: median | worst | rows | our dense vs best engine: median | worst |",
-        "|---|---|---|---|---|---|---|",
+        "| batch | threads | plans | pruned ÷ ideal vs best engine: median | worst | rows | our dense vs best engine: median | worst |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in res["summary"]:
-        lines.append(f"| {s['batch']} | {s['threads']} | {_f(s['pruned_of_ideal_median'])} | "
+        lines.append(f"| {s['batch']} | {s['threads']} | {s.get('plans', 'patterns')} | {_f(s['pruned_of_ideal_median'])} | "
                      f"{_f(s['pruned_of_ideal_worst'])} | {s['pruned_rows']} | {_f(s['dense_vs_best_median'])} | "
                      f"{_f(s['dense_vs_best_worst'])} |")
     lines += ["", "## All rows", "",
@@ -583,6 +605,17 @@ def merge(paths: List[Path], out_path: Path) -> dict:
     return res
 
 
+def _cut(text: str) -> str:
+    """A ``--cuts`` value: ``N`` or ``chN`` with N > 1."""
+    try:
+        ok = cut_value(text) > 1
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected N or chN with N > 1 (e.g. 2, 3, ch2), got {text!r}")
+    return text
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=None, help=f"default: {' '.join(MODELS)}")
@@ -590,7 +623,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=None, help="default: 1 2")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 15, --quick 3)")
     ap.add_argument("--min-time", type=float, default=0.02, help="seconds of repeated calls per timing (default 0.02)")
-    ap.add_argument("--cuts", type=float, nargs="+", default=CUTS, help="3×3 tap cuts of the pruned models (default 2 3)")
+    ap.add_argument("--cuts", type=_cut, nargs="+", default=CUTS,
+                    help="pruned models: N = patterns keeping 1/N of the 3×3 taps, chN = channel pruning cutting "
+                    "the whole model's MACs by N (default 2 3)")
     ap.add_argument("--quick", action="store_true", help="smoke test: resnet20, batch 1, 1 thread, 3 repeats")
     ap.add_argument("--out", type=Path, default=None, help="default bench/results/engines-cpu.md (.json beside it); "
                     "--quick: engines-cpu-quick.md in the temp folder")

@@ -166,15 +166,17 @@ def engines_section(data: dict) -> List[str]:
                                                                 for t, g in data["fma_peak"]["gflops"].items())
            + ". best engine = fastest of ONNX Runtime, OpenVINO and inductor (freezing, channels_last) on the "
            "same line; ideal = dense MACs ÷ pruned MACs.", "",
-           "| batch | threads | pruned ÷ ideal vs best engine: median | worst | our dense vs best engine: median | worst |",
-           "|---|---|---|---|---|---|"]
+           "| batch | threads | plans | pruned ÷ ideal vs best engine: median | worst | our dense vs best engine: median | worst |",
+           "|---|---|---|---|---|---|---|"]
     for r in data["summary"]:
         def f(v):
             return "—" if v is None else f"{v:.2f}"
-        out.append(f"| {r['batch']} | {r['threads']} | {f(r['pruned_of_ideal_median'])} | {f(r['pruned_of_ideal_worst'])} "
-                   f"| {f(r['dense_vs_best_median'])} | {f(r['dense_vs_best_worst'])} |")
-    out += ["", "| model | batch | threads | best engine (ms) | ours dense (ms) | ours 2× (ms, vs best, ÷ ideal) "
-            "| ours 3× (ms, vs best, ÷ ideal) |", "|---|---|---|---|---|---|---|"]
+        out.append(f"| {r['batch']} | {r['threads']} | {r.get('plans', 'patterns')} | {f(r['pruned_of_ideal_median'])} "
+                   f"| {f(r['pruned_of_ideal_worst'])} | {f(r['dense_vs_best_median'])} | {f(r['dense_vs_best_worst'])} |")
+    pruned = sorted({r["provider"] for r in data["records"] if "cut" in r})  # autosculpt 2×, ... channels 2×
+    out += ["", "| model | batch | threads | best engine (ms) | ours dense (ms) | "
+            + " | ".join(f"{p.removeprefix('autosculpt ')} (ms, vs best, ÷ ideal)" for p in pruned) + " |",
+            "|---|---|---|---|---|" + "---|" * len(pruned)]
     lines = {}
     for r in data["records"]:
         if "failed" in r:
@@ -193,7 +195,7 @@ def engines_section(data: dict) -> List[str]:
             return f"{r['median_ms']:.2f}, {r['speedup_vs_best_engine']:.2f}×, {r['of_ideal']:.2f}"
 
         out.append(f"| {model} | {b} | {t} | {best:.2f} ({best_name}) | {cell('autosculpt dense')} | "
-                   f"{cell('autosculpt 2×')} | {cell('autosculpt 3×')} |")
+                   + " | ".join(cell(p) for p in pruned) + " |")
     return out + [""]
 
 
