@@ -430,7 +430,6 @@ def run_line(name: str, model: nn.Module, res: int, batch: int, threads: int, pr
 
 def prepare_model(name: str, batches, cuts, workdir: Path, log=print) -> tuple:
     """Builds the dense model, its ONNX exports (per batch), the pruned models and their MACs."""
-    import autosculpt as asc
     from autosculpt.flops import count_macs
 
     model, res = build_model(name)
