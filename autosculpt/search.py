@@ -574,12 +574,16 @@ def default_ppo_config() -> PPOConfig:
                      value_replay=4, value_epochs=2, value_minibatch_size=32)
 
 
-def _budget_centred_bias(env: PruningEnv, sharpness: float = 1.0) -> torch.Tensor:
-    """Initial logits centred on the densest menu entry whose UNIFORM plan (every layer the same entry)
-    meets the budget: the first plans sampled are near the budget instead of uniformly spread (and,
-    with the action mask, not forced to prune the last layers to the minimum). Costs come from the
-    latency model only."""
+def _budget_centred_bias(env: PruningEnv, sharpness: float = 1.0, force: bool = False) -> torch.Tensor:
+    """The policy's initial logits. With the action mask (``env.constrain``): uniform over the allowed
+    entries, which explores mixed plans; centring every layer on one entry started the search around
+    the UNIFORM plan at the budget, among the least accurate plans that meet it (bench/results/
+    rl-learning.md). Without the mask (or ``force``): centred on the densest menu entry whose uniform
+    plan meets the budget, so that the first plans sampled are near the budget instead of half of them
+    far over it. Costs come from the latency model only."""
     n = len(env.menu)
+    if env.constrain and not force:
+        return torch.zeros(n)
     j = n - 1
     for i in range(n):
         if env.plan_cost([i] * env.num_layers) <= env.limit:

@@ -387,8 +387,7 @@ def main(argv=None):
         results["baselines"] = run_baselines(args, model, tr, va, x)
         cache.save()
     if args.init != "default":
-        import autosculpt.search as search_module
-
+        search_module = sys.modules["autosculpt.search"]  # (autosculpt.search is also the function)
         centred = search_module._budget_centred_bias
         search_module._budget_centred_bias = (
             (lambda env: torch.zeros(len(env.menu))) if args.init == "uniform" else (lambda env: centred(env, force=True)))

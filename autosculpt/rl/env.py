@@ -6,10 +6,11 @@ applied with ``autosculpt.sparsify``, BN statistics are re-estimated on a few TR
 accuracy is measured on the VALIDATION split (the test split is never seen during the search), and
 the plan's cost comes from the latency model.
 
-State (an observation is a ``torch_geometric.data.Data``): the model graph whose prunable nodes carry
-the decisions made so far (their pattern mix and kept fraction, as in :mod:`autosculpt.graph`) plus
-four node columns (:data:`NODE_STATE_FEATURES`: decided, current, dense cost / limit, decided cost /
-limit), every column standardised with the start state's per-column statistics; ``current_index``
+State (an observation is a ``torch_geometric.data.Data``): the model graph (``x``: the node features of
+:mod:`autosculpt.graph`, each column standardised over the graph's nodes, the same tensor in every
+observation), ``layer_state`` (L, S): per prunable layer the decisions made so far
+(:data:`LAYER_STATE_FEATURES`: decided, current, its dense cost and decided cost × L / limit, the
+decided kept fraction and pattern mix; the policy scatters these onto the layers' nodes); ``current_index``
 (the node of the layer to decide now); ``glob``, a row of budget features (:data:`GLOBAL_FEATURES`:
 progress, cost of the decided prefix and of the rest (dense and at its cheapest) relative to the
 limit, budget left, and how much of the remaining layers' prunable slack the budget still allows)
@@ -53,10 +54,12 @@ from ..plan import PLAN_VERSION, conv_layer_plan, sparsify
 from ..train import evaluate, recalibrate_bn
 from .actions import MixMenu
 
-__all__ = ["Budget", "PruningEnv", "NODE_STATE_FEATURES", "GLOBAL_FEATURES"]  # Budget: autosculpt.budget
+__all__ = ["Budget", "PruningEnv", "LAYER_STATE_FEATURES", "GLOBAL_FEATURES"]  # Budget: autosculpt.budget
 
-NODE_STATE_FEATURES = ("decided", "current", "dense_cost_over_limit", "decided_cost_over_limit")
-"""Columns the environment appends to the graph's node features (zero on non-prunable nodes)."""
+LAYER_STATE_FEATURES = ("decided", "current", "dense_cost", "decided_cost", "decided_kept_fraction")
+"""The first columns of an observation's ``layer_state`` (one row per prunable layer); the decided pattern
+mix follows (``decided_mix_0`` ...; zeros while undecided). Costs are × L / limit (1: an even share of
+the budget)."""
 
 GLOBAL_FEATURES = ("progress", "used_over_limit", "rest_dense_over_limit", "rest_min_over_limit", "left",
                    "slack_allowed", "current_dense_over_limit", "current_share_of_rest")
@@ -121,9 +124,11 @@ class PruningEnv:
         self.dense_flops = latency_model.flops(None)
         self.limit = budget.limit(self.dense_ms, self.dense_flops)
         self._ids_cache: Dict[Tuple[str, int], List[int]] = {}
+        self._kept_per_pattern = pattern_set.kept_fractions().float()
         self.evaluations: Dict[tuple, dict] = {}  # action tuple -> record (memo: identical plans are not re-run)
         self._cost_table()
-        self.feature_names = list(self.graph.feature_names) + list(NODE_STATE_FEATURES)
+        self.layer_state_names = list(LAYER_STATE_FEATURES) + [f"decided_mix_{i}" for i in range(len(pattern_set))]
+        self.feature_names = list(self.graph.feature_names) + self.layer_state_names  # the encoder's input columns
         self.global_feature_names = list(GLOBAL_FEATURES)
         if self.slot_features:
             self.global_feature_names += [f"current_is_{n}" for n in self.graph.prunable]
@@ -131,14 +136,15 @@ class PruningEnv:
         self.t = 0
         self.decisions: List[int] = []
         self._phi0 = self._potential(0, [])
-        # Node features are standardised per column with the start state's statistics (a fixed affine
-        # map): raw columns range from shares of 1e-3 to log channel counts of 6, which saturates the
-        # encoder's first tanh and slows the critic down (bench/results/rl-learning.md).
-        self._x_mean = torch.zeros(len(self.feature_names))
-        self._x_std = torch.ones(len(self.feature_names))
-        x0 = self._observation().x
+        # The graph's node features standardised per column, once: raw columns range from shares of 1e-3
+        # to log channel counts of 6, which saturates the encoder's first tanh and slows the critic down
+        # (bench/results/rl-learning.md). Every observation shares this tensor and the edges (a shallow
+        # copy), so rollouts, replay and checkpoints hold only the small per-layer state.
+        x0 = self.graph.data.x
         std = x0.std(0)
         self._x_mean, self._x_std = x0.mean(0), torch.where(std > 1e-6, std, torch.ones_like(std))
+        self._base = copy.copy(self.graph.data)
+        self._base.x = (x0 - self._x_mean) / self._x_std
         self._obs = self._observation()
 
     # -- costs -------------------------------------------------------------------------------
@@ -203,21 +209,19 @@ class PruningEnv:
     def _observation(self):
         """The state before deciding layer ``self.t`` (or the complete plan once ``t == L``)."""
         L, t = self.num_layers, self.t
-        mixes = {}
-        for li, a in enumerate(self.decisions):
-            name = self.graph.prunable[li]
-            mixes[name] = self.menu.mix_fractions(self._ids(name, a))
-        data = self.graph.with_state(mixes)
-        extra = torch.zeros(data.x.shape[0], len(NODE_STATE_FEATURES))
-        nodes = self.graph.data.prunable_index
-        extra[nodes, 2] = (self.layer_dense_cost / self.limit).float()
-        for li, a in enumerate(self.decisions):
-            extra[nodes[li], 0] = 1.0
-            extra[nodes[li], 3] = float(self.layer_cost[li, a] / self.limit)
-        cur = nodes[min(t, L - 1)]
+        state = torch.zeros(L, len(self.layer_state_names))
+        state[:, 2] = (self.layer_dense_cost * L / self.limit).float()
         if t < L:
-            extra[cur, 1] = 1.0
-        data.x = (torch.cat([data.x, extra], 1) - self._x_mean) / self._x_std
+            state[t, 1] = 1.0
+        for li, a in enumerate(self.decisions):
+            mix = self.menu.mix_fractions(self._ids(self.graph.prunable[li], a))
+            state[li, 0] = 1.0
+            state[li, 3] = float(self.layer_cost[li, a] * L / self.limit)
+            state[li, 4] = float((mix * self._kept_per_pattern).sum())
+            state[li, len(LAYER_STATE_FEATURES):] = mix
+        data = copy.copy(self._base)  # shares x and the edges with every other observation
+        data.layer_state = state
+        cur = self._base.prunable_index[min(t, L - 1)]
         used = (self.fixed_cost + self._prefix_cost(self.decisions)) / self.limit
         rest_dense, rest_min = float(self._rest_dense[t]) / self.limit, float(self._rest_min[t]) / self.limit
         slack = rest_dense - rest_min

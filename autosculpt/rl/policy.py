@@ -1,8 +1,9 @@
 """The GNN actor-critic for the sequential pruning environment (:mod:`autosculpt.rl.env`).
 
-Observations are ``torch_geometric.data.Data`` graphs with ``x`` (node features: the graph's own and
-the environment's state columns), ``edge_index``, ``prunable_index``, ``current_index`` (the node of
-the layer to decide), ``glob`` (1, G) budget features and ``action_mask`` (1, A) bool. An action is one
+Observations are ``torch_geometric.data.Data`` graphs with ``x`` (node features), ``edge_index``,
+``prunable_index``, optionally ``layer_state`` (L, S): per-layer state columns that are scattered onto
+the prunable nodes (zeros elsewhere) and appended to ``x``, ``current_index`` (the node of the layer
+to decide), ``glob`` (1, G) budget features and ``action_mask`` (1, A) bool. An action is one
 menu index for the current layer; its log-probability is that of the masked categorical the action was
 sampled from, recomputed exactly by :meth:`GNNActorCritic.evaluate` for a batch of observations.
 
@@ -67,7 +68,13 @@ class _Head(nn.Module):
     def forward(self, batch, graph_batch: torch.Tensor, num_graphs: int) -> torch.Tensor:
         from torch_geometric.nn import global_mean_pool
 
-        h = self.encoder(batch.x, batch.edge_index)
+        x = batch.x
+        state = getattr(batch, "layer_state", None)
+        if state is not None:  # the per-layer state onto the prunable nodes
+            extra = x.new_zeros(x.shape[0], state.shape[1])
+            extra[batch.prunable_index] = state
+            x = torch.cat([x, extra], 1)
+        h = self.encoder(x, batch.edge_index)
         pooled = global_mean_pool(h, graph_batch, num_graphs)
         layers = global_mean_pool(h[batch.prunable_index], graph_batch[batch.prunable_index], num_graphs)
         parts = [h[batch.current_index], pooled, layers]
@@ -80,7 +87,7 @@ class GNNActorCritic(nn.Module):
     """Actor-critic over model graphs (see module docstring).
 
     Args:
-        in_dim: node feature width (``len(PruningEnv.feature_names)``).
+        in_dim: encoder input width: ``x`` columns + ``layer_state`` columns (``len(PruningEnv.feature_names)``).
         num_actions: menu size (same for every layer).
         global_dim: width of the observations' ``glob`` row (``len(env.GLOBAL_FEATURES)``; 0: none).
         encoder: a graph encoder for the actor (the critic gets a deep copy); default :class:`GATv2Encoder`.

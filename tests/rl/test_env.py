@@ -5,7 +5,7 @@ log-probabilities are those of the masked distribution the action was sampled fr
 import pytest
 import torch
 
-from autosculpt.rl.env import GLOBAL_FEATURES, NODE_STATE_FEATURES, Budget, PruningEnv
+from autosculpt.rl.env import GLOBAL_FEATURES, LAYER_STATE_FEATURES, Budget, PruningEnv
 from autosculpt.runtime.latency import FlopsLatencyModel
 
 pytest.importorskip("torch_geometric")
@@ -30,57 +30,57 @@ def make_env(parts, **kw):
     return PruningEnv(model, tr, va, FlopsLatencyModel(), x, budget, bn_batches=1, **kw)
 
 
-def raw_x(env, obs):
-    """The observation's node features before standardisation."""
-    return obs.x * env._x_std + env._x_mean
-
-
 def test_observation_changes_every_step_and_carries_the_decisions(parts):
     env = make_env(parts)
-    col = {n: i for i, n in enumerate(env.feature_names)}
+    col = {n: i for i, n in enumerate(env.layer_state_names)}
     nodes = env.graph.data.prunable_index
+    L = env.num_layers
     obs = env.reset()
     assert env.global_feature_names[:len(GLOBAL_FEATURES)] == list(GLOBAL_FEATURES)
-    assert obs.x.shape[1] == len(env.feature_names) == len(env.graph.feature_names) + len(NODE_STATE_FEATURES)
+    assert env.layer_state_names[:len(LAYER_STATE_FEATURES)] == list(LAYER_STATE_FEATURES)
+    assert len(env.feature_names) == obs.x.shape[1] + obs.layer_state.shape[1]
+    assert obs.layer_state.shape == (L, len(env.layer_state_names))
     assert obs.glob.shape == (1, len(env.global_feature_names)) and obs.action_mask.shape == (1, len(env.menu))
-    assert int(obs.current_index) == int(nodes[0])
+    assert int(obs.current_index) == int(nodes[0]) and obs.layer_state[0, col["current"]] == 1.0
+    assert float(obs.layer_state[:, col["decided"]].sum()) == 0.0
     seen, choices = [obs], [3, 1, 4, 5]
     for t, a in enumerate(choices):
         a = a if bool(obs.action_mask[0, a]) else int(obs.action_mask[0].nonzero()[-1])
         obs, reward, done, info = env.step(a)
         seen.append(obs)
-        x = raw_x(env, obs)
-        li = int(nodes[t])
-        # the decided layer's node now carries its flag, its mix and kept fraction, and its cost
-        assert x[li, col["decided"]] == pytest.approx(1.0)
+        row = obs.layer_state[t]
+        # the decided layer's row carries its flag, its mix and kept fraction, and its cost
+        assert row[col["decided"]] == 1.0 and row[col["current"]] == 0.0
         mix = env.menu.mix_fractions(env._ids(env.graph.prunable[t], a))
-        torch.testing.assert_close(x[li, col["mix_0"]:col["mix_0"] + len(mix)], mix, atol=1e-5, rtol=0)
-        assert x[li, col["kept_fraction"]] == pytest.approx(env.menu.kept_fractions[a], abs=0.02)
-        assert x[li, col["decided_cost_over_limit"]] == pytest.approx(float(env.layer_cost[t, a] / env.limit), rel=1e-4)
-        assert x[li, col["current"]] == pytest.approx(0.0, abs=1e-6)
+        torch.testing.assert_close(row[len(LAYER_STATE_FEATURES):], mix)
+        assert float(row[col["decided_kept_fraction"]]) == pytest.approx(env.menu.kept_fractions[a], abs=0.02)
+        assert float(row[col["decided_cost"]]) == pytest.approx(float(env.layer_cost[t, a] * L / env.limit), rel=1e-5)
+        assert float(obs.layer_state[:, col["decided"]].sum()) == t + 1  # all decisions so far, none after
         # the glob row: progress and the budget used so far
-        assert float(obs.glob[0, 0]) == pytest.approx((t + 1) / env.num_layers)
+        assert float(obs.glob[0, 0]) == pytest.approx((t + 1) / L)
         used = (env.fixed_cost + sum(float(env.layer_cost[i, d]) for i, d in enumerate(env.decisions))) / env.limit
         assert float(obs.glob[0, 1]) == pytest.approx(used, rel=1e-5)
         g = dict(zip(env.global_feature_names, obs.glob[0].tolist()))
         name = env.graph.prunable[t]
         assert g[f"kept_fraction_{name}"] == pytest.approx(env.menu.kept_fractions[a])
         assert g[f"current_is_{name}"] == 0.0
-        if t + 1 < env.num_layers:
+        if t + 1 < L:
             assert g[f"current_is_{env.graph.prunable[t + 1]}"] == 1.0
             assert g[f"kept_fraction_{env.graph.prunable[t + 1]}"] == 0.0
-        assert done == (t == env.num_layers - 1)
+        assert done == (t == L - 1)
         if not done:
             assert reward == 0.0 and info == {}
-            assert int(obs.current_index) == int(nodes[t + 1])
-            assert x[int(nodes[t + 1]), col["current"]] == pytest.approx(1.0)
+            assert int(obs.current_index) == int(nodes[t + 1]) and obs.layer_state[t + 1, col["current"]] == 1.0
     # every observation differs from the one before it
     for a, b in zip(seen, seen[1:]):
-        assert not torch.equal(a.x, b.x) and not torch.equal(a.glob, b.glob)
+        assert not torch.equal(a.layer_state, b.layer_state) and not torch.equal(a.glob, b.glob)
+    # the graph part is shared, not copied, between observations
+    assert all(o.x.data_ptr() == seen[0].x.data_ptr() and o.edge_index.data_ptr() == seen[0].edge_index.data_ptr()
+               for o in seen)
     assert info["action"] == env.decisions and reward == info["reward"]
     # a new episode starts from the same (dense) state again
     again = env.reset()
-    assert torch.equal(again.x, seen[0].x) and torch.equal(again.glob, seen[0].glob)
+    assert torch.equal(again.layer_state, seen[0].layer_state) and torch.equal(again.glob, seen[0].glob)
 
 
 @pytest.mark.parametrize("budget", [Budget(target_flops_ratio=0.6), Budget(target_speedup=1.6)])
@@ -156,7 +156,8 @@ def test_state_dict_round_trip(parts):
     other = make_env(parts)
     other.load_state_dict(state)
     assert other.decisions == [2] and other.t == 1
-    assert torch.equal(other._obs.x, env._obs.x) and torch.equal(other._obs.glob, env._obs.glob)
+    assert torch.equal(other._obs.x, env._obs.x) and torch.equal(other._obs.layer_state, env._obs.layer_state)
+    assert torch.equal(other._obs.glob, env._obs.glob)
 
 
 def test_gnn_policy_log_probs_are_those_of_the_masked_action(parts):
