@@ -83,6 +83,13 @@ def train_dense(model_name: str, splits, seed: int, epochs: int, lr: float, batc
             "seconds": time.perf_counter() - t0}
 
 
+def _table(rows) -> str:
+    head = ("| model | epochs | seed | test acc | best val acc (epoch) | train time (s) |\n"
+            "|---|---|---|---|---|---|\n")
+    return head + "".join(f"| {r['model']} | {r['epochs']} | {r['seed']} | {r['test_acc']:.4f} | {r['val_acc']:.4f} "
+                          f"({r['best_epoch']}) | {r['seconds']:.0f} |\n" for r in rows)
+
+
 def main(argv=None) -> int:
     from autosculpt.config import DEFAULTS
 
@@ -93,11 +100,16 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a ClutterConfig field")
     ap.add_argument("--out", help="write the table as markdown here")
+    ap.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     overrides = parse_overrides(args.set)
     lr, bs = DEFAULTS["dense_lr"], DEFAULTS["batch_size"]
     rows = []
+    old = Path(args.out).read_text() + "\n" if args.out and args.append and Path(args.out).exists() else ""
+    cmd = "python -m bench.digits_clutter_accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
+    meta = (f"CPU: {cpu_model()}; torch {torch.__version__}; {args.threads} thread(s); lr {lr}, batch {bs} "
+            f"(CLI defaults); settings: {overrides or 'defaults'}\n\n`{cmd}`\n\n")
     for seed in args.seeds:
         t0 = time.perf_counter()
         splits = load_splits(seed, overrides)
@@ -110,16 +122,10 @@ def main(argv=None) -> int:
             rows.append(r)
             print(f"  {name}: test {r['test_acc']:.4f}  val {r['val_acc']:.4f} (epoch {r['best_epoch']})  "
                   f"last train loss {r['last_train_loss']:.3f}  {r['seconds']:.0f} s", flush=True)
-    head = ("| model | epochs | seed | test acc | best val acc (epoch) | train time (s) |\n"
-            "|---|---|---|---|---|---|\n")
-    table = head + "".join(f"| {r['model']} | {r['epochs']} | {r['seed']} | {r['test_acc']:.4f} | {r['val_acc']:.4f} "
-                           f"({r['best_epoch']}) | {r['seconds']:.0f} |\n" for r in rows)
-    print(table)
+            if args.out:  # after every row, so a run cut short keeps what it measured
+                Path(args.out).write_text(old + meta + _table(rows))
+    print(_table(rows))
     if args.out:
-        cmd = "python -m bench.digits_clutter_accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
-        meta = (f"CPU: {cpu_model()}; torch {torch.__version__}; {args.threads} thread(s); lr {lr}, batch {bs} "
-                f"(CLI defaults); settings: {overrides or 'defaults'}\n\n`{cmd}`\n\n")
-        Path(args.out).write_text(meta + table)
         print(f"wrote {args.out}")
     return 0
 

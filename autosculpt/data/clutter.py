@@ -69,11 +69,11 @@ class ClutterConfig:
     """Drawn side of a digit's 8×8 frame, pixels (uniform)."""
     rotation: float = 30.0
     """Maximum rotation, degrees (uniform in ±rotation)."""
-    fragments: Tuple[int, int] = (3, 6)
+    fragments: Tuple[int, int] = (2, 4)
     """Clutter fragments per canvas (uniform integer, inclusive)."""
     fragment_size: Tuple[int, int] = (3, 5)
     """Side of a fragment's crop in source pixels (uniform integer per side, inclusive)."""
-    noise: float = 0.15
+    noise: float = 0.10
     """Std of the Gaussian pixel noise (intensities are in [0, 1])."""
 
     def check(self) -> "ClutterConfig":
