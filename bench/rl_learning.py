@@ -193,9 +193,29 @@ def parse_sets(items: List[str]):
     return ppo, search_kw
 
 
+def code_version() -> str:
+    """Hash of the sources that shape a search run (a stored per-seed run is reused only if unchanged)."""
+    root = os.path.join(os.path.dirname(__file__), "..", "autosculpt")
+    h = hashlib.sha1()
+    for rel in ("search.py", "rl/env.py", "rl/ppo.py", "rl/policy.py", "rl/actions.py", "patterns.py", "plan.py"):
+        with open(os.path.join(root, rel), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:12]
+
+
 def run_variant(args, model, tr, va, x, ppo_over, search_kw):
     runs = []
+    stored_dir = os.path.join(cache_dir(), "runs")
+    os.makedirs(stored_dir, exist_ok=True)
+    recipe = json.dumps({"ppo": ppo_over, "search": search_kw, "init": args.init, "budget": args.budget,
+                         "episodes": args.episodes, "model": args.model, "code": code_version()}, sort_keys=True)
     for seed in args.seeds:
+        stored = os.path.join(stored_dir, f"{hashlib.sha1(recipe.encode()).hexdigest()[:16]}-seed{seed}.json")
+        if os.path.exists(stored):  # a killed bench run resumes here (same code, same settings)
+            with open(stored) as f:
+                runs.append(json.load(f))
+            print(f"  seed {seed}: stored run reused", flush=True)
+            continue
         cfg = default_ppo_config()
         for k, v in ppo_over.items():
             if not hasattr(cfg, k):
@@ -221,6 +241,9 @@ def run_variant(args, model, tr, va, x, ppo_over, search_kw):
                             for s in stats],
             "in_budget_fraction": float(np.mean([r["meets_budget"] for r in res.history])),
         })
+        with open(stored + ".tmp", "w") as f:
+            json.dump(runs[-1], f)
+        os.replace(stored + ".tmp", stored)
         print(f"  seed {seed}: {wall:.0f}s, {len(res.history)} plans, {len(stats)} updates, pooled EV 2nd half "
               f"{runs[-1]['pooled_ev_second_half']:.3f}, best by N {[round(curve[n - 1], 4) for n in CHECKPOINTS if n <= args.episodes]}",
               flush=True)
@@ -262,6 +285,9 @@ def summarise(variant: dict, baselines: dict, episodes: int) -> dict:
     out["pooled_ev_second_half_min"] = float(np.min([r["pooled_ev_second_half"] for r in runs]))
     out["median_update_ev_second_half"] = float(np.median([r["median_ev_second_half"] for r in runs]))
     out["wall_s_median"] = float(np.median([r["wall_s"] for r in runs]))
+    out["max_approx_kl"] = float(max(u["max_approx_kl"] for r in runs for u in r["updates_log"]))
+    out["kl_early_stops"] = int(sum(u["early_stop"] for r in runs for u in r["updates_log"]))
+    out["updates"] = int(sum(len(r["updates_log"]) for r in runs))
     return out
 
 
@@ -288,7 +314,10 @@ def render(results: dict) -> str:
                   "## Critic: explained variance", "",
                   f"Pooled over the second half (updates after episode {meta['episodes'] // 2}): median over seeds "
                   f"**{s['pooled_ev_second_half_median']:.3f}** (lowest seed {s['pooled_ev_second_half_min']:.3f}); "
-                  f"median of the per-update values {s['median_update_ev_second_half']:.3f}.", "",
+                  f"median of the per-update values {s['median_update_ev_second_half']:.3f}. Approx-KL is checked per "
+                  f"minibatch: the largest KL any update saw was {s.get('max_approx_kl', float('nan')):.3f} "
+                  f"(target {results.get('target_kl')}); {s.get('kl_early_stops', 0)} of {s.get('updates', 0)} updates "
+                  "stopped early.", "",
                   "| seed | updates | plans | pooled EV, 1st half | pooled EV, 2nd half | median per-update EV, 2nd half | wall |",
                   "|---|---|---|---|---|---|---|"]
         for r in default["runs"]:
@@ -400,8 +429,14 @@ def main(argv=None):
                "seeds": list(args.seeds), "runs": runs}
     by_seed = {k: {r["seed"]: r for r in v} for k, v in results["baselines"].items()}
     variant["summary"] = summarise(variant, {k: [v[s] for s in args.seeds] for k, v in by_seed.items()}, args.episodes)
+    if os.path.exists(json_path):  # other variants may have finished meanwhile: merge, do not overwrite
+        with open(json_path) as f:
+            now = json.load(f)
+        if {k: now["meta"].get(k) for k in setup} == {k: meta[k] for k in setup}:
+            results["variants"] = {**now.get("variants", {}), **results["variants"]}
     results["variants"][args.variant] = variant
     results["history_notes"] = HISTORY
+    results["target_kl"] = default_ppo_config().target_kl
     os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
     with open(json_path, "w") as f:
         json.dump(results, f, indent=1)

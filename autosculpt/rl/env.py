@@ -267,10 +267,14 @@ class PruningEnv:
 
         The accuracy copy forces the layers' dense path (identical maths, masked weights) so that no
         kernel timing happens during accuracy evaluation; latency comes from the latency model only.
+        Torch's global RNG is left as it was.
         """
         eval_plan = {"version": plan["version"],
                      "layers": {n: dict(l, path="dense") for n, l in plan["layers"].items()}}
-        with timing.threads(self.threads):
+        # The evaluation draws from torch's global RNG (measured: sparsify / BN recalibration advance it);
+        # a forked RNG keeps the agent's random stream independent of which plans were evaluated and
+        # which were recalled from the memo (or from any cache of accuracies).
+        with torch.random.fork_rng(devices=[]), timing.threads(self.threads):
             pruned = sparsify(self.model, eval_plan, backend="torch")
             recalibrate_bn(pruned, self.train_data, self.bn_batches, self.bn_batch_size, seed=self.seed)
             return evaluate(pruned, self.val_data, self.eval_batch_size)

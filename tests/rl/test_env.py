@@ -215,3 +215,12 @@ def test_gnn_policy_encoder_is_swappable(parts):
     lp, _, _ = pol.evaluate([obs], action[None])
     torch.testing.assert_close(lp[0], logp)
     assert pol.actor.encoder is not pol.critic.encoder  # the critic has its own copy
+
+
+def test_evaluating_a_plan_leaves_the_global_rng_alone(parts):
+    """The agent's random stream must not depend on which plans were evaluated and which recalled."""
+    env = make_env(parts)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    env.evaluate_plan(env.plan_for([2] * env.num_layers))
+    assert torch.equal(before, torch.get_rng_state())
