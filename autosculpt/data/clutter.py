@@ -27,7 +27,7 @@ Every random number comes from one ``numpy.random.Generator`` per split, seeded 
 split)``, all drawn up front (the placed digits' first), so a given seed gives the same canvases bit
 for bit, and switching clutter or noise off (``fragments=(0, 0)``, ``noise=0``) leaves the placed
 digits exactly where they were (the tests rely on it). Rendering is one batched bilinear
-``grid_sample`` per chunk of canvases (~10k 32×32 canvases in a couple of seconds on one core).
+``grid_sample`` per chunk of canvases (~10k 32×32 canvases in a few seconds on one core).
 The splits are cached in memory (per seed and settings); nothing is written to disk.
 
 Pixels are standardised with the TRAINING split's mean and std, like ``digits``.
