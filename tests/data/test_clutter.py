@@ -187,11 +187,8 @@ def test_bad_seed_and_unknown_setting():
         load_clutter_splits(0, not_a_setting=1)
 
 
-def test_generation_is_vectorised_enough():
-    import time
-
+def test_large_generation_has_the_requested_sizes():
+    # (speed is a benchmark matter: bench/digits_clutter_accuracy.py; ~3 s for 10k canvases on one core)
     _cached_splits.cache_clear()
-    t = time.perf_counter()
     tr, _, _ = load_clutter_splits(5, n_train=10_000, n_val=100, n_test=100)
     assert len(tr) == 10_000
-    assert time.perf_counter() - t < 30  # ~3 s on one core; generous for a loaded machine
