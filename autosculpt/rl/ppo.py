@@ -66,7 +66,12 @@ class PPOConfig:
     num_minibatches: int = 4
     """Minibatches per pass (minibatch size = num_steps // num_minibatches)."""
     norm_adv: bool = True
-    """Normalise advantages within each minibatch."""
+    """Normalise advantages within each minibatch (cleanrl's choice)."""
+    adv_scale: str = "minibatch"
+    """How advantages are scaled when ``norm_adv``: ``"minibatch"`` standardises them within each
+    minibatch; ``"running"`` divides them by the running standard deviation of the returns (needs
+    ``norm_value``), so a rollout whose episodes all scored alike moves the policy little instead of
+    having its small differences blown up to unit size."""
     clip_coef: float = 0.2
     """Surrogate clipping: the probability ratio is kept within [1 - clip, 1 + clip]."""
     clip_vloss: bool = True
@@ -110,6 +115,10 @@ class PPOConfig:
                 raise ValueError(f"{name}: expected a {'non-negative' if name == 'value_replay' else 'positive'} int, got {v!r}")
         if not 0 <= self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
             raise ValueError(f"gamma and gae_lambda must lie in [0, 1], got {self.gamma}, {self.gae_lambda}")
+        if self.adv_scale not in ("minibatch", "running"):
+            raise ValueError(f"adv_scale: expected 'minibatch' or 'running', got {self.adv_scale!r}")
+        if self.adv_scale == "running" and not self.norm_value:
+            raise ValueError("adv_scale='running' needs norm_value=True (it uses the running return statistics)")
         if self.learning_rate <= 0 or self.clip_coef <= 0:
             raise ValueError("learning_rate and clip_coef must be positive")
 
@@ -271,7 +280,9 @@ class PPO:
                     break
                 clipfracs.append(float(((ratio - 1.0).abs() > c.clip_coef).float().mean()))
                 mb_adv = advantages[idx]
-                if c.norm_adv and len(idx) > 1:
+                if c.norm_adv and c.adv_scale == "running":
+                    mb_adv = mb_adv / std
+                elif c.norm_adv and len(idx) > 1:
                     mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
                 pg_loss = torch.max(-mb_adv * ratio, -mb_adv * ratio.clamp(1 - c.clip_coef, 1 + c.clip_coef)).mean()
                 new_value = new_value.view(-1)

@@ -147,13 +147,14 @@ def _run_episodes(ppo, env, episodes):
             ppo.update(obs, done)
 
 
-@pytest.mark.parametrize("replay", [0, 4])
-def test_critic_explains_a_state_dependent_return(replay):
+@pytest.mark.parametrize("replay,adv_scale", [(0, "minibatch"), (4, "minibatch"), (4, "running")])
+def test_critic_explains_a_state_dependent_return(replay, adv_scale):
     """A real learning test: explained variance (measured on each rollout BEFORE training on it) climbs
     well above 0 once the critic reads the context from the observation."""
     env = ContextEnv(seed=0)
     cfg = PPOConfig(rollout_episodes=4, num_minibatches=2, update_epochs=4, learning_rate=3e-3, gamma=1.0,
-                    gae_lambda=0.95, ent_coef=0.01, target_kl=0.05, norm_value=True, value_replay=replay, seed=0)
+                    gae_lambda=0.95, ent_coef=0.01, target_kl=0.05, norm_value=True, value_replay=replay,
+                    adv_scale=adv_scale, seed=0)
     ppo = PPO(MLPActorCritic(5, 4, hidden=32), cfg)
     _run_episodes(ppo, env, 200)
     assert len(ppo.stats) == 50
@@ -270,3 +271,7 @@ def test_value_replay_needs_a_critic_of_its_own():
         PPOConfig(rollout_episodes=-1)
     with pytest.raises(ValueError, match="value_epochs"):
         PPOConfig(value_epochs=0)
+    with pytest.raises(ValueError, match="norm_value"):
+        PPOConfig(adv_scale="running")
+    with pytest.raises(ValueError, match="adv_scale"):
+        PPOConfig(adv_scale="rollout", norm_value=True)
