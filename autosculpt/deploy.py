@@ -31,7 +31,11 @@ from torch import nn
 
 from .timing import time_interleaved
 
-__all__ = ["ROUTES", "QUICK_ROUTES", "DeploymentReport", "DeployedModel", "deployed_form", "optimize_for_inference"]
+__all__ = ["ROUTES", "QUICK_ROUTES", "FORMS", "DeploymentReport", "DeployedModel", "deployed_form",
+           "optimize_for_inference", "timed_form"]
+
+#: how AutoSculpt's measurements run a model: deployed (a route above), fused (NCHW ``for_inference``), eager
+FORMS = ("deployed", "fused", "eager")
 
 ROUTES = ("autosculpt", "autosculpt_channels_last", "inductor", "inductor_channels_last")
 #: the routes that build in well under a second (no compilation): what the search's latency model races
@@ -193,6 +197,32 @@ def deployed_form(model: nn.Module, example_input: torch.Tensor, route: str) -> 
         raise RuntimeError(f"deployed_form: route {route!r} could not be used: {skipped.get(route)}")
     fn, source, cl = candidates[route]
     return DeployedModel(fn, route, None, cl, source)
+
+
+def timed_form(model: nn.Module, example_input: torch.Tensor, form: str, routes: Sequence[str] = QUICK_ROUTES):
+    """``(callable, route name)``: ``model`` as a measurement runs it. ``form`` is one of :data:`FORMS`;
+    for ``"deployed"``, one route is built as it is (:func:`deployed_form`) and several are raced
+    (:func:`optimize_for_inference`). A model torch.fx cannot trace is run as given, with a
+    ``RuntimeWarning`` saying so (its timing is still correct, only of the eager model)."""
+    if form not in FORMS:
+        raise ValueError(f"form: expected one of {', '.join(FORMS)}, got {form!r}")
+    if form == "eager":
+        return model, "eager"
+    if form == "fused":
+        from .fuse import for_inference
+
+        with torch.no_grad():
+            return for_inference(model, example_input), "fused"
+    routes = tuple(routes)
+    try:
+        if len(routes) == 1:
+            return deployed_form(model, example_input, routes[0]), routes[0]
+        deployed = optimize_for_inference(model, example_input, routes=routes, rounds=5)
+    except ValueError as exc:  # not traceable by torch.fx
+        warnings.warn(f"{type(model).__name__} cannot be deployed ({exc}); timing it unfused", RuntimeWarning,
+                      stacklevel=3)
+        return model, "eager"
+    return deployed, deployed.route
 
 
 def _build_route(route: str, model: nn.Module, fused: nn.Module, x: torch.Tensor):

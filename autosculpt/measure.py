@@ -67,27 +67,6 @@ class LatencyStat:
 
 
 
-def _timed_form(model: nn.Module, example_input: torch.Tensor, form: str, routes: Sequence[str]):
-    """(callable, route name) of ``model`` in ``form``."""
-    if form == "eager":
-        return model, "eager"
-    from .fuse import for_inference
-
-    if form == "fused":
-        return for_inference(model, example_input), "fused"
-    from .deploy import optimize_for_inference
-
-    try:
-        deployed = optimize_for_inference(model, example_input, routes=routes, rounds=5)
-    except ValueError as exc:  # torch.fx cannot trace it: timed as given, and said so
-        import warnings
-
-        warnings.warn(f"{type(model).__name__} cannot be deployed ({exc}); timing it unfused", RuntimeWarning,
-                      stacklevel=3)
-        return model, "eager"
-    return deployed, deployed.route
-
-
 @torch.no_grad()
 def measure_latency_stats(models: Dict[str, nn.Module], example_input: torch.Tensor, *, reps: int = 30,
                           warmup: int = 3, min_seconds: float = 0.0, progress: bool = False, desc: str = "latency",
@@ -105,18 +84,18 @@ def measure_latency_stats(models: Dict[str, nn.Module], example_input: torch.Ten
         routes: the deployment routes to race (default :data:`autosculpt.deploy.QUICK_ROUTES`;
             :data:`autosculpt.deploy.ROUTES` adds the inductor routes, which compile for tens of seconds).
     """
-    from .deploy import QUICK_ROUTES
+    from .deploy import FORMS, QUICK_ROUTES, timed_form
 
     if reps < 1:
         raise ValueError(f"reps: expected >= 1, got {reps}")
-    if form not in ("deployed", "fused", "eager"):
-        raise ValueError(f"form: expected 'deployed', 'fused' or 'eager', got {form!r}")
+    if form not in FORMS:
+        raise ValueError(f"form: expected one of {', '.join(FORMS)}, got {form!r}")
     modes = {k: m.training for k, m in models.items()}
     for m in models.values():
         m.eval()
     bar, last = None, list(models)[-1] if models else None
     try:
-        timed = {k: _timed_form(m, example_input, form, tuple(routes or QUICK_ROUTES)) for k, m in models.items()}
+        timed = {k: timed_form(m, example_input, form, routes or QUICK_ROUTES) for k, m in models.items()}
         if progress:
             from ._optional import tqdm
 

@@ -52,6 +52,7 @@ from torch import nn
 
 from .. import timing
 from .._version import __version__
+from ..deploy import FORMS  # how LatencyModel times whole models (its ``form`` argument)
 from ..patterns import PAPER6, PatternSet, keep_level_grid
 from . import predict as prediction
 from .base import FlopsLatencyModel, LatencyModelBase
@@ -65,8 +66,6 @@ from .profile import Profile
 __all__ = ["FORMS", "LatencyModel", "FlopsLatencyModel", "Profile", "plan_tap_masks", "keep_level_grid",
            "device_name"]
 
-#: how :class:`LatencyModel` times whole models (see its ``form`` argument)
-FORMS = ("deployed", "fused", "eager")
 
 
 
@@ -258,21 +257,9 @@ class LatencyModel(LatencyModelBase):
     def _inference_form(self, model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """``model`` as this latency model times it (see ``form``); before :meth:`profile` has chosen
         the deployed route, the first of the candidate routes."""
-        if self.form == "eager":
-            return model
-        from ..fuse import for_inference
+        from ..deploy import timed_form
 
-        if self.form == "fused":
-            with torch.no_grad():
-                return for_inference(model, x)
-        from ..deploy import deployed_form
-
-        try:
-            return deployed_form(model, x, self.route or self.candidate_routes[0])
-        except ValueError as exc:  # not traceable by torch.fx: timed as given, and said so
-            warnings.warn(f"latency: {type(model).__name__} cannot be deployed ({exc}); timing it unfused",
-                          RuntimeWarning, stacklevel=3)
-            return model
+        return timed_form(model, x, self.form, (self.route or self.candidate_routes[0],))[0]
 
     def _model_signature(self, model: nn.Module, x: torch.Tensor) -> str:
         """Names a model's architecture at an input shape (its repr: module types, shapes, patterns),
