@@ -219,6 +219,21 @@ class WithOpaqueOp(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class TimmAttentionNet(nn.Module):
+    """Linear -> timm-style self-attention (``autosculpt.models.vit.Attention``: 3 heads of 4) -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        from autosculpt.models.vit import Attention
+
+        self.inp = nn.Linear(5, 12)
+        self.attn = Attention(12, 3)
+        self.out = nn.Linear(12, 2)
+
+    def forward(self, x):
+        return self.out(self.attn(self.inp(x)))
+
+
 class Untraceable(nn.Module):
     def __init__(self):
         super().__init__()

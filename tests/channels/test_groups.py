@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from channel_helpers import (
     PlainCNN,
     SEBlock,
+    TimmAttentionNet,
     TinyDenseNet,
     TinyShuffleNet,
     Untraceable,
@@ -165,19 +166,7 @@ def test_vit_heads_mlp_hidden_units_and_embedding():
 
 
 def test_timm_style_attention_heads():
-    from autosculpt.models.vit import Attention
-
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inp = nn.Linear(5, 12)
-            self.attn = Attention(12, 3)
-            self.out = nn.Linear(12, 2)
-
-        def forward(self, x):
-            return self.out(self.attn(self.inp(x)))
-
-    groups = channel_groups(Tiny(), torch.randn(2, 7, 5))
+    groups = channel_groups(TimmAttentionNet(), torch.randn(2, 7, 5))
     heads = group_of(groups, "attn", "heads")
     assert heads.channels == 3 and heads.prunable
     assert _dims(group_of(groups, "inp", "out")) == {("inp", "out"), ("attn", "in")}

@@ -5,6 +5,7 @@ import torch
 from channel_helpers import (
     PlainCNN,
     SEBlock,
+    TimmAttentionNet,
     TinyDenseNet,
     TinyShuffleNet,
     assert_close,
@@ -217,19 +218,7 @@ def test_pruned_multihead_attention_matches_torch(batch_first, need_weights):
 
 def test_timm_style_attention_shrinks_exactly():
     from autosculpt.channels import PrunedSelfAttention
-    from autosculpt.models.vit import Attention
-
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inp = nn.Linear(5, 12)
-            self.attn = Attention(12, 3)
-            self.out = nn.Linear(12, 2)
-
-        def forward(self, x):
-            return self.out(self.attn(self.inp(x)))
-
-    model = randomise(Tiny())
+    model = randomise(TimmAttentionNet())
     x = torch.randn(2, 7, 5)
     an = analyze_channels(model, x)
     keep = {group_of(an.groups, "attn", "heads").id: [1], group_of(an.groups, "inp", "out").id: [0, 3, 4, 8, 11]}
