@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .graph.build import LeafTracer  # AutoSculpt's layers are leaves
+from ._fx import LeafTracer  # AutoSculpt's layers are leaves
 from .plan import set_submodule
 
 __all__ = ["fuse_for_inference", "FusionReport", "FastMaxPool2d", "MaxPool2x2"]

@@ -29,6 +29,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from .._fx import TRACE_HINT, LeafTracer, symbolic_trace
+
 __all__ = ["ChannelTraceError", "ChannelTracer", "trace_model", "Analysis", "analyze", "is_timm_attention",
            "ChannelInfo", "NoChannels", "Opaque", "ParamInfo", "TupleInfo", "MemberKey"]
 
@@ -55,32 +57,24 @@ def is_timm_attention(m: nn.Module) -> bool:
     return inner % heads == 0 and proj.in_features == inner
 
 
-class ChannelTracer(torch.fx.Tracer):
-    """fx tracer for channel analysis: torch.nn layers, AutoSculpt's sparse layers (anything with a
-    ``tap_mask``), the pruned attention of :mod:`autosculpt.channels.shrink` and timm-style attention
-    modules are leaves."""
+class ChannelTracer(LeafTracer):
+    """fx tracer for channel analysis (:class:`autosculpt._fx.LeafTracer`): torch.nn layers, AutoSculpt's
+    sparse layers (anything with a ``tap_mask``), the pruned attention of :mod:`autosculpt.channels.shrink`
+    and timm-style attention modules are leaves."""
 
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        mod = type(m).__module__
-        if hasattr(m, "tap_mask") or mod.startswith("autosculpt.nn") or mod.startswith("autosculpt.channels"):
-            return True
-        if is_timm_attention(m):
-            return True
-        return super().is_leaf_module(m, qualname)
+    def __init__(self, **kwargs):
+        super().__init__(leaf_packages=("autosculpt.nn", "autosculpt.channels"), extra_leaf=is_timm_attention, **kwargs)
 
 
 def trace_model(model: nn.Module) -> torch.fx.GraphModule:
     """``model`` traced by :class:`ChannelTracer` (a GraphModule sharing its submodules and parameters)."""
     try:
-        graph = ChannelTracer().trace(model)
+        return symbolic_trace(model, ChannelTracer())
     except Exception as exc:  # fx raises many kinds (TraceError, TypeError, NotImplementedError...)
         raise ChannelTraceError(
             f"channel analysis: torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. "
-            "Channel groups are found from the fx graph, so the model must be symbolically traceable: move "
-            "data-dependent control flow out of forward (or into a submodule), wrap free functions with "
-            "torch.fx.wrap. See https://pytorch.org/docs/stable/fx.html#limitations-of-symbolic-tracing"
+            "Channel groups are found from the fx graph. " + TRACE_HINT
         ) from exc
-    return torch.fx.GraphModule(model, graph)
 
 
 # --------------------------------------------------------------------------- channel infos

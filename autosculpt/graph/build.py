@@ -19,6 +19,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from .._fx import TRACE_HINT, LeafTracer, symbolic_trace  # LeafTracer: re-exported
 from ..patterns import PAPER6, PatternSet
 from ..plan import is_prunable_conv  # the one definition, shared with the plans (re-exported here)
 
@@ -113,27 +114,13 @@ class ModelGraph:
         return data
 
 
-class LeafTracer(torch.fx.Tracer):
-    """An fx tracer that treats AutoSculpt's sparse modules (and any module with a ``tap_mask``) as
-    leaves, so sparsified models trace too (used by ``build_graph`` and ``autosculpt.fuse``)."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if hasattr(m, "tap_mask") or type(m).__module__.startswith("autosculpt.nn"):
-            return True
-        return super().is_leaf_module(m, qualname)
-
-
 def _trace(model: nn.Module) -> torch.fx.GraphModule:
     try:
-        graph = LeafTracer().trace(model)
+        return symbolic_trace(model, LeafTracer())
     except Exception as exc:  # fx raises many kinds (TraceError, TypeError, NotImplementedError...)
         raise GraphBuildError(
-            f"build_graph: torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. "
-            "Make the model symbolically traceable: move data-dependent Python control flow (if/for over tensor "
-            "values) out of forward or into a submodule, wrap free functions with torch.fx.wrap, or pass a "
-            "model whose forward takes tensors only. See https://pytorch.org/docs/stable/fx.html#limitations-of-symbolic-tracing"
+            f"build_graph: torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. " + TRACE_HINT
         ) from exc
-    return torch.fx.GraphModule(model, graph)
 
 
 def _op_type(node: torch.fx.Node, modules: Dict[str, nn.Module], pattern_set: PatternSet) -> str:
