@@ -33,7 +33,9 @@ __all__ = ["dense_equivalent", "export_model", "onnx_available"]
 
 def dense_equivalent(model: nn.Module) -> nn.Module:
     """A copy of ``model`` where every module with ``to_dense()`` (pattern layers) is replaced by the
-    standard layer it returns (same outputs; dropped weights stored as zeros)."""
+    standard layer it returns (same outputs; dropped weights stored as zeros). A channel-pruned model
+    (a version-2 plan) keeps its smaller architecture: channel removal is physical, so its dense
+    equivalent is the channel-pruned model, pattern-free."""
     out = copy.deepcopy(model)
     replace = [(n, m) for n, m in out.named_modules() if n and callable(getattr(m, "to_dense", None))]
     for name, m in replace:

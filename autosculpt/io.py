@@ -6,7 +6,12 @@ use, so loading a file from a stranger cannot execute code: no pickled classes o
 ever reconstructed, and a model spec stored in the file is honoured only if it names a built-in
 model (a user factory must be passed by the caller).
 
-The model is rebuilt as ``sparsify(model_factory(), plan)`` and the weights are loaded strictly.
+The model is rebuilt as ``sparsify(model_factory(), plan)`` and the weights are loaded strictly. A
+channel-pruned model (a version-2 plan, :mod:`autosculpt.plan`) is rebuilt the same way: the dense
+model is built, its channel groups are found from its fx graph (traced on ``example_input``, by
+default zeros of the shape the channel plan records) and shrunk to the plan's kept channels, then the
+pattern layers are applied; the smaller architecture comes from the dense model's code and the plan's
+data, never from code or pickled modules in the file.
 """
 from __future__ import annotations
 
@@ -23,12 +28,14 @@ from torch import nn
 
 from ._atomic import atomic_torch_save
 from ._version import __version__
-from .plan import PLAN_VERSION, sparsify, validate_plan
+from .plan import channel_plan_of, make_plan, plan_channels, sparsify, validate_plan
 
 __all__ = ["save", "load", "read", "SavedModel", "plan_from_model", "FORMAT", "FORMAT_VERSION", "atomic_torch_save"]
 
 FORMAT = "autosculpt-model"
-FORMAT_VERSION = 1
+#: the newest file format this release reads and writes: 2 holds a version-2 plan (channel removal), which
+#: releases that read format 1 only cannot rebuild; files with a version-1 plan are still written as format 1
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -56,7 +63,9 @@ def plan_from_model(model: nn.Module) -> dict:
     """Reconstructs a plan from a sparsified model: every pattern layer (``PatternConv2d``,
     ``PatternLinear``, ``PatternAttention``: any submodule with a ``layer_plan()``) contributes the layer
     plan that rebuilds it from its dense module, so ``sparsify`` with the returned plan reproduces it
-    (for a conv: its distinct tap masks as the pattern set, the exact masks).
+    (for a conv: its distinct tap masks as the pattern set, the exact masks). A model whose channels
+    were removed by a :class:`~autosculpt.plan.ChannelPlan` (:func:`autosculpt.plan.channel_plan_of`)
+    gives a version-2 plan with that channel plan; otherwise the plan is version 1.
     """
     layers = {}
     for name, m in model.named_modules():
@@ -68,7 +77,11 @@ def plan_from_model(model: nn.Module) -> dict:
         except ValueError as e:
             raise ValueError(f"plan: cannot reconstruct the plan of {name!r} ({type(m).__name__}: {e}); "
                              "pass plan= to save()") from None
-    return {"version": PLAN_VERSION, "layers": layers}
+    try:
+        channels = channel_plan_of(model)
+    except ValueError as e:
+        raise ValueError(f"plan: {e}; pass plan= to save()") from None
+    return make_plan(layers, channels)
 
 
 def save(model: nn.Module, path: str, plan: Optional[dict] = None, *, meta: Optional[dict] = None) -> str:
@@ -77,8 +90,9 @@ def save(model: nn.Module, path: str, plan: Optional[dict] = None, *, meta: Opti
     Args:
         model: a dense or sparsified model (the unwrapped module, not DDP).
         path: the file to write (atomically).
-        plan: the plan the model was sparsified with; if None it is reconstructed from the model's
-            pattern layers (:func:`plan_from_model`; None for a dense model).
+        plan: the plan the model was sparsified with (version 2 for a channel-pruned model: its layers
+            named as in the channel-pruned model); if None it is reconstructed from the model's pattern
+            layers and recorded channel plan (:func:`plan_from_model`; None for a dense model).
         meta: extra JSON-able data stored beside it (e.g. ``{"model": "resnet20", "model_args": {...}}``).
     Returns the path.
     """
@@ -88,7 +102,7 @@ def save(model: nn.Module, path: str, plan: Optional[dict] = None, *, meta: Opti
         model = model.module
     if plan is None:
         plan = plan_from_model(model)
-        if not plan["layers"]:
+        if not plan["layers"] and plan_channels(plan) is None:
             plan = None
     if plan is not None:
         validate_plan(plan)
@@ -108,10 +122,12 @@ def save(model: nn.Module, path: str, plan: Optional[dict] = None, *, meta: Opti
         except (TypeError, ValueError):
             raise TypeError(f"state_dict entry {k!r} is a {type(v).__name__} that is not JSON data; "
                             "only tensors and JSON-able extra state can be saved safely") from None
+    plan_version = 1 if plan is None else plan["version"]
     payload = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "versions": {"autosculpt": str(__version__), "torch": str(torch.__version__), "plan": PLAN_VERSION},
+        # format 1 when the plan is version 1: such files stay readable by releases before plans v2
+        "format_version": 1 if plan_version < 2 else FORMAT_VERSION,
+        "versions": {"autosculpt": str(__version__), "torch": str(torch.__version__), "plan": plan_version},
         "plan_json": plan_json,
         "meta_json": meta_json,
         "state_dict": state,
@@ -189,10 +205,13 @@ def _verify_checksums(payload: dict, state: dict, path: str) -> None:
 _SIZE_SLACK_FACTOR, _SIZE_SLACK_ELEMENTS = 4, 1 << 20
 
 
-def _check_sizes_before_building(build: Callable[[], nn.Module], saved: SavedModel, path: str) -> None:
+def _check_sizes_before_building(build: Callable[[], nn.Module], saved: SavedModel, path: str,
+                                  example_input=None) -> None:
     """Builds the model on the ``meta`` device (no memory is allocated) and compares its size with the
     file's tensors, so a small file whose metadata asks for a huge model is refused before anything
-    is allocated. The exact shapes are compared by the strict load after building. Factories that
+    is allocated. A plan's channel removal is applied to the ghost too (on the meta device) when it
+    can be, so a heavily channel-pruned model is compared at its own size; where it cannot, the dense
+    ghost is compared. The exact shapes are compared by the strict load after building. Factories that
     cannot build on the meta device are not checked here."""
     import math
 
@@ -202,6 +221,14 @@ def _check_sizes_before_building(build: Callable[[], nn.Module], saved: SavedMod
         sizes = {k: math.prod(v.shape) for k, v in ghost.state_dict().items() if isinstance(v, torch.Tensor)}
     except Exception:  # noqa: BLE001 - the factory does not support the meta device
         return
+    channels = plan_channels(saved.plan) if saved.plan is not None else None
+    if channels is not None:
+        try:
+            x = None if not isinstance(example_input, torch.Tensor) else example_input.to("meta")
+            small = channels.apply(ghost, x)
+            sizes = {k: math.prod(v.shape) for k, v in small.state_dict().items() if isinstance(v, torch.Tensor)}
+        except Exception:  # noqa: BLE001 - e.g. an op without a meta kernel: the dense ghost bounds it
+            pass
     wanted = sum(sizes.values())
     held = sum(v.numel() for v in saved.state_dict.values())
     if wanted > _SIZE_SLACK_FACTOR * held + _SIZE_SLACK_ELEMENTS:
@@ -225,7 +252,7 @@ def _factory_from_meta(meta: dict, path: str) -> Callable[[], nn.Module]:
 
 
 def load(path: str, model_factory: Union[Callable[[], nn.Module], nn.Module, str, None] = None, *,
-         map_location="cpu", backend: str = "auto") -> nn.Module:
+         map_location="cpu", backend: str = "auto", example_input=None) -> nn.Module:
     """Rebuilds a saved model: ``sparsify(model_factory(), plan)`` then the saved weights, strictly.
 
     Args:
@@ -235,6 +262,9 @@ def load(path: str, model_factory: Union[Callable[[], nn.Module], nn.Module, str
             the file's metadata.
         map_location: where tensors are loaded.
         backend: kernel backend of the sparse layers.
+        example_input: for a plan that removes channels, the input the dense model is traced on to find
+            its channel groups (default: zeros of the shape the channel plan records; pass one for a
+            model whose input is not a float tensor). Unused otherwise.
     Raises ValueError (naming the file) if the file is corrupt or does not match the model.
     """
     import copy
@@ -247,20 +277,22 @@ def load(path: str, model_factory: Union[Callable[[], nn.Module], nn.Module, str
         from .models import get_model
 
         name, kwargs = model_factory, saved.meta.get("model_args") or {}
-        _check_sizes_before_building(lambda: get_model(name, **kwargs), saved, path)
+        _check_sizes_before_building(lambda: get_model(name, **kwargs), saved, path, example_input)
         model = get_model(name, **kwargs)
     elif isinstance(model_factory, nn.Module):
         model = copy.deepcopy(model_factory)
     elif callable(model_factory):
-        _check_sizes_before_building(model_factory, saved, path)
+        _check_sizes_before_building(model_factory, saved, path, example_input)
         model = model_factory()
     else:
         raise TypeError(f"model_factory: expected a callable, an nn.Module or a model name, got {type(model_factory).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model_factory: returned {type(model).__name__}, expected an nn.Module")
     if saved.plan is not None:
+        # channel removal builds a new (smaller) model; the rest is applied in place
+        inplace = plan_channels(saved.plan) is None
         try:
-            model = sparsify(model, saved.plan, inplace=True, backend=backend)
+            model = sparsify(model, saved.plan, inplace=inplace, backend=backend, example_input=example_input)
         except (KeyError, ValueError, TypeError) as e:
             msg = e.args[0] if e.args else str(e)
             raise ValueError(f"{path!r} does not match the model: {msg}") from None

@@ -15,6 +15,19 @@ its ``"kind"``. Each kind is defined beside the module it builds and registers i
 Every pattern module's ``layer_plan()`` returns the JSON that rebuilds it from its dense module.
 Parsing is strict (:func:`plan_int`, :func:`plan_bool`, unknown fields are errors); the JSON format is
 the one plans have always had, so old files still load.
+
+**Version 2** holds physical channel removal and per-layer structures in one plan::
+
+    {"version": 2, "channels": <ChannelPlan.to_dict() or null>, "layers": {module_name: layer_plan}}
+
+:func:`sparsify` applies the ``channels`` part first (:meth:`ChannelPlan.apply`: every member of a
+channel group becomes a smaller dense layer, the module names stay those of the dense model), then the
+``layers`` part to that channel-pruned model: a layer plan's module name and sizes (a conv's
+``C_out``) are those of the channel-pruned model. Channel removal traces the model, so it needs an
+example input (``sparsify(..., example_input=x)``; without one, zeros of the channel plan's recorded
+``input_shape``). A version-2 plan whose ``channels`` is null (or absent) is the version-1 plan with
+the same layers; :func:`make_plan` writes version 1 whenever there is no channel removal, so plans
+without it stay readable by older releases.
 """
 from __future__ import annotations
 
@@ -27,12 +40,18 @@ from torch import nn
 
 from .patterns import PatternSet
 
-__all__ = ["PLAN_VERSION", "LayerPlan", "register_kind", "layer_plan_type", "layer_plan_from_json", "parse_plan",
+__all__ = ["PLAN_VERSION", "PLAN_VERSIONS", "LATEST_PLAN_VERSION", "make_plan", "plan_channels", "channel_plan_of",
+           "LayerPlan", "register_kind", "layer_plan_type", "layer_plan_from_json", "parse_plan",
            "validate_plan", "sparsify", "set_submodule", "plan_int", "plan_bool", "plan_int_list", "plan_fields",
            "is_prunable_conv", "conv_layer_plan", "dense_plan", "uniform_plan", "level_counts",
            "CHANNEL_PLAN_VERSION", "ChannelPlan", "PrunableStructures", "prunable_structures", "plan_for_mac_cut"]
 
+#: the version of a plan of per-layer structures only (what the search writes)
 PLAN_VERSION = 1
+#: the version of a plan that can also remove channels (``"channels"``, applied before ``"layers"``)
+LATEST_PLAN_VERSION = 2
+#: the plan versions this release reads
+PLAN_VERSIONS = (1, 2)
 # kind -> its LayerPlan dataclass
 _KINDS: Dict[str, Type["LayerPlan"]] = {}
 
@@ -138,14 +157,35 @@ def conv_layer_plan(pattern_set: PatternSet, pattern_ids) -> dict:
     return layer_plan_type("conv")(pattern_set, [int(i) for i in pattern_ids]).to_json()
 
 
-def parse_plan(plan: dict) -> Dict[str, LayerPlan]:
-    """Checks a plan (not against a model) and parses its layers: ``{module name: LayerPlan}``. Raises
-    ValueError on bad data, naming the layer."""
+def make_plan(layers: Optional[dict] = None, channels=None) -> dict:
+    """A plan from its parts: ``layers`` (``{module name: layer plan JSON}``) and ``channels`` (a
+    :class:`ChannelPlan`, its JSON, or None). Version 1 without channel removal, else version 2."""
+    layers = dict(layers or {})
+    if channels is None:
+        return {"version": PLAN_VERSION, "layers": layers}
+    if isinstance(channels, ChannelPlan):
+        channels = channels.to_dict()
+    return {"version": LATEST_PLAN_VERSION, "channels": channels, "layers": layers}
+
+
+def _check_plan_header(plan) -> None:
     if not isinstance(plan, dict):
         raise ValueError(f"plan: expected a dict, got {type(plan).__name__}")
-    if plan.get("version") != PLAN_VERSION:
-        raise ValueError(f"plan: expected version {PLAN_VERSION}, got {plan.get('version')!r}")
-    layers = plan.get("layers")
+    version = plan.get("version")
+    if isinstance(version, bool) or version not in PLAN_VERSIONS:
+        raise ValueError(f"plan: expected version {' or '.join(map(str, PLAN_VERSIONS))}, got {version!r}")
+    if version >= 2:
+        unknown = sorted(str(k) for k in plan if k not in ("version", "channels", "layers"))
+        if unknown:
+            raise ValueError(f"plan: unknown field(s) {', '.join(map(repr, unknown))} in a version-2 plan "
+                             "(known: version, channels, layers)")
+
+
+def parse_plan(plan: dict) -> Dict[str, LayerPlan]:
+    """Checks a plan (not against a model) and parses its layers: ``{module name: LayerPlan}``. Raises
+    ValueError on bad data, naming the layer. (A version-2 plan's channel part: :func:`plan_channels`.)"""
+    _check_plan_header(plan)
+    layers = plan.get("layers", {} if plan["version"] >= 2 else None)
     if not isinstance(layers, dict):
         raise ValueError("plan: 'layers' must be a dict of module name -> layer plan")
     parsed = {}
@@ -162,30 +202,78 @@ def parse_plan(plan: dict) -> Dict[str, LayerPlan]:
     return parsed
 
 
+def plan_channels(plan: dict) -> Optional["ChannelPlan"]:
+    """The channel removal of a plan (its ``"channels"``, parsed), or None: a version-1 plan, or a
+    version-2 plan without channel removal. Raises ValueError on bad data."""
+    _check_plan_header(plan)
+    data = plan.get("channels") if plan["version"] >= 2 else None
+    if data is None:
+        return None
+    try:
+        return ChannelPlan.from_dict(data)
+    except ValueError as e:
+        raise ValueError(f"plan: channels: {e}") from None
+
+
 def validate_plan(plan: dict) -> dict:
-    """Checks a plan's structure and every layer plan's fields (not against a model); returns it.
-    Raises ValueError on bad data."""
+    """Checks a plan's structure, every layer plan's fields and (version 2) its channel plan, not
+    against a model; returns it. Raises ValueError on bad data."""
     parse_plan(plan)
+    plan_channels(plan)
     return plan
 
 
-def sparsify(model: nn.Module, plan: dict, *, inplace: bool = False, backend: str = "auto") -> nn.Module:
-    """Applies a plan to a model: each named module is replaced by its pattern-sparse version.
+def sparsify(model: nn.Module, plan: dict, *, example_input=None, inplace: bool = False,
+             backend: str = "auto") -> nn.Module:
+    """Applies a plan to a model: channel removal first (version 2), then each named module is replaced
+    by its pattern-sparse version.
 
     Args:
-        model: any ``nn.Module`` whose submodule names match the plan's.
+        model: any ``nn.Module`` whose submodule names match the plan's (for a version-2 plan with
+            channel removal: the *dense* model the channel plan was made for).
         plan: a plan dict (see module docstring); validated first.
-        inplace: modify ``model`` itself instead of a deep copy.
+        example_input: an input the model is traced and run on to find its channel groups (a tensor, or a
+            tuple of positional inputs); only used when the plan removes channels. When None, zeros of
+            the channel plan's recorded ``input_shape`` (float, on the model's device) are used.
+        inplace: modify ``model`` itself instead of a deep copy (not possible when the plan removes
+            channels: that builds a new, smaller model).
         backend: kernel backend for the new layers.
+    Raises ValueError for a bad plan or a model it does not fit (``example_input`` named when it is
+    missing or unusable), KeyError for a module name the model lacks.
     """
     layers = parse_plan(plan)
-    target = model if inplace else copy.deepcopy(model)
+    channels = plan_channels(plan)
+    if channels is None:
+        target = model if inplace else copy.deepcopy(model)
+    else:
+        if inplace:
+            raise ValueError("inplace: the plan removes channels, which builds a new, smaller model; "
+                             "call sparsify with inplace=False and use the model it returns")
+        target = _apply_channels(model, channels, example_input)
     modules = dict(target.named_modules())
     for name, layer in layers.items():
         if name not in modules:
-            raise KeyError(f"plan: module {name!r} not found in {type(model).__name__}")
+            where = " (after channel removal)" if channels is not None else ""
+            raise KeyError(f"plan: module {name!r} not found in {type(model).__name__}{where}")
         set_submodule(target, name, layer.apply(modules[name], backend))
     return target
+
+
+def _apply_channels(model: nn.Module, channels: "ChannelPlan", example_input) -> nn.Module:
+    """``channels.apply(model, example_input)`` with errors that name ``example_input``."""
+    from .channels import ChannelTraceError
+
+    if example_input is None and not channels.input_shape:
+        raise ValueError("example_input: the plan removes channels, which traces the model on an example input, "
+                         "and its channel plan records no input_shape; pass sparsify(model, plan, example_input=x)")
+    try:
+        return channels.apply(model, example_input)
+    except ChannelTraceError as e:
+        if example_input is not None:
+            raise
+        raise ValueError(f"example_input: channel removal traced {type(model).__name__} on zeros of the channel "
+                         f"plan's input_shape {list(channels.input_shape)} and failed ({e}); pass the model's "
+                         "example_input") from e
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -275,6 +363,9 @@ def uniform_plan(model: nn.Module, pattern_set: PatternSet, kept_fraction: float
 # --------------------------------------------------------------------------- channel plans and prunable structures
 
 CHANNEL_PLAN_VERSION = 1
+# where ChannelPlan.apply records itself on the model it builds (a plain attribute: deep copies keep it)
+_CHANNEL_PLAN_ATTR = "_autosculpt_channel_plan"
+_COMPOSED = "composed"
 
 
 def _channel_fingerprint(group) -> Tuple[str, ...]:
@@ -364,7 +455,24 @@ class ChannelPlan:
             if g.channels != self.group_sizes[gid] or _channel_fingerprint(g) != self.members[gid]:
                 raise ValueError(f"channel plan: group {gid} of {type(model).__name__} ({g.describe()[:200]}) is not "
                                  "the group the plan was made for")
-        return remove_channels(model, example_input, dict(self.keep), analysis=analysis)
+        small = remove_channels(model, example_input, dict(self.keep), analysis=analysis)
+        # The result remembers the plan that built it (so io.save writes it into the model's plan); a model
+        # channel-pruned twice has no single channel plan of its dense model.
+        already = getattr(model, _CHANNEL_PLAN_ATTR, None)
+        object.__setattr__(small, _CHANNEL_PLAN_ATTR, self if already is None else _COMPOSED)
+        return small
+
+
+def channel_plan_of(model: nn.Module) -> Optional[ChannelPlan]:
+    """The :class:`ChannelPlan` that built ``model`` (recorded by :meth:`ChannelPlan.apply`, hence by
+    :func:`sparsify` with a version-2 plan and by ``autosculpt.load``), or None for a model whose
+    channels were not removed by a plan. Raises ValueError for a model channel-pruned twice (no single
+    plan of the dense model describes it)."""
+    record = getattr(model, _CHANNEL_PLAN_ATTR, None)
+    if record is _COMPOSED or (record is not None and not isinstance(record, ChannelPlan)):
+        raise ValueError(f"{type(model).__name__} was channel-pruned more than once; no single channel plan of its "
+                         "dense model describes it (prune the dense model with one plan)")
+    return record
 
 
 @dataclass(frozen=True)

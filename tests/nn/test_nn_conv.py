@@ -146,7 +146,7 @@ def test_dense_plan_is_identity():
     "plan,err",
     [
         ([], "expected a dict"),
-        ({"version": 2, "layers": {}}, "version"),
+        ({"version": 3, "layers": {}}, "version"),
         ({"version": 1, "layers": []}, "layers"),
         ({"version": 1, "layers": {"3": {"kind": "magic"}}}, "unknown kind"),
     ],
