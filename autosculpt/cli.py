@@ -6,6 +6,7 @@
     autosculpt prune --resume runs/NAME                   # continue after Ctrl-C
     autosculpt finetune runs/NAME/model.pt --finetune-epochs 20
     torchrun --nproc_per_node 2 -m autosculpt finetune runs/NAME/model.pt
+    torchrun --nproc_per_node 2 -m autosculpt prune ...  # the search's evaluations shared out over 2 processes
     autosculpt bench kernels | autosculpt bench model runs/NAME/model.pt
     autosculpt export runs/NAME/model.pt --out exported/
     autosculpt report runs/NAME
@@ -294,15 +295,25 @@ def _cmd_prune(args) -> int:
         from .models.pretrained import import_factory
 
         import_factory(cfg["model"])
+    # torchrun: one process group for the whole run; rank 0 names the run folder and alone reports
+    from .finetune import broadcast_text, init_distributed, world_info
+
+    init_distributed()
+    main = world_info()[0] == 0
+    say = _say if main else (lambda msg: None)
     if not resume:
-        run_dir = new_run_dir(cfg)
-        if cfg.get("name") and os.path.exists(os.path.join(run_dir, "config.yaml")):
-            raise UsageError(f"run folder {run_dir!r} exists; choose another --name or continue it with --resume")
-    _say(f"autosculpt prune -> {run_dir}")
+        if main:
+            run_dir = new_run_dir(cfg)
+            if cfg.get("name") and os.path.exists(os.path.join(run_dir, "config.yaml")):
+                raise UsageError(f"run folder {run_dir!r} exists; choose another --name or continue it with --resume")
+        run_dir = broadcast_text(run_dir if main else None)
+    say(f"autosculpt prune -> {run_dir}")
     try:
-        summary = run_prune(cfg, run_dir, resume=resume, log=_say)
+        summary = run_prune(cfg, run_dir, resume=resume, log=say)
     except (Interrupted, KeyboardInterrupt) as e:
         raise Interrupted(f"{str(e) or 'interrupted'}; continue with 'autosculpt prune --resume {run_dir}'") from None
+    if summary is None:  # another rank than 0 of a torchrun: rank 0 reports
+        return 0
     _say("")
     _say(format_table(summary_table(summary), header=("", "dense", "pruned", "dense/pruned")))
     _say(f"latency: {summary.get('latency_timed_as', 'eager models')}")

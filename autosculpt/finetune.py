@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "enforce_masks", "evaluate", "init_distributed",
-           "is_main_process", "world_info"]
+           "is_main_process", "world_info", "shutdown_distributed", "broadcast_text"]
 
 CKPT_KIND = "autosculpt-finetune-checkpoint"
 
@@ -120,6 +120,37 @@ def init_distributed() -> Optional[torch.device]:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def shutdown_distributed() -> None:
+    """Ends the process group :func:`init_distributed` started (after a barrier, so no rank leaves
+    while another still talks to it); a no-op without one. Afterwards every process is on its own
+    (``world_info()`` is (0, 1))."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def broadcast_text(text: Optional[str], src: int = 0) -> str:
+    """Rank ``src``'s ``text`` on every rank (the others pass None; without a process group: ``text``).
+    Sent as UTF-8 bytes, never pickled."""
+    import torch.distributed as dist
+
+    if world_info()[1] == 1:
+        return text if text is not None else ""
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    raw = text.encode("utf-8") if dist.get_rank() == src and text is not None else b""
+    size = torch.tensor([len(raw)], dtype=torch.long, device=dev)
+    dist.broadcast(size, src=src)
+    n = int(size)
+    if n == 0:
+        return ""
+    buf = (torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(dev) if raw
+           else torch.empty(n, dtype=torch.uint8, device=dev))
+    dist.broadcast(buf, src=src)
+    return buf.cpu().numpy().tobytes().decode("utf-8")
 
 
 def _all_reduce_sum(values: List[float], device) -> List[float]:

@@ -143,9 +143,14 @@ def _budget_text(cfg: dict) -> str:
     return f"{cfg['target_flops_ratio']:g} of prunable FLOPs removed"
 
 
-def run_prune(cfg: dict, run_dir: str, *, resume: bool = False, log: Log = print) -> dict:
-    """Prunes ``cfg['model']`` on ``cfg['data']`` into ``run_dir``; returns the summary dict."""
-    from .finetune import FinetuneConfig, finetune
+def run_prune(cfg: dict, run_dir: str, *, resume: bool = False, log: Log = print) -> Optional[dict]:
+    """Prunes ``cfg['model']`` on ``cfg['data']`` into ``run_dir``; returns the summary dict.
+
+    Under ``torchrun`` (several processes): the dense model (when trained) and the fine-tuning are
+    data-parallel, the search shares out its candidates' accuracy evaluation (``autosculpt.search``),
+    latency is measured on rank 0 only, and only rank 0 writes files, measures the final latencies
+    and returns the summary; the other ranks return None once fine-tuning is done."""
+    from .finetune import FinetuneConfig, finetune, init_distributed, shutdown_distributed, world_info
     from .io import load, save
     from .measure import count_flops, count_params, layer_latency, measure_latency_stats
     from .plan import sparsify
@@ -154,13 +159,18 @@ def run_prune(cfg: dict, run_dir: str, *, resume: bool = False, log: Log = print
     t_start = time.perf_counter()
     validate_config(cfg)
     _setup(cfg)
-    device = _device(cfg)
+    dist_device = init_distributed()
+    device = dist_device if dist_device is not None else _device(cfg)
+    main = world_info()[0] == 0
+    if not main:
+        log = _silent
     stage_s: Dict[str, float] = {}
 
     t0 = time.perf_counter()
     splits = _load_data(cfg)  # checks the batch sizes against the data before the run folder exists
-    os.makedirs(run_dir, exist_ok=True)
-    cfgmod.save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    if main:
+        os.makedirs(run_dir, exist_ok=True)
+        cfgmod.save_config(cfg, os.path.join(run_dir, "config.yaml"))
     splits, factory, meta, dense, dense_source = _load_data_and_dense(cfg, device, log, splits)
     train, val, test = splits
     stage_s["data_and_dense_model"] = time.perf_counter() - t0
@@ -196,10 +206,12 @@ def run_prune(cfg: dict, run_dir: str, *, resume: bool = False, log: Log = print
         for w in caught:
             text = str(w.message)
             log(f"search: warning: {text[len('search: '):] if text.startswith('search: ') else text}")
-        result.save(result_path)
+        if main:
+            result.save(result_path)
     stage_s["search"] = time.perf_counter() - t0
     plan = result.best_plan
-    write_json(plan, os.path.join(run_dir, "plan.json"))
+    if main:
+        write_json(plan, os.path.join(run_dir, "plan.json"))
     if not result.met_budget:
         log("search: WARNING: the chosen plan does not meet the budget when measured (see report)")
 
@@ -222,10 +234,15 @@ def run_prune(cfg: dict, run_dir: str, *, resume: bool = False, log: Log = print
         except KeyboardInterrupt:
             raise Interrupted(f"fine-tuning interrupted; checkpoint saved in {ckpt}") from None
         ft = {**res.to_dict(), "epochs": ftcfg.epochs}
-        save(pruned, model_path, plan=plan, meta={**meta, "val_acc": res.best_val_acc, "test_acc": res.test_acc,
-                                                   "seed": cfg["seed"]})
-        write_json(ft, ft_path)
+        if main:
+            save(pruned, model_path, plan=plan, meta={**meta, "val_acc": res.best_val_acc, "test_acc": res.test_acc,
+                                                       "seed": cfg["seed"]})
+            write_json(ft, ft_path)
     stage_s["finetune"] = time.perf_counter() - t0
+    # The rest (final measurement, report) is rank 0's alone: the process group ends here.
+    shutdown_distributed()
+    if not main:
+        return None
 
     # -- measure --------------------------------------------------------------------------------
     from .finetune import evaluate
@@ -283,6 +300,10 @@ def run_prune(cfg: dict, run_dir: str, *, resume: bool = False, log: Log = print
     write_json(summary, os.path.join(run_dir, "summary.json"))
     render_report(run_dir)
     return summary
+
+
+def _silent(msg: str) -> None:
+    pass
 
 
 def run_finetune(model_file: str, cfg: dict, *, data_spec: Optional[str] = None, out: Optional[str] = None,

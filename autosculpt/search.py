@@ -24,6 +24,11 @@ after every episode with an atomic write; ``resume=True`` continues from the las
 exactly where an uninterrupted run would have. Same seed → same result on the CPU, given the same
 latency profile (a deterministic latency model, or a ``LatencyModel`` whose measurements come from its
 cache; fresh measurements on a noisy machine differ from run to run).
+
+Called in every process of an initialised ``torch.distributed`` group (``torchrun``; see
+:func:`autosculpt.finetune.init_distributed`), the search shares out the accuracy evaluation of the
+plans of each rollout among the ranks (see "several processes" below) and returns the same result on
+every rank, equal to a single process's; only rank 0 measures latency and writes files.
 """
 from __future__ import annotations
 
@@ -474,6 +479,7 @@ def search(
         "example_input_shape": list(example_input.shape), "latency_model": type(latency_model).__name__,
     }
     ckpt_path = os.path.join(checkpoint_dir, CHECKPOINT_NAME) if checkpoint_dir else None
+    rank, world = _world()
     state = None
     if resume and ckpt_path and os.path.exists(ckpt_path):
         state = _load_checkpoint(ckpt_path)
@@ -483,26 +489,42 @@ def search(
             raise ValueError(f"resume: the checkpoint in {checkpoint_dir} was made with other settings ({mismatched}); "
                              "use the same arguments or a fresh checkpoint_dir")
 
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank has read the checkpoint before rank 0 writes the next one
     seed_everything(seed)
     model = copy.deepcopy(model).eval()
     if state is not None:
         latency_model.load_state_dict(state["latency"])
-    else:
+    elif world == 1:
         latency_model.profile(model, example_input, progress=progress)
+    else:  # latency is measured once, on rank 0 (the others would disturb and differ); all predict alike
+        if rank == 0:
+            latency_model.profile(model, example_input, progress=progress)
+        # (with rank 0's random state after profiling too: the policy's initial weights are drawn next)
+        sent = _broadcast_json({"profile": latency_model.state_dict(), "rng": _rng_state()} if rank == 0 else None)
+        if rank != 0:
+            latency_model.load_state_dict(sent["profile"])
+            _set_rng_state(sent["rng"])
     env = PruningEnv(model, train_data, val_data, latency_model, example_input, budget.with_margin(margin), pattern_set,
                      bn_batches=bn_batches, penalty=penalty, seed=seed, threads=torch.get_num_threads(),
                      constrain=constrain, shaping=shaping)
     # The policy's graphs are tiny: one thread avoids OpenMP fork/join overhead (and pathological
     # slow-downs when the cores are shared); the accuracy evaluation uses the caller's thread count.
+    # Only rank 0 writes files (checkpoints, the result) and shows progress.
+    main = rank == 0
     with timing.threads(1):
         return _run(env, model, train_data, val_data, latency_model, example_input, budget, settings, state,
-                    ckpt_path, checkpoint_dir, episodes, seed, ppo_config, encoder, progress, callback,
-                    selection, t_start)
+                    ckpt_path if main else None, checkpoint_dir if main else None, episodes, seed, ppo_config,
+                    encoder, progress and main, callback, selection, t_start)
 
 
 def _run(env, model, train_data, val_data, latency_model, example_input, budget, settings, state, ckpt_path,
          checkpoint_dir, episodes, seed, ppo_config, encoder, progress, callback, selection, t_start):
-    """The episode loop of :func:`search` (arguments as there)."""
+    """The episode loop of :func:`search` (arguments as there; ``ckpt_path`` and ``checkpoint_dir`` are
+    None on the ranks other than 0 of a distributed search)."""
+    rank, world = _world()
     policy = GNNActorCritic(len(env.feature_names), len(env.menu), len(env.global_feature_names), encoder=encoder,
                             init_bias=_budget_centred_bias(env))
     ppo = PPO(policy, ppo_config)  # seeds python/numpy/torch again: identical start on every run
@@ -522,7 +544,13 @@ def _run(env, model, train_data, val_data, latency_model, example_input, budget,
         from ._optional import tqdm
 
         bar = tqdm(total=episodes, initial=min(first_episode, episodes), desc="search", unit="episode")
+    looked_ahead_to = first_episode
     for episode in range(first_episode, episodes):
+        if world > 1 and episode >= looked_ahead_to and ppo.config.rollout_episodes > 0:
+            # the episodes up to the next PPO update: their plans' accuracies, shared out among the ranks
+            n = min(ppo.config.rollout_episodes - ppo.buffer.episodes, episodes - episode)
+            _evaluate_ahead(env, ppo.policy, n, rank, world)
+            looked_ahead_to = episode + n
         obs, done, ep_reward = env.reset(), False, 0.0
         while not done:
             obs, reward, done, rec = ppo.collect(env, obs)
@@ -546,6 +574,8 @@ def _run(env, model, train_data, val_data, latency_model, example_input, budget,
     if bar is not None:
         bar.close()
 
+    if rank != 0:  # the end-to-end measurements (and so the choice) are rank 0's; it sends the result
+        return SearchResult.from_json(_broadcast_text(None))
     history = sorted(env.evaluations.values(), key=lambda r: r["index"])
     timing.set_threads(env.threads)  # end-to-end latency is measured with the caller's threads (restored by search)
     best, verification, met, checked = select_plan(env.in_budget_by_accuracy(), budget, selection,
@@ -562,7 +592,123 @@ def _run(env, model, train_data, val_data, latency_model, example_input, budget,
     )
     if checkpoint_dir:
         result.save(os.path.join(checkpoint_dir, RESULT_NAME))
+    if world > 1:
+        _broadcast_text(result.to_json())
     return result
+
+
+# -- several processes (torchrun) ------------------------------------------------------------------
+# Under an initialised torch.distributed process group (``torchrun``; autosculpt.finetune.init_distributed)
+# every rank runs the same agent with the same seed, so all sample the same plans. The accuracies of
+# the plans of one PPO rollout (the episodes before the next update) are evaluated ahead, each new plan
+# by one rank on the whole validation split (round robin), and gathered: every rank then has every
+# accuracy a single process would have computed, bit for bit, and the agents stay identical. Latency is
+# measured on rank 0 only and sent to the others. Messages are JSON text (exact for floats), never pickles.
+
+
+def _world() -> Tuple[int, int]:
+    from .finetune import world_info
+
+    return world_info()
+
+
+def _broadcast_text(text: Optional[str], src: int = 0) -> str:
+    from .finetune import broadcast_text
+
+    return broadcast_text(text, src)
+
+
+def _comm_device() -> torch.device:
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _rng_state() -> dict:
+    """Python's, numpy's and torch's (CPU) random states as plain data."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state().tolist(),
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+            "python": [version, list(internal), gauss_next]}
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def _broadcast_json(obj, src: int = 0):
+    """Rank ``src``'s plain-data ``obj`` on every rank."""
+    return json.loads(_broadcast_text(json.dumps(obj) if obj is not None else None, src))
+
+
+def _all_gather_json(obj) -> list:
+    """Every rank's plain-data ``obj``, in rank order."""
+    import torch.distributed as dist
+
+    dev, world = _comm_device(), dist.get_world_size()
+    raw = json.dumps(obj).encode("utf-8")
+    size = torch.tensor([len(raw)], dtype=torch.long, device=dev)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    n = max(int(s) for s in sizes)
+    mine = torch.zeros(n, dtype=torch.uint8)
+    mine[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    bufs = [torch.empty(n, dtype=torch.uint8, device=dev) for _ in range(world)]
+    dist.all_gather(bufs, mine.to(dev))
+    return [json.loads(b[:int(s)].cpu().numpy().tobytes().decode("utf-8")) for b, s in zip(bufs, sizes)]
+
+
+def _sample_ahead(env: PruningEnv, policy: nn.Module, n: int) -> List[tuple]:
+    """The complete actions of the next ``n`` episodes as the episode loop will sample them, drawn from a
+    copy of the random state (restored after), without evaluating any plan. The loop draws the same
+    numbers: the policy does not change before the next update, the observations do not depend on
+    rewards, and accuracy evaluation draws from a forked RNG (``PruningEnv.evaluate_plan``)."""
+    import random
+
+    import numpy as np
+
+    actions = []
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for _ in range(n):
+                obs, done = env.reset(), False
+                while not done:
+                    with torch.no_grad():
+                        action, _, _ = policy.act(obs)
+                    obs, _, done, _ = env.step(action, evaluate=False)
+                actions.append(tuple(env.decisions))
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+        env.reset()
+    return actions
+
+
+def _evaluate_ahead(env: PruningEnv, policy: nn.Module, n: int, rank: int, world: int) -> None:
+    """Evaluates the new plans of the next ``n`` episodes, shared out round robin among the ranks, and
+    leaves every accuracy in ``env.accuracy_cache`` on every rank (consumed by ``env.record_for``)."""
+    actions = _sample_ahead(env, policy, n)
+    todo = [a for a in dict.fromkeys(actions) if a not in env.evaluations]  # new plans, first seen first
+    mine = [[list(a), env.evaluate_plan(env.plan_for(a))] for a in todo[rank::world]]
+    gathered = _all_gather_json({"actions": [list(a) for a in actions], "accuracies": mine})
+    if any(g["actions"] != gathered[0]["actions"] for g in gathered):
+        raise RuntimeError("search: the processes sampled different plans (their agents diverged); a distributed "
+                           "search needs the same seed, data, model and settings on every rank")
+    env.accuracy_cache = {tuple(a): acc for g in gathered for a, acc in g["accuracies"]}
 
 
 def default_ppo_config() -> PPOConfig:

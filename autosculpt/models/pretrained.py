@@ -150,7 +150,7 @@ def dense_model(factory: Callable[[], nn.Module], meta: dict, splits, seed: int,
     With ``weights`` the file is loaded; otherwise the cached model is used, or the model is trained
     (best epoch on validation) and cached atomically.
     """
-    from ..finetune import finetune
+    from ..finetune import finetune, is_main_process
     from ..io import read, save
 
     model = factory().to(device)
@@ -171,6 +171,7 @@ def dense_model(factory: Callable[[], nn.Module], meta: dict, splits, seed: int,
     model = factory().to(device)
     res = finetune(model, splits.train, splits.val, None, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                    progress=progress, desc="dense training")
-    save(model, path, meta={**meta, "data": splits.spec, "seed": seed, "val_acc": res.best_val_acc, "train": settings})
+    if is_main_process():  # (under torchrun every rank trained the same weights; one writes them)
+        save(model, path, meta={**meta, "data": splits.spec, "seed": seed, "val_acc": res.best_val_acc, "train": settings})
     log(f"dense model: val acc {res.best_val_acc:.4f}, cached in {path}")
     return model, path

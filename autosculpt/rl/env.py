@@ -126,6 +126,9 @@ class PruningEnv:
         self._ids_cache: Dict[Tuple[str, int], List[int]] = {}
         self._kept_per_pattern = pattern_set.kept_fractions().float()
         self.evaluations: Dict[tuple, dict] = {}  # action tuple -> record (memo: identical plans are not re-run)
+        # action tuple -> validation accuracy evaluated ahead of its episode (a distributed search shares
+        # out the plans of a rollout among its processes); consumed by record_for, never checkpointed
+        self.accuracy_cache: Dict[tuple, float] = {}
         self._cost_table()
         self.layer_state_names = list(LAYER_STATE_FEATURES) + [f"decided_mix_{i}" for i in range(len(pattern_set))]
         self.feature_names = list(self.graph.feature_names) + self.layer_state_names  # the encoder's input columns
@@ -292,7 +295,7 @@ class PruningEnv:
             rec["visits"] += 1
             return rec
         plan = self.plan_for(key)
-        acc = self.evaluate_plan(plan)
+        acc = self.accuracy_cache.pop(key) if key in self.accuracy_cache else self.evaluate_plan(plan)
         ms = self.latency_model.predict(plan)
         flops = self.latency_model.flops(plan)
         cost = flops if self.budget.uses_flops else ms
@@ -334,10 +337,12 @@ class PruningEnv:
         self._obs = self._observation()
         return self._obs
 
-    def step(self, action):
+    def step(self, action, evaluate: bool = True):
         """Decides the current layer's menu entry. Returns (obs, reward, done, info); after the last
         layer ``done`` is True and ``info`` is the complete plan's record (see :meth:`record_for`),
-        before it ``info`` is ``{}``."""
+        before it ``info`` is ``{}``. ``evaluate=False`` only looks ahead (which plans a policy will
+        sample): the complete plan is neither evaluated nor recorded, ``info`` stays ``{}`` and the
+        reward leaves out the plan's term."""
         a = int(torch.as_tensor(action).view(-1)[0]) if torch.as_tensor(action).numel() == 1 else None
         if a is None:
             raise ValueError(f"action: expected one menu index (the current layer's), got {action!r}")
@@ -353,7 +358,7 @@ class PruningEnv:
         done = self.t >= self.num_layers
         info: dict = {}
         reward = 0.0
-        if done:
+        if done and evaluate:
             info = self.record_for(self.decisions)
             reward = info["reward"]
         if self.shaping:
