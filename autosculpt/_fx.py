@@ -3,7 +3,8 @@
 
 It sits at the bottom of the package (it imports no autosculpt module), so every layer can use it
 without an import cycle. AutoSculpt's own layers are leaves: a pattern layer (anything with a
-``tap_mask``, any module defined in ``autosculpt.nn``) is one ``call_module`` node, never traced into.
+``tap_mask``, any module defined in ``autosculpt.nn``) and the pruned attention of a channel-pruned
+model (``autosculpt.channels``) are one ``call_module`` node each, never traced into.
 """
 from __future__ import annotations
 
@@ -27,14 +28,15 @@ class LeafTracer(torch.fx.Tracer):
 
     Args:
         leaf_packages: modules whose class is defined in one of these packages are leaves (default:
-            ``autosculpt.nn``, the pattern layers).
+            ``autosculpt.nn``, the pattern layers, and ``autosculpt.channels``, the pruned attention
+            modules channel removal builds, whose forward has Python control flow).
         extra_leaf: a further predicate; a module it returns True for is a leaf too.
 
     Any module with a ``tap_mask`` (a sparse conv) is a leaf as well; the rest is torch.fx's default
     (``torch.nn`` layers are leaves, other modules are traced into).
     """
 
-    def __init__(self, leaf_packages: Sequence[str] = ("autosculpt.nn",),
+    def __init__(self, leaf_packages: Sequence[str] = ("autosculpt.nn", "autosculpt.channels"),
                  extra_leaf: Optional[Callable[[nn.Module], bool]] = None, **kwargs):
         super().__init__(**kwargs)
         self.leaf_packages = tuple(leaf_packages)

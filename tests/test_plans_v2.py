@@ -141,9 +141,10 @@ def test_version_1_files_still_load_unchanged(tmp_path, planned):
     assert plan_from_model(model)["version"] == 1 and "channels" not in plan_from_model(model)
 
 
-def test_fused_deployed_dense_equivalent_and_export(tmp_path, planned):
-    dense, x, channels = planned["resnet20"]
-    small = channels.apply(dense, x[:1])
+@pytest.mark.parametrize("name", ["resnet20", "vit_tiny"])
+def test_fused_deployed_dense_equivalent_and_export(tmp_path, planned, name):
+    dense, x, channels = planned[name]
+    small = channels.apply(dense, x[:1])  # the ViT's attention: PrunedMultiheadAttention (a leaf for fx)
     model = asc.sparsify(dense, make_plan(_pattern_layers(small), channels), example_input=x[:1]).eval()
     with torch.no_grad():
         want = model(x)
@@ -208,6 +209,8 @@ def test_load_errors_and_channel_pruned_twice(tmp_path, planned):
     path = asc.save(model, tmp_path / "m.pt", meta={"model": "resnet20"})
     with pytest.raises(ValueError, match="does not match the model"):
         asc.load(path, lambda: get_model("resnet56"))
+    with torch.no_grad():  # an explicit example_input for the tracing (instead of the recorded shape's zeros)
+        assert torch.equal(asc.load(path, example_input=x).eval()(x), model(x))
     twice = plan_for_mac_cut(model, x[:1], 1.5).apply(model, x[:1])
     with pytest.raises(ValueError, match="more than once.*pass plan="):
         asc.save(twice, tmp_path / "twice.pt")

@@ -63,7 +63,7 @@ class ChannelTracer(LeafTracer):
     and timm-style attention modules are leaves."""
 
     def __init__(self, **kwargs):
-        super().__init__(leaf_packages=("autosculpt.nn", "autosculpt.channels"), extra_leaf=is_timm_attention, **kwargs)
+        super().__init__(extra_leaf=is_timm_attention, **kwargs)
 
 
 def trace_model(model: nn.Module) -> torch.fx.GraphModule:
