@@ -17,6 +17,7 @@ from autosculpt.export import dense_equivalent
 from autosculpt.io import plan_from_model, read
 from autosculpt.models import get_model
 from autosculpt.nn import PatternConv2d
+from autosculpt.nn.linear import linear_layer_plan
 from autosculpt.patterns import PAPER6
 from autosculpt.plan import (
     ChannelPlan,
@@ -58,8 +59,14 @@ def planned():
 
 
 def _pattern_layers(small: nn.Module) -> dict:
-    """Pattern plans for the 3x3 convs of a channel-pruned model (names and sizes of that model)."""
-    return uniform_plan(small, PAPER6, 0.5)["layers"]
+    """Pattern plans for a channel-pruned model (names and sizes of that model): its 3x3 convs, or for
+    a model without any (the ViT), block patterns on the MLPs' first linears (every other block kept)."""
+    layers = uniform_plan(small, PAPER6, 0.5)["layers"]
+    if not layers:
+        for name, m in small.named_modules():
+            if isinstance(m, nn.Linear) and name.endswith("mlp.fc1"):
+                layers[name] = linear_layer_plan(8, out_blocks=range(0, -(-m.out_features // 8), 2))
+    return layers
 
 
 def _close(a, b):
@@ -99,15 +106,14 @@ def test_v2_with_null_channels_is_the_v1_plan(planned):
 def test_save_load_round_trip(tmp_path, planned, name, with_patterns):
     dense, x, channels = planned[name]
     small = channels.apply(dense, x[:1])
-    layers = _pattern_layers(small) if with_patterns and name != "vit_tiny" else {}
-    if with_patterns and name == "vit_tiny":
-        pytest.skip("the ViT has no 3x3 convs; its channel-only round trip is the other case")
+    layers = _pattern_layers(small) if with_patterns else {}
+    assert layers or not with_patterns
     model = asc.sparsify(dense, make_plan(layers, channels), example_input=x[:1], backend="torch").eval()
     with torch.no_grad():  # non-trivial weights that the dense model does not have (the file must carry them)
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
         for m in model.modules():
-            if isinstance(m, PatternConv2d):
+            if isinstance(m, PatternConv2d):  # keep dropped taps zero (the plan says they are)
                 m.weight.mul_(m.tap_mask[:, None].to(m.weight.dtype))
     meta = {"model": name, "model_args": CASES[name]}
     path = asc.save(model, tmp_path / "m.pt", meta=meta)  # the plan is reconstructed, channels included
