@@ -11,6 +11,11 @@ Candidates ("routes"):
 * ``"autosculpt_channels_last"``: the same fused form with weights and activations in channels_last
   (NHWC) from layer to layer: dense convs run in oneDNN's native layout without a reorder per call,
   pattern convs in AutoSculpt's NHWC kernel (path decisions measured again in this layout).
+* ``"autosculpt_graph"``: the channels_last fused form run as one C++ call per forward
+  (:class:`autosculpt.executor.GraphExecutorModel`): every conv and linear layer through AutoSculpt's
+  NHWC kernel, pooling, adds and ReLUs in C++, activation buffers allocated once; no Python between
+  layers. Models with an operation it does not cover (grouped convs, other activations...) skip it,
+  with the reason in the report.
 * ``"inductor"``: the NCHW fused form compiled by ``torch.compile`` (inductor, ``freezing=True``);
   the pattern layers stay one custom-op call each (no graph break).
 * ``"inductor_channels_last"`` (models without pattern layers only): inductor with freezing on the
@@ -31,15 +36,17 @@ from torch import nn
 
 from .timing import time_interleaved
 
-__all__ = ["ROUTES", "QUICK_ROUTES", "FORMS", "DeploymentReport", "DeployedModel", "deployed_form",
+__all__ = ["ROUTES", "QUICK_ROUTES", "CHANNELS_LAST_ROUTES", "FORMS", "DeploymentReport", "DeployedModel", "deployed_form",
            "optimize_for_inference", "timed_form"]
 
 #: how AutoSculpt's measurements run a model: deployed (a route above), fused (NCHW ``for_inference``), eager
 FORMS = ("deployed", "fused", "eager")
 
-ROUTES = ("autosculpt", "autosculpt_channels_last", "inductor", "inductor_channels_last")
+ROUTES = ("autosculpt", "autosculpt_channels_last", "autosculpt_graph", "inductor", "inductor_channels_last")
 #: the routes that build in well under a second (no compilation): what the search's latency model races
-QUICK_ROUTES = ("autosculpt", "autosculpt_channels_last")
+QUICK_ROUTES = ("autosculpt", "autosculpt_channels_last", "autosculpt_graph")
+#: the routes whose layers run on channels_last (NHWC) activations
+CHANNELS_LAST_ROUTES = ("autosculpt_channels_last", "autosculpt_graph", "inductor_channels_last")
 
 
 @dataclass
@@ -229,12 +236,17 @@ def _build_route(route: str, model: nn.Module, fused: nn.Module, x: torch.Tensor
     """(callable, module it runs, channels_last input) for one route."""
     if route == "autosculpt":
         return fused, fused, False
-    if route == "autosculpt_channels_last":
+    if route in ("autosculpt_channels_last", "autosculpt_graph"):
         import copy
 
         cl = copy.deepcopy(fused).to(memory_format=torch.channels_last)
+        xcl = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            cl(x.contiguous(memory_format=torch.channels_last))  # per-layer path decisions in this layout
+            cl(xcl)  # per-layer path decisions in this layout
+        if route == "autosculpt_graph":
+            from .executor import GraphExecutorModel
+
+            return GraphExecutorModel(cl, xcl), cl, True
         return cl, cl, True
     from torch._inductor import config as inductor_config
 

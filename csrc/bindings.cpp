@@ -42,6 +42,7 @@ PYBIND11_MODULE(_C, m) {
   autosculpt::register_block_attention(m);
   autosculpt::register_max_pool(m);
   autosculpt::register_pattern_conv_nhwc(m);
+  autosculpt::register_graph_executor(m);
 #ifdef AUTOSCULPT_WITH_CUDA
   autosculpt::register_cuda(m);
 #endif

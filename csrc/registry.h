@@ -9,6 +9,7 @@ void register_pattern_conv(pybind11::module_& m);
 void register_block_attention(pybind11::module_& m);
 void register_max_pool(pybind11::module_& m);
 void register_pattern_conv_nhwc(pybind11::module_& m);
+void register_graph_executor(pybind11::module_& m);
 #ifdef AUTOSCULPT_WITH_CUDA
 void register_cuda(pybind11::module_& m);
 #endif

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import autosculpt as asc
-from autosculpt.deploy import QUICK_ROUTES, DeployedModel, deployed_form, optimize_for_inference
+from autosculpt.deploy import CHANNELS_LAST_ROUTES, QUICK_ROUTES, DeployedModel, deployed_form, optimize_for_inference
 from autosculpt.export import export_model
 from autosculpt.models import get_model
 from autosculpt.patterns import PAPER6
@@ -61,7 +61,7 @@ def test_deployed_form_builds_one_route_checked_against_eager(route):
     x = torch.randn(3, 3, 32, 32)  # an odd batch, not the one the form was checked at
     deployed = deployed_form(pruned, x[:2], route)
     assert deployed.route == route and deployed.report is None
-    assert deployed.channels_last == (route == "autosculpt_channels_last")
+    assert deployed.channels_last == (route in CHANNELS_LAST_ROUTES)
     with torch.no_grad():
         torch.testing.assert_close(deployed(x), pruned(x), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="route: unknown route"):

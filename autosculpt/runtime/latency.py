@@ -184,7 +184,9 @@ class LatencyModel(LatencyModelBase):
     @property
     def channels_last(self) -> bool:
         """Whether layers are timed with channels_last (NHWC) inputs and weights: the deployed route's layout."""
-        return self.route in ("autosculpt_channels_last", "inductor_channels_last")
+        from ..deploy import CHANNELS_LAST_ROUTES
+
+        return self.route in CHANNELS_LAST_ROUTES
 
     def _layer_signature(self, info: dict) -> str:
         return ("nhwc-" if self.channels_last else "") + "conv{}".format(json.dumps([list(info["in_shape"]), info["c_out"], list(info["kernel_size"]),

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/pattern_conv_nhwc.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -393,6 +394,16 @@ class PackedPatternConvNhwc {
   std::vector<int32_t> empty_;
   std::unique_ptr<float[], FreeDeleter> packed_;
 };
+
+const PackedPatternConvNhwc* nhwc_conv_from_python(pybind11::handle obj) {
+  return obj.cast<const PackedPatternConvNhwc*>();
+}
+
+void nhwc_conv_forward(const PackedPatternConvNhwc& conv, const float* x, const float* bias, float* out, int64_t n,
+                       int64_t h, int64_t w, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                       int threads, const float* residual, bool relu) {
+  conv.forward(x, bias, out, n, h, w, sh, sw, ph, pw, dh, dw, threads, residual, relu, false);
+}
 
 void register_pattern_conv_nhwc(pybind11::module_& m) {
   namespace py = pybind11;

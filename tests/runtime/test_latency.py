@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from autosculpt import __version__
+from autosculpt.deploy import QUICK_ROUTES
 from autosculpt.patterns import PAPER6, keep_level_grid
 from autosculpt.plan import conv_layer_plan, sparsify
 from autosculpt.runtime.grid import grid_mask
@@ -42,9 +43,9 @@ def test_cache_round_trip(tmp_path):
     assert lm.layers["2"]["in_shape"] == (2, 8, 10, 10)
     n_grid = len(keep_level_grid(PAPER6))
     # dense + grid points per layer, + each layer's ReLU (fused into the sparse kernel, separate after dense),
-    # + the whole model: the route race (2 routes), remainder, dense, reference plan, dense median and IQR
-    assert lm.measurements == 2 * (1 + n_grid) + 2 + 7
-    assert lm.route in ("autosculpt", "autosculpt_channels_last") and lm.profile_data.meta["route"] == lm.route
+    # + the whole model: the route race (one per quick route), remainder, dense, reference plan, dense median and IQR
+    assert lm.measurements == 2 * (1 + n_grid) + 2 + len(QUICK_ROUTES) + 5
+    assert lm.route in QUICK_ROUTES and lm.profile_data.meta["route"] == lm.route
     assert lm.epilogue_ms("0") > 0 and lm.epilogue_ms("2") > 0
     data = json.loads(path.read_text())
     assert data["format"] == 1 and len(data["entries"]) == lm.measurements

@@ -1,0 +1,238 @@
+// A whole channels-last (NHWC) network as one C++ call: a list of steps (pattern/dense convs through
+// the NHWC pattern kernel with their fused epilogues, max-pool, global average pool, adds, ReLU) over
+// buffers allocated once. On small networks (CIFAR ResNets: 19 convs of 16-64 channels) the time
+// between kernels - Python module calls, output allocation, torch's dispatch for the pooling and the
+// classifier - was a third of the deployed model's time; here a step costs a function call.
+//
+// The steps and the buffer of each value are worked out by the Python side
+// (autosculpt/runtime/executor.py) from the fused model's torch.fx graph, which also keeps alive
+// every packed conv and bias the steps point to. Buffers 0 and 1 are the caller's input and output.
+//
+// Non-finite inputs: the pattern kernel skips dropped taps, where conv2d(x, weight * mask) would
+// compute 0 * inf = NaN. A conv step with dropped taps checks its input first; when a value is not
+// finite, run() stops and returns false, and the caller runs the model through the module route,
+// which propagates such values exactly as the reference does.
+#include <omp.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+#include <vector>
+
+#include "cpu/pattern_conv.h"
+#include "cpu/pattern_conv_nhwc.h"
+#include "registry.h"
+
+namespace autosculpt {
+
+namespace {
+
+enum class Op { kConv, kMaxPool, kMeanHW, kAdd, kRelu };
+
+struct Step {
+  Op op;
+  int in = -1, in2 = -1, out = -1;  // buffer ids; in2: the conv's residual or the add's second operand
+  const PackedPatternConvNhwc* conv = nullptr;
+  const float* bias = nullptr;
+  int64_t n = 0, h = 0, w = 0, c = 0;                                // input (N, H, W, C)
+  int64_t kh = 1, kw = 1, sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1;  // conv / pool window
+  int64_t numel = 0;                                                 // add / relu: elements
+  bool relu = false, check_finite = false;
+};
+
+struct FreeDeleter {
+  void operator()(float* p) const { std::free(p); }
+};
+
+inline float nan_max(float m, float v) { return (v > m || v != v) ? v : m; }
+
+void max_pool_nhwc(const Step& s, const float* x, float* out, int threads) {
+  const int64_t oh = (s.h + 2 * s.ph - s.kh) / s.sh + 1, ow = (s.w + 2 * s.pw - s.kw) / s.sw + 1;
+  const int64_t C = s.c, rows = s.n * oh;
+  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(threads, rows * ow * C / 65536)));
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t img = row / oh, oy = row % oh;
+    for (int64_t ox = 0; ox < ow; ++ox) {
+      float* o = out + ((img * oh + oy) * ow + ox) * C;
+      for (int64_t k = 0; k < C; ++k) o[k] = -std::numeric_limits<float>::infinity();
+      for (int64_t r = 0; r < s.kh; ++r) {
+        const int64_t y = oy * s.sh - s.ph + r;
+        if (y < 0 || y >= s.h) continue;
+        for (int64_t q = 0; q < s.kw; ++q) {
+          const int64_t xx = ox * s.sw - s.pw + q;
+          if (xx < 0 || xx >= s.w) continue;
+          const float* src = x + ((img * s.h + y) * s.w + xx) * C;
+#pragma omp simd
+          for (int64_t k = 0; k < C; ++k) o[k] = nan_max(o[k], src[k]);
+        }
+      }
+    }
+  }
+}
+
+void mean_hw(const Step& s, const float* x, float* out) {
+  const int64_t hw = s.h * s.w, C = s.c;
+  const float inv = 1.0f / float(hw);
+  for (int64_t img = 0; img < s.n; ++img) {
+    float* o = out + img * C;
+    for (int64_t k = 0; k < C; ++k) o[k] = 0.0f;
+    const float* src = x + img * hw * C;
+    for (int64_t p = 0; p < hw; ++p) {
+#pragma omp simd
+      for (int64_t k = 0; k < C; ++k) o[k] += src[p * C + k];
+    }
+#pragma omp simd
+    for (int64_t k = 0; k < C; ++k) o[k] *= inv;
+  }
+}
+
+inline float relu(float v) { return v < 0.0f ? 0.0f : v; }  // NaN stays NaN, as torch.relu
+
+}  // namespace
+
+class GraphExecutor {
+ public:
+  // buffer_floats[i]: size of buffer i (ids 0 and 1 are the caller's input and output: sizes unused).
+  explicit GraphExecutor(const std::vector<int64_t>& buffer_floats) {
+    if (buffer_floats.size() < 2) throw std::invalid_argument("GraphExecutor: expected at least 2 buffers");
+    for (size_t i = 2; i < buffer_floats.size(); ++i) {
+      const int64_t floats = buffer_floats[i];
+      if (floats < 1) throw std::invalid_argument("GraphExecutor: a buffer size must be positive");
+      void* p = std::aligned_alloc(64, size_t((floats * 4 + 63) / 64 * 64));
+      if (p == nullptr) throw std::bad_alloc();
+      owned_.emplace_back(static_cast<float*>(p));
+    }
+    count_ = int(buffer_floats.size());
+  }
+
+  void add_conv(pybind11::handle conv, int in, int residual, int out, int64_t n, int64_t h, int64_t w, int64_t c,
+                int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, uintptr_t bias, bool relu,
+                bool check_finite) {
+    Step s{Op::kConv};
+    s.conv = nhwc_conv_from_python(conv);
+    s.in = check_id(in), s.in2 = residual < 0 ? -1 : check_id(residual), s.out = check_id(out);
+    s.n = n, s.h = h, s.w = w, s.c = c, s.sh = sh, s.sw = sw, s.ph = ph, s.pw = pw, s.dh = dh, s.dw = dw;
+    s.bias = reinterpret_cast<const float*>(bias);
+    s.relu = relu, s.check_finite = check_finite;
+    steps_.push_back(s);
+  }
+
+  void add_max_pool(int in, int out, int64_t n, int64_t h, int64_t w, int64_t c, int64_t kh, int64_t kw, int64_t sh,
+                    int64_t sw, int64_t ph, int64_t pw) {
+    if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || ph < 0 || pw < 0 || 2 * ph > kh || 2 * pw > kw || h + 2 * ph < kh ||
+        w + 2 * pw < kw)
+      throw std::invalid_argument("GraphExecutor.add_max_pool: bad window");
+    Step s{Op::kMaxPool};
+    s.in = check_id(in), s.out = check_id(out);
+    s.n = n, s.h = h, s.w = w, s.c = c, s.kh = kh, s.kw = kw, s.sh = sh, s.sw = sw, s.ph = ph, s.pw = pw;
+    steps_.push_back(s);
+  }
+
+  void add_mean_hw(int in, int out, int64_t n, int64_t h, int64_t w, int64_t c) {
+    Step s{Op::kMeanHW};
+    s.in = check_id(in), s.out = check_id(out), s.n = n, s.h = h, s.w = w, s.c = c;
+    steps_.push_back(s);
+  }
+
+  void add_add(int a, int b, int out, int64_t numel, bool relu) {
+    Step s{Op::kAdd};
+    s.in = check_id(a), s.in2 = check_id(b), s.out = check_id(out), s.numel = numel, s.relu = relu;
+    steps_.push_back(s);
+  }
+
+  void add_relu(int in, int out, int64_t numel) {
+    Step s{Op::kRelu};
+    s.in = check_id(in), s.out = check_id(out), s.numel = numel;
+    steps_.push_back(s);
+  }
+
+  // Runs every step; false when a checked conv input held a non-finite value (the output is then
+  // incomplete: run the model another way).
+  bool run(const float* x, float* out, int threads) const {
+    if (threads <= 0) threads = omp_get_max_threads();
+    std::vector<float*> buf(size_t(count_), nullptr);
+    buf[0] = const_cast<float*>(x);  // never written: no step outputs to buffer 0
+    buf[1] = out;
+    for (size_t i = 0; i < owned_.size(); ++i) buf[i + 2] = owned_[i].get();
+    for (const Step& s : steps_) {
+      const float* in = buf[size_t(s.in)];
+      float* o = buf[size_t(s.out)];
+      switch (s.op) {
+        case Op::kConv:
+          if (s.check_finite && !all_finite(in, s.n * s.h * s.w * s.c, threads)) return false;
+          nhwc_conv_forward(*s.conv, in, s.bias, o, s.n, s.h, s.w, s.sh, s.sw, s.ph, s.pw, s.dh, s.dw, threads,
+                            s.in2 < 0 ? nullptr : buf[size_t(s.in2)], s.relu);
+          break;
+        case Op::kMaxPool:
+          max_pool_nhwc(s, in, o, threads);
+          break;
+        case Op::kMeanHW:
+          mean_hw(s, in, o);
+          break;
+        case Op::kAdd: {
+          const float* b = buf[size_t(s.in2)];
+          if (s.relu) {
+#pragma omp simd
+            for (int64_t i = 0; i < s.numel; ++i) o[i] = relu(in[i] + b[i]);
+          } else {
+#pragma omp simd
+            for (int64_t i = 0; i < s.numel; ++i) o[i] = in[i] + b[i];
+          }
+          break;
+        }
+        case Op::kRelu:
+#pragma omp simd
+          for (int64_t i = 0; i < s.numel; ++i) o[i] = relu(in[i]);
+          break;
+      }
+    }
+    return true;
+  }
+
+  int64_t num_steps() const { return int64_t(steps_.size()); }
+
+ private:
+  int check_id(int id) const {
+    if (id < 0 || id >= count_) throw std::invalid_argument("GraphExecutor: buffer id out of range");
+    return id;
+  }
+
+  int count_ = 0;
+  std::vector<std::unique_ptr<float[], FreeDeleter>> owned_;
+  std::vector<Step> steps_;
+};
+
+void register_graph_executor(pybind11::module_& m) {
+  namespace py = pybind11;
+  py::class_<GraphExecutor>(m, "GraphExecutor",
+                            "A channels-last network as a list of C++ steps over buffers allocated once")
+      .def(py::init<const std::vector<int64_t>&>(), py::arg("buffer_floats"))
+      .def("add_conv", &GraphExecutor::add_conv, py::arg("conv"), py::arg("in_id"), py::arg("residual_id"),
+           py::arg("out_id"), py::arg("n"), py::arg("h"), py::arg("w"), py::arg("c"), py::arg("stride_h"),
+           py::arg("stride_w"), py::arg("pad_h"), py::arg("pad_w"), py::arg("dil_h"), py::arg("dil_w"),
+           py::arg("bias_ptr"), py::arg("relu"), py::arg("check_finite"), py::keep_alive<1, 2>())
+      .def("add_max_pool", &GraphExecutor::add_max_pool, py::arg("in_id"), py::arg("out_id"), py::arg("n"),
+           py::arg("h"), py::arg("w"), py::arg("c"), py::arg("kh"), py::arg("kw"), py::arg("sh"), py::arg("sw"),
+           py::arg("ph"), py::arg("pw"))
+      .def("add_mean_hw", &GraphExecutor::add_mean_hw, py::arg("in_id"), py::arg("out_id"), py::arg("n"), py::arg("h"),
+           py::arg("w"), py::arg("c"))
+      .def("add_add", &GraphExecutor::add_add, py::arg("a_id"), py::arg("b_id"), py::arg("out_id"), py::arg("numel"),
+           py::arg("relu"))
+      .def("add_relu", &GraphExecutor::add_relu, py::arg("in_id"), py::arg("out_id"), py::arg("numel"))
+      .def(
+          "run",
+          [](const GraphExecutor& self, uintptr_t x, uintptr_t out, int threads) {
+            return self.run(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(out), threads);
+          },
+          py::arg("x_ptr"), py::arg("out_ptr"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+          "Runs the network; False when a checked conv input was not finite (output incomplete)")
+      .def_property_readonly("num_steps", &GraphExecutor::num_steps);
+}
+
+}  // namespace autosculpt

@@ -1,0 +1,20 @@
+// The channels-last pattern conv (pattern_conv_nhwc.cpp) as other kernels call it from C++: the
+// graph executor (graph_executor.cpp) runs a whole network's convs through it without Python.
+#pragma once
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+namespace autosculpt {
+
+class PackedPatternConvNhwc;
+
+// The packed conv held by a Python PackedPatternConvNhwc object (TypeError for any other object).
+const PackedPatternConvNhwc* nhwc_conv_from_python(pybind11::handle obj);
+
+// PackedPatternConvNhwc::forward: out = conv(x) + bias (+ residual) (ReLU), all (N, H, W, C) contiguous.
+void nhwc_conv_forward(const PackedPatternConvNhwc& conv, const float* x, const float* bias, float* out, int64_t n,
+                       int64_t h, int64_t w, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                       int threads, const float* residual, bool relu);
+
+}  // namespace autosculpt

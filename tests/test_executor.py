@@ -1,0 +1,163 @@
+"""The graph executor (route "autosculpt_graph"): a fused channels-last model as one C++ call, checked
+against the eager model on every op it covers, fresh random inputs, odd shapes, non-finite inputs."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import autosculpt as asc
+from autosculpt.deploy import deployed_form, optimize_for_inference
+from autosculpt.executor import GraphExecutorModel, UnsupportedGraph
+from autosculpt.fuse import fuse_for_inference
+from autosculpt.models import get_model
+from autosculpt.patterns import PAPER6
+from autosculpt.plan import uniform_plan
+
+HAS_CPU = asc.runtime.available_backends()["cpu"]
+pytestmark = pytest.mark.skipif(not HAS_CPU, reason="C++ extension not built")
+
+
+def executor_for(model, x):
+    fused = fuse_for_inference(model, x, dense_convs=True).to(memory_format=torch.channels_last)
+    return GraphExecutorModel(fused, x.contiguous(memory_format=torch.channels_last))
+
+
+def check(model, x, atol=1e-4):
+    model = model.eval()
+    with torch.no_grad():
+        ref = model(x)
+        out = executor_for(model, x)(x)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=atol * max(1.0, float(ref.abs().max())), rtol=1e-4)
+    return out
+
+
+@pytest.mark.parametrize("name,size,batch", [("resnet20", 32, 1), ("resnet20", 30, 3), ("vgg16", 32, 2),
+                                             ("digits_cnn", 8, 5), ("resnet56", 32, 1)])
+@pytest.mark.parametrize("pruned", [False, True])
+def test_builtin_models_equal_eager(name, size, batch, pruned):
+    torch.manual_seed(1)
+    in_chans = 1 if name == "digits_cnn" else 3
+    dense = get_model(name, num_classes=10, **({"in_chans": 1} if name == "digits_cnn" else {})).eval()
+    for m in dense.modules():  # non-trivial BN statistics, so folding is exercised
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    model = asc.sparsify(dense, uniform_plan(dense, PAPER6, 0.5)).eval() if pruned else dense
+    check(model, torch.randn(batch, in_chans, size, size))
+
+
+def test_torchvision_resnet18_equals_eager():
+    from tests.channels.channel_helpers import tv_models
+
+    torch.manual_seed(0)
+    dense = tv_models().resnet18(num_classes=17).eval()
+    check(dense, torch.randn(2, 3, 64, 64))
+    check(asc.sparsify(dense, uniform_plan(dense, PAPER6, 0.4)), torch.randn(1, 3, 72, 56))
+
+
+class Mixed(nn.Module):
+    """Every op the executor covers outside a fused ResNet: a padded non-2x2 max-pool, an unfused add,
+    a standalone ReLU, dropout, a 5x5 dilated strided conv, flatten of a 3x3 map into a linear layer
+    (NCHW flatten order) and a linear + ReLU classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 24, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(24, 24, 5, stride=2, padding=4, dilation=2)
+        self.c = nn.Conv2d(3, 24, 1, stride=2)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.fc1 = nn.Linear(24 * 3 * 3, 37)
+        self.fc2 = nn.Linear(37, 5)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x):
+        y = self.b(self.a(x))
+        y = F.relu(y + self.c(x))  # an add with two conv inputs and a ReLU after it
+        y = self.pool(y)
+        y = F.adaptive_avg_pool2d(y, 3)  # to its own size: no-op
+        y = torch.flatten(y, 1)
+        return self.fc2(self.drop(torch.relu(self.fc1(y))))
+
+
+class GlobalMean(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 40, 3, padding=1)
+        self.fc = nn.Linear(40, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).relu().mean((2, 3)))
+
+
+def test_every_covered_op_equals_eager():
+    torch.manual_seed(2)
+    check(Mixed(), torch.randn(3, 3, 12, 12))
+    check(GlobalMean(), torch.randn(4, 3, 9, 7))
+
+
+def test_every_output_element_is_written_and_buffers_do_not_leak_between_calls():
+    torch.manual_seed(3)
+    dense = get_model("resnet20", num_classes=10).eval()
+    model = asc.sparsify(dense, uniform_plan(dense, PAPER6, 0.5)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ex = executor_for(model, x)
+    executor, out_shape, _cl, _keep = ex._plans[tuple(x.shape)]
+    out = torch.full(out_shape, float("nan"))
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    assert executor.run(xcl.data_ptr(), out.data_ptr(), 1)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), atol=1e-4, rtol=1e-4)
+        x2 = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(ex(x2), model(x2), atol=1e-4, rtol=1e-4)  # a second input, same buffers
+        x3 = torch.randn(5, 3, 32, 32)  # another batch: planned on its first call
+        torch.testing.assert_close(ex(x3), model(x3), atol=1e-4, rtol=1e-4)
+    assert len(ex._plans) == 2 and ex.num_steps > 0
+
+
+def test_two_threads_equal_one():
+    torch.manual_seed(4)
+    dense = get_model("resnet20", num_classes=10).eval()
+    x = torch.randn(3, 3, 32, 32)
+    ex = executor_for(dense, x)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ex(x)
+        torch.set_num_threads(2)
+        two = ex(x)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(one, two, atol=1e-5, rtol=1e-5)
+
+
+def test_non_finite_input_propagates_as_the_reference():
+    torch.manual_seed(5)
+    dense = get_model("resnet20", num_classes=10).eval()
+    model = asc.sparsify(dense, uniform_plan(dense, PAPER6, 0.5)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ex = executor_for(model, x)
+    x[0, 1, 5, 7] = float("inf")
+    x[1, 0, 0, 0] = float("nan")
+    with torch.no_grad():
+        ref, out = model(x), ex(x)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(out[fin], ref[fin], atol=1e-4, rtol=1e-4)
+
+
+def test_unsupported_models_say_which_node():
+    torch.manual_seed(6)
+    x = torch.randn(1, 3, 16, 16)
+    depthwise = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=8)).eval()
+    with pytest.raises(UnsupportedGraph, match="groups 8"):
+        executor_for(depthwise, x)
+    with pytest.raises(UnsupportedGraph, match="Sigmoid"):
+        executor_for(nn.Sequential(nn.Conv2d(3, 8, 1), nn.Sigmoid()).eval(), x)
+    with pytest.raises(ValueError, match="x: expected a float32"):
+        executor_for(nn.Sequential(nn.Conv2d(3, 8, 1)).eval(), x)(x.double())
+    # the deployment race reports the route as skipped and deploys another one
+    deployed = optimize_for_inference(depthwise, x, routes=["autosculpt", "autosculpt_graph"], rounds=1)
+    assert deployed.route == "autosculpt" and "groups 8" in deployed.report.skipped["autosculpt_graph"]
+    with pytest.raises(RuntimeError, match="autosculpt_graph"):
+        deployed_form(depthwise, x, "autosculpt_graph")
