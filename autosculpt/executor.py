@@ -9,10 +9,11 @@ value is dead: liveness over the graph). Nothing runs in Python between layers, 
 (module calls, output allocations, torch's dispatch for pooling and the classifier) disappear: on a
 CIFAR ResNet-20 they were a third of the fused model's time.
 
-What it covers: ``PatternConv2d`` / ``nn.Conv2d`` (groups 1), ``nn.Linear``, ``FastMaxPool2d`` /
+What it covers: ``PatternConv2d`` / ``nn.Conv2d`` (groups 1 through the pattern kernel; depthwise convs,
+one filter per channel, vectorised over channels in NHWC), ``nn.Linear``, ``FastMaxPool2d`` /
 ``nn.MaxPool2d`` (dilation 1, floor mode), ``nn.AdaptiveAvgPool2d`` / ``F.adaptive_avg_pool2d`` to 1×1
-(or to the input's own size), ``mean`` over H and W, flatten, adds of equal shapes, ReLU, dropout and
-identity (inference). Any other node raises :class:`UnsupportedGraph` naming it: the deployment race
+(or to the input's own size), ``mean`` over H and W, flatten, adds of equal shapes, ReLU and ReLU6
+(fused into the producing conv or add when it is the only reader), dropout and identity (inference). Any other node raises :class:`UnsupportedGraph` naming it: the deployment race
 then reports the route as skipped and uses another one.
 
 Non-finite inputs: a pattern conv skips its dropped taps, where ``conv2d(x, weight * mask)`` computes
@@ -41,6 +42,7 @@ class UnsupportedGraph(ValueError):
 
 
 _RELU = {F.relu, torch.relu, torch.relu_}
+_INF = float("inf")
 _ADD = {operator.add, operator.iadd, torch.add}
 _FLATTEN_FN = {torch.flatten}
 
@@ -151,7 +153,7 @@ class GraphExecutorModel(nn.Module):
             steps.append({"op": "conv", "in": src.storage, "res": None if residual is None else residual.storage,
                           "out": out.storage, "packed": packed, "geom": (n, h, w, c), "stride": stride,
                           "padding": padding, "dilation": dilation, "bias": bias, "relu": relu,
-                          "check": not bool(mask.all())})
+                          "hi": _INF, "check": not bool(mask.all())})
 
         def producer_step(v: _Value) -> Optional[dict]:
             for s in reversed(steps):
@@ -174,7 +176,29 @@ class GraphExecutorModel(nn.Module):
                 break
             mod = modules.get(target) if op == "call_module" else None
             args = node.args
-            if mod is not None and (hasattr(mod, "tap_mask") or isinstance(mod, nn.Conv2d)):
+            is_conv = mod is not None and (hasattr(mod, "tap_mask") or isinstance(mod, nn.Conv2d))
+            if is_conv and mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels:
+                src = value(args[0])
+                if node.kwargs.get("residual") is not None or len(args) > 1 or len(src.shape) != 4:
+                    raise UnsupportedGraph(f"graph executor: depthwise conv {target} with a residual input")
+                if isinstance(mod.padding, str) or getattr(mod, "padding_mode", "zeros") != "zeros":
+                    raise UnsupportedGraph(f"graph executor: conv {target} uses padding {mod.padding!r}")
+                act = getattr(mod, "activation", None)
+                if act not in (None, "relu"):
+                    raise UnsupportedGraph(f"graph executor: conv {target} has activation {act!r}")
+                c, taps = mod.out_channels, mod.kernel_size[0] * mod.kernel_size[1]
+                w = mod.weight.detach().float().reshape(c, taps)
+                if hasattr(mod, "tap_mask"):
+                    w = w * mod.tap_mask.detach().reshape(c, taps).to(w.dtype)
+                w = w.t().contiguous()  # [tap][channel]
+                bias = mod.bias.detach().float().contiguous() if mod.bias is not None else None
+                keep.extend([w, bias])
+                out = new_value(node)
+                steps.append({"op": "depthwise", "in": src.storage, "out": out.storage, "geom": src.shape,
+                              "k": tuple(mod.kernel_size), "stride": _pair(mod.stride), "padding": _pair(mod.padding),
+                              "dilation": _pair(mod.dilation), "weight": w, "bias": bias, "relu": act == "relu",
+                              "hi": _INF})
+            elif is_conv:
                 src = value(args[0])
                 res = node.kwargs.get("residual", args[1] if len(args) > 1 else None)
                 res_v = value(res) if res is not None else None
@@ -251,17 +275,18 @@ class GraphExecutorModel(nn.Module):
                     raise UnsupportedGraph(f"graph executor: {node.format_node()} (only flatten(x, 1) of a 4-D map)")
                 _, c, h, w = src.shape
                 alias(node, src, flat_from=None if h * w == 1 else (c, h, w))
-            elif (mod is not None and isinstance(mod, nn.ReLU) or op == "call_function" and target in _RELU
-                  or op == "call_method" and target in ("relu", "relu_")):
+            elif _activation_bound(node, mod) is not None:
+                hi = _activation_bound(node, mod)
                 src = value(args[0])
                 prod = producer_step(src)
                 sole = users_left.get(args[0], 0) == 1 and src.flat_from is None
-                if prod is not None and prod["op"] in ("conv", "add") and not prod["relu"] and sole:
-                    prod["relu"] = True  # fused into the producer's epilogue
+                if prod is not None and prod["op"] in ("conv", "depthwise", "add") and sole:
+                    prod["relu"], prod["hi"] = True, min(prod["hi"], hi)  # fused into the producer's epilogue
                     alias(node, src)
                 else:
                     out = new_value(node)
-                    steps.append({"op": "relu", "in": src.storage, "out": out.storage, "numel": storages[out.storage]})
+                    steps.append({"op": "clamp", "in": src.storage, "out": out.storage, "numel": storages[out.storage],
+                                  "hi": hi})
             elif mod is not None and isinstance(mod, (nn.Dropout, nn.Identity)):
                 alias(node, value(args[0]))
             elif op == "call_function" and target in _ADD and len(args) == 2 and not node.kwargs:
@@ -270,7 +295,7 @@ class GraphExecutorModel(nn.Module):
                     raise UnsupportedGraph(f"graph executor: add of shapes {a.shape} and {b.shape} (no broadcasting)")
                 out = new_value(node)
                 steps.append({"op": "add", "in": a.storage, "in2": b.storage, "out": out.storage,
-                              "numel": storages[out.storage], "relu": False})
+                              "numel": storages[out.storage], "relu": False, "hi": _INF})
             else:
                 what = f"module {target} ({type(mod).__name__})" if mod is not None else node.format_node()
                 raise UnsupportedGraph(f"graph executor: {what} is not covered")
@@ -287,6 +312,21 @@ class GraphExecutorModel(nn.Module):
         plan = (executor, out_shape, len(out_shape) == 4, keep)
         self._plans[tuple(x.shape)] = plan
         return plan
+
+
+def _activation_bound(node, mod) -> Optional[float]:
+    """The upper bound of a ReLU-like node (ReLU: inf, ReLU6 / hardtanh(0, b): b), None for any other node."""
+    if mod is not None:
+        if isinstance(mod, nn.ReLU):
+            return _INF
+        if isinstance(mod, nn.Hardtanh) and mod.min_val == 0 and mod.max_val > 0:
+            return float(mod.max_val)
+        return None
+    if node.op == "call_function" and node.target in _RELU or node.op == "call_method" and node.target in ("relu", "relu_"):
+        return _INF
+    if node.op == "call_function" and node.target is F.relu6:
+        return 6.0
+    return None
 
 
 def modules_param(gm: torch.fx.GraphModule, node) -> torch.Tensor:
@@ -340,7 +380,12 @@ def _emit(executor, s: dict, buffer_of: Dict[int, int]) -> None:
         res = -1 if s["res"] is None else buffer_of[s["res"]]
         bias = s["bias"].data_ptr() if s["bias"] is not None else 0
         executor.add_conv(s["packed"], buffer_of[s["in"]], res, buffer_of[s["out"]], n, h, w, c, *s["stride"],
-                          *s["padding"], *s["dilation"], bias, s["relu"], s["check"])
+                          *s["padding"], *s["dilation"], bias, s["relu"], s["hi"], s["check"])
+    elif op == "depthwise":
+        n, c, h, w = s["geom"]
+        bias = s["bias"].data_ptr() if s["bias"] is not None else 0
+        executor.add_depthwise(buffer_of[s["in"]], buffer_of[s["out"]], n, h, w, c, *s["k"], *s["stride"],
+                               *s["padding"], *s["dilation"], s["weight"].data_ptr(), bias, s["relu"], s["hi"])
     elif op == "max_pool":
         n, c, h, w = s["geom"]
         executor.add_max_pool(buffer_of[s["in"]], buffer_of[s["out"]], n, h, w, c, *s["k"], *s["s"], *s["p"])
@@ -348,8 +393,8 @@ def _emit(executor, s: dict, buffer_of: Dict[int, int]) -> None:
         n, c, h, w = s["geom"]
         executor.add_mean_hw(buffer_of[s["in"]], buffer_of[s["out"]], n, h, w, c)
     elif op == "add":
-        executor.add_add(buffer_of[s["in"]], buffer_of[s["in2"]], buffer_of[s["out"]], s["numel"], s["relu"])
-    elif op == "relu":
-        executor.add_relu(buffer_of[s["in"]], buffer_of[s["out"]], s["numel"])
+        executor.add_add(buffer_of[s["in"]], buffer_of[s["in2"]], buffer_of[s["out"]], s["numel"], s["relu"], s["hi"])
+    elif op == "clamp":
+        executor.add_clamp(buffer_of[s["in"]], buffer_of[s["out"]], s["numel"], True, s["hi"])
     else:  # pragma: no cover - the planner only builds the ops above
         raise AssertionError(op)

@@ -32,17 +32,22 @@ def check(model, x, atol=1e-4):
     return out
 
 
+def randomize_bn(model):
+    """Non-trivial BN statistics, so that folding is exercised and activations keep their scale."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
 @pytest.mark.parametrize("name,size,batch", [("resnet20", 32, 1), ("resnet20", 30, 3), ("vgg16", 32, 2),
-                                             ("digits_cnn", 8, 5), ("resnet56", 32, 1)])
+                                             ("digits_cnn", 8, 5), ("resnet56", 32, 1), ("mobilenetv2", 32, 2)])
 @pytest.mark.parametrize("pruned", [False, True])
 def test_builtin_models_equal_eager(name, size, batch, pruned):
     torch.manual_seed(1)
     in_chans = 1 if name == "digits_cnn" else 3
-    dense = get_model(name, num_classes=10, **({"in_chans": 1} if name == "digits_cnn" else {})).eval()
-    for m in dense.modules():  # non-trivial BN statistics, so folding is exercised
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
+    dense = randomize_bn(get_model(name, num_classes=10, **({"in_chans": 1} if name == "digits_cnn" else {})).eval())
     model = asc.sparsify(dense, uniform_plan(dense, PAPER6, 0.5)).eval() if pruned else dense
     check(model, torch.randn(batch, in_chans, size, size))
 
@@ -55,6 +60,32 @@ def test_torchvision_resnet18_equals_eager():
     check(dense, torch.randn(2, 3, 64, 64))
     check(asc.sparsify(dense, uniform_plan(dense, PAPER6, 0.4)), torch.randn(1, 3, 72, 56))
 
+
+def test_torchvision_mobilenet_v2_equals_eager():
+    from tests.channels.channel_helpers import tv_models
+
+    torch.manual_seed(0)
+    dense = randomize_bn(tv_models().mobilenet_v2(num_classes=11).eval())
+    nn.init.normal_(dense.classifier[1].weight, std=0.5)  # outputs of order 1, not 1e-3
+    out = check(dense, torch.randn(2, 3, 64, 64))
+    assert float(out.abs().max()) > 0.1
+
+
+class Depthwise(nn.Module):
+    """Depthwise convs (stride 2, dilation 2, a pattern mask) with ReLU6 fused and standalone."""
+
+    def __init__(self):
+        super().__init__()
+        self.pw = nn.Conv2d(3, 20, 1)
+        self.dw = nn.Conv2d(20, 20, 3, stride=2, padding=1, groups=20)
+        self.dw2 = asc.nn.PatternConv2d(20, 20, 3, padding=2, dilation=2, groups=20,
+                                        tap_mask=torch.rand(20, 3, 3) > 0.4)
+        self.act = nn.ReLU6()
+
+    def forward(self, x):
+        y = self.act(self.dw(self.pw(x)))
+        z = F.relu6(self.dw2(y))
+        return z + y.relu()  # y has two readers: its ReLU is a step of its own
 
 class Mixed(nn.Module):
     """Every op the executor covers outside a fused ResNet: a padded non-2x2 max-pool, an unfused add,
@@ -94,6 +125,8 @@ def test_every_covered_op_equals_eager():
     torch.manual_seed(2)
     check(Mixed(), torch.randn(3, 3, 12, 12))
     check(GlobalMean(), torch.randn(4, 3, 9, 7))
+    x = torch.randn(2, 3, 15, 13) * 4
+    check(Depthwise(), x)
 
 
 def test_every_output_element_is_written_and_buffers_do_not_leak_between_calls():
@@ -149,15 +182,15 @@ def test_non_finite_input_propagates_as_the_reference():
 def test_unsupported_models_say_which_node():
     torch.manual_seed(6)
     x = torch.randn(1, 3, 16, 16)
-    depthwise = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=8)).eval()
-    with pytest.raises(UnsupportedGraph, match="groups 8"):
-        executor_for(depthwise, x)
+    grouped = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=2)).eval()
+    with pytest.raises(UnsupportedGraph, match="groups 2"):
+        executor_for(grouped, x)
     with pytest.raises(UnsupportedGraph, match="Sigmoid"):
         executor_for(nn.Sequential(nn.Conv2d(3, 8, 1), nn.Sigmoid()).eval(), x)
     with pytest.raises(ValueError, match="x: expected a float32"):
         executor_for(nn.Sequential(nn.Conv2d(3, 8, 1)).eval(), x)(x.double())
     # the deployment race reports the route as skipped and deploys another one
-    deployed = optimize_for_inference(depthwise, x, routes=["autosculpt", "autosculpt_graph"], rounds=1)
-    assert deployed.route == "autosculpt" and "groups 8" in deployed.report.skipped["autosculpt_graph"]
+    deployed = optimize_for_inference(grouped, x, routes=["autosculpt", "autosculpt_graph"], rounds=1)
+    assert deployed.route == "autosculpt" and "groups 2" in deployed.report.skipped["autosculpt_graph"]
     with pytest.raises(RuntimeError, match="autosculpt_graph"):
-        deployed_form(depthwise, x, "autosculpt_graph")
+        deployed_form(grouped, x, "autosculpt_graph")

@@ -1,5 +1,6 @@
 // A whole channels-last (NHWC) network as one C++ call: a list of steps (pattern/dense convs through
-// the NHWC pattern kernel with their fused epilogues, max-pool, global average pool, adds, ReLU) over
+// the NHWC pattern kernel with their fused epilogues, depthwise convs, max-pool, global average pool,
+// adds, ReLU / ReLU6) over
 // buffers allocated once. On small networks (CIFAR ResNets: 19 convs of 16-64 channels) the time
 // between kernels - Python module calls, output allocation, torch's dispatch for the pooling and the
 // classifier - was a third of the deployed model's time; here a step costs a function call.
@@ -32,17 +33,19 @@ namespace autosculpt {
 
 namespace {
 
-enum class Op { kConv, kMaxPool, kMeanHW, kAdd, kRelu };
+enum class Op { kConv, kDepthwise, kMaxPool, kMeanHW, kAdd, kClamp };
 
 struct Step {
   Op op;
   int in = -1, in2 = -1, out = -1;  // buffer ids; in2: the conv's residual or the add's second operand
   const PackedPatternConvNhwc* conv = nullptr;
   const float* bias = nullptr;
+  const float* dw_weight = nullptr;  // depthwise: [kh * kw][C]
   int64_t n = 0, h = 0, w = 0, c = 0;                                // input (N, H, W, C)
   int64_t kh = 1, kw = 1, sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1;  // conv / pool window
   int64_t numel = 0;                                                 // add / relu: elements
   bool relu = false, check_finite = false;
+  float hi = std::numeric_limits<float>::infinity();  // clamp after the ReLU (ReLU6: 6)
 };
 
 struct FreeDeleter {
@@ -92,7 +95,50 @@ void mean_hw(const Step& s, const float* x, float* out) {
   }
 }
 
-inline float relu(float v) { return v < 0.0f ? 0.0f : v; }  // NaN stays NaN, as torch.relu
+// ReLU (when asked) then the upper clamp; NaN stays NaN, as torch.relu / relu6.
+inline float activate(float v, bool relu, float hi) {
+  v = (relu && v < 0.0f) ? 0.0f : v;
+  return v > hi ? hi : v;
+}
+
+// Depthwise conv (groups = channels, one filter per channel) on NHWC, vectorised over channels; all
+// taps computed (dropped taps have zero weights), so NaN and inf propagate as in the reference.
+void depthwise_nhwc(const Step& s, const float* x, float* out, int threads) {
+  const int64_t oh = (s.h + 2 * s.ph - s.dh * (s.kh - 1) - 1) / s.sh + 1;
+  const int64_t ow = (s.w + 2 * s.pw - s.dw * (s.kw - 1) - 1) / s.sw + 1;
+  const int64_t C = s.c, rows = s.n * oh;
+  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(threads, rows * ow * C * s.kh * s.kw / 200000)));
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t img = row / oh, oy = row % oh;
+    for (int64_t ox = 0; ox < ow; ++ox) {
+      float* o = out + ((img * oh + oy) * ow + ox) * C;
+      if (s.bias) {
+#pragma omp simd
+        for (int64_t k = 0; k < C; ++k) o[k] = s.bias[k];
+      } else {
+#pragma omp simd
+        for (int64_t k = 0; k < C; ++k) o[k] = 0.0f;
+      }
+      for (int64_t r = 0; r < s.kh; ++r) {
+        const int64_t y = oy * s.sh - s.ph + r * s.dh;
+        if (y < 0 || y >= s.h) continue;
+        for (int64_t q = 0; q < s.kw; ++q) {
+          const int64_t xx = ox * s.sw - s.pw + q * s.dw;
+          if (xx < 0 || xx >= s.w) continue;
+          const float* src = x + ((img * s.h + y) * s.w + xx) * C;
+          const float* wt = s.dw_weight + (r * s.kw + q) * C;
+#pragma omp simd
+          for (int64_t k = 0; k < C; ++k) o[k] += src[k] * wt[k];
+        }
+      }
+      if (s.relu || s.hi < std::numeric_limits<float>::infinity()) {
+#pragma omp simd
+        for (int64_t k = 0; k < C; ++k) o[k] = activate(o[k], s.relu, s.hi);
+      }
+    }
+  }
+}
 
 }  // namespace
 
@@ -113,13 +159,29 @@ class GraphExecutor {
 
   void add_conv(pybind11::handle conv, int in, int residual, int out, int64_t n, int64_t h, int64_t w, int64_t c,
                 int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, uintptr_t bias, bool relu,
-                bool check_finite) {
+                float clamp_max, bool check_finite) {
     Step s{Op::kConv};
     s.conv = nhwc_conv_from_python(conv);
     s.in = check_id(in), s.in2 = residual < 0 ? -1 : check_id(residual), s.out = check_id(out);
     s.n = n, s.h = h, s.w = w, s.c = c, s.sh = sh, s.sw = sw, s.ph = ph, s.pw = pw, s.dh = dh, s.dw = dw;
     s.bias = reinterpret_cast<const float*>(bias);
-    s.relu = relu, s.check_finite = check_finite;
+    s.relu = relu, s.hi = clamp_max, s.check_finite = check_finite;
+    steps_.push_back(s);
+  }
+
+  // weight: [kh * kw][c] contiguous (kept alive by the caller).
+  void add_depthwise(int in, int out, int64_t n, int64_t h, int64_t w, int64_t c, int64_t kh, int64_t kw, int64_t sh,
+                     int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, uintptr_t weight, uintptr_t bias,
+                     bool relu, float clamp_max) {
+    if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || ph < 0 || pw < 0 || dh < 1 || dw < 1 || weight == 0 ||
+        h + 2 * ph < dh * (kh - 1) + 1 || w + 2 * pw < dw * (kw - 1) + 1)
+      throw std::invalid_argument("GraphExecutor.add_depthwise: bad sizes");
+    Step s{Op::kDepthwise};
+    s.in = check_id(in), s.out = check_id(out);
+    s.n = n, s.h = h, s.w = w, s.c = c, s.kh = kh, s.kw = kw, s.sh = sh, s.sw = sw, s.ph = ph, s.pw = pw;
+    s.dh = dh, s.dw = dw;
+    s.dw_weight = reinterpret_cast<const float*>(weight), s.bias = reinterpret_cast<const float*>(bias);
+    s.relu = relu, s.hi = clamp_max;
     steps_.push_back(s);
   }
 
@@ -140,15 +202,17 @@ class GraphExecutor {
     steps_.push_back(s);
   }
 
-  void add_add(int a, int b, int out, int64_t numel, bool relu) {
+  void add_add(int a, int b, int out, int64_t numel, bool relu, float clamp_max) {
     Step s{Op::kAdd};
     s.in = check_id(a), s.in2 = check_id(b), s.out = check_id(out), s.numel = numel, s.relu = relu;
+    s.hi = clamp_max;
     steps_.push_back(s);
   }
 
-  void add_relu(int in, int out, int64_t numel) {
-    Step s{Op::kRelu};
-    s.in = check_id(in), s.out = check_id(out), s.numel = numel;
+  // out = min(clamp_max, ReLU?(in)); in and out may be the same buffer.
+  void add_clamp(int in, int out, int64_t numel, bool relu, float clamp_max) {
+    Step s{Op::kClamp};
+    s.in = check_id(in), s.out = check_id(out), s.numel = numel, s.relu = relu, s.hi = clamp_max;
     steps_.push_back(s);
   }
 
@@ -167,7 +231,10 @@ class GraphExecutor {
         case Op::kConv:
           if (s.check_finite && !all_finite(in, s.n * s.h * s.w * s.c, threads)) return false;
           nhwc_conv_forward(*s.conv, in, s.bias, o, s.n, s.h, s.w, s.sh, s.sw, s.ph, s.pw, s.dh, s.dw, threads,
-                            s.in2 < 0 ? nullptr : buf[size_t(s.in2)], s.relu);
+                            s.in2 < 0 ? nullptr : buf[size_t(s.in2)], s.relu, s.hi);
+          break;
+        case Op::kDepthwise:
+          depthwise_nhwc(s, in, o, threads);
           break;
         case Op::kMaxPool:
           max_pool_nhwc(s, in, o, threads);
@@ -177,18 +244,13 @@ class GraphExecutor {
           break;
         case Op::kAdd: {
           const float* b = buf[size_t(s.in2)];
-          if (s.relu) {
 #pragma omp simd
-            for (int64_t i = 0; i < s.numel; ++i) o[i] = relu(in[i] + b[i]);
-          } else {
-#pragma omp simd
-            for (int64_t i = 0; i < s.numel; ++i) o[i] = in[i] + b[i];
-          }
+          for (int64_t i = 0; i < s.numel; ++i) o[i] = activate(in[i] + b[i], s.relu, s.hi);
           break;
         }
-        case Op::kRelu:
+        case Op::kClamp:
 #pragma omp simd
-          for (int64_t i = 0; i < s.numel; ++i) o[i] = relu(in[i]);
+          for (int64_t i = 0; i < s.numel; ++i) o[i] = activate(in[i], s.relu, s.hi);
           break;
       }
     }
@@ -216,15 +278,20 @@ void register_graph_executor(pybind11::module_& m) {
       .def("add_conv", &GraphExecutor::add_conv, py::arg("conv"), py::arg("in_id"), py::arg("residual_id"),
            py::arg("out_id"), py::arg("n"), py::arg("h"), py::arg("w"), py::arg("c"), py::arg("stride_h"),
            py::arg("stride_w"), py::arg("pad_h"), py::arg("pad_w"), py::arg("dil_h"), py::arg("dil_w"),
-           py::arg("bias_ptr"), py::arg("relu"), py::arg("check_finite"), py::keep_alive<1, 2>())
+           py::arg("bias_ptr"), py::arg("relu"), py::arg("clamp_max"), py::arg("check_finite"), py::keep_alive<1, 2>())
+      .def("add_depthwise", &GraphExecutor::add_depthwise, py::arg("in_id"), py::arg("out_id"), py::arg("n"),
+           py::arg("h"), py::arg("w"), py::arg("c"), py::arg("kh"), py::arg("kw"), py::arg("sh"), py::arg("sw"),
+           py::arg("ph"), py::arg("pw"), py::arg("dh"), py::arg("dw"), py::arg("weight_ptr"), py::arg("bias_ptr"),
+           py::arg("relu"), py::arg("clamp_max"))
       .def("add_max_pool", &GraphExecutor::add_max_pool, py::arg("in_id"), py::arg("out_id"), py::arg("n"),
            py::arg("h"), py::arg("w"), py::arg("c"), py::arg("kh"), py::arg("kw"), py::arg("sh"), py::arg("sw"),
            py::arg("ph"), py::arg("pw"))
       .def("add_mean_hw", &GraphExecutor::add_mean_hw, py::arg("in_id"), py::arg("out_id"), py::arg("n"), py::arg("h"),
            py::arg("w"), py::arg("c"))
       .def("add_add", &GraphExecutor::add_add, py::arg("a_id"), py::arg("b_id"), py::arg("out_id"), py::arg("numel"),
-           py::arg("relu"))
-      .def("add_relu", &GraphExecutor::add_relu, py::arg("in_id"), py::arg("out_id"), py::arg("numel"))
+           py::arg("relu"), py::arg("clamp_max"))
+      .def("add_clamp", &GraphExecutor::add_clamp, py::arg("in_id"), py::arg("out_id"), py::arg("numel"),
+           py::arg("relu"), py::arg("clamp_max"))
       .def(
           "run",
           [](const GraphExecutor& self, uintptr_t x, uintptr_t out, int threads) {

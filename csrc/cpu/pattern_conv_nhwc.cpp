@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <stdexcept>
 #include <vector>
@@ -87,12 +88,14 @@ struct NhwcCall {
   const float* bias;
   const float* residual;  // like out, or null
   bool relu;
+  float hi;  // upper clamp after the ReLU (ReLU6: 6), +inf for none
 };
 
 inline float epilogue(float v, const NhwcCall& a, int64_t at, int32_t co) {
   v += a.bias ? a.bias[co] : 0.0f;
   if (a.residual) v += a.residual[at + co];
-  return (a.relu && v < 0.0f) ? 0.0f : v;  // NaN stays NaN, as torch.relu
+  v = (a.relu && v < 0.0f) ? 0.0f : v;  // NaN stays NaN, as torch.relu
+  return v > a.hi ? a.hi : v;
 }
 
 // Stores a tile acc[MR][kBlock] (pixels ox0 .. ox0+valid) to the block's output channels.
@@ -159,7 +162,8 @@ __attribute__((target("avx512f,fma"))) void tile_avx512(const NhwcCall& a, const
     __m512 bias[NV];
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) bias[v] = a.bias ? _mm512_loadu_ps(a.bias + c0 + 16 * v) : _mm512_setzero_ps();
-    const __m512 zero = _mm512_setzero_ps();
+    const __m512 zero = _mm512_setzero_ps(), hi = _mm512_set1_ps(a.hi);
+    const bool clamp = a.hi < std::numeric_limits<float>::infinity();
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const int64_t at = (oy * a.ow + ox0 + i) * a.c_out + c0;
@@ -168,6 +172,7 @@ __attribute__((target("avx512f,fma"))) void tile_avx512(const NhwcCall& a, const
         __m512 o = _mm512_add_ps(acc[i][v], bias[v]);
         if (a.residual) o = _mm512_add_ps(o, _mm512_loadu_ps(a.residual + at + 16 * v));
         if (a.relu) o = _mm512_max_ps(zero, o);  // max_ps returns its 2nd operand on NaN: NaN stays
+        if (clamp) o = _mm512_min_ps(hi, o);
         _mm512_storeu_ps(a.out + at + 16 * v, o);
       }
     }
@@ -185,7 +190,8 @@ __attribute__((target("avx512f,fma"))) void tile_avx512(const NhwcCall& a, const
     live[v] = __mmask16((1u << n_live) - 1u);
     bias[v] = a.bias ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live[v], idx[v], a.bias, 4) : _mm512_setzero_ps();
   }
-  const __m512 zero = _mm512_setzero_ps();
+  const __m512 zero = _mm512_setzero_ps(), hi = _mm512_set1_ps(a.hi);
+  const bool clamp = a.hi < std::numeric_limits<float>::infinity();
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
     const int64_t at = (oy * a.ow + ox0 + i) * a.c_out;
@@ -194,6 +200,7 @@ __attribute__((target("avx512f,fma"))) void tile_avx512(const NhwcCall& a, const
       __m512 o = _mm512_add_ps(acc[i][v], bias[v]);
       if (a.residual) o = _mm512_add_ps(o, _mm512_mask_i32gather_ps(zero, live[v], idx[v], a.residual + at, 4));
       if (a.relu) o = _mm512_max_ps(zero, o);
+      if (clamp) o = _mm512_min_ps(hi, o);
       _mm512_mask_i32scatter_ps(a.out + at, live[v], idx[v], o, 4);
     }
   }
@@ -297,7 +304,7 @@ class PackedPatternConvNhwc {
   // x: (n, h, w, c_in) contiguous; out: (n, oh, ow, c_out) contiguous; residual like out or null.
   void forward(const float* x, const float* bias, float* out, int64_t n, int64_t h, int64_t w, int64_t sh, int64_t sw,
                int64_t ph, int64_t pw, int64_t dh, int64_t dw, int num_threads, const float* residual, bool relu,
-               bool force_generic) const {
+               bool force_generic, float clamp_max = std::numeric_limits<float>::infinity()) const {
     const int64_t oh = (h + 2 * ph - dh * (kh_ - 1) - 1) / sh + 1, ow = (w + 2 * pw - dw * (kw_ - 1) - 1) / sw + 1;
     if (n < 0 || h < 1 || w < 1 || sh < 1 || sw < 1 || ph < 0 || pw < 0 || dh < 1 || dw < 1 || oh < 1 || ow < 1)
       throw std::invalid_argument("PackedPatternConvNhwc.forward: bad sizes");
@@ -317,7 +324,7 @@ class PackedPatternConvNhwc {
       const float* xi = x + img * h * w * C;
       float* oi = out + img * oh * ow * c_out_;
       const float* ri = residual ? residual + img * oh * ow * c_out_ : nullptr;
-      NhwcCall a{xpad, Wp, C, oh, ow, sh, sw, dh, dw, kw_, oi, c_out_, bias, ri, relu};
+      NhwcCall a{xpad, Wp, C, oh, ow, sh, sw, dh, dw, kw_, oi, c_out_, bias, ri, relu, clamp_max};
 #pragma omp parallel num_threads(threads)
       {
         // Zero-padded copy of the image (rows split over the threads).
@@ -401,8 +408,8 @@ const PackedPatternConvNhwc* nhwc_conv_from_python(pybind11::handle obj) {
 
 void nhwc_conv_forward(const PackedPatternConvNhwc& conv, const float* x, const float* bias, float* out, int64_t n,
                        int64_t h, int64_t w, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
-                       int threads, const float* residual, bool relu) {
-  conv.forward(x, bias, out, n, h, w, sh, sw, ph, pw, dh, dw, threads, residual, relu, false);
+                       int threads, const float* residual, bool relu, float clamp_max) {
+  conv.forward(x, bias, out, n, h, w, sh, sw, ph, pw, dh, dw, threads, residual, relu, false, clamp_max);
 }
 
 void register_pattern_conv_nhwc(pybind11::module_& m) {

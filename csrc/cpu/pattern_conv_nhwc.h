@@ -12,9 +12,10 @@ class PackedPatternConvNhwc;
 // The packed conv held by a Python PackedPatternConvNhwc object (TypeError for any other object).
 const PackedPatternConvNhwc* nhwc_conv_from_python(pybind11::handle obj);
 
-// PackedPatternConvNhwc::forward: out = conv(x) + bias (+ residual) (ReLU), all (N, H, W, C) contiguous.
+// PackedPatternConvNhwc::forward: out = min(clamp_max, ReLU?(conv(x) + bias (+ residual))), all (N, H, W, C)
+// contiguous (ReLU6: relu and clamp_max 6; +inf: no clamp).
 void nhwc_conv_forward(const PackedPatternConvNhwc& conv, const float* x, const float* bias, float* out, int64_t n,
                        int64_t h, int64_t w, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
-                       int threads, const float* residual, bool relu);
+                       int threads, const float* residual, bool relu, float clamp_max);
 
 }  // namespace autosculpt
