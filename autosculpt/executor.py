@@ -84,6 +84,7 @@ class GraphExecutorModel(nn.Module):
         except Exception as exc:  # noqa: BLE001 - fx raises many types; the route is skipped with the reason
             raise ValueError(f"module: torch.fx cannot trace it ({type(exc).__name__}: {exc})") from exc
         self._plans: Dict[tuple, tuple] = {}
+        self._step_names: Dict[tuple, List[str]] = {}
         self._plan(example_input)
 
     # -- running -----------------------------------------------------------------------------------
@@ -99,6 +100,25 @@ class GraphExecutorModel(nn.Module):
             with torch.no_grad():
                 return self.source(x)  # a non-finite value reached a pattern conv: the exact module form
         return out
+
+    @torch.no_grad()
+    def step_times(self, x: torch.Tensor, repeats: int = 20) -> List[Tuple[str, float]]:
+        """``(node name, median ms)`` of every C++ step at ``x``'s shape over ``repeats`` runs: where a
+        forward's time goes (benchmarks and tuning; the steps run as in :meth:`forward`)."""
+        if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+            raise ValueError(f"repeats: expected a positive int, got {repeats!r}")
+        x = x.contiguous(memory_format=torch.channels_last)
+        plan = self._plans.get(tuple(x.shape)) or self._plan(x)
+        executor, out_shape, channels_last, _keep = plan
+        out = torch.empty(out_shape, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        runs = []
+        for _ in range(repeats + 1):
+            sec = torch.zeros(executor.num_steps, dtype=torch.float64)
+            if not executor.run_timed(x.data_ptr(), out.data_ptr(), torch.get_num_threads(), sec.data_ptr()):
+                raise ValueError("x: holds non-finite values (the executor runs finite inputs only)")
+            runs.append(sec)
+        med = torch.stack(runs[1:]).median(0).values * 1e3
+        return list(zip(self._step_names[tuple(x.shape)], med.tolist()))
 
     @property
     def num_steps(self) -> int:
@@ -117,6 +137,7 @@ class GraphExecutorModel(nn.Module):
         steps: List[dict] = []
         keep: list = []  # tensors and packed convs the steps point to
         users_left = {n: len(n.users) for n in gm.graph.nodes}
+        prev_name = ""
 
         def shape_of(node) -> Tuple[int, ...]:
             tm = node.meta.get("tensor_meta")
@@ -162,6 +183,9 @@ class GraphExecutorModel(nn.Module):
             return None
 
         for node in gm.graph.nodes:
+            for st in steps:
+                st.setdefault("name", prev_name)
+            prev_name = f"{node.name} ({type(modules[node.target]).__name__})" if node.op == "call_module" else node.name
             op, target = node.op, node.target
             if op == "placeholder":
                 if values:
@@ -308,6 +332,7 @@ class GraphExecutorModel(nn.Module):
         executor = ext.GraphExecutor(sizes)
         for s in steps:
             _emit(executor, s, buffer_of)
+        self._step_names[tuple(x.shape)] = [s["name"] for s in steps]
         out_shape = out_value.shape
         plan = (executor, out_shape, len(out_shape) == 4, keep)
         self._plans[tuple(x.shape)] = plan

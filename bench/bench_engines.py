@@ -13,7 +13,7 @@ each timing repeats the call until ~``--min-time`` passed), and reported as medi
 - ``inductor``: ``torch.compile`` (inductor, ``torch._inductor.config.freezing = True``), model and
   input channels_last, under ``torch.no_grad()``, compiled per (batch, threads).
 - ``autosculpt dense``: the dense model in AutoSculpt's deployed form
-  (``autosculpt.optimize_for_inference`` over the routes ``autosculpt`` and ``autosculpt_channels_last``).
+  (``autosculpt.optimize_for_inference`` over the quick routes: ``autosculpt``, ``autosculpt_channels_last``, ``autosculpt_graph``).
 - ``autosculpt N×``: ``autosculpt.sparsify`` with a uniform PAPER6 plan keeping 1/N of the prunable
   3×3 taps (``autosculpt.plan.uniform_plan``, pattern counts in whole kernel blocks), through the
   same deployed form; its output is checked against the sparsified eager model (max abs error).
@@ -126,10 +126,11 @@ def make_pruned(model: nn.Module, x: torch.Tensor, cut) -> tuple:
 def deployed(model: nn.Module, x: torch.Tensor) -> tuple:
     """(model in AutoSculpt's deployed form, the function's name)."""
     import autosculpt as asc
+    from autosculpt.deploy import QUICK_ROUTES
 
-    # AutoSculpt's own forms (NCHW and channels_last); inductor is its own column (compiling it
-    # again inside optimize_for_inference would double the run time and measure the same thing).
-    d = asc.optimize_for_inference(model, x, routes=("autosculpt", "autosculpt_channels_last"))
+    # AutoSculpt's own forms (NCHW and channels_last modules, the graph executor); inductor is its own
+    # column (compiling it again inside optimize_for_inference would double the run time).
+    d = asc.optimize_for_inference(model, x, routes=QUICK_ROUTES)
     return d, f"optimize_for_inference -> {d.route}"
 
 

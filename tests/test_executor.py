@@ -194,3 +194,15 @@ def test_unsupported_models_say_which_node():
     assert deployed.route == "autosculpt" and "groups 2" in deployed.report.skipped["autosculpt_graph"]
     with pytest.raises(RuntimeError, match="autosculpt_graph"):
         deployed_form(grouped, x, "autosculpt_graph")
+
+
+def test_step_times_name_every_step():
+    torch.manual_seed(7)
+    model = GlobalMean().eval()
+    x = torch.randn(2, 3, 9, 7)
+    ex = executor_for(model, x)
+    times = ex.step_times(x, repeats=3)
+    assert [n.split(" ")[0] for n, _ in times] == ["conv", "mean", "fc"]  # the ReLU is fused into the conv
+    assert all(t >= 0 for _, t in times) and len(times) == ex.num_steps
+    with pytest.raises(ValueError, match="repeats"):
+        ex.step_times(x, repeats=0)

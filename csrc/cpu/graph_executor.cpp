@@ -218,13 +218,15 @@ class GraphExecutor {
 
   // Runs every step; false when a checked conv input held a non-finite value (the output is then
   // incomplete: run the model another way).
-  bool run(const float* x, float* out, int threads) const {
+  bool run(const float* x, float* out, int threads, double* step_seconds = nullptr) const {
     if (threads <= 0) threads = omp_get_max_threads();
     std::vector<float*> buf(size_t(count_), nullptr);
     buf[0] = const_cast<float*>(x);  // never written: no step outputs to buffer 0
     buf[1] = out;
     for (size_t i = 0; i < owned_.size(); ++i) buf[i + 2] = owned_[i].get();
-    for (const Step& s : steps_) {
+    for (size_t si = 0; si < steps_.size(); ++si) {
+      const Step& s = steps_[si];
+      const double t0 = step_seconds ? omp_get_wtime() : 0.0;
       const float* in = buf[size_t(s.in)];
       float* o = buf[size_t(s.out)];
       switch (s.op) {
@@ -253,6 +255,7 @@ class GraphExecutor {
           for (int64_t i = 0; i < s.numel; ++i) o[i] = activate(in[i], s.relu, s.hi);
           break;
       }
+      if (step_seconds) step_seconds[si] += omp_get_wtime() - t0;
     }
     return true;
   }
@@ -299,6 +302,15 @@ void register_graph_executor(pybind11::module_& m) {
           },
           py::arg("x_ptr"), py::arg("out_ptr"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
           "Runs the network; False when a checked conv input was not finite (output incomplete)")
+      .def(
+          "run_timed",
+          [](const GraphExecutor& self, uintptr_t x, uintptr_t out, int threads, uintptr_t step_seconds) {
+            return self.run(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(out), threads,
+                            reinterpret_cast<double*>(step_seconds));
+          },
+          py::arg("x_ptr"), py::arg("out_ptr"), py::arg("num_threads"), py::arg("step_seconds_ptr"),
+          py::call_guard<py::gil_scoped_release>(),
+          "run(), adding each step's wall time (seconds) to step_seconds[i] (float64, num_steps entries)")
       .def_property_readonly("num_steps", &GraphExecutor::num_steps);
 }
 
