@@ -189,7 +189,8 @@ class LatencyModel(LatencyModelBase):
         return self.route in CHANNELS_LAST_ROUTES
 
     def _layer_signature(self, info: dict) -> str:
-        return ("nhwc-" if self.channels_last else "") + "conv{}".format(json.dumps([list(info["in_shape"]), info["c_out"], list(info["kernel_size"]),
+        prefix = "graph-" if self.route == "autosculpt_graph" else ("nhwc-" if self.channels_last else "")
+        return prefix + "conv{}".format(json.dumps([list(info["in_shape"]), info["c_out"], list(info["kernel_size"]),
                                            list(info["stride"]), list(info["padding"]), list(info["dilation"]),
                                            info["groups"], info["bias"]], separators=(",", ":")))
 
@@ -223,19 +224,28 @@ class LatencyModel(LatencyModelBase):
         masks = (grid_mask(self.pattern_set, g, info["c_out"]) for g in keep_level_grid(self.pattern_set))
         return {self._key(sig, "sparse", mix_signature(m)): m for m in masks}
 
+    def _layer_call(self, layer: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+        """A zero-argument call of one layer as the deployed route runs it: through the graph executor
+        (one C++ step, no Python module call) for ``"autosculpt_graph"``, else the module itself."""
+        if self.route == "autosculpt_graph":
+            from ..executor import GraphExecutorModel
+
+            ex = GraphExecutorModel(nn.Sequential(layer).eval(), x)
+            return lambda: ex(x)
+        return lambda: layer(x)
+
     def measure_dense(self, info: dict) -> float:
         """Times the dense conv of one layer shape (ms); cached."""
         def make():
             conv, x = self._make_conv(info)
-            return lambda: conv(x)
+            return self._layer_call(conv, x)
         return self._cached(self._key(self._layer_signature(info), "dense"), make)
 
     def measure_sparse(self, info: dict, mask: torch.Tensor) -> float:
         """Times our kernel (path forced to "sparse") for one layer shape and tap mask (ms); cached by mix."""
         def make():
             conv, x = self._make_conv(info)
-            layer = self._sparse_layer(conv, mask)
-            return lambda: layer(x)
+            return self._layer_call(self._sparse_layer(conv, mask), x)
         return self._cached(self._key(self._layer_signature(info), "sparse", mix_signature(mask)), make)
 
     def measure_epilogue(self, info: dict, relu: bool, residual: bool) -> float:
@@ -367,7 +377,7 @@ class LatencyModel(LatencyModelBase):
             conv, x = self._make_conv(info)
             for key in missing:
                 layer = conv if key == dense_key else self._sparse_layer(conv, masks[key])
-                jobs[key] = (lambda c, t: lambda: c(t))(layer, x)
+                jobs[key] = self._layer_call(layer, x)
         return jobs
 
     def _time_in_rounds(self, jobs: Dict[str, Callable[[], object]], progress: bool) -> Dict[str, timing.Timing]:
@@ -491,6 +501,13 @@ class LatencyModel(LatencyModelBase):
                   "route": self.route},
         )
         dense_layers = sum(profile.dense_ms.values())
+        if self.route == "autosculpt_graph":
+            # One C++ call runs every layer, so the layers timed alone (one executor step each) ARE what
+            # the model spends in them; the remainder is the rest of the whole dense model's time (the
+            # module-stubbed remainder would count Python calls this route does not make), and the
+            # epilogues are fused alike in the dense and the pruned model.
+            profile.remainder_ms = max(0.0, model_ms["dense"] - dense_layers)
+            profile.epilogue_ms = {}
         if dense_layers > 0:
             profile.in_model_factor = _clamped_factor(model_ms["dense"] - profile.remainder_ms, dense_layers)
         masks = plan_tap_masks(reference_plan)

@@ -46,7 +46,10 @@ def test_cache_round_trip(tmp_path):
     # + the whole model: the route race (one per quick route), remainder, dense, reference plan, dense median and IQR
     assert lm.measurements == 2 * (1 + n_grid) + 2 + len(QUICK_ROUTES) + 5
     assert lm.route in QUICK_ROUTES and lm.profile_data.meta["route"] == lm.route
-    assert lm.epilogue_ms("0") > 0 and lm.epilogue_ms("2") > 0
+    if lm.route == "autosculpt_graph":  # dense and pruned layers fuse their epilogues alike there
+        assert lm.epilogue_ms("0") == 0 and lm.epilogue_ms("2") == 0 and lm.profile_data.remainder_ms >= 0
+    else:
+        assert lm.epilogue_ms("0") > 0 and lm.epilogue_ms("2") > 0
     data = json.loads(path.read_text())
     assert data["format"] == 1 and len(data["entries"]) == lm.measurements
     key = next(iter(data["entries"]))
