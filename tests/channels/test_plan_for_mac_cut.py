@@ -27,7 +27,7 @@ def models():
 @pytest.mark.parametrize("cut", [2.0, 3.0])
 def test_reaches_the_cut_within_two_percent(models, name, cut):
     model, x = models[name]
-    plan = plan_for_mac_cut(model, x, cut)
+    plan = plan_for_mac_cut(model, x, cut, multiple=1)
     small = plan.apply(model, x)
     achieved = count_macs(model, x)["total"] / count_macs(small, x)["total"]
     assert achieved == pytest.approx(cut, rel=0.02)
@@ -38,6 +38,29 @@ def test_reaches_the_cut_within_two_percent(models, name, cut):
     assert max(fractions) - min(fractions) < 0.1
     with torch.no_grad():
         assert small(x).shape == model(x).shape
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_default_rounds_kept_counts_to_whole_vectors(models, name):
+    model, x = models[name]
+    plan = plan_for_mac_cut(model, x, 2.0)
+    small = plan.apply(model, x)
+    achieved = count_macs(model, x)["total"] / count_macs(small, x)["total"]
+    assert achieved == pytest.approx(2.0, rel=0.03)
+    counts = [(len(plan.keep[g]), plan.group_sizes[g]) for g in plan.keep]
+    # the coarsest step (16, 8, 1) whose plan lands within 3%: every count a multiple of it or the whole group
+    step = next(s for s in (16, 8, 1) if all(k % s == 0 or k == n for k, n in counts))
+    assert step == next(s for s in (16, 8, 1) if plan_within(model, x, s))
+    with pytest.raises(ValueError, match="multiple"):
+        plan_for_mac_cut(model, x, 2.0, multiple=0)
+
+
+def plan_within(model, x, step, cut=2.0):
+    try:
+        p = plan_for_mac_cut(model, x, cut, multiple=step)
+    except ValueError:
+        return False
+    return abs(p.mac_cut - cut) <= 0.03 * cut
 
 
 def test_json_round_trip_and_apply_without_an_input(models):
