@@ -25,6 +25,11 @@
 #include <stdexcept>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "cpu/cpu_features.h"
 #include "cpu/pattern_conv.h"
 #include "cpu/pattern_conv_nhwc.h"
 #include "registry.h"
@@ -101,9 +106,71 @@ inline float activate(float v, bool relu, float hi) {
   return v > hi ? hi : v;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// AVX-512 depthwise tile: MR output pixels of one row x 16 channels (c0 .. c0+16, lanes past C masked
+// off) held in registers over the taps; out-of-image taps skipped per pixel (zero padding).
+template <int MR>
+__attribute__((target("avx512f"))) void depthwise_tile(const Step& s, const float* x, float* out, int64_t img,
+                                                       int64_t oy, int64_t ox0, int64_t c0) {
+  const int64_t C = s.c;
+  const __mmask16 m = C - c0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (C - c0)) - 1u);
+  const __m512 b = s.bias ? _mm512_maskz_loadu_ps(m, s.bias + c0) : _mm512_setzero_ps();
+  __m512 acc[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) acc[i] = b;
+  for (int64_t r = 0; r < s.kh; ++r) {
+    const int64_t y = oy * s.sh - s.ph + r * s.dh;
+    if (y < 0 || y >= s.h) continue;
+    const float* xrow = x + (img * s.h + y) * s.w * C + c0;
+    for (int64_t q = 0; q < s.kw; ++q) {
+      const __m512 wv = _mm512_maskz_loadu_ps(m, s.dw_weight + (r * s.kw + q) * C + c0);
+      const int64_t x0 = ox0 * s.sw - s.pw + q * s.dw;
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) {
+        const int64_t xx = x0 + i * s.sw;
+        if (xx >= 0 && xx < s.w) acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xrow + xx * C), wv, acc[i]);
+      }
+    }
+  }
+  const __m512 zero = _mm512_setzero_ps(), hi = _mm512_set1_ps(s.hi);
+  const bool clamp = s.hi < std::numeric_limits<float>::infinity();
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    __m512 v = acc[i];
+    if (s.relu) v = _mm512_max_ps(zero, v);  // NaN stays (max_ps returns its 2nd operand on NaN)
+    if (clamp) v = _mm512_min_ps(hi, v);
+    _mm512_mask_storeu_ps(out + (ox0 + i) * C + c0, m, v);
+  }
+}
+
+using DepthwiseTile = void (*)(const Step&, const float*, float*, int64_t, int64_t, int64_t, int64_t);
+const DepthwiseTile kDepthwiseTiles[9] = {nullptr,           &depthwise_tile<1>, &depthwise_tile<2>,
+                                          &depthwise_tile<3>, &depthwise_tile<4>, &depthwise_tile<5>,
+                                          &depthwise_tile<6>, &depthwise_tile<7>, &depthwise_tile<8>};
+#endif
+
 // Depthwise conv (groups = channels, one filter per channel) on NHWC, vectorised over channels; all
 // taps computed (dropped taps have zero weights), so NaN and inf propagate as in the reference.
 void depthwise_nhwc(const Step& s, const float* x, float* out, int threads) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_features().avx512f) {
+    const int64_t oh = (s.h + 2 * s.ph - s.dh * (s.kh - 1) - 1) / s.sh + 1;
+    const int64_t ow = (s.w + 2 * s.pw - s.dw * (s.kw - 1) - 1) / s.sw + 1;
+    const int64_t rows = s.n * oh;
+    const int nt = int(std::max<int64_t>(1, std::min<int64_t>(threads, rows * ow * s.c * s.kh * s.kw / 200000)));
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t row = 0; row < rows; ++row) {
+      const int64_t img = row / oh, oy = row % oh;
+      float* orow = out + row * ow * s.c;
+      for (int64_t c0 = 0; c0 < s.c; c0 += 16) {
+        int64_t ox0 = 0;
+        for (; ox0 + 8 <= ow; ox0 += 8) kDepthwiseTiles[8](s, x, orow, img, oy, ox0, c0);
+        if (ox0 < ow) kDepthwiseTiles[ow - ox0](s, x, orow, img, oy, ox0, c0);
+      }
+    }
+    return;
+  }
+#endif
   const int64_t oh = (s.h + 2 * s.ph - s.dh * (s.kh - 1) - 1) / s.sh + 1;
   const int64_t ow = (s.w + 2 * s.pw - s.dw * (s.kw - 1) - 1) / s.sw + 1;
   const int64_t C = s.c, rows = s.n * oh;
