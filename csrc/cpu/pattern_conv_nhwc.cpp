@@ -319,49 +319,64 @@ class PackedPatternConvNhwc {
     const int threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, macs / 200000)));
     static thread_local std::unique_ptr<float[], FreeDeleter> pad_buf;
     static thread_local size_t pad_cap = 0;
-    float* xpad = aligned_scratch(pad_buf, pad_cap, size_t(Hp * Wp * C + 16));
-    for (int64_t img = 0; img < n; ++img) {
+    const size_t pad_floats = size_t(Hp * Wp * C + 16);
+    // One image: its zero-padded copy, the empty filters, the blocks x rows; called inside a parallel
+    // region, whose threads share the three loops.
+    auto run_image = [&](int64_t img, float* xpad) {
       const float* xi = x + img * h * w * C;
       float* oi = out + img * oh * ow * c_out_;
       const float* ri = residual ? residual + img * oh * ow * c_out_ : nullptr;
       NhwcCall a{xpad, Wp, C, oh, ow, sh, sw, dh, dw, kw_, oi, c_out_, bias, ri, relu, clamp_max};
-#pragma omp parallel num_threads(threads)
-      {
-        // Zero-padded copy of the image (rows split over the threads).
 #pragma omp for schedule(static)
-        for (int64_t y = 0; y < Hp; ++y) {
-          float* dst = xpad + y * Wp * C;
-          const int64_t sy = y - ph;
-          if (sy < 0 || sy >= h) {
-            std::memset(dst, 0, size_t(Wp * C) * sizeof(float));
+      for (int64_t y = 0; y < Hp; ++y) {
+        float* dst = xpad + y * Wp * C;
+        const int64_t sy = y - ph;
+        if (sy < 0 || sy >= h) {
+          std::memset(dst, 0, size_t(Wp * C) * sizeof(float));
+          continue;
+        }
+        std::memset(dst, 0, size_t(pw * C) * sizeof(float));
+        std::memcpy(dst + pw * C, xi + sy * w * C, size_t(w * C) * sizeof(float));
+        std::memset(dst + (pw + w) * C, 0, size_t((Wp - pw - w) * C) * sizeof(float));
+      }
+      // Empty filters: bias (and the epilogue) only.
+#pragma omp for schedule(static)
+      for (int64_t p = 0; p < oh * ow; ++p)
+        for (int32_t f : empty_) oi[p * c_out_ + f] = epilogue(0.0f, a, p * c_out_, f);
+#pragma omp for collapse(2) schedule(static)
+      for (int64_t b = 0; b < nb; ++b)
+        for (int64_t oy = 0; oy < oh; ++oy) {
+          const NhwcBlock& blk = blocks_[size_t(b)];
+          const float* wb = packed_.get() + blk.w_offset;
+          int64_t ox0 = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+          if (use_avx512) {
+            const int64_t mr = pick_mr(ow, blk.nv);
+            const TileFn* tiles = kAvx512Tiles[blk.nv - 1];
+            for (; ox0 + mr <= ow; ox0 += mr) tiles[mr](a, blk, wb, oy, ox0);
+            if (ox0 < ow) tiles[ow - ox0](a, blk, wb, oy, ox0);
             continue;
           }
-          std::memset(dst, 0, size_t(pw * C) * sizeof(float));
-          std::memcpy(dst + pw * C, xi + sy * w * C, size_t(w * C) * sizeof(float));
-          std::memset(dst + (pw + w) * C, 0, size_t((Wp - pw - w) * C) * sizeof(float));
-        }
-        // Empty filters: bias (and the epilogue) only.
-#pragma omp for schedule(static)
-        for (int64_t p = 0; p < oh * ow; ++p)
-          for (int32_t f : empty_) oi[p * c_out_ + f] = epilogue(0.0f, a, p * c_out_, f);
-#pragma omp for collapse(2) schedule(static)
-        for (int64_t b = 0; b < nb; ++b)
-          for (int64_t oy = 0; oy < oh; ++oy) {
-            const NhwcBlock& blk = blocks_[size_t(b)];
-            const float* wb = packed_.get() + blk.w_offset;
-            int64_t ox0 = 0;
-#if defined(__x86_64__) && defined(__GNUC__)
-            if (use_avx512) {
-              const int64_t mr = pick_mr(ow, blk.nv);
-              const TileFn* tiles = kAvx512Tiles[blk.nv - 1];
-              for (; ox0 + mr <= ow; ox0 += mr) tiles[mr](a, blk, wb, oy, ox0);
-              if (ox0 < ow) tiles[ow - ox0](a, blk, wb, oy, ox0);
-              continue;
-            }
 #endif
-            for (; ox0 < ow; ox0 += kMaxMR) tile_generic(a, blk, wb, oy, ox0, std::min<int64_t>(kMaxMR, ow - ox0));
-          }
+          for (; ox0 < ow; ox0 += kMaxMR) tile_generic(a, blk, wb, oy, ox0, std::min<int64_t>(kMaxMR, ow - ox0));
+        }
+    };
+    // A batch of at least one image per thread (and evenly split, or many): each thread runs whole
+    // images with its own padded buffer, no barrier between the loops of an image. Small layers of a
+    // batch (the digits CNN's 8x8 maps) otherwise spend as long in barriers as in the tiles.
+    if (threads > 1 && n >= threads && (n % threads == 0 || n >= 4 * threads)) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+      for (int64_t img = 0; img < n; ++img) {
+        float* xpad = aligned_scratch(pad_buf, pad_cap, pad_floats);
+#pragma omp parallel num_threads(1)
+        run_image(img, xpad);
       }
+      return;
+    }
+    float* xpad = aligned_scratch(pad_buf, pad_cap, pad_floats);
+    for (int64_t img = 0; img < n; ++img) {
+#pragma omp parallel num_threads(threads)
+      run_image(img, xpad);
     }
   }
 

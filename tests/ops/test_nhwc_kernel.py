@@ -22,6 +22,8 @@ CASES = [
     (2, 3, 64, 23, 23, 7, 2, 3, 1, "full"),      # a ResNet stem
     (1, 24, 40, 6, 20, (2, 3), (1, 2), (0, 1), 1, "random"),
     (1, 9, 16, 4, 4, 3, 1, 1, 1, "empty_some"),
+    (4, 16, 48, 16, 16, 3, 1, 1, 1, "paper6"),   # 2 threads: whole images per thread
+    (5, 16, 40, 12, 12, 3, 2, 1, 1, "empty_some"),  # 2 threads, 5 images: threads share each image
 ]
 
 
