@@ -309,9 +309,10 @@ class PackedPatternConvNhwc {
     if (n < 0 || h < 1 || w < 1 || sh < 1 || sw < 1 || ph < 0 || pw < 0 || dh < 1 || dw < 1 || oh < 1 || ow < 1)
       throw std::invalid_argument("PackedPatternConvNhwc.forward: bad sizes");
     if (num_threads <= 0) num_threads = omp_get_max_threads();
-    // Rows the tiles may read: up to (oh-1)*sh + (kh-1)*dh + 1; columns up to a full MR tile past ow.
+    // Rows and columns the tiles may read: up to (oh-1)*sh + (kh-1)*dh + 1 and (ow-1)*sw + (kw-1)*dw + 1
+    // (every tile, the row's last one included, covers exactly its pixels).
     const int64_t Hp = std::max<int64_t>(h + 2 * ph, (oh - 1) * sh + (kh_ - 1) * dh + 1);
-    const int64_t Wp = std::max<int64_t>(w + 2 * pw, (ow + kMaxMR - 1) * sw + (kw_ - 1) * dw + 1);
+    const int64_t Wp = std::max<int64_t>(w + 2 * pw, (ow - 1) * sw + (kw_ - 1) * dw + 1);
     const int64_t C = c_in_;
     const bool use_avx512 = avx512_ && !force_generic;
     const int64_t nb = int64_t(blocks_.size());
@@ -328,7 +329,7 @@ class PackedPatternConvNhwc {
       const float* ri = residual ? residual + img * oh * ow * c_out_ : nullptr;
       NhwcCall a{xpad, Wp, C, oh, ow, sh, sw, dh, dw, kw_, oi, c_out_, bias, ri, relu, clamp_max};
 #pragma omp for schedule(static)
-      for (int64_t y = 0; y < Hp; ++y) {
+      for (int64_t y = 0; y < (nb ? Hp : 0); ++y) {  // (no block reads it when every filter is empty)
         float* dst = xpad + y * Wp * C;
         const int64_t sy = y - ph;
         if (sy < 0 || sy >= h) {
@@ -339,10 +340,20 @@ class PackedPatternConvNhwc {
         std::memcpy(dst + pw * C, xi + sy * w * C, size_t(w * C) * sizeof(float));
         std::memset(dst + (pw + w) * C, 0, size_t((Wp - pw - w) * C) * sizeof(float));
       }
-      // Empty filters: bias (and the epilogue) only.
+      // Empty filters: bias (and the epilogue) only, a constant per filter without a residual.
+      if (ri == nullptr && !empty_.empty()) {
+        std::vector<float> value(empty_.size());
+        for (size_t k = 0; k < empty_.size(); ++k) value[k] = epilogue(0.0f, a, 0, empty_[k]);
 #pragma omp for schedule(static)
-      for (int64_t p = 0; p < oh * ow; ++p)
-        for (int32_t f : empty_) oi[p * c_out_ + f] = epilogue(0.0f, a, p * c_out_, f);
+        for (int64_t p = 0; p < oh * ow; ++p) {
+          float* o = oi + p * c_out_;
+          for (size_t k = 0; k < empty_.size(); ++k) o[empty_[k]] = value[k];
+        }
+      } else {
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < oh * ow; ++p)
+          for (int32_t f : empty_) oi[p * c_out_ + f] = epilogue(0.0f, a, p * c_out_, f);
+      }
 #pragma omp for collapse(2) schedule(static)
       for (int64_t b = 0; b < nb; ++b)
         for (int64_t oy = 0; oy < oh; ++oy) {
