@@ -23,7 +23,7 @@ finite the call is run through the module form instead (exactly the reference se
 from __future__ import annotations
 
 import operator
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +100,23 @@ class GraphExecutorModel(nn.Module):
             with torch.no_grad():
                 return self.source(x)  # a non-finite value reached a pattern conv: the exact module form
         return out
+
+    def bound_call(self, x: torch.Tensor) -> Callable[[], None]:
+        """A zero-argument call running the C++ steps on ``x`` into an output buffer of its own: the
+        executor alone, without the Python of :meth:`forward` (a layer timed alone, as it runs inside
+        a whole model). ``x`` must stay alive and finite; the output is overwritten on every call."""
+        x = x.contiguous(memory_format=torch.channels_last)
+        executor, out_shape, channels_last, _keep = self._plans.get(tuple(x.shape)) or self._plan(x)
+        out = torch.empty(out_shape, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        ptr_x, ptr_out = x.data_ptr(), out.data_ptr()
+
+        def call():
+            if not executor.run(ptr_x, ptr_out, torch.get_num_threads()):
+                raise ValueError("x: holds non-finite values (the executor runs finite inputs only)")
+            return out
+
+        call.keep = (x, out)  # the buffers the pointers refer to
+        return call
 
     @torch.no_grad()
     def step_times(self, x: torch.Tensor, repeats: int = 20) -> List[Tuple[str, float]]:

@@ -206,3 +206,20 @@ def test_step_times_name_every_step():
     assert all(t >= 0 for _, t in times) and len(times) == ex.num_steps
     with pytest.raises(ValueError, match="repeats"):
         ex.step_times(x, repeats=0)
+
+
+def test_bound_call_runs_the_steps_into_its_own_buffer():
+    torch.manual_seed(8)
+    model = GlobalMean().eval()
+    x = torch.randn(2, 3, 9, 7)
+    ex = executor_for(model, x)
+    call = ex.bound_call(x)
+    with torch.no_grad():
+        torch.testing.assert_close(call(), model(x), atol=1e-4, rtol=1e-4)
+    mixed = executor_for(asc.sparsify(get_model("resnet20", num_classes=10).eval(),
+                                      uniform_plan(get_model("resnet20", num_classes=10), PAPER6, 0.5)).eval(),
+                         torch.randn(1, 3, 32, 32))
+    nan_x = torch.randn(1, 3, 32, 32)
+    nan_x[0, 0, 3, 3] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        mixed.bound_call(nan_x)()

@@ -225,13 +225,13 @@ class LatencyModel(LatencyModelBase):
         return {self._key(sig, "sparse", mix_signature(m)): m for m in masks}
 
     def _layer_call(self, layer: nn.Module, x: torch.Tensor) -> Callable[[], object]:
-        """A zero-argument call of one layer as the deployed route runs it: through the graph executor
-        (one C++ step, no Python module call) for ``"autosculpt_graph"``, else the module itself."""
+        """A zero-argument call of one layer as the deployed route runs it: for ``"autosculpt_graph"`` the
+        executor's C++ call alone (one step, no Python around it, as inside the whole model), else the
+        module itself."""
         if self.route == "autosculpt_graph":
             from ..executor import GraphExecutorModel
 
-            ex = GraphExecutorModel(nn.Sequential(layer).eval(), x)
-            return lambda: ex(x)
+            return GraphExecutorModel(nn.Sequential(layer).eval(), x).bound_call(x)
         return lambda: layer(x)
 
     def measure_dense(self, info: dict) -> float:
