@@ -33,7 +33,8 @@ class Interrupted(Exception):
 
 
 INFERENCE_FORM = ("each model in its fastest deployed form (autosculpt.optimize_for_inference over the routes "
-                  "autosculpt / autosculpt_channels_last: BatchNorm folded, epilogues fused, weights packed once); "
+                  "autosculpt / autosculpt_channels_last / autosculpt_graph: BatchNorm folded, epilogues fused, "
+                  "weights packed once; the graph route runs the whole model as one C++ call); "
                   "median (IQR) of interleaved repeats")
 
 
