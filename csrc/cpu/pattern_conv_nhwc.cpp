@@ -42,19 +42,32 @@ namespace autosculpt {
 namespace {
 
 constexpr int kBlock = 32;  // most output channels per block (two 16-lane vectors)
-constexpr int kMaxMR = 14;  // most pixels per micro-kernel tile (14 for one vector, 8 for two)
+constexpr int kMaxMR = 16;  // most pixels per micro-kernel tile (16 for 8 lanes, 14 for 16, 8 for 32)
 
 struct NhwcBlock {
   std::vector<int32_t> taps;  // union of kept taps (r * kw + s), ascending
-  int32_t nv = 2;             // 16-lane vectors of output channels (1 or 2)
-  int32_t nfilt = 0;          // real filters (<= 16 * nv); the other lanes have zero weights
+  int32_t nv = 2;             // 16-lane vectors of output channels (1 or 2); 0: one 8-lane (ymm) vector
+  int32_t nfilt = 0;          // real filters (<= lanes); the other lanes have zero weights
   int32_t filters[kBlock];    // output channel of each lane
   int64_t w_offset = 0;       // start of [taps][c_in][16 * nv] in packed
   bool contiguous = false;    // all 16 * nv lanes real and filters[j] == filters[0] + j (vector stores)
 };
 
-inline int lanes(const NhwcBlock& b) { return 16 * b.nv; }
-inline int max_mr(int nv) { return nv == 1 ? 14 : 8; }
+inline int lanes(const NhwcBlock& b) { return b.nv ? 16 * b.nv : 8; }
+inline int max_mr(int nv) { return nv == 2 ? 8 : (nv == 1 ? 14 : 16); }
+
+// 8-lane blocks: on CPUs whose FMA units are 256 bits wide (AMD Zen 4 splits a 512-bit FMA in two
+// halves), two 8-lane FMAs cost what one 16-lane FMA does, so a leftover of 8 filters of one mask runs
+// as its own 8-lane block instead of sharing a 16-lane block that computes the union of two masks'
+// taps. Elsewhere (Intel: two 512-bit FMA ports) the 16-lane union stays.
+bool cpu_prefers_8_lanes() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return cpu_features().avx512vl && __builtin_cpu_is("amd");
+#else
+  return false;
+#endif
+}
 
 bool cpu_avx512() {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -206,13 +219,70 @@ __attribute__((target("avx512f,fma"))) void tile_avx512(const NhwcCall& a, const
   }
 }
 
+// MR pixels x 8 output channels (one ymm vector) over the (tap, c_in) reduction; the epilogue on the
+// vector for 8 consecutive channels, else lane by lane.
+template <int MR>
+__attribute__((target("avx512f,avx512vl,fma"))) void tile_avx512_8(const NhwcCall& a, const NhwcBlock& blk,
+                                                                  const float* w, int64_t oy, int64_t ox0) {
+  __m256 acc[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
+  const int64_t C = a.C, px = a.sw * C;
+  for (size_t t = 0; t < blk.taps.size(); ++t) {
+    const int64_t r = blk.taps[t] / a.kw, s = blk.taps[t] % a.kw;
+    const float* xr = a.xpad + ((oy * a.sh + r * a.dh) * a.Wp + ox0 * a.sw + s * a.dw) * C;
+    const float* wt = w + int64_t(t) * C * 8;
+    for (int64_t c = 0; c < C; ++c) {
+      const __m256 wv = _mm256_load_ps(wt + c * 8);
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(xr[i * px + c]), wv, acc[i]);
+    }
+  }
+  if (blk.contiguous) {
+    const int32_t c0 = blk.filters[0];
+    const __m256 bias = a.bias ? _mm256_loadu_ps(a.bias + c0) : _mm256_setzero_ps();
+    const __m256 zero = _mm256_setzero_ps(), hi = _mm256_set1_ps(a.hi);
+    const bool clamp = a.hi < std::numeric_limits<float>::infinity();
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const int64_t at = (oy * a.ow + ox0 + i) * a.c_out + c0;
+      __m256 o = _mm256_add_ps(acc[i], bias);
+      if (a.residual) o = _mm256_add_ps(o, _mm256_loadu_ps(a.residual + at));
+      if (a.relu) o = _mm256_max_ps(zero, o);  // NaN stays (max_ps returns its 2nd operand on NaN)
+      if (clamp) o = _mm256_min_ps(hi, o);
+      _mm256_storeu_ps(a.out + at, o);
+    }
+    return;
+  }
+  // Filters of one mask scattered over the channels: lane j goes to channel filters[j] (masked past nfilt).
+  const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.filters));
+  const __mmask8 live = __mmask8((1u << std::min(8, blk.nfilt)) - 1u);
+  const __m256 zero = _mm256_setzero_ps(), hi = _mm256_set1_ps(a.hi);
+  const bool clamp = a.hi < std::numeric_limits<float>::infinity();
+  const __m256 bias = a.bias ? _mm256_mmask_i32gather_ps(zero, live, idx, a.bias, 4) : zero;
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    const int64_t at = (oy * a.ow + ox0 + i) * a.c_out;
+    __m256 o = _mm256_add_ps(acc[i], bias);
+    if (a.residual) o = _mm256_add_ps(o, _mm256_mmask_i32gather_ps(zero, live, idx, a.residual + at, 4));
+    if (a.relu) o = _mm256_max_ps(zero, o);
+    if (clamp) o = _mm256_min_ps(hi, o);
+    _mm256_mask_i32scatter_ps(a.out + at, live, idx, o, 4);
+  }
+}
+
 using TileFn = void (*)(const NhwcCall&, const NhwcBlock&, const float*, int64_t, int64_t);
+const TileFn kAvx512Tiles8[kMaxMR + 1] = {
+    nullptr,           &tile_avx512_8<1>,  &tile_avx512_8<2>,  &tile_avx512_8<3>,  &tile_avx512_8<4>,
+    &tile_avx512_8<5>, &tile_avx512_8<6>,  &tile_avx512_8<7>,  &tile_avx512_8<8>,  &tile_avx512_8<9>,
+    &tile_avx512_8<10>, &tile_avx512_8<11>, &tile_avx512_8<12>, &tile_avx512_8<13>, &tile_avx512_8<14>,
+    &tile_avx512_8<15>, &tile_avx512_8<16>};
 #define AS_NHWC_TILES(NV)                                                                                       \
   {nullptr, &tile_avx512<1, NV>, &tile_avx512<2, NV>, &tile_avx512<3, NV>, &tile_avx512<4, NV>,                 \
    &tile_avx512<5, NV>, &tile_avx512<6, NV>, &tile_avx512<7, NV>, &tile_avx512<8, NV>, AS_NHWC_TAIL_##NV}
 #define AS_NHWC_TAIL_1 &tile_avx512<9, 1>, &tile_avx512<10, 1>, &tile_avx512<11, 1>, &tile_avx512<12, 1>, \
-                       &tile_avx512<13, 1>, &tile_avx512<14, 1>
-#define AS_NHWC_TAIL_2 nullptr, nullptr, nullptr, nullptr, nullptr, nullptr
+                       &tile_avx512<13, 1>, &tile_avx512<14, 1>, nullptr, nullptr
+#define AS_NHWC_TAIL_2 nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr
 const TileFn kAvx512Tiles[2][kMaxMR + 1] = {AS_NHWC_TILES(1), AS_NHWC_TILES(2)};
 #endif
 
@@ -230,6 +300,8 @@ class PackedPatternConvNhwc {
   PackedPatternConvNhwc(const float* weight, const uint8_t* tap_mask, int64_t c_out, int64_t c_in, int64_t kh,
                         int64_t kw)
       : c_out_(c_out), c_in_(c_in), kh_(kh), kw_(kw), avx512_(cpu_avx512()) {
+    static const bool kEight = cpu_prefers_8_lanes();
+    const bool eight = avx512_ && kEight;
     if (c_out < 1 || c_in < 1 || kh < 1 || kw < 1 || kh * kw > 64)
       throw std::invalid_argument("PackedPatternConvNhwc: bad sizes (kh * kw must be <= 64)");
     const int64_t taps = kh * kw;
@@ -254,15 +326,21 @@ class PackedPatternConvNhwc {
         add_block(g.first, g.second.data() + i, 16, 1);
         i += 16;
       }
+      if (eight && i + 8 <= g.second.size()) {
+        add_block(g.first, g.second.data() + i, 8, 0);
+        i += 8;
+      }
       if (i < g.second.size()) rest.push_back({g.first, std::vector<int32_t>(g.second.begin() + long(i), g.second.end())});
     }
-    // Leftovers (< 16 filters per mask) share 16-filter blocks computing the union of their taps:
+    // Leftovers (< 16 filters per mask, < 8 with 8-lane blocks) share 16-filter (8-filter) blocks
+    // computing the union of their taps:
     // greedily, each block starts from the largest leftover and takes the masks adding fewest taps.
     while (!rest.empty()) {
       std::sort(rest.begin(), rest.end(), [](const auto& x, const auto& y) { return x.second.size() > y.second.size(); });
       uint64_t uni = 0;
       std::vector<int32_t> lanes_f;
-      while (lanes_f.size() < 16 && !rest.empty()) {
+      const size_t width = eight ? 8 : 16;
+      while (lanes_f.size() < width && !rest.empty()) {
         size_t best = 0;
         int best_new = 1 << 30;
         for (size_t k = 0; k < rest.size(); ++k) {
@@ -273,18 +351,18 @@ class PackedPatternConvNhwc {
           }
         }
         auto& g = rest[best];
-        const size_t take = std::min<size_t>(16 - lanes_f.size(), g.second.size());
+        const size_t take = std::min<size_t>(width - lanes_f.size(), g.second.size());
         lanes_f.insert(lanes_f.end(), g.second.begin(), g.second.begin() + long(take));
         uni |= g.first;
         g.second.erase(g.second.begin(), g.second.begin() + long(take));
         if (g.second.empty()) rest.erase(rest.begin() + long(best));
       }
-      add_block(uni, lanes_f.data(), int32_t(lanes_f.size()), 1);
+      add_block(uni, lanes_f.data(), int32_t(lanes_f.size()), width == 8 ? 0 : 1);
     }
     int64_t total = 0;
     for (NhwcBlock& blk : blocks_) {
-      blk.w_offset = total;
-      total += int64_t(blk.taps.size()) * c_in * lanes(blk);
+      blk.w_offset = total;  // a multiple of 16 floats: aligned loads of every block's vectors
+      total += (int64_t(blk.taps.size()) * c_in * lanes(blk) + 15) / 16 * 16;
     }
     packed_.reset(static_cast<float*>(std::aligned_alloc(64, size_t(std::max<int64_t>(total, 16) * 4 + 63) / 64 * 64)));
     if (!packed_) throw std::bad_alloc();
@@ -363,7 +441,7 @@ class PackedPatternConvNhwc {
 #if defined(__x86_64__) && defined(__GNUC__)
           if (use_avx512) {
             const int64_t mr = pick_mr(ow, blk.nv);
-            const TileFn* tiles = kAvx512Tiles[blk.nv - 1];
+            const TileFn* tiles = blk.nv ? kAvx512Tiles[blk.nv - 1] : kAvx512Tiles8;
             for (; ox0 + mr <= ow; ox0 += mr) tiles[mr](a, blk, wb, oy, ox0);
             if (ox0 < ow) tiles[ow - ox0](a, blk, wb, oy, ox0);
             continue;
@@ -413,10 +491,10 @@ class PackedPatternConvNhwc {
     NhwcBlock blk;
     blk.nv = nv;
     blk.nfilt = nfilt;
-    for (int32_t j = 0; j < 16 * nv; ++j) blk.filters[j] = filters[j < nfilt ? j : 0];
+    for (int32_t j = 0; j < lanes(blk); ++j) blk.filters[j] = filters[j < nfilt ? j : 0];
     for (int64_t t = 0; t < kh_ * kw_; ++t)
       if (taps_bits >> t & 1) blk.taps.push_back(int32_t(t));
-    blk.contiguous = nfilt == 16 * nv;
+    blk.contiguous = nfilt == lanes(blk);
     for (int32_t j = 1; j < nfilt && blk.contiguous; ++j) blk.contiguous = filters[j] == filters[0] + j;
     blocks_.push_back(blk);
   }

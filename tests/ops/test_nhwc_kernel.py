@@ -24,6 +24,8 @@ CASES = [
     (1, 9, 16, 4, 4, 3, 1, 1, 1, "empty_some"),
     (4, 16, 48, 16, 16, 3, 1, 1, 1, "paper6"),   # 2 threads: whole images per thread
     (5, 16, 40, 12, 12, 3, 2, 1, 1, "empty_some"),  # 2 threads, 5 images: threads share each image
+    (2, 12, 24, 9, 17, 3, 1, 1, 1, "full"),      # 16 + 8 consecutive filters (an 8-lane block on AMD)
+    (1, 10, 8, 11, 6, 3, 1, 1, 1, "full"),
 ]
 
 
