@@ -22,6 +22,13 @@ def executor_for(model, x):
     return GraphExecutorModel(fused, x.contiguous(memory_format=torch.channels_last))
 
 
+def pruned_resnet20(seed):
+    """A resnet20 with half of every 3x3 conv's taps (PAPER6, uniform), eval mode."""
+    torch.manual_seed(seed)
+    dense = get_model("resnet20", num_classes=10).eval()
+    return asc.sparsify(dense, uniform_plan(dense, PAPER6, 0.5)).eval()
+
+
 def check(model, x, atol=1e-4):
     model = model.eval()
     with torch.no_grad():
@@ -130,9 +137,7 @@ def test_every_covered_op_equals_eager():
 
 
 def test_every_output_element_is_written_and_buffers_do_not_leak_between_calls():
-    torch.manual_seed(3)
-    dense = get_model("resnet20", num_classes=10).eval()
-    model = asc.sparsify(dense, uniform_plan(dense, PAPER6, 0.5)).eval()
+    model = pruned_resnet20(3)
     x = torch.randn(2, 3, 32, 32)
     ex = executor_for(model, x)
     executor, out_shape, _cl, _keep = ex._plans[tuple(x.shape)]
@@ -165,9 +170,7 @@ def test_two_threads_equal_one():
 
 
 def test_non_finite_input_propagates_as_the_reference():
-    torch.manual_seed(5)
-    dense = get_model("resnet20", num_classes=10).eval()
-    model = asc.sparsify(dense, uniform_plan(dense, PAPER6, 0.5)).eval()
+    model = pruned_resnet20(5)
     x = torch.randn(2, 3, 32, 32)
     ex = executor_for(model, x)
     x[0, 1, 5, 7] = float("inf")
@@ -216,9 +219,7 @@ def test_bound_call_runs_the_steps_into_its_own_buffer():
     call = ex.bound_call(x)
     with torch.no_grad():
         torch.testing.assert_close(call(), model(x), atol=1e-4, rtol=1e-4)
-    mixed = executor_for(asc.sparsify(get_model("resnet20", num_classes=10).eval(),
-                                      uniform_plan(get_model("resnet20", num_classes=10), PAPER6, 0.5)).eval(),
-                         torch.randn(1, 3, 32, 32))
+    mixed = executor_for(pruned_resnet20(9), torch.randn(1, 3, 32, 32))
     nan_x = torch.randn(1, 3, 32, 32)
     nan_x[0, 0, 3, 3] = float("inf")
     with pytest.raises(ValueError, match="non-finite"):
