@@ -14,4 +14,9 @@ fi
 # test + all extras (search, report, export, bench: torch-pruning, openvino, onnxruntime) and triton;
 # the torch spec goes along so no extra can swap the pinned torch for another build.
 .venv/bin/python -m pip install -q -e ".[test,triton,all]" "$TORCH_SPEC"
+# torchvision's model definitions, for the benchmarks and the tests that run torchvision models through
+# bench/tv.py (which stubs its compiled ops); --no-deps, or its wheel would pull a CUDA torch. The
+# package never needs it: without it those tests skip.
+.venv/bin/python -m pip install -q --no-deps "${AUTOSCULPT_TORCHVISION_SPEC:-torchvision==0.28.0}" \
+  || echo "setup: torchvision not installed (its benchmarks and tests are skipped)"
 .venv/bin/python -m autosculpt.info
