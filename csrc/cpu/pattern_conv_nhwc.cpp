@@ -401,13 +401,15 @@ class PackedPatternConvNhwc {
     const size_t pad_floats = size_t(Hp * Wp * C + 16);
     // One image: its zero-padded copy, the empty filters, the blocks x rows; called inside a parallel
     // region, whose threads share the three loops.
+    // Without padding (1x1 convs, linear layers, unpadded convs) the tiles read the image in place.
+    const bool in_place = ph == 0 && pw == 0 && Hp == h && Wp == w;
     auto run_image = [&](int64_t img, float* xpad) {
       const float* xi = x + img * h * w * C;
       float* oi = out + img * oh * ow * c_out_;
       const float* ri = residual ? residual + img * oh * ow * c_out_ : nullptr;
-      NhwcCall a{xpad, Wp, C, oh, ow, sh, sw, dh, dw, kw_, oi, c_out_, bias, ri, relu, clamp_max};
+      NhwcCall a{in_place ? xi : xpad, Wp, C, oh, ow, sh, sw, dh, dw, kw_, oi, c_out_, bias, ri, relu, clamp_max};
 #pragma omp for schedule(static)
-      for (int64_t y = 0; y < (nb ? Hp : 0); ++y) {  // (no block reads it when every filter is empty)
+      for (int64_t y = 0; y < (nb && !in_place ? Hp : 0); ++y) {  // (nothing to copy in place / all empty)
         float* dst = xpad + y * Wp * C;
         const int64_t sy = y - ph;
         if (sy < 0 || sy >= h) {
