@@ -153,8 +153,6 @@ class GraphExecutorModel(nn.Module):
         storages: List[int] = []  # floats per storage
         steps: List[dict] = []
         keep: list = []  # tensors and packed convs the steps point to
-        users_left = {n: len(n.users) for n in gm.graph.nodes}
-        prev_name = ""
 
         def shape_of(node) -> Tuple[int, ...]:
             tm = node.meta.get("tensor_meta")
@@ -200,9 +198,7 @@ class GraphExecutorModel(nn.Module):
             return None
 
         for node in gm.graph.nodes:
-            for st in steps:
-                st.setdefault("name", prev_name)
-            prev_name = f"{node.name} ({type(modules[node.target]).__name__})" if node.op == "call_module" else node.name
+            first_step = len(steps)
             op, target = node.op, node.target
             if op == "placeholder":
                 if values:
@@ -222,11 +218,7 @@ class GraphExecutorModel(nn.Module):
                 src = value(args[0])
                 if node.kwargs.get("residual") is not None or len(args) > 1 or len(src.shape) != 4:
                     raise UnsupportedGraph(f"graph executor: depthwise conv {target} with a residual input")
-                if isinstance(mod.padding, str) or getattr(mod, "padding_mode", "zeros") != "zeros":
-                    raise UnsupportedGraph(f"graph executor: conv {target} uses padding {mod.padding!r}")
-                act = getattr(mod, "activation", None)
-                if act not in (None, "relu"):
-                    raise UnsupportedGraph(f"graph executor: conv {target} has activation {act!r}")
+                act = _conv_activation(mod, target)
                 c, taps = mod.out_channels, mod.kernel_size[0] * mod.kernel_size[1]
                 w = mod.weight.detach().float().reshape(c, taps)
                 if hasattr(mod, "tap_mask"):
@@ -246,12 +238,7 @@ class GraphExecutorModel(nn.Module):
                 if len(src.shape) != 4 or mod.groups != 1 or mod.kernel_size[0] * mod.kernel_size[1] > 64:
                     raise UnsupportedGraph(f"graph executor: conv {target} (groups {mod.groups}, kernel "
                                            f"{tuple(mod.kernel_size)}) is not covered (groups 1, up to 64 taps)")
-                if isinstance(mod.padding, str) or getattr(mod, "padding_mode", "zeros") != "zeros":
-                    raise UnsupportedGraph(f"graph executor: conv {target} uses padding {mod.padding!r} / "
-                                           f"{getattr(mod, 'padding_mode', 'zeros')!r}")
-                act = getattr(mod, "activation", None)
-                if act not in (None, "relu"):
-                    raise UnsupportedGraph(f"graph executor: conv {target} has activation {act!r}")
+                act = _conv_activation(mod, target)
                 taps = mod.kernel_size[0] * mod.kernel_size[1]
                 w = mod.weight.detach().float().contiguous()
                 mask = (mod.tap_mask.detach().to(torch.uint8).contiguous() if hasattr(mod, "tap_mask")
@@ -320,7 +307,7 @@ class GraphExecutorModel(nn.Module):
                 hi = _activation_bound(node, mod)
                 src = value(args[0])
                 prod = producer_step(src)
-                sole = users_left.get(args[0], 0) == 1 and src.flat_from is None
+                sole = len(args[0].users) == 1 and src.flat_from is None
                 if prod is not None and prod["op"] in ("conv", "depthwise", "add") and sole:
                     prod["relu"], prod["hi"] = True, min(prod["hi"], hi)  # fused into the producer's epilogue
                     alias(node, src)
@@ -340,6 +327,9 @@ class GraphExecutorModel(nn.Module):
             else:
                 what = f"module {target} ({type(mod).__name__})" if mod is not None else node.format_node()
                 raise UnsupportedGraph(f"graph executor: {what} is not covered")
+            label = f"{node.name} ({type(mod).__name__})" if mod is not None else node.name
+            for st in steps[first_step:]:
+                st["name"] = label
         else:
             raise UnsupportedGraph("graph executor: the graph has no output")
         input_storage = values[next(n for n in gm.graph.nodes if n.op == "placeholder")].storage
@@ -354,6 +344,18 @@ class GraphExecutorModel(nn.Module):
         plan = (executor, out_shape, len(out_shape) == 4, keep)
         self._plans[tuple(x.shape)] = plan
         return plan
+
+
+def _conv_activation(mod: nn.Module, target: str) -> Optional[str]:
+    """A conv module's fused activation (None or "relu"), after checking its padding is zeros of a
+    given size: what every conv step supports."""
+    if isinstance(mod.padding, str) or getattr(mod, "padding_mode", "zeros") != "zeros":
+        raise UnsupportedGraph(f"graph executor: conv {target} uses padding {mod.padding!r} / "
+                               f"{getattr(mod, 'padding_mode', 'zeros')!r}")
+    act = getattr(mod, "activation", None)
+    if act not in (None, "relu"):
+        raise UnsupportedGraph(f"graph executor: conv {target} has activation {act!r}")
+    return act
 
 
 def _activation_bound(node, mod) -> Optional[float]:

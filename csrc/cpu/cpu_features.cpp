@@ -16,6 +16,7 @@ CpuFeatures probe() {
   f.avx512f = __builtin_cpu_supports("avx512f");
   f.avx512bw = __builtin_cpu_supports("avx512bw");
   f.avx512vl = __builtin_cpu_supports("avx512vl");
+  f.amd = __builtin_cpu_is("amd");
 #endif
   return f;
 }

@@ -14,6 +14,7 @@ struct CpuFeatures {
   bool avx512f = false;
   bool avx512bw = false;
   bool avx512vl = false;
+  bool amd = false;       // an AMD CPU (Zen 4 runs a 512-bit FMA as two 256-bit halves)
 };
 
 // What this CPU supports; probed on the first call, then cached.

@@ -60,14 +60,7 @@ inline int max_mr(int nv) { return nv == 2 ? 8 : (nv == 1 ? 14 : 16); }
 // halves), two 8-lane FMAs cost what one 16-lane FMA does, so a leftover of 8 filters of one mask runs
 // as its own 8-lane block instead of sharing a 16-lane block that computes the union of two masks'
 // taps. Elsewhere (Intel: two 512-bit FMA ports) the 16-lane union stays.
-bool cpu_prefers_8_lanes() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-  return cpu_features().avx512vl && __builtin_cpu_is("amd");
-#else
-  return false;
-#endif
-}
+bool cpu_prefers_8_lanes() { return cpu_features().avx512vl && cpu_features().amd; }
 
 bool cpu_avx512() {
 #if defined(__x86_64__) && defined(__GNUC__)
