@@ -13,7 +13,14 @@ fine-tuning budget:
 - ``uniform``:      the same pattern mix in every layer, kept fraction bisected to the budget
   (:func:`autosculpt.baselines.uniform_baseline`);
 - ``l1_filter``:    L1-norm filter pruning with channels removed (torch-pruning), ratio bisected on
-  the measured speedup (:func:`autosculpt.baselines.l1_filter_baseline`).
+  the measured speedup (:func:`autosculpt.baselines.l1_filter_baseline`);
+- ``taylor_filter``: the same with torch-pruning's Taylor importance, gradients from 4 training
+  batches (:func:`autosculpt.baselines.taylor_filter_baseline`);
+- ``halp``:         HALP-style latency-lookup-table greedy: lower the kept fraction of the layer losing
+  the least Taylor importance per millisecond saved until the prediction meets the budget, then
+  measured (:func:`autosculpt.baselines.halp_greedy`);
+- ``autosculpt_mlp``: the ablation: the same search with an MLP encoder instead of the GNN
+  (:func:`autosculpt.baselines.mlp_encoder`).
 
 Each result is fine-tuned with :func:`autosculpt.finetune.finetune` (best epoch on validation, test
 evaluated once), then timed at batch 1 and 8 side by side with the dense model (interleaved medians,
@@ -26,6 +33,7 @@ interleaved measurement. Every method gets these same selection settings.
     python -m bench.compare                         # default: digits CNN + ResNet-20 on digits, 2× and 3×, 3 seeds
     python -m bench.compare --quick                 # ~1-2 min smoke run (writes to a temp folder)
     python -m bench.compare --data cifar10:PATH     # CIFAR-10 from a local python-pickle folder
+    python -m bench.compare --data digits-clutter --out bench/results/compare-clutter.json   # the unsaturated set
 
 Records go to ``bench/results/compare.json`` (written after every record: a killed run resumes and
 skips what is done) and the table to ``compare.md``. The dense model, latency cache and search
@@ -57,7 +65,9 @@ from torch import nn  # noqa: E402
 from autosculpt import timing  # noqa: E402
 from bench.timing import cpu_name  # noqa: E402
 
-METHODS = ("autosculpt", "paper_reward", "random", "uniform", "l1_filter")  # random needs autosculpt's plan count
+METHODS = ("autosculpt", "autosculpt_mlp", "paper_reward", "random", "uniform", "l1_filter", "taylor_filter",
+           "halp")  # random needs autosculpt's plan count
+SEARCHES = ("autosculpt", "autosculpt_mlp", "paper_reward")
 RECORD_FIELDS = ("method", "model", "target_speedup", "seed", "val_acc", "test_acc", "latency_ms_b1", "latency_ms_b8",
                  "speedup_b1", "speedup_b8", "search_seconds", "met_budget")
 # How every method's plan is chosen and judged: the search's defaults, passed to each method.
@@ -104,11 +114,16 @@ class CompareConfig:
     """Interleaved timing repeats of the final measurement."""
     train_subset: int = 0
     """Use only this many training images (0: all), for quick runs."""
+    finetune_subset: int = 0
+    """Fine-tune every method on this many training images (a fixed random subset; 0: all of them).
+    The dense model, BN recalibration and gradients still use the whole training split."""
     model_kwargs: Dict[str, dict] = field(default_factory=dict)
     """Extra constructor arguments per model (e.g. narrower channels for tests)."""
 
     def config_id(self) -> str:
         keep = {k: v for k, v in asdict(self).items() if k not in ("models", "targets", "seeds", "methods")}
+        if not keep["finetune_subset"]:
+            del keep["finetune_subset"]  # (added later: runs without it keep their id)
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
 
     def check(self) -> "CompareConfig":
@@ -126,6 +141,8 @@ class CompareConfig:
             raise ValueError(f"targets: expected speedups > 1, got {self.targets}")
         if self.latency not in ("measured", "flops"):
             raise ValueError(f"latency: expected 'measured' or 'flops', got {self.latency!r}")
+        if not isinstance(self.finetune_subset, int) or self.finetune_subset < 0:
+            raise ValueError(f"finetune_subset: expected a non-negative int, got {self.finetune_subset!r}")
         for name in ("episodes", "finetune_epochs", "dense_epochs", "budget_batch", "threads", "repeats"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -231,7 +248,8 @@ def run_method(method: str, cfg: CompareConfig, model_name: str, target: float, 
                splits, lm, work: Path, plans_to_match: Optional[int], log=print) -> dict:
     """Runs one method for one (model, target, seed), fine-tunes and measures it; returns the record."""
     from autosculpt import search
-    from autosculpt.baselines import l1_filter_baseline, random_search, uniform_baseline
+    from autosculpt.baselines import (halp_greedy, l1_filter_baseline, mlp_encoder, random_search,
+                                      taylor_filter_baseline, uniform_baseline)
     from autosculpt.budget import Budget
     from autosculpt.finetune import FinetuneConfig, evaluate, finetune
     from autosculpt.flops import count_macs
@@ -244,13 +262,14 @@ def run_method(method: str, cfg: CompareConfig, model_name: str, target: float, 
     extra: dict = {}
     plan = None
     t0 = time.perf_counter()
-    if method in ("autosculpt", "paper_reward"):
-        budget = ({"target_speedup": target} if method == "autosculpt"
+    if method in SEARCHES:
+        budget = ({"target_speedup": target} if method != "paper_reward"
                   else {"target_flops_ratio": 1.0 - 1.0 / target})
+        encoder = mlp_encoder() if method == "autosculpt_mlp" else None
         ck = work / "searches" / f"{model_name}-{method}-t{target:g}-s{seed}"
         res = search(dense, train, val, **budget, episodes=cfg.episodes_per_model.get(model_name, cfg.episodes), seed=seed, checkpoint_dir=str(ck), resume=True,
                      latency_model=lm, example_input=example, progress=False, margin=SELECTION.margin,
-                     verify_top=SELECTION.verify_top, verify_tolerance=SELECTION.tolerance)
+                     verify_top=SELECTION.verify_top, verify_tolerance=SELECTION.tolerance, encoder=encoder)
         plan, search_s = res.best_plan, res.wall_time_s
         extra.update(evaluated_plans=len(res.history), val_acc_before_finetune=res.best_record["val_acc"],
                      setting=None, search_met_own_budget=res.met_budget)
@@ -267,8 +286,15 @@ def run_method(method: str, cfg: CompareConfig, model_name: str, target: float, 
         check = {"predicted_speedup": lm.dense_ms() / r.predicted_ms, "measured_speedup": r.measured_speedup,
                  "met": r.met_budget}
         extra.update(evaluated_plans=len(r.trials), setting=r.setting)
-    elif method == "l1_filter":
-        r = l1_filter_baseline(dense, lm, example, target, selection=SELECTION)
+    elif method == "halp":
+        r = halp_greedy(dense, lm, example, target, train_data=train, seed=seed, selection=SELECTION)
+        plan, search_s = r.plan, r.wall_time_s
+        check = {"predicted_speedup": lm.dense_ms() / r.predicted_ms, "measured_speedup": r.measured_speedup,
+                 "met": r.met_budget}
+        extra.update(evaluated_plans=len(r.trials), setting=r.setting, greedy_steps=r.trials[-1]["steps"])
+    elif method in ("l1_filter", "taylor_filter"):
+        r = (l1_filter_baseline(dense, lm, example, target, selection=SELECTION) if method == "l1_filter" else
+             taylor_filter_baseline(dense, lm, example, target, train_data=train, seed=seed, selection=SELECTION))
         search_s = r.wall_time_s
         check = {"predicted_speedup": None, "measured_speedup": r.measured_speedup, "met": r.met_budget}
         extra.update(evaluated_plans=len(r.trials), setting=r.setting)
@@ -281,7 +307,8 @@ def run_method(method: str, cfg: CompareConfig, model_name: str, target: float, 
         extra["val_acc_before_finetune"] = evaluate(pruned, val)
 
     t_ft = time.perf_counter()
-    ft = finetune(pruned, train, val, test, FinetuneConfig(epochs=cfg.finetune_epochs_per_model.get(model_name, cfg.finetune_epochs), lr=cfg.finetune_lr, seed=seed),
+    ft_train = _subset(train, cfg.finetune_subset, seed=0)
+    ft = finetune(pruned, ft_train, val, test, FinetuneConfig(epochs=cfg.finetune_epochs_per_model.get(model_name, cfg.finetune_epochs), lr=cfg.finetune_lr, seed=seed),
                   progress=False)
     ft_s = time.perf_counter() - t_ft
     _set_auto_path(pruned)
@@ -411,6 +438,61 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{m:.3f} ± {s:.3f}"
 
 
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def ci95(values: Sequence[float]) -> float:
+    """Half-width of the 95% confidence interval of the mean (Student t, n - 1 degrees of freedom);
+    0 for a single value."""
+    vals = [float(v) for v in values]
+    n = len(vals)
+    if n < 2:
+        return 0.0
+    t = _T975.get(n - 1)
+    if t is None:
+        from scipy.stats import t as student
+
+        t = float(student.ppf(0.975, n - 1))
+    return t * statistics.stdev(vals) / math.sqrt(n)
+
+
+def _mean_ci(values: Sequence[float]) -> str:
+    vals = [v for v in values if v is not None]
+    return f"{statistics.fmean(vals):.3f} ± {ci95(vals):.3f}" if vals else "—"
+
+
+def target_summary(records: List[dict], ours: str = "autosculpt") -> List[dict]:
+    """Per (model, target): ours and the best baseline (highest mean test accuracy among the other
+    methods), the margin (paired per seed: ours − best baseline, mean ± 95% CI) and whether the issue's
+    target holds: margin ≥ 1 point and every seed of ours meeting the budget in the final measurement."""
+    rows = []
+    for model, target in sorted({(r["model"], float(r["target_speedup"])) for r in records}):
+        rs = [r for r in records if r["model"] == model and float(r["target_speedup"]) == target]
+        by = {}
+        for r in rs:
+            by.setdefault(r["method"], {})[int(r["seed"])] = r
+        if ours not in by or len(by) < 2:
+            continue
+        means = {m: statistics.fmean(r["test_acc"] for r in v.values()) for m, v in by.items()}
+        base = max((m for m in by if m != ours), key=lambda m: means[m])
+        met_all = {m: all(r.get("met_budget_final", False) for r in v.values()) for m, v in by.items()}
+        base_met = max((m for m in by if m != ours and met_all[m]), key=lambda m: means[m], default=None)
+        seeds = sorted(set(by[ours]) & set(by[base]))
+        diff = [by[ours][s]["test_acc"] - by[base][s]["test_acc"] for s in seeds]
+        ours_met = sum(r.get("met_budget_final", False) for r in by[ours].values())
+        rows.append({
+            "model": model, "target_speedup": target, "ours": _mean_ci([r["test_acc"] for r in by[ours].values()]),
+            "ours_met": f"{ours_met}/{len(by[ours])}", "best_baseline": base,
+            "best_baseline_acc": _mean_ci([r["test_acc"] for r in by[base].values()]),
+            "best_baseline_met": f"{sum(r.get('met_budget_final', False) for r in by[base].values())}/{len(by[base])}",
+            "best_met_baseline": base_met,
+            "best_met_baseline_acc": _mean_ci([r["test_acc"] for r in by[base_met].values()]) if base_met else "—",
+            "margin": statistics.fmean(diff) if diff else float("nan"), "margin_ci": ci95(diff),
+            "target_met": bool(diff) and statistics.fmean(diff) >= 0.01 and ours_met == len(by[ours]),
+        })
+    return rows
+
+
 def summarize(records: List[dict]) -> List[dict]:
     """One row per (model, target, method): means/stds over seeds."""
     groups: Dict[tuple, List[dict]] = {}
@@ -423,6 +505,7 @@ def summarize(records: List[dict]) -> List[dict]:
         rows.append({
             "model": model, "target_speedup": target, "method": method, "n": len(rs),
             "val_acc": _mean_std([r["val_acc"] for r in rs]), "test_acc": _mean_std([r["test_acc"] for r in rs]),
+            "test_acc_ci": _mean_ci([r["test_acc"] for r in rs]),
             "test_acc_mean": statistics.fmean(r["test_acc"] for r in rs),
             "latency_ms_b1": med("latency_ms_b1"), "latency_ms_b8": med("latency_ms_b8"),
             "speedup_b1": _mean_std([r["speedup_b1"] for r in rs]), "speedup_b8": _mean_std([r["speedup_b8"] for r in rs]),
@@ -446,14 +529,21 @@ def render_markdown(records: List[dict], cfg: CompareConfig, command: str = "pyt
         "",
         f"Machine: {cpu_name()}; latency with {cfg.threads} thread(s), budget checked at batch {cfg.budget_batch}; "
         f"torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
-        f"Data: `{cfg.data}` (digits: 8×8 for the digits CNN, upsampled to 32×32 for the others; fixed split, seed 0). "
+        (f"Data: `{cfg.data}` (digits: 8×8 for the digits CNN, upsampled to 32×32 for the others; fixed split, seed 0). "
+         if cfg.data == "digits" else
+         f"Data: `{cfg.data}` (fixed splits, seed 0" + ("; 1×32×32 canvases split by source digit, see "
+                                                       "bench/results/digits-clutter.md" if cfg.data == "digits-clutter" else "")
+         + "). ") +
         f"Dense models trained {cfg.dense_epochs} epochs once (seed 0); seeds {seeds} vary search, baselines and "
         f"fine-tuning.",
         f"Budgets: search {cfg.episodes} episodes (one plan each; overrides {cfg.episodes_per_model}; random search "
         "evaluates as many distinct plans as "
-        f"autosculpt did); fine-tuning {cfg.finetune_epochs} epochs (overrides {cfg.finetune_epochs_per_model}), lr {cfg.finetune_lr}, the same for every method; latency "
+        f"autosculpt did); fine-tuning {cfg.finetune_epochs} epochs (overrides {cfg.finetune_epochs_per_model}), lr {cfg.finetune_lr}"
+        + (f", on a fixed subset of {cfg.finetune_subset} training images" if cfg.finetune_subset else "")
+        + f", the same for every method; latency "
         f"model: {cfg.latency}" + (f"; training subset {cfg.train_subset} images" if cfg.train_subset else "") + ".",
-        "Accuracies: mean ± std over seeds (val = best fine-tuning epoch; test evaluated once). Latency: median over "
+        "Accuracies: mean ± std over seeds, and mean ± half-width of the 95% confidence interval of the mean (Student t) "
+        "for test (val = best fine-tuning epoch; test evaluated once). Latency: median over "
         "seeds of interleaved medians beside the dense model, every model in its inference form (BatchNorm folded; "
         "pattern convs with ReLU and shortcut adds fused). met = the method's own end-to-end check with the "
         f"latency model at batch {cfg.budget_batch} (speedup ≥ {1 - TOLERANCE:g} × target, as the search's selection "
@@ -461,20 +551,38 @@ def render_markdown(records: List[dict], cfg: CompareConfig, command: str = "pyt
         "paper_reward = the search with a FLOPs band (1 − 1/target of the prunable convs' MACs) and no latency term.",
         "",
     ]
+    summary = target_summary(records)
+    if summary:
+        lines += [
+            "## Summary per model × target",
+            "",
+            "best baseline = the highest mean test accuracy among the other methods, met or not; margin = autosculpt − "
+            "best baseline, paired by seed (mean ± 95% CI); target = margin ≥ 1 point with every autosculpt seed meeting "
+            "the budget in the final measurement.",
+            "",
+            "| model | target | autosculpt test | final met | best baseline | its test | its final met | best baseline meeting the budget on every seed | margin | target |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in summary:
+            bm = f"{r['best_met_baseline']} {r['best_met_baseline_acc']}" if r["best_met_baseline"] else "—"
+            lines.append(f"| {r['model']} | {r['target_speedup']:g}× | {r['ours']} | {r['ours_met']} | {r['best_baseline']} "
+                         f"| {r['best_baseline_acc']} | {r['best_baseline_met']} | {bm} "
+                         f"| {100 * r['margin']:+.1f} ± {100 * r['margin_ci']:.1f} pt | {'met' if r['target_met'] else 'NOT met'} |")
+        lines += ["", "## All methods", ""]
     lines += [f"- {n}" for n in notes] + ([""] if notes else [])
     lines += [
-        "| model | target | method | n | val acc | test acc | ms b1 | ms b8 | speedup b1 | speedup b8 | met | final | MACs kept | search s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | target | method | n | val acc | test acc ± std | test acc ± 95% CI | ms b1 | ms b8 | speedup b1 | speedup b8 | met | final | MACs kept | search s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     last = None
     for r in rows:
         if (r["model"], r["target_speedup"]) != last:
             last = (r["model"], r["target_speedup"])
             dv, dt = r["dense_val_acc"], r["dense_test_acc"]
-            lines.append(f"| {r['model']} | {r['target_speedup']:g}× | *dense* | | {dv:.3f} | {dt:.3f} | {r['dense_ms_b1']:.3f} "
+            lines.append(f"| {r['model']} | {r['target_speedup']:g}× | *dense* | | {dv:.3f} | {dt:.3f} | | {r['dense_ms_b1']:.3f} "
                          f"| {r['dense_ms_b8']:.3f} | 1 | 1 | | | 1.00 | |")
         lines.append(
-            f"| {r['model']} | {r['target_speedup']:g}× | {r['method']} | {r['n']} | {r['val_acc']} | {r['test_acc']} "
+            f"| {r['model']} | {r['target_speedup']:g}× | {r['method']} | {r['n']} | {r['val_acc']} | {r['test_acc']} | {r['test_acc_ci']} "
             f"| {r['latency_ms_b1']:.3f} | {r['latency_ms_b8']:.3f} | {r['speedup_b1']} | {r['speedup_b8']} "
             f"| {r['met']} | {r['met_final']} | {r['macs_ratio']:.2f} | {r['search_seconds']:.0f} |")
     lines += ["", f"Reproduce: `{command}`", ""]
@@ -492,13 +600,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--seeds", type=int, default=None, help=f"number of seeds (default {len(d.seeds)})")
     ap.add_argument("--seed-offset", type=int, default=0, help="first seed (e.g. to run seeds in separate processes)")
     ap.add_argument("--methods", nargs="+", default=None, choices=METHODS)
-    ap.add_argument("--data", default=None, help="digits (default) or cifar10:PATH")
+    ap.add_argument("--data", default=None, help="digits (default), digits-clutter or cifar10:PATH")
     ap.add_argument("--episodes", type=int, default=None)
     ap.add_argument("--finetune-epochs", type=int, default=None)
     ap.add_argument("--dense-epochs", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="threads of every latency measurement and of training (default 1)")
     ap.add_argument("--latency", choices=("measured", "flops"), default=None)
     ap.add_argument("--train-subset", type=int, default=None)
+    ap.add_argument("--finetune-subset", type=int, default=None,
+                    help="fine-tune every method on this many training images (default: all)")
     ap.add_argument("--out", type=Path, default=None, help="records JSON (default bench/results/compare.json)")
     ap.add_argument("--fresh", action="store_true", help="ignore earlier records in --out and start over")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the .md from the records in --out")
@@ -514,7 +624,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                   finetune_epochs=1, finetune_epochs_per_model={},
                                   dense_epochs=3, repeats=5, train_subset=300)
     for name in ("models", "targets", "methods", "data", "episodes", "finetune_epochs", "dense_epochs", "threads",
-                 "latency", "train_subset"):
+                 "latency", "train_subset", "finetune_subset"):
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, name, v)

@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from autosculpt.baselines import l1_filter_baseline, l1_filter_prune, random_search, uniform_baseline
+from autosculpt.baselines import (filter_prune, halp_greedy, l1_filter_baseline, l1_filter_prune, mlp_encoder,
+                                  random_search, taylor_filter_baseline, taylor_gradients, tap_importance,
+                                  uniform_baseline)
 from autosculpt.models import get_model
 from autosculpt.runtime.latency import FlopsLatencyModel
 
@@ -110,6 +112,120 @@ def test_random_search_evaluates_the_requested_number_of_plans(tiny_cnn):
         random_search(tiny_cnn, train, val, num_plans=0, latency_model=lm, example_input=x8(), target_speedup=2.0)
 
 
+@pytest.fixture(scope="module")
+def digits():
+    from autosculpt.data.digits import load_digits_splits
+
+    return load_digits_splits(0)
+
+
+def test_taylor_importance_removes_a_large_filter_nothing_reads_where_l1_keeps_it(tiny_cnn, digits):
+    """A filter with the largest weights whose output the next conv ignores: its loss gradient is 0, so
+    Taylor importance ranks it last and removes it; the L1 norm ranks it first and keeps it."""
+    model = __import__("copy").deepcopy(tiny_cnn)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    big = 10 * float(convs[1].weight[1:].detach().abs().max())
+    with torch.no_grad():
+        convs[1].weight[0] = big  # the largest L1 filter of conv 1 (every weight 10× any other filter's)
+        convs[2].weight[:, 0] = 0.0  # ...and conv 2 does not read it
+    x = x8()
+    grads = taylor_gradients(model, digits[0], batches=2, seed=0)
+    assert all(float(g[0].abs().sum()) == 0.0 for g in grads["features.1.0.weight"])  # no loss gradient reaches it
+    ratio = 1.0 / convs[1].out_channels  # one channel per group
+    kept = {}
+    for kind in ("l1", "taylor"):
+        pruned = filter_prune(model, x, ratio, kind, grads if kind == "taylor" else None)
+        pc = [m for m in pruned.modules() if isinstance(m, nn.Conv2d)][1]
+        assert pc.out_channels == convs[1].out_channels - 1
+        kept[kind] = bool(pc.weight.abs().max() >= 0.99 * big)
+    assert kept == {"l1": True, "taylor": False}
+    with pytest.raises(ValueError, match="gradients"):
+        filter_prune(model, x, ratio, "taylor")
+
+
+def test_taylor_filter_baseline_meets_measured_budget(tiny_cnn, digits):
+    lm = mac_latency_model()
+    r = taylor_filter_baseline(tiny_cnn, lm, x8(), 2.0, train_data=digits[0], tolerance=0.0, iters=5)
+    assert r.met_budget and r.method == "taylor_filter"
+    assert lm.measure_model(tiny_cnn, x8()) / lm.measure_model(r.model, x8()) >= 2.0
+    assert r.model(x8()).shape == (8, 10)
+
+
+@pytest.mark.parametrize("target", [2.0, 3.0])
+def test_halp_greedy_meets_the_budget_removing_least_importance_per_ms_first(tiny_cnn, target):
+    from autosculpt.patterns import PAPER6, assign
+    from autosculpt.plan import level_counts
+
+    lm = mac_latency_model()
+    x = x8()
+    lm.profile(tiny_cnn, x)
+    layers = list(lm.layers)
+    imp = tap_importance(tiny_cnn, layers, "magnitude")
+    cheap = layers[1]
+    imp[cheap] = imp[cheap] * 1e-3  # this layer's taps are worth almost nothing
+    r = halp_greedy(tiny_cnn, lm, x, target, importance=imp, tolerance=0.0)
+    limit = lm.dense_ms() / target
+    assert r.met_budget and r.method == "halp"
+    assert lm.predict(r.plan) <= limit * (1 + 1e-9)
+    assert lm.measure_model(tiny_cnn, x) / lm.measure_model(r.model, x) >= target
+    steps = r.trials[-1]["steps_taken"]
+    # every step took the candidate with the least importance lost per ms saved
+    for st in steps:
+        assert st["ratio"] == min(st["candidates"].values()) and st["ms_saved"] > 0
+    # ... and the first one is what an independent computation of the first rung of every layer says
+    first = {}
+    masks = PAPER6.masks.double()
+    for n in layers:
+        w = dict(tiny_cnn.named_modules())[n].weight
+        ids = assign(imp[n].sqrt().unsqueeze(1).float(), PAPER6, level_counts(PAPER6, w.shape[0], 1 - 1 / 12))
+        lost = float(imp[n].sum() - (imp[n] * masks[ids]).sum())
+        first[n] = lost / (lm.layer_ms(n, None) - lm.layer_ms(n, masks[ids].float()))
+    assert steps[0]["layer"] == min(first, key=first.get) == cheap
+    assert steps[0]["ratio"] == pytest.approx(first[cheap])
+    # the cheap layer is pruned hardest; it stops only once further steps there save nothing or it hit the floor
+    kept = {n: getattr(r.model.get_submodule(n), "kept_fraction", lambda: 1.0)() for n in layers}
+    assert kept[cheap] == min(kept.values()) and kept[cheap] < 0.5
+    # greedy is a stopping rule: one step fewer misses the limit
+    assert lm.predict(r.plan) + steps[-1]["ms_saved"] > limit - 1e-9
+
+
+def test_halp_greedy_taylor_needs_training_data(tiny_cnn):
+    with pytest.raises(ValueError, match="train_data"):
+        halp_greedy(tiny_cnn, mac_latency_model(), x8(), 2.0)
+
+
+def test_mlp_encoder_ignores_the_graph_and_drives_the_search(tiny_cnn, digits):
+    from autosculpt import search
+    from autosculpt.rl.policy import MLPEncoder
+
+    enc = mlp_encoder()
+    assert isinstance(enc, MLPEncoder) and enc.out_dim == 64
+    x = torch.randn(5, enc.inp.in_features)
+    e1, e2 = torch.tensor([[0, 1, 2], [1, 2, 3]]), torch.tensor([[4], [0]])
+    assert torch.equal(enc(x, e1), enc(x, e2))  # no message passing
+    train, val, _ = digits
+    res = search(tiny_cnn, train, val, target_speedup=2.0, episodes=2, seed=0, latency_model=mac_latency_model(),
+                 example_input=x8(), progress=False, encoder=mlp_encoder())
+    assert len(res.history) >= 1 and res.best_plan["layers"]
+
+
+def test_ci95_and_target_summary():
+    from bench.compare import ci95, target_summary
+
+    assert ci95([1.0]) == 0.0
+    assert ci95([0.0, 1.0, 2.0, 3.0, 4.0]) == pytest.approx(2.776 * math.sqrt(2.5) / math.sqrt(5), rel=1e-3)
+    recs = []
+    for seed in range(3):
+        for method, acc, met in (("autosculpt", 0.90 + seed / 100, True), ("halp", 0.88, True), ("uniform", 0.85, False)):
+            recs.append({"model": "resnet20", "target_speedup": 2.0, "seed": seed, "method": method, "test_acc": acc,
+                         "met_budget_final": met})
+    (row,) = target_summary(recs)
+    assert row["best_baseline"] == "halp" and row["margin"] == pytest.approx(0.03) and row["target_met"]
+    assert row["ours_met"] == "3/3" and row["best_met_baseline"] == "halp"
+    recs[0]["met_budget_final"] = False  # one autosculpt seed misses the budget: the target is not met
+    assert not target_summary(recs)[0]["target_met"]
+
+
 def test_baselines_reject_bad_targets(tiny_cnn):
     with pytest.raises(ValueError, match="target_speedup"):
         uniform_baseline(tiny_cnn, mac_latency_model(), x8(), 1.0)
@@ -144,7 +260,7 @@ def test_compare_runs_every_method_with_complete_records_and_resumes(tmp_path, c
         assert r["model"] == "digits_cnn" and r["target_speedup"] == 2.0 and r["seed"] == 0
     by = {r["method"]: r for r in records}
     # baselines meet the budget they were given, according to the (deterministic) latency model
-    for m in ("uniform", "l1_filter"):
+    for m in ("uniform", "l1_filter", "taylor_filter", "halp"):
         assert by[m]["met_budget"], by[m]["budget_check"]
         assert by[m]["budget_check"]["measured_speedup"] >= 2.0 * (1 - cmp.TOLERANCE)
         assert by[m]["macs_ratio"] < 0.6

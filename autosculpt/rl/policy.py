@@ -19,7 +19,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-__all__ = ["GATv2Encoder", "GNNActorCritic"]
+__all__ = ["GATv2Encoder", "MLPEncoder", "GNNActorCritic"]
 
 _MASKED = -1e9  # logit of a disallowed action (finite: no NaN in softmax or entropy)
 
@@ -52,6 +52,25 @@ class GATv2Encoder(nn.Module):
         h = torch.tanh(self.inp(x))
         for conv, norm in zip(self.convs, self.norms):
             h = norm(h + torch.tanh(conv(h, both)))
+        return h
+
+
+class MLPEncoder(nn.Module):
+    """The GNN ablation: :class:`GATv2Encoder`'s shape (input projection, ``layers`` residual blocks
+    with LayerNorm, width ``hidden``) with each attention layer replaced by a per-node linear layer,
+    so a node's embedding depends on its own features only; ``edge_index`` is ignored."""
+
+    def __init__(self, in_dim: int, hidden: int = 64, layers: int = 2):
+        super().__init__()
+        self.inp = nn.Linear(in_dim, hidden)
+        self.lins = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(layers))
+        self.out_dim = hidden
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        for lin, norm in zip(self.lins, self.norms):
+            h = norm(h + torch.tanh(lin(h)))
         return h
 
 
