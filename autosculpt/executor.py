@@ -85,6 +85,7 @@ class GraphExecutorModel(nn.Module):
             raise ValueError(f"module: torch.fx cannot trace it ({type(exc).__name__}: {exc})") from exc
         self._plans: Dict[tuple, tuple] = {}
         self._step_names: Dict[tuple, List[str]] = {}
+        self._reordered: Dict[tuple, List[str]] = {}
         self._plan(example_input)
 
     # -- running -----------------------------------------------------------------------------------
@@ -136,6 +137,13 @@ class GraphExecutorModel(nn.Module):
             runs.append(sec)
         med = torch.stack(runs[1:]).median(0).values * 1e3
         return list(zip(self._step_names[tuple(x.shape)], med.tolist()))
+
+    @property
+    def reordered_layers(self) -> List[str]:
+        """Nodes (of the example input's plan) whose output channels are stored block by block: each
+        kernel block of filters sharing a tap mask on consecutive channels, its readers' weights permuted
+        to match (see :func:`_free_order_convs`)."""
+        return list(next(iter(self._reordered.values())))
 
     @property
     def num_steps(self) -> int:
@@ -191,6 +199,28 @@ class GraphExecutorModel(nn.Module):
                           "padding": padding, "dilation": dilation, "bias": bias, "relu": relu,
                           "hi": _INF, "check": not bool(mask.all())})
 
+        free = _free_order_convs(gm, modules)
+        order: Dict[torch.fx.Node, Optional[torch.Tensor]] = {}  # stored channel j = logical channel order[j]
+
+        def in_order(arg) -> Optional[torch.Tensor]:
+            return order.get(arg) if isinstance(arg, torch.fx.Node) else None
+
+        def block_order(node, w, mask) -> Optional[torch.Tensor]:
+            """The output channel order putting each kernel block on consecutive channels (None: keep)."""
+            if node not in free or bool((mask == mask[:1]).all()):
+                return None
+            perm = torch.arange(w.shape[0])
+            best, best_contig = None, -1
+            for _ in range(3):  # the kernel's blocks of the reordered conv, until all are contiguous
+                wp, mp = w[perm].contiguous(), mask[perm].contiguous()
+                packed = ext.PackedPatternConvNhwc(wp.data_ptr(), mp.data_ptr(), *wp.shape)
+                if packed.contiguous_blocks > best_contig:
+                    best, best_contig = perm, packed.contiguous_blocks
+                if best_contig == packed.num_blocks:
+                    break
+                perm = perm[torch.tensor(packed.filter_order, dtype=torch.long)]
+            return None if bool((best == torch.arange(w.shape[0])).all()) else best
+
         def producer_step(v: _Value) -> Optional[dict]:
             for s in reversed(steps):
                 if s["out"] == v.storage:
@@ -210,6 +240,8 @@ class GraphExecutorModel(nn.Module):
                 if not isinstance(out_arg, torch.fx.Node):
                     raise UnsupportedGraph("graph executor: the model must return one tensor")
                 out_value = value(out_arg)
+                if in_order(out_arg) is not None:  # pragma: no cover - the pre-pass keeps the output's order
+                    raise AssertionError("graph executor: the output is in a permuted channel order")
                 break
             mod = modules.get(target) if op == "call_module" else None
             args = node.args
@@ -223,8 +255,12 @@ class GraphExecutorModel(nn.Module):
                 w = mod.weight.detach().float().reshape(c, taps)
                 if hasattr(mod, "tap_mask"):
                     w = w * mod.tap_mask.detach().reshape(c, taps).to(w.dtype)
+                bias = mod.bias.detach().float() if mod.bias is not None else None
+                pi = order[node] = in_order(args[0])  # channelwise: the input's channel order
+                if pi is not None:
+                    w, bias = w[pi], (bias[pi] if bias is not None else None)
                 w = w.t().contiguous()  # [tap][channel]
-                bias = mod.bias.detach().float().contiguous() if mod.bias is not None else None
+                bias = bias.contiguous() if bias is not None else None
                 keep.extend([w, bias])
                 out = new_value(node)
                 steps.append({"op": "depthwise", "in": src.storage, "out": out.storage, "geom": src.shape,
@@ -244,6 +280,15 @@ class GraphExecutorModel(nn.Module):
                 mask = (mod.tap_mask.detach().to(torch.uint8).contiguous() if hasattr(mod, "tap_mask")
                         else torch.ones(mod.out_channels, taps, dtype=torch.uint8))
                 bias = mod.bias.detach().float().contiguous() if mod.bias is not None else None
+                pi_in = in_order(args[0])
+                if pi_in is not None:
+                    w = w[:, pi_in].contiguous()
+                if res is not None and in_order(res) is not None:  # pragma: no cover - the pre-pass forbids it
+                    raise AssertionError(f"graph executor: residual of {target} in a permuted channel order")
+                pi = order[node] = block_order(node, w, mask.view(mask.shape[0], -1))
+                if pi is not None:
+                    w, mask = w[pi].contiguous(), mask[pi].contiguous()
+                    bias = bias[pi].contiguous() if bias is not None else None
                 conv_step(src, node, w, mask, bias, _pair(mod.stride), _pair(mod.padding), _pair(mod.dilation),
                           act == "relu", res_v)
             elif mod is not None and isinstance(mod, nn.Linear) or op == "call_function" and target is F.linear:
@@ -256,6 +301,10 @@ class GraphExecutorModel(nn.Module):
                 if len(src.shape) != 2:
                     raise UnsupportedGraph(f"graph executor: linear {node.name} on a {len(src.shape)}-D input")
                 w = weight.detach().float()
+                pi_in = in_order(args[0])
+                if pi_in is not None:  # (a pooled 1x1 map or a 2-D input: the pre-pass fixes flattened maps)
+                    w = w[:, pi_in]
+                order[node] = None
                 if src.flat_from is not None:  # flattened NCHW order -> our NHWC storage order
                     c, h, wd = src.flat_from
                     w = w.view(w.shape[0], c, h, wd).permute(0, 2, 3, 1).reshape(w.shape[0], -1)
@@ -327,6 +376,10 @@ class GraphExecutorModel(nn.Module):
             else:
                 what = f"module {target} ({type(mod).__name__})" if mod is not None else node.format_node()
                 raise UnsupportedGraph(f"graph executor: {what} is not covered")
+            if node not in order:  # channelwise ops and adds keep their input's channel order
+                order[node] = in_order(args[0]) if args else None
+                if len(args) > 1 and order[node] is not in_order(args[1]) and isinstance(args[1], torch.fx.Node):
+                    raise AssertionError(f"graph executor: {node.name} mixes channel orders")  # pragma: no cover
             label = f"{node.name} ({type(mod).__name__})" if mod is not None else node.name
             for st in steps[first_step:]:
                 st["name"] = label
@@ -340,10 +393,110 @@ class GraphExecutorModel(nn.Module):
         for s in steps:
             _emit(executor, s, buffer_of)
         self._step_names[tuple(x.shape)] = [s["name"] for s in steps]
+        self._reordered[tuple(x.shape)] = [n.name for n in gm.graph.nodes if n.op == "call_module" and order.get(n) is not None
+                                           and n in free]
         out_shape = out_value.shape
         plan = (executor, out_shape, len(out_shape) == 4, keep)
         self._plans[tuple(x.shape)] = plan
         return plan
+
+
+def _free_order_convs(gm: torch.fx.GraphModule, modules: Dict[str, nn.Module]) -> set:
+    """Conv nodes whose output channels may be stored in any order: the value flows, through
+    channelwise ops only (ReLU / clamp, pooling, depthwise convs, dropout, flatten of a 1×1 map), into
+    convs and linear layers alone, which read it through permuted input weights. A value that meets
+    another producer's (an add, a conv's residual), the graph's input or output, or any other op keeps
+    the logical order. Reordering lets the NHWC kernel store each block of filters (same tap mask) as
+    vectors on consecutive channels instead of scattering them: 2x faster epilogues on 16-channel layers."""
+    parent: List[int] = []
+    producers: List[list] = []
+    fixed: set = set()
+    space: Dict[torch.fx.Node, int] = {}
+
+    def new(producer=None, fix=False) -> int:
+        parent.append(len(parent))
+        producers.append([producer] if producer is not None else [])
+        if fix:
+            fixed.add(len(parent) - 1)
+        return len(parent) - 1
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(i: int, j: int) -> int:
+        i, j = find(i), find(j)
+        if i != j:
+            parent[j] = i
+            producers[i] += producers[j]
+            if j in fixed:
+                fixed.add(i)
+        return i
+
+    def fix(arg) -> None:
+        if isinstance(arg, torch.fx.Node) and arg in space:
+            fixed.add(find(space[arg]))
+
+    for node in gm.graph.nodes:
+        mod = modules.get(node.target) if node.op == "call_module" else None
+        inputs = [a for a in node.all_input_nodes if a in space]
+        first = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) and node.args[0] in space else None
+        is_conv = mod is not None and (hasattr(mod, "tap_mask") or isinstance(mod, nn.Conv2d))
+        if node.op == "placeholder":
+            space[node] = new(fix=True)
+        elif node.op == "output":
+            for a in inputs:
+                fix(a)
+        elif is_conv and mod.groups == 1 and first is not None:
+            space[node] = new(node)
+            res = node.kwargs.get("residual", node.args[1] if len(node.args) > 1 else None)
+            if isinstance(res, torch.fx.Node) and res in space:
+                union(space[node], space[res])
+            for a in inputs:
+                if a is not first and a is not res:
+                    fix(a)
+        elif is_conv and mod.groups == mod.in_channels == mod.out_channels and first is not None and len(inputs) == 1:
+            space[node] = space[first]  # depthwise: channelwise
+        elif (mod is not None and isinstance(mod, nn.Linear)) and first is not None and len(inputs) == 1:
+            space[node] = new(fix=True)
+        elif first is not None and len(inputs) == 1 and _channelwise(node, mod):
+            shape = getattr(first.meta.get("tensor_meta"), "shape", None)
+            flat = _is_flatten(node, mod)
+            if flat and (shape is None or len(shape) != 4 or shape[2] * shape[3] != 1):
+                fix(first)  # a flattened map with H*W > 1 interleaves channels with pixels
+                space[node] = new(fix=True)
+            else:
+                space[node] = space[first]
+        elif node.op == "call_function" and node.target in _ADD and len(inputs) == 2 and not node.kwargs:
+            space[node] = union(space[inputs[0]], space[inputs[1]])
+        else:
+            for a in inputs:
+                fix(a)
+            space[node] = new(fix=True)
+    out = set()
+    for root in {find(i) for i in range(len(parent))}:
+        if root not in fixed and len(producers[root]) == 1:
+            out.add(producers[root][0])
+    return out
+
+
+def _is_flatten(node, mod) -> bool:
+    return (mod is not None and isinstance(mod, nn.Flatten) or node.op == "call_function" and node.target in _FLATTEN_FN
+            or node.op == "call_method" and node.target == "flatten")
+
+
+def _channelwise(node, mod) -> bool:
+    """Ops of the executor that treat every channel alike (a channel permutation passes through them)."""
+    if mod is not None:
+        return isinstance(mod, (nn.MaxPool2d, FastMaxPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Identity, nn.Flatten,
+                                nn.ReLU, nn.Hardtanh))
+    if node.op == "call_function":
+        return node.target in _RELU or node.target in (F.relu6, F.adaptive_avg_pool2d) or node.target in _FLATTEN_FN
+    if node.op == "call_method":
+        return node.target in ("relu", "relu_", "mean", "flatten")
+    return False
 
 
 def _conv_activation(mod: nn.Module, target: str) -> Optional[str]:

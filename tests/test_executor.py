@@ -224,3 +224,41 @@ def test_bound_call_runs_the_steps_into_its_own_buffer():
     nan_x[0, 0, 3, 3] = float("inf")
     with pytest.raises(ValueError, match="non-finite"):
         mixed.bound_call(nan_x)()
+
+
+class ChannelwiseChain(nn.Module):
+    """conv -> ReLU -> max-pool -> depthwise -> conv (+ a second conv added to it) -> mean -> linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 24, 3, padding=1)
+        self.dw = nn.Conv2d(24, 24, 3, padding=1, groups=24)
+        self.b = nn.Conv2d(24, 20, 3, padding=1)
+        self.c = nn.Conv2d(24, 20, 1)
+        self.fc = nn.Linear(20, 5)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        h = self.dw(self.pool(torch.relu(self.a(x))))
+        y = torch.relu(self.b(h) + self.c(h))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_block_channel_order_only_where_every_reader_can_follow():
+    """A conv whose output reaches only convs and linears (through channelwise ops) stores its channels
+    block by block; one whose output meets another producer's (an add, a residual) or the graph's
+    output keeps the order. The result equals eager either way."""
+    torch.manual_seed(11)
+    x = torch.randn(2, 3, 32, 32)
+    ex = executor_for(pruned_resnet20(11), x)
+    convs1 = {f"layer{i}_{j}_conv1" for i in (1, 2, 3) for j in range(3)}
+    assert set(ex.reordered_layers) == convs1  # conv2 / shortcuts / stem feed the residual adds
+    dense = ChannelwiseChain().eval()
+    masks = {n: PAPER6.masks[torch.randint(1, 6, (m.out_channels,))] for n, m in dense.named_children()
+             if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.groups == 1}
+    model = dense
+    for name, m in masks.items():
+        setattr(model, name, asc.nn.PatternConv2d.from_dense(getattr(dense, name), m))
+    ex = executor_for(model.eval(), x)
+    assert ex.reordered_layers == ["a"]  # through ReLU, max-pool and the depthwise conv into b and c
+    check(model, x)

@@ -18,6 +18,7 @@
 // Threads split (block, output row) items. Grouped convs are not handled here (the NCHW kernel is).
 #include <omp.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -50,16 +51,17 @@ struct NhwcBlock {
   int32_t nfilt = 0;          // real filters (<= lanes); the other lanes have zero weights
   int32_t filters[kBlock];    // output channel of each lane
   int64_t w_offset = 0;       // start of [taps][c_in][16 * nv] in packed
-  bool contiguous = false;    // all 16 * nv lanes real and filters[j] == filters[0] + j (vector stores)
+  bool contiguous = false;    // filters[j] == filters[0] + j for j < nfilt (vector stores, masked past nfilt)
 };
 
 inline int lanes(const NhwcBlock& b) { return b.nv ? 16 * b.nv : 8; }
 inline int max_mr(int nv) { return nv == 2 ? 8 : (nv == 1 ? 14 : 16); }
 
 // 8-lane blocks: on CPUs whose FMA units are 256 bits wide (AMD Zen 4 splits a 512-bit FMA in two
-// halves), two 8-lane FMAs cost what one 16-lane FMA does, so a leftover of 8 filters of one mask runs
-// as its own 8-lane block instead of sharing a 16-lane block that computes the union of two masks'
-// taps. Elsewhere (Intel: two 512-bit FMA ports) the 16-lane union stays.
+// halves), an 8-lane FMA costs half a 16-lane one, so the last 8 or fewer filters (c_out = 40: 32 + 8)
+// run as an 8-lane block instead of a half-empty 16-lane one. Two leftovers of 8 still share a
+// 16-lane block: its broadcasts serve 16 lanes, and it measured as fast as the two 8-lane blocks
+// even when it computes the union of two masks' taps. Elsewhere (Intel: two 512-bit FMA ports) 16.
 bool cpu_prefers_8_lanes() { return cpu_features().avx512vl && cpu_features().amd; }
 
 bool cpu_avx512() {
@@ -166,8 +168,12 @@ __attribute__((target("avx512f,fma"))) void tile_avx512(const NhwcCall& a, const
   if (blk.contiguous) {  // consecutive output channels: the epilogue on vectors, straight from registers
     const int32_t c0 = blk.filters[0];
     __m512 bias[NV];
+    __mmask16 live[NV];  // lanes past nfilt (a partial block) are neither read nor written
 #pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) bias[v] = a.bias ? _mm512_loadu_ps(a.bias + c0 + 16 * v) : _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) {
+      live[v] = __mmask16((1u << std::max(0, std::min(16, blk.nfilt - 16 * v))) - 1u);
+      bias[v] = a.bias ? _mm512_maskz_loadu_ps(live[v], a.bias + c0 + 16 * v) : _mm512_setzero_ps();
+    }
     const __m512 zero = _mm512_setzero_ps(), hi = _mm512_set1_ps(a.hi);
     const bool clamp = a.hi < std::numeric_limits<float>::infinity();
 #pragma GCC unroll 16
@@ -176,10 +182,10 @@ __attribute__((target("avx512f,fma"))) void tile_avx512(const NhwcCall& a, const
 #pragma GCC unroll 2
       for (int v = 0; v < NV; ++v) {
         __m512 o = _mm512_add_ps(acc[i][v], bias[v]);
-        if (a.residual) o = _mm512_add_ps(o, _mm512_loadu_ps(a.residual + at + 16 * v));
+        if (a.residual) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(live[v], a.residual + at + 16 * v));
         if (a.relu) o = _mm512_max_ps(zero, o);  // max_ps returns its 2nd operand on NaN: NaN stays
         if (clamp) o = _mm512_min_ps(hi, o);
-        _mm512_storeu_ps(a.out + at + 16 * v, o);
+        _mm512_mask_storeu_ps(a.out + at + 16 * v, live[v], o);
       }
     }
     return;
@@ -233,17 +239,18 @@ __attribute__((target("avx512f,avx512vl,fma"))) void tile_avx512_8(const NhwcCal
   }
   if (blk.contiguous) {
     const int32_t c0 = blk.filters[0];
-    const __m256 bias = a.bias ? _mm256_loadu_ps(a.bias + c0) : _mm256_setzero_ps();
+    const __mmask8 live = __mmask8((1u << std::min(8, blk.nfilt)) - 1u);
+    const __m256 bias = a.bias ? _mm256_maskz_loadu_ps(live, a.bias + c0) : _mm256_setzero_ps();
     const __m256 zero = _mm256_setzero_ps(), hi = _mm256_set1_ps(a.hi);
     const bool clamp = a.hi < std::numeric_limits<float>::infinity();
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const int64_t at = (oy * a.ow + ox0 + i) * a.c_out + c0;
       __m256 o = _mm256_add_ps(acc[i], bias);
-      if (a.residual) o = _mm256_add_ps(o, _mm256_loadu_ps(a.residual + at));
+      if (a.residual) o = _mm256_add_ps(o, _mm256_maskz_loadu_ps(live, a.residual + at));
       if (a.relu) o = _mm256_max_ps(zero, o);  // NaN stays (max_ps returns its 2nd operand on NaN)
       if (clamp) o = _mm256_min_ps(hi, o);
-      _mm256_storeu_ps(a.out + at, o);
+      _mm256_mask_storeu_ps(a.out + at, live, o);
     }
     return;
   }
@@ -261,6 +268,50 @@ __attribute__((target("avx512f,avx512vl,fma"))) void tile_avx512_8(const NhwcCal
     if (a.relu) o = _mm256_max_ps(zero, o);
     if (clamp) o = _mm256_min_ps(hi, o);
     _mm256_mask_i32scatter_ps(a.out + at, live, idx, o, 4);
+  }
+}
+
+// The epilogue of a conv whose blocks are not on consecutive channels, for output pixels [p0, p1): the
+// tiles stored every block's raw sums as vectors in tmp (vl lanes per pixel, block after block); each
+// 16 output channels gather their lanes (pos[c]: lane of channel c, -1 for an empty filter: 0) and
+// get bias, residual and activation on vectors. Cheaper than scattering each block's lanes (and
+// gathering its residual) from the tiles: 16-channel layers spent a third of their time there.
+__attribute__((target("avx512f"))) void gather_epilogue(const NhwcCall& a, const float* tmp, int64_t vl,
+                                                        const int32_t* pos, int64_t p0, int64_t p1) {
+  const __m512 zero = _mm512_setzero_ps(), hi = _mm512_set1_ps(a.hi);
+  const __m512i none = _mm512_set1_epi32(-1);
+  const bool clamp = a.hi < std::numeric_limits<float>::infinity();
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* src = tmp + p * vl;
+    float* o = a.out + p * a.c_out;
+    const float* r = a.residual ? a.residual + p * a.c_out : nullptr;
+    // up to 64 lanes: the pixel's sums in registers, channels picked by two-source permutes (a
+    // gather from L1 costs several times more on Zen 4); wider: gathers
+    __m512 t[4];
+    if (vl <= 64)
+      for (int k = 0; k < 4; ++k)
+        t[k] = _mm512_maskz_loadu_ps(__mmask16((1u << std::max<int64_t>(0, std::min<int64_t>(16, vl - 16 * k))) - 1u),
+                                     src + 16 * k);
+    for (int64_t c0 = 0; c0 < a.c_out; c0 += 16) {
+      const __mmask16 live = __mmask16((1u << std::min<int64_t>(16, a.c_out - c0)) - 1u);
+      const __m512i idx = _mm512_loadu_si512(pos + c0);  // (pos is padded to whole vectors with -1)
+      const __mmask16 kept = _mm512_mask_cmpgt_epi32_mask(live, idx, none);
+      __m512 v;
+      if (vl <= 32) {
+        v = _mm512_maskz_permutex2var_ps(kept, t[0], idx, t[1]);
+      } else if (vl <= 64) {
+        const __mmask16 upper = _mm512_mask_cmpgt_epi32_mask(kept, idx, _mm512_set1_epi32(31));
+        v = _mm512_maskz_permutex2var_ps(kept, t[0], idx, t[1]);  // (uses the index's low 5 bits)
+        v = _mm512_mask_mov_ps(v, upper, _mm512_permutex2var_ps(t[2], idx, t[3]));
+      } else {
+        v = _mm512_mask_i32gather_ps(zero, kept, idx, src, 4);
+      }
+      if (a.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(live, a.bias + c0));
+      if (r) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(live, r + c0));
+      if (a.relu) v = _mm512_max_ps(zero, v);  // NaN stays
+      if (clamp) v = _mm512_min_ps(hi, v);
+      _mm512_mask_storeu_ps(o + c0, live, v);
+    }
   }
 }
 
@@ -293,8 +344,7 @@ class PackedPatternConvNhwc {
   PackedPatternConvNhwc(const float* weight, const uint8_t* tap_mask, int64_t c_out, int64_t c_in, int64_t kh,
                         int64_t kw)
       : c_out_(c_out), c_in_(c_in), kh_(kh), kw_(kw), avx512_(cpu_avx512()) {
-    static const bool kEight = cpu_prefers_8_lanes();
-    const bool eight = avx512_ && kEight;
+    const bool eight = avx512_ && cpu_prefers_8_lanes();
     if (c_out < 1 || c_in < 1 || kh < 1 || kw < 1 || kh * kw > 64)
       throw std::invalid_argument("PackedPatternConvNhwc: bad sizes (kh * kw must be <= 64)");
     const int64_t taps = kh * kw;
@@ -319,20 +369,23 @@ class PackedPatternConvNhwc {
         add_block(g.first, g.second.data() + i, 16, 1);
         i += 16;
       }
-      if (eight && i + 8 <= g.second.size()) {
-        add_block(g.first, g.second.data() + i, 8, 0);
-        i += 8;
-      }
       if (i < g.second.size()) rest.push_back({g.first, std::vector<int32_t>(g.second.begin() + long(i), g.second.end())});
     }
-    // Leftovers (< 16 filters per mask, < 8 with 8-lane blocks) share 16-filter (8-filter) blocks
-    // computing the union of their taps:
+    // Leftovers (< 16 filters per mask) share 16-filter blocks computing the union of their taps:
     // greedily, each block starts from the largest leftover and takes the masks adding fewest taps.
+    // The last 8 or fewer run as an 8-lane block where those are cheaper (measured on Zen 4: two 8-lane
+    // blocks cost as much as one 16-lane block of the union of their taps, so leftovers pair up).
     while (!rest.empty()) {
-      std::sort(rest.begin(), rest.end(), [](const auto& x, const auto& y) { return x.second.size() > y.second.size(); });
+      // (largest first, ties by first filter: a conv whose filters were put in filter_order() forms the
+      // same blocks again, each on consecutive channels)
+      std::stable_sort(rest.begin(), rest.end(), [](const auto& x, const auto& y) {
+        return x.second.size() != y.second.size() ? x.second.size() > y.second.size() : x.second[0] < y.second[0];
+      });
       uint64_t uni = 0;
       std::vector<int32_t> lanes_f;
-      const size_t width = eight ? 8 : 16;
+      size_t left = 0;
+      for (const auto& g : rest) left += g.second.size();
+      const size_t width = eight && left <= 8 ? 8 : 16;
       while (lanes_f.size() < width && !rest.empty()) {
         size_t best = 0;
         int best_new = 1 << 30;
@@ -370,6 +423,20 @@ class PackedPatternConvNhwc {
             packed_[blk.w_offset + (int64_t(t) * c_in + c) * L + j] = weight[(int64_t(f) * c_in + c) * taps + blk.taps[t]];
         }
     }
+    // Blocks off consecutive channels: the same blocks writing raw sums to consecutive lanes of a
+    // scratch image, and the lane of every output channel for the gathering epilogue.
+    gathered_ = std::any_of(blocks_.begin(), blocks_.end(), [](const NhwcBlock& b) { return !b.contiguous; });
+    if (gathered_) {
+      vpos_.assign(size_t((c_out + 15) / 16 * 16), -1);
+      for (NhwcBlock blk : blocks_) {
+        for (int32_t j = 0; j < blk.nfilt; ++j) vpos_[size_t(blk.filters[j])] = int32_t(vlanes_ + j);
+        for (int32_t j = 0; j < lanes(blk); ++j) blk.filters[j] = int32_t(vlanes_ + j);
+        blk.nfilt = lanes(blk);
+        blk.contiguous = true;
+        vlanes_ += lanes(blk);
+        vblocks_.push_back(blk);
+      }
+    }
   }
 
   // x: (n, h, w, c_in) contiguous; out: (n, oh, ow, c_out) contiguous; residual like out or null.
@@ -391,7 +458,12 @@ class PackedPatternConvNhwc {
     const int threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, macs / 200000)));
     static thread_local std::unique_ptr<float[], FreeDeleter> pad_buf;
     static thread_local size_t pad_cap = 0;
-    const size_t pad_floats = size_t(Hp * Wp * C + 16);
+    const size_t pad_floats = size_t(Hp * Wp * C + 31) / 16 * 16;
+    // Blocks off consecutive channels (AVX-512): raw sums into a scratch image after the padded copy,
+    // then the gathering epilogue.
+    const bool gather = gathered_ && use_avx512;
+    const size_t scratch_floats = pad_floats + (gather ? size_t(oh * ow * vlanes_) : 0);
+    const std::vector<NhwcBlock>& run_blocks = gather ? vblocks_ : blocks_;
     // One image: its zero-padded copy, the empty filters, the blocks x rows; called inside a parallel
     // region, whose threads share the three loops.
     // Without padding (1x1 convs, linear layers, unpadded convs) the tiles read the image in place.
@@ -401,6 +473,10 @@ class PackedPatternConvNhwc {
       float* oi = out + img * oh * ow * c_out_;
       const float* ri = residual ? residual + img * oh * ow * c_out_ : nullptr;
       NhwcCall a{in_place ? xi : xpad, Wp, C, oh, ow, sh, sw, dh, dw, kw_, oi, c_out_, bias, ri, relu, clamp_max};
+      float* tmp = xpad + pad_floats;
+      NhwcCall raw{a.xpad, Wp, C, oh, ow, sh, sw, dh, dw, kw_, tmp, vlanes_, nullptr, nullptr, false,
+                   std::numeric_limits<float>::infinity()};
+      const NhwcCall& tile_call = gather ? raw : a;
 #pragma omp for schedule(static)
       for (int64_t y = 0; y < (nb && !in_place ? Hp : 0); ++y) {  // (nothing to copy in place / all empty)
         float* dst = xpad + y * Wp * C;
@@ -414,7 +490,9 @@ class PackedPatternConvNhwc {
         std::memset(dst + (pw + w) * C, 0, size_t((Wp - pw - w) * C) * sizeof(float));
       }
       // Empty filters: bias (and the epilogue) only, a constant per filter without a residual.
-      if (ri == nullptr && !empty_.empty()) {
+      if (gather) {
+        // (empty filters: the gathering epilogue's lanes of -1)
+      } else if (ri == nullptr && !empty_.empty()) {
         std::vector<float> value(empty_.size());
         for (size_t k = 0; k < empty_.size(); ++k) value[k] = epilogue(0.0f, a, 0, empty_[k]);
 #pragma omp for schedule(static)
@@ -430,20 +508,26 @@ class PackedPatternConvNhwc {
 #pragma omp for collapse(2) schedule(static)
       for (int64_t b = 0; b < nb; ++b)
         for (int64_t oy = 0; oy < oh; ++oy) {
-          const NhwcBlock& blk = blocks_[size_t(b)];
+          const NhwcBlock& blk = run_blocks[size_t(b)];
           const float* wb = packed_.get() + blk.w_offset;
           int64_t ox0 = 0;
 #if defined(__x86_64__) && defined(__GNUC__)
           if (use_avx512) {
             const int64_t mr = pick_mr(ow, blk.nv);
             const TileFn* tiles = blk.nv ? kAvx512Tiles[blk.nv - 1] : kAvx512Tiles8;
-            for (; ox0 + mr <= ow; ox0 += mr) tiles[mr](a, blk, wb, oy, ox0);
-            if (ox0 < ow) tiles[ow - ox0](a, blk, wb, oy, ox0);
+            for (; ox0 + mr <= ow; ox0 += mr) tiles[mr](tile_call, blk, wb, oy, ox0);
+            if (ox0 < ow) tiles[ow - ox0](tile_call, blk, wb, oy, ox0);
             continue;
           }
 #endif
           for (; ox0 < ow; ox0 += kMaxMR) tile_generic(a, blk, wb, oy, ox0, std::min<int64_t>(kMaxMR, ow - ox0));
         }
+#if defined(__x86_64__) && defined(__GNUC__)
+      if (gather) {
+#pragma omp for schedule(static)
+        for (int64_t oy = 0; oy < oh; ++oy) gather_epilogue(a, tmp, vlanes_, vpos_.data(), oy * ow, (oy + 1) * ow);
+      }
+#endif
     };
     // A batch of at least one image per thread (and evenly split, or many): each thread runs whole
     // images with its own padded buffer, no barrier between the loops of an image. Small layers of a
@@ -451,13 +535,13 @@ class PackedPatternConvNhwc {
     if (threads > 1 && n >= threads && (n % threads == 0 || n >= 4 * threads)) {
 #pragma omp parallel for schedule(static) num_threads(threads)
       for (int64_t img = 0; img < n; ++img) {
-        float* xpad = aligned_scratch(pad_buf, pad_cap, pad_floats);
+        float* xpad = aligned_scratch(pad_buf, pad_cap, scratch_floats);
 #pragma omp parallel num_threads(1)
         run_image(img, xpad);
       }
       return;
     }
-    float* xpad = aligned_scratch(pad_buf, pad_cap, pad_floats);
+    float* xpad = aligned_scratch(pad_buf, pad_cap, scratch_floats);
     for (int64_t img = 0; img < n; ++img) {
 #pragma omp parallel num_threads(threads)
       run_image(img, xpad);
@@ -465,6 +549,19 @@ class PackedPatternConvNhwc {
   }
 
   int64_t num_blocks() const { return int64_t(blocks_.size()); }
+  // Blocks whose filters are consecutive output channels (their epilogue stores vectors, no scatter).
+  int64_t contiguous_blocks() const {
+    return std::count_if(blocks_.begin(), blocks_.end(), [](const NhwcBlock& b) { return b.contiguous; });
+  }
+  // Every filter once, block by block (each block's filters in lane order), the empty filters last: a
+  // conv whose filters are permuted into this order has every block on consecutive channels.
+  std::vector<int32_t> filter_order() const {
+    std::vector<int32_t> order;
+    order.reserve(size_t(c_out_));
+    for (const NhwcBlock& b : blocks_) order.insert(order.end(), b.filters, b.filters + b.nfilt);
+    order.insert(order.end(), empty_.begin(), empty_.end());
+    return order;
+  }
   // Multiply-adds per output pixel actually executed (union taps x 32 lanes per block).
   int64_t executed_macs_per_pixel() const {
     int64_t s = 0;
@@ -489,7 +586,7 @@ class PackedPatternConvNhwc {
     for (int32_t j = 0; j < lanes(blk); ++j) blk.filters[j] = filters[j < nfilt ? j : 0];
     for (int64_t t = 0; t < kh_ * kw_; ++t)
       if (taps_bits >> t & 1) blk.taps.push_back(int32_t(t));
-    blk.contiguous = nfilt == lanes(blk);
+    blk.contiguous = true;  // (a partial block stores its live lanes with a mask)
     for (int32_t j = 1; j < nfilt && blk.contiguous; ++j) blk.contiguous = filters[j] == filters[0] + j;
     blocks_.push_back(blk);
   }
@@ -497,6 +594,10 @@ class PackedPatternConvNhwc {
   int64_t c_out_, c_in_, kh_, kw_;
   bool avx512_;
   std::vector<NhwcBlock> blocks_;
+  bool gathered_ = false;          // some block is not on consecutive channels
+  std::vector<NhwcBlock> vblocks_;  // blocks_ writing lanes vlanes_-wide pixels of a scratch image
+  int64_t vlanes_ = 0;
+  std::vector<int32_t> vpos_;       // lane of each output channel (-1: empty filter), padded to 16
   std::vector<int32_t> empty_;
   std::unique_ptr<float[], FreeDeleter> packed_;
 };
@@ -536,6 +637,9 @@ void register_pattern_conv_nhwc(pybind11::module_& m) {
           py::arg("force_generic") = false, py::call_guard<py::gil_scoped_release>(),
           "out = conv(x) + bias (+ residual) (ReLU), all (N, H, W, C) contiguous")
       .def_property_readonly("num_blocks", &PackedPatternConvNhwc::num_blocks)
+      .def_property_readonly("contiguous_blocks", &PackedPatternConvNhwc::contiguous_blocks)
+      .def_property_readonly("filter_order", &PackedPatternConvNhwc::filter_order,
+                             "every filter once, block by block, empty filters last")
       .def_property_readonly("executed_macs_per_pixel", &PackedPatternConvNhwc::executed_macs_per_pixel);
 }
 

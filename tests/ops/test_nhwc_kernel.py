@@ -26,6 +26,9 @@ CASES = [
     (5, 16, 40, 12, 12, 3, 2, 1, 1, "empty_some"),  # 2 threads, 5 images: threads share each image
     (2, 12, 24, 9, 17, 3, 1, 1, 1, "full"),      # 16 + 8 consecutive filters (an 8-lane block on AMD)
     (1, 10, 8, 11, 6, 3, 1, 1, 1, "full"),
+    (2, 6, 17, 7, 9, 3, 1, 1, 1, "full"),       # 16 + 1 consecutive filters: a masked partial block
+    (2, 9, 16, 8, 8, 3, 1, 1, 1, "paper6"),     # scattered blocks of 16 lanes: the permute epilogue
+    (1, 11, 56, 6, 6, 3, 1, 1, 1, "empty_some"),  # 33-64 lanes: the two-permute epilogue
 ]
 
 
@@ -81,3 +84,42 @@ def test_nhwc_layer_and_nan_semantics():
     for out in (a, b):
         assert torch.equal(out.isnan(), ref.isnan())
         torch.testing.assert_close(out.nan_to_num(), ref.nan_to_num(), atol=1e-5, rtol=1e-5)
+
+
+def _packed(w, m):
+    from autosculpt import _C
+
+    w, m = w.contiguous(), m.to(torch.uint8).reshape(m.shape[0], -1).contiguous()
+    return _C.PackedPatternConvNhwc(w.data_ptr(), m.data_ptr(), *w.shape), (w, m)
+
+
+def _run_packed(conv, x, b, residual):
+    n, c_in, h, w = x.shape
+    xh = x.permute(0, 2, 3, 1).contiguous()
+    out = torch.full((n, h, w, b.numel()), float("nan"))
+    rh = residual.permute(0, 2, 3, 1).contiguous() if residual is not None else None  # alive during the call
+    conv.forward(xh.data_ptr(), b.data_ptr(), out.data_ptr(), n, h, w, 1, 1, 1, 1, 1, 1, 1,
+                 rh.data_ptr() if rh is not None else 0, True)
+    return out.permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("c_out", [16, 40, 70, 130])
+def test_filter_order_puts_every_block_on_consecutive_channels(c_out):
+    """Permuting a conv's filters into ``filter_order`` gives the same blocks on consecutive output
+    channels (vector stores), and the permuted conv computes the permuted output."""
+    torch.manual_seed(c_out)
+    c_in = 12
+    wt, b = torch.randn(c_out, c_in, 3, 3), torch.randn(c_out)
+    m = PAPER6.masks[torch.randint(0, 6, (c_out,))]
+    conv, keep = _packed(wt, m)
+    order = torch.tensor(conv.filter_order, dtype=torch.long)
+    assert sorted(order.tolist()) == list(range(c_out))
+    assert conv.contiguous_blocks < conv.num_blocks  # random masks: scattered blocks
+    perm, keep2 = _packed(wt[order], m[order])
+    assert perm.num_blocks == conv.num_blocks and perm.contiguous_blocks == perm.num_blocks
+    x, res = torch.randn(2, c_in, 7, 5), torch.randn(2, c_out, 7, 5)
+    ref = torch.relu(F.conv2d(x.double(), wt.double() * m[:, None], b.double(), padding=1) + res.double())
+    got = _run_packed(conv, x, b, res)
+    got_perm = _run_packed(perm, x, b[order], res[:, order])
+    torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_perm.double(), ref[:, order], atol=1e-4, rtol=1e-4)
