@@ -45,6 +45,7 @@ _RELU = {F.relu, torch.relu, torch.relu_}
 _INF = float("inf")
 _ADD = {operator.add, operator.iadd, torch.add}
 _FLATTEN_FN = {torch.flatten}
+_WEIGHTS_PER_IMAGE = 64  # see conv_step: weights (floats) per image's input + output floats run image by image
 
 
 def _pair(v) -> Tuple[int, int]:
@@ -194,10 +195,14 @@ class GraphExecutorModel(nn.Module):
             keep.extend([packed, weight, mask, bias])
             out = new_value(node)
             n, c, h, w = geometry or (src.shape[0], src.shape[1], src.shape[2], src.shape[3])
+            # image by image (see _assign_buffers) unless its weights outweigh an image's activations
+            # many times over (classifiers; VGG's 512-channel convs on 2x2 maps): then the batch at once
+            per_image = geometry is None and packed.executed_macs_per_pixel <= _WEIGHTS_PER_IMAGE * (
+                (storages[src.storage] + storages[out.storage]) // x.shape[0])
             steps.append({"op": "conv", "in": src.storage, "res": None if residual is None else residual.storage,
                           "out": out.storage, "packed": packed, "geom": (n, h, w, c), "stride": stride,
                           "padding": padding, "dilation": dilation, "bias": bias, "relu": relu,
-                          "hi": _INF, "check": not bool(mask.all())})
+                          "hi": _INF, "check": not bool(mask.all()), "per_image": per_image})
 
         free = _free_order_convs(gm, modules)
         order: Dict[torch.fx.Node, Optional[torch.Tensor]] = {}  # stored channel j = logical channel order[j]
@@ -388,8 +393,8 @@ class GraphExecutorModel(nn.Module):
         input_storage = values[next(n for n in gm.graph.nodes if n.op == "placeholder")].storage
         if out_value.storage == input_storage:
             raise UnsupportedGraph("graph executor: the model returns its input")
-        buffer_of, sizes = _assign_buffers(steps, storages, input_storage, out_value.storage)
-        executor = ext.GraphExecutor(sizes)
+        buffer_of, sizes, private = _assign_buffers(steps, storages, input_storage, out_value.storage, int(x.shape[0]))
+        executor = ext.GraphExecutor(sizes, int(x.shape[0]), private)
         for s in steps:
             _emit(executor, s, buffer_of)
         self._step_names[tuple(x.shape)] = [s["name"] for s in steps]
@@ -536,38 +541,80 @@ def modules_param(gm: torch.fx.GraphModule, node) -> torch.Tensor:
     return obj
 
 
-def _assign_buffers(steps: List[dict], storages: List[int], input_storage: int, output_storage: int):
-    """Buffer ids (0: the caller's input, 1: its output, 2...: owned) per storage, reusing a buffer once
-    every step reading its storage has run, and the size in floats of each buffer."""
-    last_use: Dict[int, int] = {}
+def _assign_buffers(steps: List[dict], storages: List[int], input_storage: int, output_storage: int,
+                    batch: int = 1):
+    """Buffers for the storages: ``(buffer id per storage, floats of each shared buffer, floats of each
+    private buffer)``.
+
+    The executor runs each maximal run of per-image steps (a *segment*) image by image, so that an
+    image's activations stay in cache from layer to layer (threads take whole images). A storage made
+    and used up inside one segment needs one image's worth, private to the thread running the image:
+    a private buffer (ids after the shared ones), reused once every step of the segment reading it has
+    run (per image, steps run in order). Every other storage (the input, the output, values crossing
+    segments) holds the whole batch in a shared buffer (ids 0: the caller's input, 1: its output,
+    2...: owned), reused only after the last segment reading it is complete: while one image runs a
+    segment's later steps, another may still be reading its earlier values."""
+    seg: List[int] = []
+    for i, s in enumerate(steps):
+        seg.append(seg[-1] if i and s.get("per_image", True) and steps[i - 1].get("per_image", True) else len(set(seg)))
+    producer: Dict[int, int] = {s["out"]: i for i, s in enumerate(steps)}
+    readers: Dict[int, List[int]] = {}
     for i, s in enumerate(steps):
         for key in ("in", "in2", "res"):
             if s.get(key) is not None:
-                last_use[s[key]] = i
-    buffer_of = {input_storage: 0, output_storage: 1}
+                readers.setdefault(s[key], []).append(i)
+    fixed = {input_storage: 0, output_storage: 1}
+
+    def private_ok(st: int) -> bool:
+        i = producer[st]
+        return (st not in fixed and steps[i].get("per_image", True)
+                and all(seg[r] == seg[i] for r in readers.get(st, [])))
+
+    buffer_of = dict(fixed)
+    # shared: live from the producer's segment to the last reader's, freed when that segment is done
     sizes = [0, 0]
     free: List[int] = []
+    last_seg = {st: max([seg[r] for r in readers.get(st, [])] + [seg[producer[st]]]) for st in producer}
+    release: Dict[int, List[int]] = {}
+    # private: per segment, live from the producer step to the last reader step
+    psizes: List[int] = []
+    pfree: List[int] = []
+    last_step = {st: max(readers.get(st, [producer[st]])) for st in producer}
+
+    def take(pool: List[int], sz: List[int], need: int) -> int:
+        fits = [b for b in pool if sz[b] >= need]
+        if fits:
+            b = min(fits, key=lambda k: sz[k])
+        elif pool:
+            b = max(pool, key=lambda k: sz[k])
+            sz[b] = need
+        else:
+            sz.append(need)
+            return len(sz) - 1
+        pool.remove(b)
+        return b
+
+    private_of: Dict[int, int] = {}
     for i, s in enumerate(steps):
+        if i and seg[i] != seg[i - 1]:  # a new segment: earlier segments' dead shared values are free
+            for b in release.pop(seg[i - 1], []):
+                free.append(b)
+            pfree = list(range(len(psizes)))
         st = s["out"]
-        if st not in buffer_of:
-            need = storages[st]
-            fits = [b for b in free if sizes[b] >= need]
-            if fits:
-                b = min(fits, key=lambda k: sizes[k])
-            elif free:
-                b = max(free, key=lambda k: sizes[k])
-                sizes[b] = need
+        if st not in buffer_of and st not in private_of:
+            if private_ok(st):
+                private_of[st] = take(pfree, psizes, max(1, storages[st] // batch))
             else:
-                sizes.append(need)
-                b = len(sizes) - 1
-            if b in free:
-                free.remove(b)
-            buffer_of[st] = b
+                buffer_of[st] = take(free, sizes, storages[st])
+                release.setdefault(last_seg[st], []).append(buffer_of[st])
         for key in ("in", "in2", "res"):
             src = s.get(key)
-            if src is not None and last_use.get(src) == i and buffer_of[src] >= 2 and buffer_of[src] not in free:
-                free.append(buffer_of[src])
-    return buffer_of, [int(max(1, v)) for v in sizes]
+            if src is not None and src in private_of and last_step[src] == i and private_of[src] not in pfree:
+                pfree.append(private_of[src])
+    n_shared = len(sizes)
+    for st, b in private_of.items():
+        buffer_of[st] = n_shared + b
+    return buffer_of, [int(max(1, v)) for v in sizes], [int(max(1, v)) for v in psizes]
 
 
 def _emit(executor, s: dict, buffer_of: Dict[int, int]) -> None:
@@ -577,7 +624,7 @@ def _emit(executor, s: dict, buffer_of: Dict[int, int]) -> None:
         res = -1 if s["res"] is None else buffer_of[s["res"]]
         bias = s["bias"].data_ptr() if s["bias"] is not None else 0
         executor.add_conv(s["packed"], buffer_of[s["in"]], res, buffer_of[s["out"]], n, h, w, c, *s["stride"],
-                          *s["padding"], *s["dilation"], bias, s["relu"], s["hi"], s["check"])
+                          *s["padding"], *s["dilation"], bias, s["relu"], s["hi"], s["check"], s["per_image"])
     elif op == "depthwise":
         n, c, h, w = s["geom"]
         bias = s["bias"].data_ptr() if s["bias"] is not None else 0

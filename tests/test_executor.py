@@ -262,3 +262,32 @@ def test_block_channel_order_only_where_every_reader_can_follow():
     ex = executor_for(model.eval(), x)
     assert ex.reordered_layers == ["a"]  # through ReLU, max-pool and the depthwise conv into b and c
     check(model, x)
+
+
+@pytest.mark.parametrize("name,batch", [("vgg16", 4), ("mobilenetv2", 6), ("resnet20", 9)])
+def test_batches_run_image_by_image_on_two_threads(name, batch):
+    """Batches run image by image through each run of per-image steps (a thread per image with 2
+    threads; values inside a run in thread-private buffers), and convs with large weights per image
+    (VGG-16's 512-channel convs on 2x2 maps) and the classifier on the whole batch between them: the
+    result equals eager with 1 and 2 threads, and a non-finite value in one image still gives the
+    reference's output."""
+    torch.manual_seed(12)
+    dense = randomize_bn(get_model(name, num_classes=10).eval())
+    model = asc.sparsify(dense, uniform_plan(dense, PAPER6, 0.5)).eval()
+    x = torch.randn(batch, 3, 32, 32)
+    ex = executor_for(model, x)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            with torch.no_grad():
+                ref = model(x)
+                torch.testing.assert_close(ex(x), ref, atol=1e-4 * max(1.0, float(ref.abs().max())), rtol=1e-4)
+        bad = x.clone()
+        bad[batch - 1, 0, 5, 5] = float("inf")
+        with torch.no_grad():
+            ref, out = model(bad), ex(bad)
+        assert torch.equal(out.isnan(), ref.isnan())
+        torch.testing.assert_close(out.nan_to_num(), ref.nan_to_num(), atol=1e-3, rtol=1e-3)
+    finally:
+        torch.set_num_threads(threads)

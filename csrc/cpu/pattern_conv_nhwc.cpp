@@ -548,6 +548,7 @@ class PackedPatternConvNhwc {
     }
   }
 
+  NhwcConvShape shape() const { return {c_out_, kh_, kw_}; }
   int64_t num_blocks() const { return int64_t(blocks_.size()); }
   // Blocks whose filters are consecutive output channels (their epilogue stores vectors, no scatter).
   int64_t contiguous_blocks() const {
@@ -611,6 +612,8 @@ void nhwc_conv_forward(const PackedPatternConvNhwc& conv, const float* x, const 
                        int threads, const float* residual, bool relu, float clamp_max) {
   conv.forward(x, bias, out, n, h, w, sh, sw, ph, pw, dh, dw, threads, residual, relu, false, clamp_max);
 }
+
+NhwcConvShape nhwc_conv_shape(const PackedPatternConvNhwc& conv) { return conv.shape(); }
 
 void register_pattern_conv_nhwc(pybind11::module_& m) {
   namespace py = pybind11;

@@ -18,4 +18,10 @@ void nhwc_conv_forward(const PackedPatternConvNhwc& conv, const float* x, const 
                        int64_t h, int64_t w, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
                        int threads, const float* residual, bool relu, float clamp_max);
 
+// Output channels and kernel size of a conv (the graph executor's per-image strides).
+struct NhwcConvShape {
+  int64_t c_out, kh, kw;
+};
+NhwcConvShape nhwc_conv_shape(const PackedPatternConvNhwc& conv);
+
 }  // namespace autosculpt
