@@ -291,3 +291,16 @@ def test_batches_run_image_by_image_on_two_threads(name, batch):
         torch.testing.assert_close(out.nan_to_num(), ref.nan_to_num(), atol=1e-3, rtol=1e-3)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 5, 8, 9, 17, 26])
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 1), (1, 0), (2, 0)])
+def test_depthwise_3x3_every_width_equals_eager(width, stride, padding):
+    """3x3 depthwise convs run their inner columns through a constant-shape tile and the border ones
+    through the general tile: every width, stride and padding matches eager (channels not a multiple of
+    16: masked lanes)."""
+    if width + 2 * padding < 3:
+        pytest.skip("no output column")
+    torch.manual_seed(width * 10 + stride)
+    model = nn.Sequential(nn.Conv2d(21, 21, 3, stride=stride, padding=padding, groups=21), nn.ReLU6()).eval()
+    check(model, torch.randn(2, 21, 7, width))

@@ -148,6 +148,47 @@ __attribute__((target("avx512f"))) void depthwise_tile(const Step& s, const floa
   }
 }
 
+// 3-wide depthwise tile inside the image's columns (every tap of the MR pixels in bounds; rows out of
+// the image skipped): the kernel width and stride are constants, so the MR * 3 loads of a row collapse
+// to the (MR - 1) * SW + 3 distinct ones, and no bounds test runs per pixel.
+template <int MR, int SW>
+__attribute__((target("avx512f"))) void depthwise3_inner(const Step& s, const float* x, float* out, int64_t img,
+                                                         int64_t oy, int64_t ox0, int64_t c0) {
+  const int64_t C = s.c;
+  const __mmask16 m = C - c0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (C - c0)) - 1u);
+  const __m512 b = s.bias ? _mm512_maskz_loadu_ps(m, s.bias + c0) : _mm512_setzero_ps();
+  __m512 acc[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) acc[i] = b;
+  const int64_t x0 = ox0 * SW - s.pw;
+  for (int64_t r = 0; r < s.kh; ++r) {
+    const int64_t y = oy * s.sh - s.ph + r * s.dh;
+    if (y < 0 || y >= s.h) continue;
+    const float* xrow = x + ((img * s.h + y) * s.w + x0) * C + c0;
+    const __m512 w0 = _mm512_maskz_loadu_ps(m, s.dw_weight + (r * 3 + 0) * C + c0);
+    const __m512 w1 = _mm512_maskz_loadu_ps(m, s.dw_weight + (r * 3 + 1) * C + c0);
+    const __m512 w2 = _mm512_maskz_loadu_ps(m, s.dw_weight + (r * 3 + 2) * C + c0);
+    __m512 col[(MR - 1) * SW + 3];
+#pragma GCC unroll 32
+    for (int k = 0; k < (MR - 1) * SW + 3; ++k) col[k] = _mm512_maskz_loadu_ps(m, xrow + k * C);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      acc[i] = _mm512_fmadd_ps(col[i * SW], w0, acc[i]);
+      acc[i] = _mm512_fmadd_ps(col[i * SW + 1], w1, acc[i]);
+      acc[i] = _mm512_fmadd_ps(col[i * SW + 2], w2, acc[i]);
+    }
+  }
+  const __m512 zero = _mm512_setzero_ps(), hi = _mm512_set1_ps(s.hi);
+  const bool clamp = s.hi < std::numeric_limits<float>::infinity();
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    __m512 v = acc[i];
+    if (s.relu) v = _mm512_max_ps(zero, v);
+    if (clamp) v = _mm512_min_ps(hi, v);
+    _mm512_mask_storeu_ps(out + (ox0 + i) * C + c0, m, v);
+  }
+}
+
 using DepthwiseTile = void (*)(const Step&, const float*, float*, int64_t, int64_t, int64_t, int64_t);
 const DepthwiseTile kDepthwiseTiles[9] = {nullptr,           &depthwise_tile<1>, &depthwise_tile<2>,
                                           &depthwise_tile<3>, &depthwise_tile<4>, &depthwise_tile<5>,
@@ -167,10 +208,27 @@ void depthwise_nhwc(const Step& s, const float* x, float* out, int threads) {
     for (int64_t row = 0; row < rows; ++row) {
       const int64_t img = row / oh, oy = row % oh;
       float* orow = out + row * ow * s.c;
+      // 3-wide kernels, stride 1 or 2, dilation 1: the columns whose taps are all inside the image
+      // through the constant-shape tile (8 pixels at a time), the border ones through the general one
+      const bool three = s.kw == 3 && s.dw == 1 && (s.sw == 1 || s.sw == 2);
+      int64_t lo = ow, hi = ow;  // [lo, hi): interior output columns
+      if (three) {
+        lo = std::min<int64_t>(ow, (s.pw + s.sw - 1) / s.sw);
+        hi = s.w + s.pw < 3 ? lo : std::max<int64_t>(lo, std::min<int64_t>(ow, (s.w - 3 + s.pw) / s.sw + 1));
+      }
       for (int64_t c0 = 0; c0 < s.c; c0 += 16) {
         int64_t ox0 = 0;
-        for (; ox0 + 8 <= ow; ox0 += 8) kDepthwiseTiles[8](s, x, orow, img, oy, ox0, c0);
-        if (ox0 < ow) kDepthwiseTiles[ow - ox0](s, x, orow, img, oy, ox0, c0);
+        auto general = [&](int64_t end) {
+          for (; ox0 + 8 <= end; ox0 += 8) kDepthwiseTiles[8](s, x, orow, img, oy, ox0, c0);
+          if (ox0 < end) kDepthwiseTiles[end - ox0](s, x, orow, img, oy, ox0, c0);
+          ox0 = end;
+        };
+        general(lo);
+        if (three) {
+          for (; ox0 + 8 <= hi; ox0 += 8)
+            (s.sw == 1 ? &depthwise3_inner<8, 1> : &depthwise3_inner<8, 2>)(s, x, orow, img, oy, ox0, c0);
+        }
+        general(ow);
       }
     }
     return;
