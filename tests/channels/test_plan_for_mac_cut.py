@@ -55,6 +55,18 @@ def test_default_rounds_kept_counts_to_whole_vectors(models, name):
         plan_for_mac_cut(model, x, 2.0, multiple=0)
 
 
+def test_coarse_steps_mix_neighbouring_counts_to_land_on_the_cut(models):
+    """With 8-channel steps a single keep ratio jumps past a 3x cut on ResNet-20 (its 16-channel groups
+    keep 8 or 16); moving groups one step up or down lands within 3%, every count a multiple of 8."""
+    model, x = models["resnet20"]
+    single = plan_for_mac_cut(model, x, 3.0, multiple=8)
+    small = single.apply(model, x)
+    achieved = count_macs(model, x)["total"] / count_macs(small, x)["total"]
+    assert achieved == pytest.approx(3.0, rel=0.03)
+    assert all(len(v) % 8 == 0 for v in single.keep.values())
+    assert single.mac_cut == pytest.approx(achieved, rel=1e-9)
+
+
 def plan_within(model, x, step, cut=2.0):
     try:
         p = plan_for_mac_cut(model, x, cut, multiple=step)
