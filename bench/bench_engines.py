@@ -65,9 +65,14 @@ DENSE_PROVIDERS = ["eager"] + ENGINES + ["autosculpt dense"]
 CUTS = ["2", "3"]  # "N": patterns keeping 1/N of the 3×3 taps; "chN": channels, whole-model MACs ÷ N
 
 
+#: ``--plan MODEL:LABEL=FILE``: plan files (e.g. found by the search) timed as the cut "plan:LABEL"
+PLAN_FILES: Dict[tuple, Path] = {}
+
+
 def cut_kind(cut: str) -> str:
-    """``"patterns"`` or ``"channels"`` (a ``ch`` prefix)."""
-    return "channels" if str(cut).startswith("ch") else "patterns"
+    """``"patterns"``, ``"channels"`` (a ``ch`` prefix) or ``"search"`` (``plan:LABEL``, a plan file)."""
+    cut = str(cut)
+    return "search" if cut.startswith("plan:") else ("channels" if cut.startswith("ch") else "patterns")
 
 
 def cut_value(cut) -> float:
@@ -75,6 +80,8 @@ def cut_value(cut) -> float:
 
 
 def pruned_name(cut) -> str:
+    if cut_kind(cut) == "search":
+        return f"autosculpt plan {str(cut).removeprefix('plan:')}"
     return f"autosculpt {'channels ' if cut_kind(cut) == 'channels' else ''}{cut_value(cut):g}×"
 
 
@@ -107,14 +114,20 @@ def build_model(name: str) -> tuple:
     return model.eval(), res
 
 
-def make_pruned(model: nn.Module, x: torch.Tensor, cut) -> tuple:
+def make_pruned(model: nn.Module, x: torch.Tensor, cut, plan_file: Optional[Path] = None) -> tuple:
     """(pruned eval model, description). Patterns (``"N"``): a uniform PAPER6 plan keeping 1/N of the
     prunable 3×3 taps. Channels (``"chN"``): ``autosculpt.plan.plan_for_mac_cut`` (channel groups from
-    the fx graph, magnitude importance, uniform keep ratio) cutting the whole model's MACs by N."""
+    the fx graph, magnitude importance, uniform keep ratio) cutting the whole model's MACs by N.
+    ``"plan:LABEL"``: the plan in ``plan_file`` (JSON, e.g. the search's ``plan.json``)."""
     import autosculpt as asc
     import autosculpt.plan as asc_plan
     from autosculpt.patterns import PAPER6
 
+    if cut_kind(cut) == "search":
+        if plan_file is None:
+            raise ValueError(f"cut {cut!r}: no plan file for this model (--plan MODEL:LABEL=FILE)")
+        plan = json.loads(Path(plan_file).read_text())
+        return asc.sparsify(model, plan, example_input=x).eval(), f"plan file {Path(plan_file).name}"
     v = cut_value(cut)
     if cut_kind(cut) == "channels":
         plan = asc_plan.plan_for_mac_cut(model, x, v)
@@ -448,8 +461,10 @@ def prepare_model(name: str, batches, cuts, workdir: Path, log=print) -> tuple:
             prep["onnx"][b] = f"ONNX export: {str(exc)[:300]}"
             log(f"  {prep['onnx'][b]}")
     for cut in cuts:
+        if cut_kind(cut) == "search" and (name, str(cut)) not in PLAN_FILES:
+            continue  # a plan file given for other models only
         try:
-            pruned, how = make_pruned(model, x1, cut)
+            pruned, how = make_pruned(model, x1, cut, PLAN_FILES.get((name, str(cut))))
             prep["pruned"][cut] = pruned
             prep["plan_how"][cut] = how
             prep["pruned_macs"][cut] = float(count_macs(pruned, x1)["total"])
@@ -626,6 +641,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--cuts", type=_cut, nargs="+", default=CUTS,
                     help="pruned models: N = patterns keeping 1/N of the 3×3 taps, chN = channel pruning cutting "
                     "the whole model's MACs by N (default 2 3)")
+    ap.add_argument("--plan", action="append", default=[], metavar="MODEL:LABEL=FILE",
+                    help="also time MODEL pruned by the plan in FILE (JSON, e.g. a search's plan.json) as "
+                    "'autosculpt plan LABEL' (repeatable)")
     ap.add_argument("--quick", action="store_true", help="smoke test: resnet20, batch 1, 1 thread, 3 repeats")
     ap.add_argument("--out", type=Path, default=None, help="default bench/results/engines-cpu.md (.json beside it); "
                     "--quick: engines-cpu-quick.md in the temp folder")
@@ -643,13 +661,24 @@ def main(argv: Optional[List[str]] = None) -> int:
             ap.error(f"{flag}: expected positive integers")
     if args.repeats is not None and args.repeats < 1:
         ap.error("--repeats: expected >= 1")
+    cuts = list(args.cuts)
+    for spec in args.plan:
+        head, sep, file = spec.partition("=")
+        model_name, sep2, label = head.partition(":")
+        if not (sep and sep2 and label and file) or model_name not in MODELS:
+            ap.error(f"--plan: expected MODEL:LABEL=FILE with MODEL one of {MODELS}, got {spec!r}")
+        if not Path(file).is_file():
+            ap.error(f"--plan: {file!r} is not a file")
+        PLAN_FILES[(model_name, f"plan:{label}")] = Path(file)
+        if f"plan:{label}" not in cuts:
+            cuts.append(f"plan:{label}")
     models = args.models or (["resnet20"] if args.quick else MODELS)
     batches = args.batches or ([1] if args.quick else [1, 8])
     threads = args.threads or ([1] if args.quick else [1, 2])
     repeats = args.repeats or (3 if args.quick else 15)
     out = args.out or (Path(tempfile.gettempdir()) / "engines-cpu-quick.md" if args.quick
                        else REPO / "bench" / "results" / "engines-cpu.md")
-    res = run(models, batches, threads, repeats, out, cuts=args.cuts, min_time=args.min_time)
+    res = run(models, batches, threads, repeats, out, cuts=cuts, min_time=args.min_time)
     for s in res["summary"]:
         print(f"batch {s['batch']} threads {s['threads']}: pruned ÷ ideal median {_f(s['pruned_of_ideal_median'])} "
               f"worst {_f(s['pruned_of_ideal_worst'])}; our dense vs best engine median "

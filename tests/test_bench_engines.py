@@ -47,3 +47,28 @@ def test_engines_resnet20_smoke(tmp_path):
     assert len(data["loadavg_start"]) == 3 and {s["plans"] for s in data["summary"]} == {"patterns", "channels"}
     text = out.read_text()
     assert "| resnet20 | 1 | 1 | autosculpt 2× [autosculpt" in text and "## Summary" in text  # [chosen route]
+
+
+def test_plan_files_are_timed_as_their_own_rows():
+    """``--plan MODEL:LABEL=FILE`` (the plans the search finds): the model pruned by the file's plan,
+    named 'autosculpt plan LABEL', its MACs those of the sparsified model; malformed specs are refused."""
+    import torch
+
+    import autosculpt as asc
+    from autosculpt.flops import count_macs
+    from bench import bench_engines as be
+
+    plan_file = REPO / "bench" / "plans" / "resnet20-search-2x.json"
+    model, res = be.build_model("resnet20")
+    x = torch.randn(1, 3, res, res)
+    pruned, how = be.make_pruned(model, x, "plan:s2", plan_file)
+    want = asc.sparsify(model, json.loads(plan_file.read_text())).eval()
+    assert how == "plan file resnet20-search-2x.json" and be.pruned_name("plan:s2") == "autosculpt plan s2"
+    assert be.cut_kind("plan:s2") == "search"
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), want(x))
+    assert count_macs(pruned, x)["total"] < count_macs(model, x)["total"] / 2
+    with pytest.raises(ValueError, match="no plan file"):
+        be.make_pruned(model, x, "plan:s2", None)
+    with pytest.raises(SystemExit):
+        be.main(["--plan", "resnet20=missing", "--quick"])
