@@ -216,12 +216,19 @@ def _set_auto_path(model: nn.Module) -> None:
 
 
 def measure_pair(dense: nn.Module, pruned: nn.Module, input_shape, batches: Sequence[int], threads: int,
-                 repeats: int) -> Dict[int, Dict[str, float]]:
+                 repeats: int, latency_model=None) -> Dict[int, Dict[str, float]]:
     """Milliseconds of dense and pruned at each batch, interleaved medians with ``threads`` threads, both
-    in their inference form (:func:`autosculpt.fuse.for_inference`: BatchNorm folded in every model, ReLUs
-    and shortcut adds fused into pattern convs), as the latency model times them."""
+    in the form ``latency_model`` times (a measured ``LatencyModel``: its form, "deployed", on the route
+    it chose for the dense model, :func:`autosculpt.deploy.timed_form`), else in their fused inference
+    form (:func:`autosculpt.fuse.for_inference`: BatchNorm folded, ReLUs and shortcut adds fused)."""
     from autosculpt.fuse import for_inference
 
+    form = getattr(latency_model, "form", None)
+    if form is not None:
+        from autosculpt.deploy import timed_form
+
+        route = latency_model.route or latency_model.candidate_routes[0]
+        for_inference = lambda m, x: timed_form(m, x, form, (route,))[0]  # noqa: E731
     out = {}
     with timing.threads(threads):
         dense, pruned = dense.eval(), pruned.eval()
@@ -233,6 +240,11 @@ def measure_pair(dense: nn.Module, pruned: nn.Module, input_shape, batches: Sequ
                                             min_time_s=0.01)
             out[b] = {"dense_ms": t["dense"].median_ms, "pruned_ms": t["pruned"].median_ms}
     return out
+
+
+def _timed_form_name(lm) -> str:
+    form = getattr(lm, "form", None)
+    return "fused" if form is None else (f"{form}:{lm.route}" if form == "deployed" else form)
 
 
 def _check_with_latency_model(lm, dense, plan, example_input, target: float) -> dict:
@@ -312,14 +324,14 @@ def run_method(method: str, cfg: CompareConfig, model_name: str, target: float, 
                   progress=False)
     ft_s = time.perf_counter() - t_ft
     _set_auto_path(pruned)
-    t = measure_pair(dense, pruned, splits.input_shape, (1, 8), cfg.threads, cfg.repeats)
+    t = measure_pair(dense, pruned, splits.input_shape, (1, 8), cfg.threads, cfg.repeats, lm)
     x1 = example[:1]
     macs_ratio = count_macs(pruned, x1)["total"] / count_macs(dense, x1)["total"]
     sp = {b: t[b]["dense_ms"] / t[b]["pruned_ms"] for b in t}
     final_sp = sp.get(cfg.budget_batch)
     if final_sp is None:
         final_sp = (lambda m: m[cfg.budget_batch]["dense_ms"] / m[cfg.budget_batch]["pruned_ms"])(
-            measure_pair(dense, pruned, splits.input_shape, (cfg.budget_batch,), cfg.threads, cfg.repeats))
+            measure_pair(dense, pruned, splits.input_shape, (cfg.budget_batch,), cfg.threads, cfg.repeats, lm))
     rec = {
         "method": method, "model": model_name, "data": splits.spec, "target_speedup": float(target), "seed": int(seed),
         "val_acc": ft.best_val_acc, "test_acc": ft.test_acc,
@@ -331,7 +343,7 @@ def run_method(method: str, cfg: CompareConfig, model_name: str, target: float, 
         "met_budget_final": SELECTION.meets({"measured_speedup": final_sp}, Budget(target_speedup=target)),
         "macs_ratio": macs_ratio, "params": sum(p.numel() for p in pruned.parameters()),
         "budget_batch": cfg.budget_batch, "threads": cfg.threads, "config_id": cfg.config_id(),
-        "machine": cpu_name(), "torch": torch.__version__, **extra,
+        "machine": cpu_name(), "torch": torch.__version__, "timed_form": _timed_form_name(lm), **extra,
     }
     log(f"[compare] {model_name} {target:g}x seed {seed} {method:12s} val {rec['val_acc']:.4f} test {rec['test_acc']:.4f} "
         f"speedup b1 {sp[1]:.2f} b8 {sp[8]:.2f} met {rec['met_budget']} search {search_s:.0f}s ft {ft_s:.0f}s")
@@ -544,8 +556,10 @@ def render_markdown(records: List[dict], cfg: CompareConfig, command: str = "pyt
         f"model: {cfg.latency}" + (f"; training subset {cfg.train_subset} images" if cfg.train_subset else "") + ".",
         "Accuracies: mean ± std over seeds, and mean ± half-width of the 95% confidence interval of the mean (Student t) "
         "for test (val = best fine-tuning epoch; test evaluated once). Latency: median over "
-        "seeds of interleaved medians beside the dense model, every model in its inference form (BatchNorm folded; "
-        "pattern convs with ReLU and shortcut adds fused). met = the method's own end-to-end check with the "
+        "seeds of interleaved medians beside the dense model, every model in the form the latency model times "
+        f"({', '.join(sorted({r.get('timed_form', 'fused') for r in records}))}; fused = BatchNorm folded, pattern convs "
+        "with ReLU and shortcut adds fused; deployed:ROUTE = autosculpt.deploy's deployed form on the route the "
+        "latency model chose for the dense model). met = the method's own end-to-end check with the "
         f"latency model at batch {cfg.budget_batch} (speedup ≥ {1 - TOLERANCE:g} × target, as the search's selection "
         "judges it); final = the same on the final timing. "
         "paper_reward = the search with a FLOPs band (1 − 1/target of the prunable convs' MACs) and no latency term.",
