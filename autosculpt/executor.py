@@ -140,6 +140,11 @@ class GraphExecutorModel(nn.Module):
         return list(zip(self._step_names[tuple(x.shape)], med.tolist()))
 
     @property
+    def planned_shapes(self) -> List[Tuple[int, ...]]:
+        """Input shapes planned so far (the example's at construction, others on their first call)."""
+        return list(self._plans)
+
+    @property
     def reordered_layers(self) -> List[str]:
         """Nodes (of the example input's plan) whose output channels are stored block by block: each
         kernel block of filters sharing a tap mask on consecutive channels, its readers' weights permuted

@@ -140,17 +140,17 @@ def test_every_output_element_is_written_and_buffers_do_not_leak_between_calls()
     model = pruned_resnet20(3)
     x = torch.randn(2, 3, 32, 32)
     ex = executor_for(model, x)
-    executor, out_shape, _cl, _keep = ex._plans[tuple(x.shape)]
-    out = torch.full(out_shape, float("nan"))
-    xcl = x.contiguous(memory_format=torch.channels_last)
-    assert executor.run(xcl.data_ptr(), out.data_ptr(), 1)
+    call = ex.bound_call(x)
+    out = call.keep[1]  # the output buffer the call writes
+    out.fill_(float("nan"))
+    call()
     with torch.no_grad():
         torch.testing.assert_close(out, model(x), atol=1e-4, rtol=1e-4)
         x2 = torch.randn(2, 3, 32, 32)
         torch.testing.assert_close(ex(x2), model(x2), atol=1e-4, rtol=1e-4)  # a second input, same buffers
         x3 = torch.randn(5, 3, 32, 32)  # another batch: planned on its first call
         torch.testing.assert_close(ex(x3), model(x3), atol=1e-4, rtol=1e-4)
-    assert len(ex._plans) == 2 and ex.num_steps > 0
+    assert ex.planned_shapes == [(2, 3, 32, 32), (5, 3, 32, 32)] and ex.num_steps > 0
 
 
 def test_two_threads_equal_one():
