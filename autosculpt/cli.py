@@ -464,6 +464,12 @@ def _cmd_export(args) -> int:
         raise
     for kind, p in paths.items():
         _say(f"{kind:22s} {p}")
+    for note in getattr(paths, "notes", ()):
+        _say(note)
+    if "deployed_pt2" in paths:
+        shape_txt = ", ".join(str(d) for d in (args.batch, *shape))
+        _say(f"run deployed.pt2 at graph-executor speed (no model class needed): import autosculpt, torch; "
+             f"m = autosculpt.load_deployed({paths['deployed_pt2']!r}, torch.randn({shape_txt})); y = m(x)")
     return 0
 
 

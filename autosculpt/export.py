@@ -4,6 +4,9 @@
   (:func:`autosculpt.fuse_for_inference`: BatchNorm folded, epilogues fused, fast max-pool) with a
   dynamic batch dimension. Its pattern layers are the ``autosculpt::pattern_conv2d`` custom op, so it
   runs AutoSculpt's kernels (``import autosculpt`` then ``torch.export.load``).
+  :func:`autosculpt.load_deployed` runs it at graph-executor speed (the program translated back into
+  AutoSculpt's modules and run as one C++ call, :mod:`autosculpt.program`); ``export_model`` checks
+  that route against the eager model too and says in ``notes`` whether it covers the program.
 - ``deployed_aoti.pt2`` (``aoti=True``): the same program compiled ahead of time by AOTInductor, a
   package that runs without the Python model class: ``torch._inductor.aoti_load_package(path)`` after
   ``import autosculpt`` (which registers the op its kernels are called through).
@@ -21,14 +24,22 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from typing import Dict
 
 import torch
 from torch import nn
 
 from .plan import set_submodule
 
-__all__ = ["dense_equivalent", "export_model", "onnx_available"]
+__all__ = ["ExportPaths", "dense_equivalent", "export_model", "onnx_available"]
+
+
+class ExportPaths(dict):
+    """``{kind: path}`` of the files :func:`export_model` wrote; ``notes`` (a list of str) says what
+    else it found (whether ``autosculpt.load_deployed`` runs ``deployed.pt2`` through the graph executor)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.notes = []
 
 
 def dense_equivalent(model: nn.Module) -> nn.Module:
@@ -53,12 +64,14 @@ def onnx_available() -> bool:
 
 
 def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: str, *, onnx: bool = True,
-                 opset: int = 18, aoti: bool = False, max_batch: int = 4096) -> Dict[str, str]:
+                 opset: int = 18, aoti: bool = False, max_batch: int = 4096) -> "ExportPaths":
     """Writes ``deployed.pt2``, ``pruned.pt2``, ``dense_equivalent.pt2``, (if ``aoti``)
     ``deployed_aoti.pt2`` and (if ``onnx``) ``dense_equivalent.onnx``; batch sizes 1..``max_batch``.
 
     Each program is checked against the eager model on ``example_input`` (and on a batch of another
-    size) before it is kept. Returns {kind: path}. Raises RuntimeError with a clear message if ONNX
+    size) before it is kept, and so is the graph-executor route of ``deployed.pt2``
+    (:func:`autosculpt.load_deployed`; its outcome in the result's ``notes``, never an error). Returns
+    {kind: path} (an :class:`ExportPaths`). Raises RuntimeError with a clear message if ONNX
     export is impossible here.
     """
     if not isinstance(model, nn.Module):
@@ -73,7 +86,7 @@ def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: str, *,
     deployed = fuse_for_inference(model, example_input)
     other = torch.randn(example_input.shape[0] % max_batch + 1, *example_input.shape[1:],
                         dtype=example_input.dtype, device=example_input.device)
-    paths: Dict[str, str] = {}
+    paths = ExportPaths()
     with torch.no_grad(), warnings.catch_warnings():
         # torch.export's own pytree deprecation notices say nothing about the user's model.
         warnings.filterwarnings("ignore", category=FutureWarning)
@@ -84,6 +97,8 @@ def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: str, *,
             path = os.path.join(out_dir, f"{kind}.pt2")
             torch.export.save(ep, path)
             paths[f"{kind}_pt2"] = path
+            if kind == "deployed":
+                paths.notes.append(_check_executor(ep, (example_input, other), want))
             if kind == "deployed" and aoti:
                 path = os.path.join(out_dir, "deployed_aoti.pt2")
                 torch._inductor.aoti_compile_and_package(ep, package_path=path)
@@ -122,6 +137,31 @@ def _export_dynamic_batch(model: nn.Module, example_input: torch.Tensor, max_bat
         return torch.export.export(model, (example_input,), dynamic_shapes={arg: {0: batch}} if arg else None)
     except Exception:  # noqa: BLE001 - e.g. a reshape that bakes in the batch: export it static
         return torch.export.export(model, (example_input,))
+
+
+def _check_executor(ep, inputs, want) -> str:
+    """A note on the graph-executor route of the deployed program (:func:`autosculpt.load_deployed`):
+    equal to the model on ``inputs``, not covered (the reason), or (with a warning) different."""
+    from .executor import UnsupportedGraph
+    from .program import executor_from_program
+
+    x = inputs[0]
+    if x.ndim != 4 or x.dtype != torch.float32 or not x.is_cpu:
+        return "load_deployed: the graph executor runs float32 CPU (N, C, H, W) inputs only; not checked"
+    try:
+        run = executor_from_program(ep, x)
+        for xb in inputs:
+            got, ref = run(xb), want[id(xb)]
+            if got.shape != ref.shape or not torch.allclose(got, ref, rtol=1e-4, atol=1e-4):
+                diff = float((got - ref).abs().max()) if got.shape == ref.shape else float("nan")
+                msg = (f"load_deployed: the graph executor built from deployed.pt2 differs from the model "
+                       f"(max abs diff {diff:.3g}, batch {xb.shape[0]}); run the program with torch.export.load")
+                warnings.warn(msg, RuntimeWarning, stacklevel=3)
+                return msg
+    except (UnsupportedGraph, ValueError) as exc:
+        return f"load_deployed: not covered by the graph executor ({exc}); torch.export.load runs it"
+    return ("load_deployed: autosculpt.load_deployed('deployed.pt2', example_input) runs it through the graph "
+            "executor (checked equal to the model)")
 
 
 def _check_program(kind: str, program, inputs, want) -> None:
