@@ -112,17 +112,39 @@ inline float activate(float v, bool relu, float hi) {
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
+// Channels c0 .. c0+16 of a depthwise tile (lanes past C masked off), its accumulators set to the bias.
+template <int MR>
+__attribute__((target("avx512f"))) inline __mmask16 depthwise_start(const Step& s, int64_t c0, __m512* acc) {
+  const __mmask16 m = s.c - c0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (s.c - c0)) - 1u);
+  const __m512 b = s.bias ? _mm512_maskz_loadu_ps(m, s.bias + c0) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) acc[i] = b;
+  return m;
+}
+
+// The tile's activation (ReLU, upper clamp; NaN stays) and store of its MR pixels.
+template <int MR>
+__attribute__((target("avx512f"))) inline void depthwise_store(const Step& s, const __m512* acc, float* out,
+                                                               int64_t ox0, int64_t c0, __mmask16 m) {
+  const __m512 zero = _mm512_setzero_ps(), hi = _mm512_set1_ps(s.hi);
+  const bool clamp = s.hi < std::numeric_limits<float>::infinity();
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    __m512 v = acc[i];
+    if (s.relu) v = _mm512_max_ps(zero, v);  // (max_ps returns its 2nd operand on NaN)
+    if (clamp) v = _mm512_min_ps(hi, v);
+    _mm512_mask_storeu_ps(out + (ox0 + i) * s.c + c0, m, v);
+  }
+}
+
 // AVX-512 depthwise tile: MR output pixels of one row x 16 channels (c0 .. c0+16, lanes past C masked
 // off) held in registers over the taps; out-of-image taps skipped per pixel (zero padding).
 template <int MR>
 __attribute__((target("avx512f"))) void depthwise_tile(const Step& s, const float* x, float* out, int64_t img,
                                                        int64_t oy, int64_t ox0, int64_t c0) {
   const int64_t C = s.c;
-  const __mmask16 m = C - c0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (C - c0)) - 1u);
-  const __m512 b = s.bias ? _mm512_maskz_loadu_ps(m, s.bias + c0) : _mm512_setzero_ps();
   __m512 acc[MR];
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) acc[i] = b;
+  const __mmask16 m = depthwise_start<MR>(s, c0, acc);
   for (int64_t r = 0; r < s.kh; ++r) {
     const int64_t y = oy * s.sh - s.ph + r * s.dh;
     if (y < 0 || y >= s.h) continue;
@@ -137,15 +159,7 @@ __attribute__((target("avx512f"))) void depthwise_tile(const Step& s, const floa
       }
     }
   }
-  const __m512 zero = _mm512_setzero_ps(), hi = _mm512_set1_ps(s.hi);
-  const bool clamp = s.hi < std::numeric_limits<float>::infinity();
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) {
-    __m512 v = acc[i];
-    if (s.relu) v = _mm512_max_ps(zero, v);  // NaN stays (max_ps returns its 2nd operand on NaN)
-    if (clamp) v = _mm512_min_ps(hi, v);
-    _mm512_mask_storeu_ps(out + (ox0 + i) * C + c0, m, v);
-  }
+  depthwise_store<MR>(s, acc, out, ox0, c0, m);
 }
 
 // 3-wide depthwise tile inside the image's columns (every tap of the MR pixels in bounds; rows out of
@@ -155,11 +169,8 @@ template <int MR, int SW>
 __attribute__((target("avx512f"))) void depthwise3_inner(const Step& s, const float* x, float* out, int64_t img,
                                                          int64_t oy, int64_t ox0, int64_t c0) {
   const int64_t C = s.c;
-  const __mmask16 m = C - c0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (C - c0)) - 1u);
-  const __m512 b = s.bias ? _mm512_maskz_loadu_ps(m, s.bias + c0) : _mm512_setzero_ps();
   __m512 acc[MR];
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) acc[i] = b;
+  const __mmask16 m = depthwise_start<MR>(s, c0, acc);
   const int64_t x0 = ox0 * SW - s.pw;
   for (int64_t r = 0; r < s.kh; ++r) {
     const int64_t y = oy * s.sh - s.ph + r * s.dh;
@@ -178,15 +189,7 @@ __attribute__((target("avx512f"))) void depthwise3_inner(const Step& s, const fl
       acc[i] = _mm512_fmadd_ps(col[i * SW + 2], w2, acc[i]);
     }
   }
-  const __m512 zero = _mm512_setzero_ps(), hi = _mm512_set1_ps(s.hi);
-  const bool clamp = s.hi < std::numeric_limits<float>::infinity();
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) {
-    __m512 v = acc[i];
-    if (s.relu) v = _mm512_max_ps(zero, v);
-    if (clamp) v = _mm512_min_ps(hi, v);
-    _mm512_mask_storeu_ps(out + (ox0 + i) * C + c0, m, v);
-  }
+  depthwise_store<MR>(s, acc, out, ox0, c0, m);
 }
 
 using DepthwiseTile = void (*)(const Step&, const float*, float*, int64_t, int64_t, int64_t, int64_t);
