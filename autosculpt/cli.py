@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="write torch.export programs and an ONNX file",
                        description="Writes deployed.pt2 (the deployed form: BatchNorm folded, epilogues fused; "
-                       "runs AutoSculpt kernels; dynamic batch), pruned.pt2, dense_equivalent.pt2 and "
+                       "runs AutoSculpt kernels; dynamic batch; autosculpt.load_deployed runs it through the graph executor), pruned.pt2, dense_equivalent.pt2 and "
                        "dense_equivalent.onnx (standard layers, pruned weights as zeros) for other engines; "
                        "with --aoti also deployed_aoti.pt2 (AOTInductor: runs without the model's Python class).")
     e.add_argument("model_file", metavar="MODEL_FILE")
@@ -466,7 +466,7 @@ def _cmd_export(args) -> int:
         _say(f"{kind:22s} {p}")
     for note in getattr(paths, "notes", ()):
         _say(note)
-    if "deployed_pt2" in paths:
+    if getattr(paths, "executor_ok", False):
         shape_txt = ", ".join(str(d) for d in (args.batch, *shape))
         _say(f"run deployed.pt2 at graph-executor speed (no model class needed): import autosculpt, torch; "
              f"m = autosculpt.load_deployed({paths['deployed_pt2']!r}, torch.randn({shape_txt})); y = m(x)")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
+from typing import Tuple
 
 import torch
 from torch import nn
@@ -35,11 +36,13 @@ __all__ = ["ExportPaths", "dense_equivalent", "export_model", "onnx_available"]
 
 class ExportPaths(dict):
     """``{kind: path}`` of the files :func:`export_model` wrote; ``notes`` (a list of str) says what
-    else it found (whether ``autosculpt.load_deployed`` runs ``deployed.pt2`` through the graph executor)."""
+    else it found; ``executor_ok`` is True when ``autosculpt.load_deployed`` runs ``deployed.pt2``
+    through the graph executor with the model's outputs (checked at two batch sizes)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.notes = []
+        self.executor_ok = False
 
 
 def dense_equivalent(model: nn.Module) -> nn.Module:
@@ -98,7 +101,8 @@ def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: str, *,
             torch.export.save(ep, path)
             paths[f"{kind}_pt2"] = path
             if kind == "deployed":
-                paths.notes.append(_check_executor(ep, (example_input, other), want))
+                paths.executor_ok, note = _check_executor(ep, (example_input, other), want)
+                paths.notes.append(note)
             if kind == "deployed" and aoti:
                 path = os.path.join(out_dir, "deployed_aoti.pt2")
                 torch._inductor.aoti_compile_and_package(ep, package_path=path)
@@ -139,15 +143,15 @@ def _export_dynamic_batch(model: nn.Module, example_input: torch.Tensor, max_bat
         return torch.export.export(model, (example_input,))
 
 
-def _check_executor(ep, inputs, want) -> str:
-    """A note on the graph-executor route of the deployed program (:func:`autosculpt.load_deployed`):
+def _check_executor(ep, inputs, want) -> Tuple[bool, str]:
+    """(whether it equals the model, a note) on the graph-executor route of the deployed program (:func:`autosculpt.load_deployed`):
     equal to the model on ``inputs``, not covered (the reason), or (with a warning) different."""
     from .executor import UnsupportedGraph
     from .program import executor_from_program
 
     x = inputs[0]
     if x.ndim != 4 or x.dtype != torch.float32 or not x.is_cpu:
-        return "load_deployed: the graph executor runs float32 CPU (N, C, H, W) inputs only; not checked"
+        return False, "load_deployed: the graph executor runs float32 CPU (N, C, H, W) inputs only; not checked"
     try:
         run = executor_from_program(ep, x)
         for xb in inputs:
@@ -157,11 +161,14 @@ def _check_executor(ep, inputs, want) -> str:
                 msg = (f"load_deployed: the graph executor built from deployed.pt2 differs from the model "
                        f"(max abs diff {diff:.3g}, batch {xb.shape[0]}); run the program with torch.export.load")
                 warnings.warn(msg, RuntimeWarning, stacklevel=3)
-                return msg
-    except (UnsupportedGraph, ValueError) as exc:
-        return f"load_deployed: not covered by the graph executor ({exc}); torch.export.load runs it"
-    return ("load_deployed: autosculpt.load_deployed('deployed.pt2', example_input) runs it through the graph "
-            "executor (checked equal to the model)")
+                return False, msg
+    except UnsupportedGraph as exc:
+        return False, f"load_deployed: not covered by the graph executor ({exc}); torch.export.load runs it"
+    except Exception as exc:  # noqa: BLE001 - the .pt2 is written and checked: this route is only reported
+        return False, (f"load_deployed: the graph executor could not be built ({type(exc).__name__}: {exc}); "
+                "torch.export.load runs it")
+    sizes = " and ".join(str(int(xb.shape[0])) for xb in inputs)
+    return True, f"load_deployed: the graph executor built from deployed.pt2 equals the model (batch {sizes})"
 
 
 def _check_program(kind: str, program, inputs, want) -> None:
