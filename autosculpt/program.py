@@ -35,7 +35,7 @@ from torch import nn
 
 from .fuse import FastMaxPool2d
 
-__all__ = ["ProgramExecutor", "executor_from_program", "load_deployed"]
+__all__ = ["ProgramExecutor", "executor_from_program", "load_deployed", "program_to_modules"]
 
 _aten = torch.ops.aten
 # ops that only assert something about a value (no output used): dropped
