@@ -490,18 +490,19 @@ class PackedPatternConvNhwc {
         std::memset(dst + (pw + w) * C, 0, size_t((Wp - pw - w) * C) * sizeof(float));
       }
       // Empty filters: bias (and the epilogue) only, a constant per filter without a residual.
-      if (gather) {
-        // (empty filters: the gathering epilogue's lanes of -1)
-      } else if (ri == nullptr && !empty_.empty()) {
+      // (the empty filters' channels are no tile's: no barrier before the tiles)
+      if (gather || empty_.empty()) {
+        // (gathering epilogue: empty filters are its lanes of -1)
+      } else if (ri == nullptr) {
         std::vector<float> value(empty_.size());
         for (size_t k = 0; k < empty_.size(); ++k) value[k] = epilogue(0.0f, a, 0, empty_[k]);
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
         for (int64_t p = 0; p < oh * ow; ++p) {
           float* o = oi + p * c_out_;
           for (size_t k = 0; k < empty_.size(); ++k) o[empty_[k]] = value[k];
         }
       } else {
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
         for (int64_t p = 0; p < oh * ow; ++p)
           for (int32_t f : empty_) oi[p * c_out_ + f] = epilogue(0.0f, a, p * c_out_, f);
       }
