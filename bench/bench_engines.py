@@ -369,6 +369,7 @@ def run_line(name: str, model: nn.Module, res: int, batch: int, threads: int, pr
 
     builders["autosculpt dense"] = ours_dense
     fused_pruned = {}
+    cuts = [c for c in cuts if c in prepared["pruned"]]  # (a plan file given for other models only)
     for cut in cuts:
         def ours_pruned(cut=cut):
             p = prepared["pruned"][cut]
