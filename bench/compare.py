@@ -260,8 +260,14 @@ def run_method(method: str, cfg: CompareConfig, model_name: str, target: float, 
                splits, lm, work: Path, plans_to_match: Optional[int], log=print) -> dict:
     """Runs one method for one (model, target, seed), fine-tunes and measures it; returns the record."""
     from autosculpt import search
-    from autosculpt.baselines import (halp_greedy, l1_filter_baseline, mlp_encoder, random_search,
-                                      taylor_filter_baseline, uniform_baseline)
+    from autosculpt.baselines import (
+        halp_greedy,
+        l1_filter_baseline,
+        mlp_encoder,
+        random_search,
+        taylor_filter_baseline,
+        uniform_baseline,
+    )
     from autosculpt.budget import Budget
     from autosculpt.finetune import FinetuneConfig, evaluate, finetune
     from autosculpt.flops import count_macs

@@ -7,9 +7,18 @@ import pytest
 import torch
 from torch import nn
 
-from autosculpt.baselines import (filter_prune, halp_greedy, l1_filter_baseline, l1_filter_prune, mlp_encoder,
-                                  random_search, taylor_filter_baseline, taylor_gradients, tap_importance,
-                                  uniform_baseline)
+from autosculpt.baselines import (
+    filter_prune,
+    halp_greedy,
+    l1_filter_baseline,
+    l1_filter_prune,
+    mlp_encoder,
+    random_search,
+    tap_importance,
+    taylor_filter_baseline,
+    taylor_gradients,
+    uniform_baseline,
+)
 from autosculpt.models import get_model
 from autosculpt.runtime.latency import FlopsLatencyModel
 
