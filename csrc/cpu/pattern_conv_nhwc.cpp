@@ -13,7 +13,9 @@
 // bounds and the input of tap (r, s) for output pixel (oy, ox) is the row
 // xpad[(oy*sh + r*dh) * Wp + ox*sw + s*dw][0 .. C_in). The micro-kernel holds MR pixels x 32
 // channels in registers and runs over (tap, c_in): one broadcast of an input value per pixel and two
-// weight vectors per step. Output channels are written back to their original positions on store,
+// weight vectors per step; taps whose inputs are adjacent in memory (s, s + 1 at dilation 1) run as
+// one loop over their channels ("runs"). On AMD a 16-filter block whose two halves keep different
+// taps runs each half's own taps on 8 lanes (tile_avx512_split). Output channels are written back to their original positions on store,
 // with the bias, residual and ReLU applied there (the epilogue costs no extra pass over memory).
 // Threads split (block, output row) items. Grouped convs are not handled here (the NCHW kernel is).
 #include <omp.h>
@@ -46,7 +48,9 @@ constexpr int kBlock = 32;  // most output channels per block (two 16-lane vecto
 constexpr int kMaxMR = 16;  // most pixels per micro-kernel tile (16 for 8 lanes, 14 for 16, 8 for 32)
 
 struct NhwcBlock {
-  std::vector<int32_t> taps;  // union of kept taps (r * kw + s), ascending
+  std::vector<int32_t> taps;  // union of kept taps (r * kw + s), ascending; split: those both halves keep
+  bool split = false;         // 16 lanes whose halves (filters 0-7, 8-15) keep different taps (see tile_avx512_split)
+  std::vector<int32_t> taps_lo, taps_hi;  // split: taps only the low / only the high half keeps
   int32_t nv = 2;             // 16-lane vectors of output channels (1 or 2); 0: one 8-lane (ymm) vector
   int32_t nfilt = 0;          // real filters (<= lanes); the other lanes have zero weights
   int32_t filters[kBlock];    // output channel of each lane
@@ -118,53 +122,40 @@ inline void store_tile(const NhwcCall& a, const NhwcBlock& blk, int64_t oy, int6
 }
 
 // Portable tile: plain loops (any CPU).
-void tile_generic(const NhwcCall& a, const NhwcBlock& blk, const float* w, int64_t oy, int64_t ox0, int64_t valid) {
+void tile_generic(const NhwcCall& a, const NhwcBlock& blk, const float* w, const int64_t* runs, int64_t oy,
+                  int64_t ox0, int64_t valid) {
   float acc[kMaxMR * kBlock] = {0.0f};
   const int L = lanes(blk);
-  for (size_t t = 0; t < blk.taps.size(); ++t) {
-    const int64_t r = blk.taps[t] / a.kw, s = blk.taps[t] % a.kw;
-    const float* wt = w + int64_t(t) * a.C * L;
-    for (int64_t i = 0; i < valid; ++i) {
-      const float* xr = a.xpad + ((oy * a.sh + r * a.dh) * a.Wp + (ox0 + i) * a.sw + s * a.dw) * a.C;
-      float* ac = acc + i * L;
-      for (int64_t c = 0; c < a.C; ++c) {
-        const float xv = xr[c];
-        const float* wc = wt + c * L;
+  const float* x0 = a.xpad + (oy * a.sh * a.Wp + ox0 * a.sw) * a.C;
+  // the run lists: all lanes; for a split block also the low half's and the high half's own taps
+  for (int seg = 0; seg < (blk.split ? 3 : 1); ++seg) {
+    const int j0 = seg == 2 ? 8 : 0, width = seg == 0 ? L : 8;
+    for (int64_t k = 0; k < runs[0]; ++k) {
+      const float* xk = x0 + runs[1 + 2 * k];
+      const int64_t len = runs[2 + 2 * k];
+      for (int64_t i = 0; i < valid; ++i) {
+        const float* xr = xk + i * a.sw * a.C;
+        float* ac = acc + i * L + j0;
+        for (int64_t c = 0; c < len; ++c) {
+          const float xv = xr[c];
+          const float* wc = w + c * width;
 #pragma omp simd
-        for (int j = 0; j < L; ++j) ac[j] += xv * wc[j];
+          for (int j = 0; j < width; ++j) ac[j] += xv * wc[j];
+        }
       }
+      w += len * width;
     }
+    runs += 1 + 2 * runs[0];
   }
   store_tile(a, blk, oy, ox0, valid, acc);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// MR pixels x NV vectors of 16 output channels in registers over the whole (tap, c_in) reduction.
+// Bias, residual, activation and store of an MR x NV-vector tile of accumulators.
 template <int MR, int NV>
-__attribute__((target("avx512f,fma"))) void tile_avx512(const NhwcCall& a, const NhwcBlock& blk, const float* w,
-                                                        int64_t oy, int64_t ox0) {
-  __m512 acc[MR][NV];
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
-  const int64_t C = a.C, px = a.sw * C;
-  for (size_t t = 0; t < blk.taps.size(); ++t) {
-    const int64_t r = blk.taps[t] / a.kw, s = blk.taps[t] % a.kw;
-    const float* xr = a.xpad + ((oy * a.sh + r * a.dh) * a.Wp + ox0 * a.sw + s * a.dw) * C;
-    const float* wt = w + int64_t(t) * C * (16 * NV);
-    for (int64_t c = 0; c < C; ++c) {
-      __m512 wv[NV];
-#pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) wv[v] = _mm512_load_ps(wt + c * (16 * NV) + 16 * v);
-#pragma GCC unroll 16
-      for (int i = 0; i < MR; ++i) {
-        const __m512 xv = _mm512_set1_ps(xr[i * px + c]);
-#pragma GCC unroll 2
-        for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(xv, wv[v], acc[i][v]);
-      }
-    }
-  }
+__attribute__((target("avx512f,fma"), always_inline)) inline void store_acc(const NhwcCall& a, const NhwcBlock& blk,
+                                                                            __m512 (&acc)[MR][NV], int64_t oy,
+                                                                            int64_t ox0) {
   if (blk.contiguous) {  // consecutive output channels: the epilogue on vectors, straight from registers
     const int32_t c0 = blk.filters[0];
     __m512 bias[NV];
@@ -218,24 +209,105 @@ __attribute__((target("avx512f,fma"))) void tile_avx512(const NhwcCall& a, const
   }
 }
 
+// MR pixels x NV vectors of 16 output channels in registers over the whole (tap, c_in) reduction.
+template <int MR, int NV>
+__attribute__((target("avx512f,fma"))) void tile_avx512(const NhwcCall& a, const NhwcBlock& blk, const float* w,
+                                                        const int64_t* runs, int64_t oy, int64_t ox0) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  const int64_t px = a.sw * a.C;
+  const float* x0 = a.xpad + (oy * a.sh * a.Wp + ox0 * a.sw) * a.C;
+  for (int64_t k = 0; k < runs[0]; ++k) {
+    const float* xr = x0 + runs[1 + 2 * k];
+    const int64_t len = runs[2 + 2 * k];
+    for (int64_t c = 0; c < len; ++c) {
+      __m512 wv[NV];
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) wv[v] = _mm512_load_ps(w + c * (16 * NV) + 16 * v);
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) {
+        const __m512 xv = _mm512_set1_ps(xr[i * px + c]);
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(xv, wv[v], acc[i][v]);
+      }
+    }
+    w += len * (16 * NV);
+  }
+  store_acc<MR, NV>(a, blk, acc, oy, ox0);
+}
+
+// Split 16-lane block (CPUs with 256-bit FMA units): filters 0-7 and 8-15 have different tap sets.
+// The taps both halves keep run on 16 lanes; those only one half keeps run on that half's 8 lanes
+// (a 256-bit FMA, half the cost of a 512-bit one there), in accumulators of their own added in at
+// the end, instead of 16 lanes over the union of all taps. runs: the three run lists (both, low
+// half only, high half only), weights [both][c][16], [low][c][8], [high][c][8].
+template <int MR>
+__attribute__((target("avx512f,avx512vl,avx512dq,fma"))) void tile_avx512_split(const NhwcCall& a,
+                                                                               const NhwcBlock& blk,
+                                                                               const float* w,
+                                                                               const int64_t* runs, int64_t oy,
+                                                                               int64_t ox0) {
+  __m512 acc[MR][1];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) acc[i][0] = _mm512_setzero_ps();
+  const int64_t px = a.sw * a.C;
+  const float* x0 = a.xpad + (oy * a.sh * a.Wp + ox0 * a.sw) * a.C;
+  for (int64_t k = 0; k < runs[0]; ++k) {
+    const float* xr = x0 + runs[1 + 2 * k];
+    const int64_t len = runs[2 + 2 * k];
+    for (int64_t c = 0; c < len; ++c) {
+      const __m512 wv = _mm512_load_ps(w + c * 16);
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) acc[i][0] = _mm512_fmadd_ps(_mm512_set1_ps(xr[i * px + c]), wv, acc[i][0]);
+    }
+    w += len * 16;
+  }
+  __m256 half[2][MR];
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    runs += 1 + 2 * runs[0];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) half[h][i] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < runs[0]; ++k) {
+      const float* xr = x0 + runs[1 + 2 * k];
+      const int64_t len = runs[2 + 2 * k];
+      for (int64_t c = 0; c < len; ++c) {
+        const __m256 wv = _mm256_load_ps(w + c * 8);
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; ++i) half[h][i] = _mm256_fmadd_ps(_mm256_set1_ps(xr[i * px + c]), wv, half[h][i]);
+      }
+      w += len * 8;
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+    acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_insertf32x8(_mm512_castps256_ps512(half[0][i]), half[1][i], 1));
+  store_acc<MR, 1>(a, blk, acc, oy, ox0);
+}
+
 // MR pixels x 8 output channels (one ymm vector) over the (tap, c_in) reduction; the epilogue on the
 // vector for 8 consecutive channels, else lane by lane.
 template <int MR>
 __attribute__((target("avx512f,avx512vl,fma"))) void tile_avx512_8(const NhwcCall& a, const NhwcBlock& blk,
-                                                                  const float* w, int64_t oy, int64_t ox0) {
+                                                                  const float* w, const int64_t* runs, int64_t oy,
+                                                                  int64_t ox0) {
   __m256 acc[MR];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
-  const int64_t C = a.C, px = a.sw * C;
-  for (size_t t = 0; t < blk.taps.size(); ++t) {
-    const int64_t r = blk.taps[t] / a.kw, s = blk.taps[t] % a.kw;
-    const float* xr = a.xpad + ((oy * a.sh + r * a.dh) * a.Wp + ox0 * a.sw + s * a.dw) * C;
-    const float* wt = w + int64_t(t) * C * 8;
-    for (int64_t c = 0; c < C; ++c) {
-      const __m256 wv = _mm256_load_ps(wt + c * 8);
+  const int64_t px = a.sw * a.C;
+  const float* x0 = a.xpad + (oy * a.sh * a.Wp + ox0 * a.sw) * a.C;
+  for (int64_t k = 0; k < runs[0]; ++k) {
+    const float* xr = x0 + runs[1 + 2 * k];
+    const int64_t len = runs[2 + 2 * k];
+    for (int64_t c = 0; c < len; ++c) {
+      const __m256 wv = _mm256_load_ps(w + c * 8);
 #pragma GCC unroll 16
       for (int i = 0; i < MR; ++i) acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(xr[i * px + c]), wv, acc[i]);
     }
+    w += len * 8;
   }
   if (blk.contiguous) {
     const int32_t c0 = blk.filters[0];
@@ -315,7 +387,7 @@ __attribute__((target("avx512f"))) void gather_epilogue(const NhwcCall& a, const
   }
 }
 
-using TileFn = void (*)(const NhwcCall&, const NhwcBlock&, const float*, int64_t, int64_t);
+using TileFn = void (*)(const NhwcCall&, const NhwcBlock&, const float*, const int64_t*, int64_t, int64_t);
 const TileFn kAvx512Tiles8[kMaxMR + 1] = {
     nullptr,           &tile_avx512_8<1>,  &tile_avx512_8<2>,  &tile_avx512_8<3>,  &tile_avx512_8<4>,
     &tile_avx512_8<5>, &tile_avx512_8<6>,  &tile_avx512_8<7>,  &tile_avx512_8<8>,  &tile_avx512_8<9>,
@@ -328,6 +400,10 @@ const TileFn kAvx512Tiles8[kMaxMR + 1] = {
                        &tile_avx512<13, 1>, &tile_avx512<14, 1>, nullptr, nullptr
 #define AS_NHWC_TAIL_2 nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr
 const TileFn kAvx512Tiles[2][kMaxMR + 1] = {AS_NHWC_TILES(1), AS_NHWC_TILES(2)};
+constexpr int kSplitMR = 8;  // 8 zmm + 16 ymm accumulators
+const TileFn kAvx512TilesSplit[kSplitMR + 1] = {
+    nullptr, &tile_avx512_split<1>, &tile_avx512_split<2>, &tile_avx512_split<3>, &tile_avx512_split<4>,
+    &tile_avx512_split<5>, &tile_avx512_split<6>, &tile_avx512_split<7>, &tile_avx512_split<8>};
 #endif
 
 // Sort key putting nested PAPER6-style masks next to each other: by tap count, then by mask bits.
@@ -405,23 +481,54 @@ class PackedPatternConvNhwc {
       }
       add_block(uni, lanes_f.data(), int32_t(lanes_f.size()), width == 8 ? 0 : 1);
     }
+    // 16-lane blocks whose halves keep different taps split where 8-lane FMAs are cheaper.
+    if (eight)
+      for (NhwcBlock& blk : blocks_) {
+        if (blk.nv != 1 || blk.nfilt <= 8) continue;
+        uint64_t lo = 0, hi = 0;
+        for (int32_t j = 0; j < blk.nfilt; ++j) (j < 8 ? lo : hi) |= mask_bits(tap_mask + blk.filters[j] * taps, taps);
+        if (lo == hi) continue;
+        blk.split = true;
+        blk.taps.clear();
+        for (int64_t t = 0; t < taps; ++t) {
+          const bool l = lo >> t & 1, h = hi >> t & 1;
+          if (l && h) blk.taps.push_back(int32_t(t));
+          else if (l) blk.taps_lo.push_back(int32_t(t));
+          else if (h) blk.taps_hi.push_back(int32_t(t));
+        }
+      }
     int64_t total = 0;
     for (NhwcBlock& blk : blocks_) {
       blk.w_offset = total;  // a multiple of 16 floats: aligned loads of every block's vectors
-      total += (int64_t(blk.taps.size()) * c_in * lanes(blk) + 15) / 16 * 16;
+      total += (int64_t(blk.taps.size()) * lanes(blk) + int64_t(blk.taps_lo.size() + blk.taps_hi.size()) * 8) * c_in;
+      total = (total + 15) / 16 * 16;
     }
     packed_.reset(static_cast<float*>(std::aligned_alloc(64, size_t(std::max<int64_t>(total, 16) * 4 + 63) / 64 * 64)));
     if (!packed_) throw std::bad_alloc();
     std::fill(packed_.get(), packed_.get() + total, 0.0f);
     for (const NhwcBlock& blk : blocks_) {
-      const int L = lanes(blk);
-      for (size_t t = 0; t < blk.taps.size(); ++t)
-        for (int32_t j = 0; j < blk.nfilt; ++j) {
-          const int32_t f = blk.filters[j];
-          if (!tap_mask[f * taps + blk.taps[t]]) continue;  // a filter that drops this tap: zero weights
-          for (int64_t c = 0; c < c_in; ++c)
-            packed_[blk.w_offset + (int64_t(t) * c_in + c) * L + j] = weight[(int64_t(f) * c_in + c) * taps + blk.taps[t]];
+      // segments [taps][c_in][lanes], then (split) [taps_lo][c_in][8] for lanes 0-7, [taps_hi][c_in][8]
+      // for lanes 8-15
+      int64_t at = blk.w_offset;
+      const struct {
+        const std::vector<int32_t>* list;
+        int32_t j0, width;
+      } segs[3] = {{&blk.taps, 0, lanes(blk)}, {&blk.taps_lo, 0, 8}, {&blk.taps_hi, 8, 8}};
+      for (const auto& sg : segs) {
+        for (size_t t = 0; t < sg.list->size(); ++t) {
+          const int32_t tap = (*sg.list)[t];
+          for (int32_t j = sg.j0; j < std::min(blk.nfilt, sg.j0 + sg.width); ++j) {
+            const int32_t f = blk.filters[j];
+            if (!tap_mask[f * taps + tap]) continue;  // a filter that drops this tap: zero weights
+            for (int64_t c = 0; c < c_in; ++c) {
+              const int64_t k = int64_t(t) * c_in + c;  // (halves: channel pairs, [k / 2][filter][k % 2])
+              packed_[at + k * sg.width + (j - sg.j0)] =
+                  weight[(int64_t(f) * c_in + c) * taps + tap];
+            }
+          }
         }
+        at += int64_t(sg.list->size()) * c_in * sg.width;
+      }
     }
     // Blocks off consecutive channels: the same blocks writing raw sums to consecutive lanes of a
     // scratch image, and the lane of every output channel for the gathering epilogue.
@@ -468,6 +575,31 @@ class PackedPatternConvNhwc {
     // region, whose threads share the three loops.
     // Without padding (1x1 convs, linear layers, unpadded convs) the tiles read the image in place.
     const bool in_place = ph == 0 && pw == 0 && Hp == h && Wp == w;
+    // Each block's taps as runs over the input row: taps whose inputs follow each other in memory
+    // (s and s + 1 of one row at dilation 1: the C channels of one then of the other) are one run of
+    // their channels, so a dense 3x3 row is one loop of 3 * C steps instead of three of C (and no
+    // tap index arithmetic inside the tile). runs: per block [count, (input offset, length) ...]; the
+    // packed weights are [tap][c_in] in the same order, read straight through.
+    // A split block has three lists one after the other: its taps_, taps_lo and taps_hi.
+    std::vector<int64_t> runs, run_at(static_cast<size_t>(nb));
+    for (int64_t b = 0; b < nb; ++b) {
+      const NhwcBlock& blk = blocks_[size_t(b)];
+      run_at[size_t(b)] = int64_t(runs.size());
+      for (const std::vector<int32_t>* list : {&blk.taps, &blk.taps_lo, &blk.taps_hi}) {
+        const size_t count = runs.size();
+        runs.push_back(0);
+        for (int32_t t : *list) {
+          const int64_t off = ((t / kw_) * dh * Wp + (t % kw_) * dw) * C;
+          if (runs[count] > 0 && runs[runs.size() - 2] + runs.back() == off) {
+            runs.back() += C;
+            continue;
+          }
+          runs.push_back(off);
+          runs.push_back(C);
+          ++runs[count];
+        }
+      }
+    }
     auto run_image = [&](int64_t img, float* xpad) {
       const float* xi = x + img * h * w * C;
       float* oi = out + img * oh * ow * c_out_;
@@ -511,17 +643,18 @@ class PackedPatternConvNhwc {
         for (int64_t oy = 0; oy < oh; ++oy) {
           const NhwcBlock& blk = run_blocks[size_t(b)];
           const float* wb = packed_.get() + blk.w_offset;
+          const int64_t* br = runs.data() + run_at[size_t(b)];
           int64_t ox0 = 0;
 #if defined(__x86_64__) && defined(__GNUC__)
           if (use_avx512) {
-            const int64_t mr = pick_mr(ow, blk.nv);
-            const TileFn* tiles = blk.nv ? kAvx512Tiles[blk.nv - 1] : kAvx512Tiles8;
-            for (; ox0 + mr <= ow; ox0 += mr) tiles[mr](tile_call, blk, wb, oy, ox0);
-            if (ox0 < ow) tiles[ow - ox0](tile_call, blk, wb, oy, ox0);
+            const int64_t mr = blk.split ? pick_mr(ow, 2) : pick_mr(ow, blk.nv);
+            const TileFn* tiles = blk.split ? kAvx512TilesSplit : blk.nv ? kAvx512Tiles[blk.nv - 1] : kAvx512Tiles8;
+            for (; ox0 + mr <= ow; ox0 += mr) tiles[mr](tile_call, blk, wb, br, oy, ox0);
+            if (ox0 < ow) tiles[ow - ox0](tile_call, blk, wb, br, oy, ox0);
             continue;
           }
 #endif
-          for (; ox0 < ow; ox0 += kMaxMR) tile_generic(a, blk, wb, oy, ox0, std::min<int64_t>(kMaxMR, ow - ox0));
+          for (; ox0 < ow; ox0 += kMaxMR) tile_generic(a, blk, wb, br, oy, ox0, std::min<int64_t>(kMaxMR, ow - ox0));
         }
 #if defined(__x86_64__) && defined(__GNUC__)
       if (gather) {
@@ -555,6 +688,10 @@ class PackedPatternConvNhwc {
   int64_t contiguous_blocks() const {
     return std::count_if(blocks_.begin(), blocks_.end(), [](const NhwcBlock& b) { return b.contiguous; });
   }
+  // 16-lane blocks whose halves run their own taps on 8 lanes (CPUs with 256-bit FMA units).
+  int64_t split_blocks() const {
+    return std::count_if(blocks_.begin(), blocks_.end(), [](const NhwcBlock& b) { return b.split; });
+  }
   // Every filter once, block by block (each block's filters in lane order), the empty filters last: a
   // conv whose filters are permuted into this order has every block on consecutive channels.
   std::vector<int32_t> filter_order() const {
@@ -567,7 +704,8 @@ class PackedPatternConvNhwc {
   // Multiply-adds per output pixel actually executed (union taps x 32 lanes per block).
   int64_t executed_macs_per_pixel() const {
     int64_t s = 0;
-    for (const NhwcBlock& b : blocks_) s += int64_t(b.taps.size()) * c_in_ * lanes(b);
+    for (const NhwcBlock& b : blocks_)
+      s += (int64_t(b.taps.size()) * lanes(b) + int64_t(b.taps_lo.size() + b.taps_hi.size()) * 8) * c_in_;
     return s;
   }
 
@@ -642,6 +780,8 @@ void register_pattern_conv_nhwc(pybind11::module_& m) {
           "out = conv(x) + bias (+ residual) (ReLU), all (N, H, W, C) contiguous")
       .def_property_readonly("num_blocks", &PackedPatternConvNhwc::num_blocks)
       .def_property_readonly("contiguous_blocks", &PackedPatternConvNhwc::contiguous_blocks)
+      .def_property_readonly("split_blocks", &PackedPatternConvNhwc::split_blocks,
+                             "16-lane blocks whose two halves keep different taps, each half's own taps on 8 lanes")
       .def_property_readonly("filter_order", &PackedPatternConvNhwc::filter_order,
                              "every filter once, block by block, empty filters last")
       .def_property_readonly("executed_macs_per_pixel", &PackedPatternConvNhwc::executed_macs_per_pixel);

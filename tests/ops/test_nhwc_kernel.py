@@ -29,6 +29,8 @@ CASES = [
     (2, 6, 17, 7, 9, 3, 1, 1, 1, "full"),       # 16 + 1 consecutive filters: a masked partial block
     (2, 9, 16, 8, 8, 3, 1, 1, 1, "paper6"),     # scattered blocks of 16 lanes: the permute epilogue
     (1, 11, 56, 6, 6, 3, 1, 1, 1, "empty_some"),  # 33-64 lanes: the two-permute epilogue
+    (2, 16, 16, 10, 12, 3, 1, 1, 1, "halves"),   # two masks, 8 filters each: a split block on AMD
+    (1, 7, 12, 9, 8, 3, 2, 2, 2, "halves"),      # 8 + 4 filters, dilated taps (runs of one tap)
 ]
 
 
@@ -37,6 +39,10 @@ def _masks(kind, c_out, kh, kw):
         return PAPER6.masks[torch.randint(1, 6, (c_out,))]
     if kind == "full":
         return torch.ones(c_out, kh, kw, dtype=torch.bool)
+    if kind == "halves":  # filters 0-7 keep columns 0-1, the others columns 1-2: one block, two halves
+        m = torch.zeros(c_out, kh, kw, dtype=torch.bool)
+        m[:8, :, :2], m[8:, :, 1:] = True, True
+        return m
     m = torch.rand(c_out, kh, kw) < 0.5
     if kind == "empty_some":
         m[::3] = False
@@ -123,3 +129,43 @@ def test_filter_order_puts_every_block_on_consecutive_channels(c_out):
     got_perm = _run_packed(perm, x, b[order], res[:, order])
     torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got_perm.double(), ref[:, order], atol=1e-4, rtol=1e-4)
+
+
+def _amd_avx512() -> bool:
+    try:
+        from autosculpt import _C
+
+        text = open("/proc/cpuinfo").read()
+    except (ImportError, OSError):
+        return False
+    return "AuthenticAMD" in text and " avx512vl" in text and _C is not None
+
+
+@pytest.mark.parametrize("c_out,c_in", [(16, 16), (12, 5), (48, 10)])
+def test_split_blocks_match_reference_and_the_portable_path(c_out, c_in):
+    """Blocks whose two 8-filter halves keep different taps (where 256-bit FMAs are cheaper: AMD) run
+    the taps both keep on 16 lanes and each half's own on 8; the result equals the reference and the
+    portable kernel, and the executed MACs count 8 lanes for the halves' own taps."""
+    torch.manual_seed(c_out + c_in)
+    wt, b = torch.randn(c_out, c_in, 3, 3), torch.randn(c_out)
+    m = torch.zeros(c_out, 3, 3, dtype=torch.bool)
+    for f in range(c_out):  # per 16 filters: 8 keep columns 0-1 (6 taps), 8 column 2 and row 0 (5 taps)
+        if f % 16 < 8:
+            m[f, :, :2] = True
+        else:
+            m[f, :, 2], m[f, 0, :] = True, True
+    conv, keep = _packed(wt, m)
+    if _amd_avx512():
+        # (48 filters: whole 16-filter blocks of each mask, the 8 + 8 left over share a split block)
+        assert conv.split_blocks == 1
+        if c_out <= 16:  # row 0 columns 0-1 kept by both halves; 4 taps only the low half; 3 the high
+            assert conv.executed_macs_per_pixel == (2 * 16 + (4 + 3) * 8) * c_in
+    x, res = torch.randn(3, c_in, 9, 11), torch.randn(3, c_out, 9, 11)
+    ref = torch.relu(F.conv2d(x.double(), wt.double() * m[:, None], b.double(), padding=1) + res.double())
+    got = _run_packed(conv, x, b, res)
+    torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-4)
+    xh, rh = x.permute(0, 2, 3, 1).contiguous(), res.permute(0, 2, 3, 1).contiguous()
+    out = torch.full((3, 9, 11, c_out), float("nan"))
+    conv.forward(xh.data_ptr(), b.data_ptr(), out.data_ptr(), 3, 9, 11, 1, 1, 1, 1, 1, 1, 1, rh.data_ptr(), True,
+                 force_generic=True)
+    torch.testing.assert_close(out.permute(0, 3, 1, 2).double(), ref, atol=1e-4, rtol=1e-4)
