@@ -1,5 +1,7 @@
 """Writes scikit-learn's digits as an image folder (PNG, one sub-folder per class) for the tour."""
-import os, sys
+import os
+import sys
+
 import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
