@@ -61,7 +61,8 @@ class BaselineResult:
         plan: the pattern plan (uniform) or None (filter pruning changes the architecture).
         setting: the knob the bisection chose (kept fraction, or filter pruning ratio).
         predicted_ms: the latency model's prediction (None where it cannot predict: filter pruning).
-        measured_ms, dense_measured_ms: end-to-end measurement with the latency model's ``measure_model``.
+        measured_ms, dense_measured_ms: end-to-end measurement of the pruned and the dense model, interleaved
+            (the latency model's ``verify`` or ``measure_models``).
         measured_speedup: ``dense_measured_ms / measured_ms``.
         met_budget: the measured speedup meets the target (``SelectionSettings.meets``: ≥ target ×
             (1 - tolerance)), judged by :func:`autosculpt.search.select_plan`.
@@ -277,9 +278,8 @@ def _filter_baseline(method: str, model: nn.Module, latency_model, example_input
         key = round(r, 6)
         if key not in cache:
             pruned = filter_prune(model, example_input, key, importance, gradients)
-            with torch.no_grad():
-                ms = latency_model.measure_model(pruned, example_input, reps=reps)
-                dense_ms = latency_model.measure_model(model, example_input, reps=reps)
+            with torch.no_grad():  # interleaved, as the final measurement: a load change hits both alike
+                ms, dense_ms = latency_model.measure_models([pruned, model], example_input, reps=reps)
             rec = {"ratio": key, "measured_ms": ms, "dense_measured_ms": dense_ms, "measured_speedup": dense_ms / ms}
             # measured once (the timing is cached per ratio), judged like every other plan
             rec["met_budget"] = select_plan([rec], budget, settings, verify=lambda r: r, warn=False).met_budget
@@ -307,8 +307,8 @@ def _filter_baseline(method: str, model: nn.Module, latency_model, example_input
 def l1_filter_baseline(model: nn.Module, latency_model, example_input: torch.Tensor, target_speedup: float, *,
                        tolerance: Optional[float] = None, iters: int = 8, max_ratio: float = 0.9, reps: int = 20,
                        selection=None) -> BaselineResult:
-    """L1 filter pruning whose MEASURED speedup (``latency_model.measure_model``, dense re-measured
-    beside each candidate) meets ``target_speedup``: the largest-remaining model found by bisection
+    """L1 filter pruning whose MEASURED speedup (``latency_model.measure_models``: each candidate and the
+    dense model timed interleaved) meets ``target_speedup``: the largest-remaining model found by bisection
     on the channel ratio (see :func:`l1_filter_prune`). Each ratio is judged by
     :func:`~autosculpt.search.select_plan` with ``selection`` (default: the search's settings; a
     ``tolerance`` given here replaces its tolerance)."""

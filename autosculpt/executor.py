@@ -559,9 +559,10 @@ def _assign_buffers(steps: List[dict], storages: List[int], input_storage: int, 
     segments) holds the whole batch in a shared buffer (ids 0: the caller's input, 1: its output,
     2...: owned), reused only after the last segment reading it is complete: while one image runs a
     segment's later steps, another may still be reading its earlier values."""
-    seg: List[int] = []
+    seg: List[int] = []  # segment number of each step
     for i, s in enumerate(steps):
-        seg.append(seg[-1] if i and s.get("per_image", True) and steps[i - 1].get("per_image", True) else len(set(seg)))
+        same = i and s.get("per_image", True) and steps[i - 1].get("per_image", True)
+        seg.append(seg[-1] if same else (seg[-1] + 1 if seg else 0))
     producer: Dict[int, int] = {s["out"]: i for i, s in enumerate(steps)}
     readers: Dict[int, List[int]] = {}
     for i, s in enumerate(steps):

@@ -380,8 +380,8 @@ class ChannelPlan:
     JSON (:meth:`to_dict`): ``{"kind": "channels", "version": 1, "input_shape": [...], "groups": [{"id": g,
     "channels": n, "members": ["module:dim", ...], "keep": [...]}], "keep_ratio": r, "mac_cut": c}``.
     ``members`` fingerprints each group so a plan applied to another architecture is an error, not a
-    silently different model; ``keep_ratio`` and ``mac_cut`` (the cut measured when planned) are
-    informational.
+    silently different model; ``keep_ratio`` (the kept fraction of all the groups' channels) and
+    ``mac_cut`` (the cut measured when planned) are informational.
     """
 
     kind: ClassVar[str] = "channels"
@@ -675,5 +675,7 @@ def plan_for_mac_cut(model: nn.Module, example_input, mac_cut: float, *, norm: s
                              f"({left} left in each of its {len(groups)} prunable groups)")
     keep = keep_of(best_counts)
     shape = tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else ()
+    # the kept fraction of the groups' channels (the bisection's uniform ratio before refine moved groups)
+    kept = sum(best_counts) / float(max(1, sum(g.channels for g in groups)))
     return ChannelPlan({g: keep[g] for g in keep}, {g.id: g.channels for g in groups},
-                       {g.id: _channel_fingerprint(g) for g in groups}, shape, best_ratio, total / best_macs)
+                       {g.id: _channel_fingerprint(g) for g in groups}, shape, kept, total / best_macs)

@@ -33,6 +33,8 @@ def test_reaches_the_cut_within_two_percent(models, name, cut):
     assert achieved == pytest.approx(cut, rel=0.02)
     assert plan.mac_cut == pytest.approx(achieved, rel=1e-9)
     assert 0.0 < plan.keep_ratio < 1.0
+    kept = sum(len(k) for k in plan.keep.values()) / sum(plan.group_sizes.values())
+    assert plan.keep_ratio == pytest.approx(kept, rel=1e-12)
     # uniform: every group keeps about the same fraction
     fractions = [len(plan.keep[g]) / plan.group_sizes[g] for g in plan.keep if plan.group_sizes[g] >= 16]
     assert max(fractions) - min(fractions) < 0.1
@@ -65,6 +67,9 @@ def test_coarse_steps_mix_neighbouring_counts_to_land_on_the_cut(models):
     assert achieved == pytest.approx(3.0, rel=0.03)
     assert all(len(v) % 8 == 0 for v in single.keep.values())
     assert single.mac_cut == pytest.approx(achieved, rel=1e-9)
+    # keep_ratio reports what the refined plan keeps, not the bisection's ratio before the moves
+    kept = sum(len(k) for k in single.keep.values()) / sum(single.group_sizes.values())
+    assert single.keep_ratio == pytest.approx(kept, rel=1e-12)
 
 
 def plan_within(model, x, step, cut=2.0):
