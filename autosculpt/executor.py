@@ -13,7 +13,10 @@ What it covers: ``PatternConv2d`` / ``nn.Conv2d`` (groups 1 through the pattern 
 one filter per channel, vectorised over channels in NHWC), ``nn.Linear``, ``FastMaxPool2d`` /
 ``nn.MaxPool2d`` (dilation 1, floor mode), ``nn.AdaptiveAvgPool2d`` / ``F.adaptive_avg_pool2d`` to 1×1
 (or to the input's own size), ``mean`` over H and W, flatten, adds of equal shapes, ReLU and ReLU6
-(fused into the producing conv or add when it is the only reader), dropout and identity (inference). Any other node raises :class:`UnsupportedGraph` naming it: the deployment race
+(fused into the producing conv or add when it is the only reader), SiLU and sigmoid (modules or
+functions, a step of their own), a feature map times a per-channel ``(N, C, 1, 1)`` scale
+(squeeze-excitation), dropout, identity and torchvision's stochastic depth (inference: EfficientNet).
+Any other node raises :class:`UnsupportedGraph` naming it: the deployment race
 then reports the route as skipped and uses another one.
 
 Non-finite inputs: a pattern conv skips its dropped taps, where ``conv2d(x, weight * mask)`` computes
@@ -374,7 +377,24 @@ class GraphExecutorModel(nn.Module):
                     out = new_value(node)
                     steps.append({"op": "clamp", "in": src.storage, "out": out.storage, "numel": storages[out.storage],
                                   "hi": hi})
-            elif mod is not None and isinstance(mod, (nn.Dropout, nn.Identity)):
+            elif _smooth_activation(node, mod) is not None:
+                src = value(args[0])
+                out = new_value(node)
+                steps.append({"op": "act", "in": src.storage, "out": out.storage, "numel": storages[out.storage],
+                              "act": _ACT_IDS[_smooth_activation(node, mod)]})
+            elif (op == "call_function" and target in _MUL and len(args) == 2 and not node.kwargs
+                  and all(isinstance(a, torch.fx.Node) for a in args)):
+                # a feature map times a per-channel vector of each image (squeeze-excitation)
+                a, b = value(args[0]), value(args[1])
+                fmap, vec = (a, b) if len(a.shape) == 4 and a.shape[2:] != (1, 1) else (b, a)
+                vec_ok = tuple(vec.shape) in ((fmap.shape[0], fmap.shape[1], 1, 1), (fmap.shape[0], fmap.shape[1]))
+                if len(fmap.shape) != 4 or not vec_ok or fmap.flat_from is not None:
+                    raise UnsupportedGraph(f"graph executor: multiply of shapes {a.shape} and {b.shape} (only a map "
+                                           "times a per-channel (N, C, 1, 1) scale)")
+                out = new_value(node)
+                steps.append({"op": "scale", "in": fmap.storage, "in2": vec.storage, "out": out.storage,
+                              "geom": fmap.shape})
+            elif mod is not None and isinstance(mod, (nn.Dropout, nn.Identity)) or _eval_stochastic_depth(node):
                 alias(node, value(args[0]))
             elif op == "call_function" and target in _ADD and len(args) == 2 and not node.kwargs:
                 a, b = value(args[0]), value(args[1])
@@ -536,6 +556,31 @@ def _activation_bound(node, mod) -> Optional[float]:
     return None
 
 
+_ACT_IDS = {"silu": 1, "sigmoid": 2}  # GraphExecutor.add_act
+_MUL = {operator.mul, operator.imul, torch.mul}
+
+
+def _smooth_activation(node, mod) -> Optional[str]:
+    """"silu" or "sigmoid" for a SiLU / sigmoid node (module, function or method), None for any other."""
+    if mod is not None:
+        return "silu" if isinstance(mod, nn.SiLU) else "sigmoid" if isinstance(mod, nn.Sigmoid) else None
+    if node.op == "call_function":
+        return "silu" if node.target is F.silu else "sigmoid" if node.target in (torch.sigmoid, F.sigmoid) else None
+    if node.op == "call_method":
+        return {"sigmoid": "sigmoid", "sigmoid_": "sigmoid"}.get(node.target)
+    return None
+
+
+def _eval_stochastic_depth(node) -> bool:
+    """torchvision's ``stochastic_depth(x, p, mode, training=False)`` (traced as a leaf function): the identity."""
+    if node.op != "call_function" or getattr(node.target, "__name__", "") != "stochastic_depth":
+        return False
+    if not getattr(node.target, "__module__", "").startswith("torchvision."):
+        return False
+    training = node.kwargs.get("training", node.args[3] if len(node.args) > 3 else True)
+    return training is False
+
+
 def modules_param(gm: torch.fx.GraphModule, node) -> torch.Tensor:
     """The parameter a ``get_attr`` node reads (F.linear's weight in a traced graph)."""
     if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
@@ -646,5 +691,10 @@ def _emit(executor, s: dict, buffer_of: Dict[int, int]) -> None:
         executor.add_add(buffer_of[s["in"]], buffer_of[s["in2"]], buffer_of[s["out"]], s["numel"], s["relu"], s["hi"])
     elif op == "clamp":
         executor.add_clamp(buffer_of[s["in"]], buffer_of[s["out"]], s["numel"], True, s["hi"])
+    elif op == "act":
+        executor.add_act(buffer_of[s["in"]], buffer_of[s["out"]], s["numel"], s["act"])
+    elif op == "scale":
+        n, c, h, w = s["geom"]
+        executor.add_scale(buffer_of[s["in"]], buffer_of[s["in2"]], buffer_of[s["out"]], n, h, w, c)
     else:  # pragma: no cover - the planner only builds the ops above
         raise AssertionError(op)

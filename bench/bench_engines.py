@@ -57,7 +57,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-TORCHVISION_MODELS = ["resnet18", "resnet50", "vgg11_bn", "mobilenet_v2"]  # 3×224×224, 1000 classes
+TORCHVISION_MODELS = ["resnet18", "resnet50", "vgg11_bn", "mobilenet_v2", "efficientnet_b0"]  # 3×224×224, 1000 classes
 BUILTIN_MODELS = ["resnet20", "resnet56", "vgg16"]  # autosculpt.models, 3×32×32, 10 classes
 MODELS = TORCHVISION_MODELS + BUILTIN_MODELS
 ENGINES = ["onnxruntime", "openvino", "inductor"]  # "best dense engine" = the fastest of these

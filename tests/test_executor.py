@@ -182,14 +182,25 @@ def test_non_finite_input_propagates_as_the_reference():
     torch.testing.assert_close(out[fin], ref[fin], atol=1e-4, rtol=1e-4)
 
 
+class Product(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+
+    def forward(self, x):
+        return self.a(x) * self.b(x)
+
+
 def test_unsupported_models_say_which_node():
     torch.manual_seed(6)
     x = torch.randn(1, 3, 16, 16)
     grouped = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=2)).eval()
     with pytest.raises(UnsupportedGraph, match="groups 2"):
         executor_for(grouped, x)
-    with pytest.raises(UnsupportedGraph, match="Sigmoid"):
-        executor_for(nn.Sequential(nn.Conv2d(3, 8, 1), nn.Sigmoid()).eval(), x)
+    with pytest.raises(UnsupportedGraph, match="GELU"):
+        executor_for(nn.Sequential(nn.Conv2d(3, 8, 1), nn.GELU()).eval(), x)
+    with pytest.raises(UnsupportedGraph, match="multiply of shapes"):  # only a map times a channel scale
+        executor_for(Product().eval(), x)
     with pytest.raises(ValueError, match="x: expected a float32"):
         executor_for(nn.Sequential(nn.Conv2d(3, 8, 1)).eval(), x)(x.double())
     # the deployment race reports the route as skipped and deploys another one
@@ -304,3 +315,67 @@ def test_depthwise_3x3_every_width_equals_eager(width, stride, padding):
     torch.manual_seed(width * 10 + stride)
     model = nn.Sequential(nn.Conv2d(21, 21, 3, stride=stride, padding=padding, groups=21), nn.ReLU6()).eval()
     check(model, torch.randn(2, 21, 7, width))
+
+
+class SqueezeExcite(nn.Module):
+    """SiLU / sigmoid (modules and functions) and squeeze-excitation: a map times a per-channel scale of
+    each image, in both operand orders, on an odd channel count (vector tails)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 21, 3, padding=1)
+        self.fc1 = nn.Conv2d(21, 5, 1)
+        self.fc2 = nn.Conv2d(5, 21, 1)
+        self.act, self.gate = nn.SiLU(), nn.Sigmoid()
+        self.dw = nn.Conv2d(21, 21, 3, padding=1, groups=21)
+        self.head = nn.Linear(21, 4)
+
+    def forward(self, x):
+        y = self.act(self.conv(x))
+        s = self.gate(self.fc2(F.silu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
+        y = s * y
+        z = self.dw(y)
+        z = z * torch.sigmoid(z.mean((2, 3), keepdim=True))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(F.silu(z), 1), 1))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_silu_sigmoid_and_squeeze_excitation_equal_eager(batch):
+    torch.manual_seed(batch)
+    check(SqueezeExcite(), torch.randn(batch, 3, 9, 7) * 3)
+
+
+def test_smooth_activations_at_extremes_and_nan():
+    """The executor's SiLU and sigmoid against torch on large magnitudes (the exp clamp), every tail
+    length of a 16-lane vector, and NaN (propagated, as in torch)."""
+    from autosculpt import _C
+
+    for numel in (1, 15, 16, 17, 40):
+        x = torch.linspace(-120.0, 120.0, numel)
+        if numel > 3:
+            x[3] = float("nan")
+        for act, ref in ((1, F.silu(x)), (2, torch.sigmoid(x))):
+            ex = _C.GraphExecutor([numel, numel], 1)
+            ex.add_act(0, 1, numel, act)
+            out = torch.empty(numel)
+            assert ex.run(x.data_ptr(), out.data_ptr(), 1)
+            assert torch.equal(out.isnan(), ref.isnan())
+            torch.testing.assert_close(out.nan_to_num(), ref.nan_to_num(), atol=1e-6, rtol=1e-6)
+
+
+def test_torchvision_efficientnet_b0_equals_eager():
+    from tests.channels.channel_helpers import tv_models
+
+    torch.manual_seed(0)
+    dense = randomize_bn(tv_models().efficientnet_b0(num_classes=9).eval())
+    nn.init.normal_(dense.classifier[1].weight, std=0.5)
+    out = check(dense, torch.randn(2, 3, 64, 64))
+    assert float(out.abs().max()) > 0.1
+    route = optimize_for_inference(dense, torch.randn(1, 3, 64, 64), routes=("autosculpt_graph",)).route
+    assert route == "autosculpt_graph"
+    # channel-pruned (squeeze-excitation groups shrink with their blocks) through the executor too
+    from autosculpt.plan import plan_for_mac_cut
+
+    x = torch.randn(1, 3, 64, 64)
+    small = plan_for_mac_cut(dense, x, 2.0).apply(dense, x).eval()
+    check(small, torch.randn(3, 3, 64, 64))

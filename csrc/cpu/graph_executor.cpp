@@ -18,6 +18,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
@@ -38,7 +39,8 @@ namespace autosculpt {
 
 namespace {
 
-enum class Op { kConv, kDepthwise, kMaxPool, kMeanHW, kAdd, kClamp };
+enum class Op { kConv, kDepthwise, kMaxPool, kMeanHW, kAdd, kClamp, kAct, kScale };
+enum class Act { kSilu = 1, kSigmoid = 2 };
 
 struct Step {
   Op op;
@@ -50,6 +52,7 @@ struct Step {
   int64_t kh = 1, kw = 1, sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1;  // conv / pool window
   int64_t numel = 0;                                                 // add / relu: elements
   bool relu = false, check_finite = false;
+  Act act = Act::kSilu;  // kAct: the function
   float hi = std::numeric_limits<float>::infinity();  // clamp after the ReLU (ReLU6: 6)
   // Image by image: floats per image of the input, second input and output; whether the step may run
   // one image at a time (false: large weights per image of work, e.g. a classifier: whole batch); a
@@ -109,6 +112,49 @@ void mean_hw(const Step& s, const float* x, float* out) {
 inline float activate(float v, bool relu, float hi) {
   v = (relu && v < 0.0f) ? 0.0f : v;
   return v > hi ? hi : v;
+}
+
+// SiLU (x * sigmoid(x)) or sigmoid of n floats. NaN stays NaN, as in torch.
+#if defined(__x86_64__) && defined(__GNUC__)
+// exp(x) for x in [-87.3, 88.7] (clamped there; NaN passes): 2^n * p(r), r = x - n ln 2 in [-ln2/2, ln2/2],
+// p the degree-6 Taylor polynomial (relative error < 2e-7), 2^n applied with vscalefps.
+__attribute__((target("avx512f"), always_inline)) inline __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(88.7f), _mm512_max_ps(_mm512_set1_ps(-87.3f), x));  // (NaN: 2nd operand)
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln 2 in two parts
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+__attribute__((target("avx512f"))) void act_avx512(Act act, const float* in, float* out, int64_t n) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1u);
+    const __m512 x = _mm512_maskz_loadu_ps(m, in + i);
+    const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+    _mm512_mask_storeu_ps(out + i, m, act == Act::kSilu ? _mm512_mul_ps(x, sig) : sig);
+  }
+}
+#endif
+
+void act_floats(Act act, const float* in, float* out, int64_t n) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_features().avx512f) {
+    act_avx512(act, in, out, n);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    const float sig = 1.0f / (1.0f + std::exp(-in[i]));
+    out[i] = act == Act::kSilu ? in[i] * sig : sig;
+  }
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -372,6 +418,25 @@ class GraphExecutor {
     steps_.push_back(s);
   }
 
+  // out = SiLU(in) (act 1) or sigmoid(in) (act 2), elementwise; in and out may be the same buffer.
+  void add_act(int in, int out, int64_t numel, int act) {
+    if (act != int(Act::kSilu) && act != int(Act::kSigmoid))
+      throw std::invalid_argument("GraphExecutor.add_act: act must be 1 (SiLU) or 2 (sigmoid)");
+    Step s{Op::kAct};
+    s.in = check_id(in), s.out = check_id(out), s.numel = numel, s.act = Act(act);
+    set_elementwise_strides(s);
+    steps_.push_back(s);
+  }
+
+  // out[n, y, x, c] = in[n, y, x, c] * scale[n, c] (squeeze-excitation): in (N, H, W, C), scale (N, C).
+  void add_scale(int in, int scale, int out, int64_t n, int64_t h, int64_t w, int64_t c) {
+    Step s{Op::kScale};
+    s.in = check_id(in), s.in2 = check_id(scale), s.out = check_id(out), s.n = n, s.h = h, s.w = w, s.c = c;
+    check_batch(n);
+    s.in_stride = s.out_stride = h * w * c, s.in2_stride = c, s.per_image = true;
+    steps_.push_back(s);
+  }
+
   // out = min(clamp_max, ReLU?(in)); in and out may be the same buffer.
   void add_clamp(int in, int out, int64_t numel, bool relu, float clamp_max) {
     Step s{Op::kClamp};
@@ -497,6 +562,20 @@ class GraphExecutor {
 #pragma omp simd
         for (int64_t i = 0; i < s.numel; ++i) o[i] = activate(in[i], s.relu, s.hi);
         break;
+      case Op::kAct:
+        act_floats(s.act, in, o, s.numel);
+        break;
+      case Op::kScale:
+        for (int64_t img = 0; img < s.n; ++img) {
+          const float* sc = in2 + img * s.c;
+          for (int64_t p = 0; p < s.h * s.w; ++p) {
+            const float* xi = in + (img * s.h * s.w + p) * s.c;
+            float* oi = o + (img * s.h * s.w + p) * s.c;
+#pragma omp simd
+            for (int64_t k = 0; k < s.c; ++k) oi[k] = xi[k] * sc[k];
+          }
+        }
+        break;
     }
     return true;
   }
@@ -551,6 +630,9 @@ void register_graph_executor(pybind11::module_& m) {
            py::arg("w"), py::arg("c"))
       .def("add_add", &GraphExecutor::add_add, py::arg("a_id"), py::arg("b_id"), py::arg("out_id"), py::arg("numel"),
            py::arg("relu"), py::arg("clamp_max"))
+      .def("add_act", &GraphExecutor::add_act, py::arg("in_id"), py::arg("out_id"), py::arg("numel"), py::arg("act"))
+      .def("add_scale", &GraphExecutor::add_scale, py::arg("in_id"), py::arg("scale_id"), py::arg("out_id"),
+           py::arg("n"), py::arg("h"), py::arg("w"), py::arg("c"))
       .def("add_clamp", &GraphExecutor::add_clamp, py::arg("in_id"), py::arg("out_id"), py::arg("numel"),
            py::arg("relu"), py::arg("clamp_max"))
       .def(
