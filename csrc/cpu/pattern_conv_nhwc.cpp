@@ -239,6 +239,25 @@ __attribute__((target("avx512f,fma"))) void tile_avx512(const NhwcCall& a, const
   store_acc<MR, NV>(a, blk, acc, oy, ox0);
 }
 
+// acc[i] += the 8-lane weights of the run list at runs times input pixel i, over every run (8 filters,
+// weights [k][8] read straight through; w advances past them).
+template <int MR>
+__attribute__((target("avx512f,avx512vl,fma"), always_inline)) inline void accumulate_8(const float* x0, int64_t px,
+                                                                                        const int64_t* runs,
+                                                                                        const float*& w,
+                                                                                        __m256 (&acc)[MR]) {
+  for (int64_t k = 0; k < runs[0]; ++k) {
+    const float* xr = x0 + runs[1 + 2 * k];
+    const int64_t len = runs[2 + 2 * k];
+    for (int64_t c = 0; c < len; ++c) {
+      const __m256 wv = _mm256_load_ps(w + c * 8);
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(xr[i * px + c]), wv, acc[i]);
+    }
+    w += len * 8;
+  }
+}
+
 // Split 16-lane block (CPUs with 256-bit FMA units): filters 0-7 and 8-15 have different tap sets.
 // The taps both halves keep run on 16 lanes; those only one half keeps run on that half's 8 lanes
 // (a 256-bit FMA, half the cost of a 512-bit one there), in accumulators of their own added in at
@@ -271,16 +290,7 @@ __attribute__((target("avx512f,avx512vl,avx512dq,fma"))) void tile_avx512_split(
     runs += 1 + 2 * runs[0];
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) half[h][i] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < runs[0]; ++k) {
-      const float* xr = x0 + runs[1 + 2 * k];
-      const int64_t len = runs[2 + 2 * k];
-      for (int64_t c = 0; c < len; ++c) {
-        const __m256 wv = _mm256_load_ps(w + c * 8);
-#pragma GCC unroll 16
-        for (int i = 0; i < MR; ++i) half[h][i] = _mm256_fmadd_ps(_mm256_set1_ps(xr[i * px + c]), wv, half[h][i]);
-      }
-      w += len * 8;
-    }
+    accumulate_8<MR>(x0, px, runs, w, half[h]);
   }
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
@@ -297,18 +307,7 @@ __attribute__((target("avx512f,avx512vl,fma"))) void tile_avx512_8(const NhwcCal
   __m256 acc[MR];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
-  const int64_t px = a.sw * a.C;
-  const float* x0 = a.xpad + (oy * a.sh * a.Wp + ox0 * a.sw) * a.C;
-  for (int64_t k = 0; k < runs[0]; ++k) {
-    const float* xr = x0 + runs[1 + 2 * k];
-    const int64_t len = runs[2 + 2 * k];
-    for (int64_t c = 0; c < len; ++c) {
-      const __m256 wv = _mm256_load_ps(w + c * 8);
-#pragma GCC unroll 16
-      for (int i = 0; i < MR; ++i) acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(xr[i * px + c]), wv, acc[i]);
-    }
-    w += len * 8;
-  }
+  accumulate_8<MR>(a.xpad + (oy * a.sh * a.Wp + ox0 * a.sw) * a.C, a.sw * a.C, runs, w, acc);
   if (blk.contiguous) {
     const int32_t c0 = blk.filters[0];
     const __mmask8 live = __mmask8((1u << std::min(8, blk.nfilt)) - 1u);
