@@ -126,7 +126,9 @@ class GraphExecutorModel(nn.Module):
     @torch.no_grad()
     def step_times(self, x: torch.Tensor, repeats: int = 20) -> List[Tuple[str, float]]:
         """``(node name, median ms)`` of every C++ step at ``x``'s shape over ``repeats`` runs: where a
-        forward's time goes (benchmarks and tuning; the steps run as in :meth:`forward`)."""
+        forward's time goes (benchmarks and tuning; the steps run as in :meth:`forward`). Memory-bound
+        steps can pass cost to their neighbours (a step that leaves its output in L3 makes the next one
+        slower): judge a change by the whole forward, timed interleaved, not by the step sum."""
         if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
             raise ValueError(f"repeats: expected a positive int, got {repeats!r}")
         x = x.contiguous(memory_format=torch.channels_last)
@@ -198,8 +200,9 @@ class GraphExecutorModel(nn.Module):
             values[node] = _Value(src.storage, shape or shape_of(node), flat_from)
 
         def conv_step(src: _Value, node, weight, mask, bias, stride, padding, dilation, relu, residual=None,
-                      geometry=None):
-            packed = ext.PackedPatternConvNhwc(weight.data_ptr(), mask.data_ptr(), *weight.shape)
+                      geometry=None, packed=None):
+            if packed is None:  # (block_order hands over the weights it packed already)
+                packed = ext.PackedPatternConvNhwc(weight.data_ptr(), mask.data_ptr(), *weight.shape)
             keep.extend([packed, weight, mask, bias])
             out = new_value(node)
             n, c, h, w = geometry or (src.shape[0], src.shape[1], src.shape[2], src.shape[3])
@@ -218,21 +221,22 @@ class GraphExecutorModel(nn.Module):
         def in_order(arg) -> Optional[torch.Tensor]:
             return order.get(arg) if isinstance(arg, torch.fx.Node) else None
 
-        def block_order(node, w, mask) -> Optional[torch.Tensor]:
-            """The output channel order putting each kernel block on consecutive channels (None: keep)."""
+        def block_order(node, w, mask) -> Tuple[Optional[torch.Tensor], object]:
+            """The output channel order putting each kernel block on consecutive channels (None: keep),
+            and the conv packed in that order (None when it was not packed here)."""
             if node not in free or bool((mask == mask[:1]).all()):
-                return None
+                return None, None
             perm = torch.arange(w.shape[0])
-            best, best_contig = None, -1
+            best, best_packed, best_contig = None, None, -1
             for _ in range(3):  # the kernel's blocks of the reordered conv, until all are contiguous
                 wp, mp = w[perm].contiguous(), mask[perm].contiguous()
                 packed = ext.PackedPatternConvNhwc(wp.data_ptr(), mp.data_ptr(), *wp.shape)
                 if packed.contiguous_blocks > best_contig:
-                    best, best_contig = perm, packed.contiguous_blocks
+                    best, best_packed, best_contig = perm, packed, packed.contiguous_blocks
                 if best_contig == packed.num_blocks:
                     break
                 perm = perm[torch.tensor(packed.filter_order, dtype=torch.long)]
-            return None if bool((best == torch.arange(w.shape[0])).all()) else best
+            return (None if bool((best == torch.arange(w.shape[0])).all()) else best), best_packed
 
         def producer_step(v: _Value) -> Optional[dict]:
             for s in reversed(steps):
@@ -298,12 +302,13 @@ class GraphExecutorModel(nn.Module):
                     w = w[:, pi_in].contiguous()
                 if res is not None and in_order(res) is not None:  # pragma: no cover - the pre-pass forbids it
                     raise AssertionError(f"graph executor: residual of {target} in a permuted channel order")
-                pi = order[node] = block_order(node, w, mask.view(mask.shape[0], -1))
+                pi, packed = block_order(node, w, mask.view(mask.shape[0], -1))
+                order[node] = pi
                 if pi is not None:
                     w, mask = w[pi].contiguous(), mask[pi].contiguous()
                     bias = bias[pi].contiguous() if bias is not None else None
                 conv_step(src, node, w, mask, bias, _pair(mod.stride), _pair(mod.padding), _pair(mod.dilation),
-                          act == "relu", res_v)
+                          act == "relu", res_v, packed=packed)
             elif mod is not None and isinstance(mod, nn.Linear) or op == "call_function" and target is F.linear:
                 src = value(args[0])
                 if mod is not None:
