@@ -144,6 +144,17 @@ class GraphExecutorModel(nn.Module):
         med = torch.stack(runs[1:]).median(0).values * 1e3
         return list(zip(self._step_names[tuple(x.shape)], med.tolist()))
 
+    def batch_schedule(self, x: torch.Tensor, threads: Optional[int] = None) -> Tuple[bool, List[str]]:
+        """How a batch shaped like ``x`` runs at ``threads`` threads (default: torch's): whether each
+        thread takes whole images through the runs of per-image steps, and the names of the steps that
+        run on the whole batch at once (weights large against an image's activations: classifiers,
+        VGG's 512-channel convs on 2×2 maps)."""
+        x = x.contiguous(memory_format=torch.channels_last)
+        executor = (self._plans.get(tuple(x.shape)) or self._plan(x))[0]
+        names = self._step_names[tuple(x.shape)]
+        whole = [n for n, per in zip(names, executor.per_image_steps) if not per]
+        return bool(executor.splits_batch(int(threads or torch.get_num_threads()))), whole
+
     @property
     def planned_shapes(self) -> List[Tuple[int, ...]]:
         """Input shapes planned so far (the example's at construction, others on their first call)."""

@@ -275,7 +275,7 @@ def test_block_channel_order_only_where_every_reader_can_follow():
     check(model, x)
 
 
-@pytest.mark.parametrize("name,batch", [("vgg16", 4), ("mobilenetv2", 6), ("resnet20", 9)])
+@pytest.mark.parametrize("name,batch", [("vgg16", 4), ("mobilenetv2", 6), ("resnet20", 9), ("resnet20", 3)])
 def test_batches_run_image_by_image_on_two_threads(name, batch):
     """Batches run image by image through each run of per-image steps (a thread per image with 2
     threads; values inside a run in thread-private buffers), and convs with large weights per image
@@ -287,6 +287,14 @@ def test_batches_run_image_by_image_on_two_threads(name, batch):
     model = asc.sparsify(dense, uniform_plan(dense, PAPER6, 0.5)).eval()
     x = torch.randn(batch, 3, 32, 32)
     ex = executor_for(model, x)
+    # whole images per thread for an even batch or one of at least 4 per thread (3 on 2: shared images)
+    split, whole = ex.batch_schedule(x, threads=2)
+    assert split == (batch != 3) and ex.batch_schedule(x, threads=1)[0] is False
+    assert whole[-1].startswith(("fc", "classifier", "linear"))  # the classifier: the whole batch
+    if name == "vgg16":  # and its 512-channel convs on 2x2 maps
+        assert any("PatternConv2d" in n for n in whole)
+    else:
+        assert len(whole) == 1
     threads = torch.get_num_threads()
     try:
         for t in (1, 2):

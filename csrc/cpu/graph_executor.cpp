@@ -458,7 +458,7 @@ class GraphExecutor {
     // cache from layer to layer (a batch of 8 MobileNetV2 expansions is 38 MB: it streamed from
     // memory), and with a thread per image (batch >= threads) the threads never wait for each other.
     // Steps with large weights (classifiers) run on the whole batch at once.
-    const bool split = threads > 1 && batch_ >= threads && (batch_ % threads == 0 || batch_ >= 4 * threads);
+    const bool split = splits_batch(threads);
     for (size_t si = 0; si < steps_.size();) {
       size_t end = si;
       while (end < steps_.size() && steps_[end].per_image) ++end;
@@ -509,6 +509,17 @@ class GraphExecutor {
   }
 
   int64_t num_steps() const { return int64_t(steps_.size()); }
+
+  // Whether runs of per-image steps give each thread whole images (else the threads share each image).
+  bool splits_batch(int threads) const {
+    return threads > 1 && batch_ >= threads && (batch_ % threads == 0 || batch_ >= 4 * threads);
+  }
+  // Per step: true when it runs image by image, false when on the whole batch at once.
+  std::vector<bool> per_image_steps() const {
+    std::vector<bool> out;
+    for (const Step& s : steps_) out.push_back(s.per_image);
+    return out;
+  }
 
  private:
   void check_batch(int64_t n) const {
@@ -651,7 +662,11 @@ void register_graph_executor(pybind11::module_& m) {
           py::arg("x_ptr"), py::arg("out_ptr"), py::arg("num_threads"), py::arg("step_seconds_ptr"),
           py::call_guard<py::gil_scoped_release>(),
           "run(), adding each step's wall time (seconds) to step_seconds[i] (float64, num_steps entries)")
-      .def_property_readonly("num_steps", &GraphExecutor::num_steps);
+      .def_property_readonly("num_steps", &GraphExecutor::num_steps)
+      .def("splits_batch", &GraphExecutor::splits_batch, py::arg("num_threads"),
+           "whether each thread runs whole images of the batch at this thread count")
+      .def_property_readonly("per_image_steps", &GraphExecutor::per_image_steps,
+                             "per step: runs image by image (True) or on the whole batch (False)");
 }
 
 }  // namespace autosculpt
