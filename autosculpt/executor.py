@@ -393,11 +393,11 @@ class GraphExecutorModel(nn.Module):
                     out = new_value(node)
                     steps.append({"op": "clamp", "in": src.storage, "out": out.storage, "numel": storages[out.storage],
                                   "hi": hi})
-            elif _smooth_activation(node, mod) is not None:
+            elif (smooth := _smooth_activation(node, mod)) is not None:
                 src = value(args[0])
                 out = new_value(node)
                 steps.append({"op": "act", "in": src.storage, "out": out.storage, "numel": storages[out.storage],
-                              "act": _ACT_IDS[_smooth_activation(node, mod)]})
+                              "act": _ACT_IDS[smooth]})
             elif (op == "call_function" and target in _MUL and len(args) == 2 and not node.kwargs
                   and all(isinstance(a, torch.fx.Node) for a in args)):
                 # a feature map times a per-channel vector of each image (squeeze-excitation)

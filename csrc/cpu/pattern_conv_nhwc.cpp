@@ -209,17 +209,12 @@ __attribute__((target("avx512f,fma"), always_inline)) inline void store_acc(cons
   }
 }
 
-// MR pixels x NV vectors of 16 output channels in registers over the whole (tap, c_in) reduction.
+// acc[i][v] += the NV x 16-lane weights of the run list at runs times input pixel i, over every run
+// (weights [k][16 * NV] read straight through; w advances past them).
 template <int MR, int NV>
-__attribute__((target("avx512f,fma"))) void tile_avx512(const NhwcCall& a, const NhwcBlock& blk, const float* w,
-                                                        const int64_t* runs, int64_t oy, int64_t ox0) {
-  __m512 acc[MR][NV];
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
-  const int64_t px = a.sw * a.C;
-  const float* x0 = a.xpad + (oy * a.sh * a.Wp + ox0 * a.sw) * a.C;
+__attribute__((target("avx512f,fma"), always_inline)) inline void accumulate_16(const float* x0, int64_t px,
+                                                                                const int64_t* runs, const float*& w,
+                                                                                __m512 (&acc)[MR][NV]) {
   for (int64_t k = 0; k < runs[0]; ++k) {
     const float* xr = x0 + runs[1 + 2 * k];
     const int64_t len = runs[2 + 2 * k];
@@ -236,6 +231,18 @@ __attribute__((target("avx512f,fma"))) void tile_avx512(const NhwcCall& a, const
     }
     w += len * (16 * NV);
   }
+}
+
+// MR pixels x NV vectors of 16 output channels in registers over the whole (tap, c_in) reduction.
+template <int MR, int NV>
+__attribute__((target("avx512f,fma"))) void tile_avx512(const NhwcCall& a, const NhwcBlock& blk, const float* w,
+                                                        const int64_t* runs, int64_t oy, int64_t ox0) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  accumulate_16<MR, NV>(a.xpad + (oy * a.sh * a.Wp + ox0 * a.sw) * a.C, a.sw * a.C, runs, w, acc);
   store_acc<MR, NV>(a, blk, acc, oy, ox0);
 }
 
@@ -274,16 +281,7 @@ __attribute__((target("avx512f,avx512vl,avx512dq,fma"))) void tile_avx512_split(
   for (int i = 0; i < MR; ++i) acc[i][0] = _mm512_setzero_ps();
   const int64_t px = a.sw * a.C;
   const float* x0 = a.xpad + (oy * a.sh * a.Wp + ox0 * a.sw) * a.C;
-  for (int64_t k = 0; k < runs[0]; ++k) {
-    const float* xr = x0 + runs[1 + 2 * k];
-    const int64_t len = runs[2 + 2 * k];
-    for (int64_t c = 0; c < len; ++c) {
-      const __m512 wv = _mm512_load_ps(w + c * 16);
-#pragma GCC unroll 16
-      for (int i = 0; i < MR; ++i) acc[i][0] = _mm512_fmadd_ps(_mm512_set1_ps(xr[i * px + c]), wv, acc[i][0]);
-    }
-    w += len * 16;
-  }
+  accumulate_16<MR, 1>(x0, px, runs, w, acc);
   __m256 half[2][MR];
 #pragma GCC unroll 2
   for (int h = 0; h < 2; ++h) {
