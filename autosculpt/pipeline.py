@@ -121,6 +121,26 @@ def _load_data_and_dense(cfg: dict, device: torch.device, log: Log, splits=None)
     return splits, factory, meta, dense.eval(), source
 
 
+def _check_searchable(cfg: dict, splits) -> None:
+    """Fails before any dense training when the search would find nothing to prune: its action space is
+    the pattern mix of each 3×3 conv (zero padding, groups = 1), so a model without one (a ViT, an
+    MLP) cannot be searched."""
+    from .models.pretrained import resolve_model
+    from .patterns import PAPER6
+    from .runtime.hooks import collect_layers
+
+    name = cfg["model"]
+    factory, _ = resolve_model(name, splits.num_classes, splits.input_shape, cfg.get("model_args") or {})
+    model = factory().eval()
+    with torch.no_grad():
+        layers = collect_layers(model, torch.zeros(1, *splits.input_shape), PAPER6)
+    if not layers:
+        raise ValueError(
+            f"model: {name} ({type(model).__name__}) has no prunable 3×3 conv, and the search chooses the "
+            "pattern mix of each 3×3 conv (channel groups and attention heads are not in its action space "
+            "yet); a channel plan for it: autosculpt.plan.plan_for_mac_cut(model, example_input, mac_cut)")
+
+
 def _search_fn():
     import autosculpt
 
@@ -169,6 +189,7 @@ def run_prune(cfg: dict, run_dir: str, *, resume: bool = False, log: Log = print
 
     t0 = time.perf_counter()
     splits = _load_data(cfg)  # checks the batch sizes against the data before the run folder exists
+    _check_searchable(cfg, splits)  # and that the search has something to prune, before any training
     if main:
         os.makedirs(run_dir, exist_ok=True)
         cfgmod.save_config(cfg, os.path.join(run_dir, "config.yaml"))

@@ -531,3 +531,17 @@ def test_item6_finetune_config_file_is_validated_before_training(cache, tmp_path
     assert main(["finetune", "m.pt", "--batch-size", "1e9", "--no-progress"]) == 2
     assert "--batch-size: expected a positive integer" in _one_error_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "m.pt"]
+
+
+def test_a_model_without_prunable_convs_fails_before_training(cache, tmp_path, monkeypatch, capsys):
+    """``--model vit_tiny``: the search chooses 3×3 conv pattern mixes only, so the run stops with one
+    error line saying so (and what to use instead) before a dense model is trained or a folder made."""
+    import autosculpt.models.pretrained as pretrained
+
+    monkeypatch.setattr(pretrained, "dense_model", lambda *a, **k: pytest.fail("the dense model was trained"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["prune", "--model", "vit_tiny", "--runs-dir", str(tmp_path / "runs"), "--name", "v",
+                 "--no-progress"]) == 2
+    line = _one_error_line(capsys)
+    assert "vit_tiny (VisionTransformer) has no prunable 3×3 conv" in line and "plan_for_mac_cut" in line
+    assert not (tmp_path / "runs").exists()
