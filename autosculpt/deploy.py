@@ -117,7 +117,8 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor, *,
                            routes: Optional[Sequence[str]] = None, rounds: int = 9,
                            log: Optional[Callable[[str], None]] = None) -> DeployedModel:
     """The fastest deployed form of ``model`` (pruned or dense) at ``example_input``'s shape, device and
-    the current thread count (``torch.get_num_threads()``), as a :class:`DeployedModel`.
+    the current thread count (``torch.get_num_threads()``), as a :class:`DeployedModel`. Empty filters
+    (pattern 0) are removed as channels first where that is exact (:func:`fold_empty_filters_exactly`).
 
     Args:
         model: an eval-mode model (``asc.sparsify`` output or any dense model torch.fx can trace).
@@ -162,6 +163,27 @@ def _check_model_and_input(model, example_input) -> None:
         raise ValueError("model: the deployed form needs an eval-mode model; call model.eval() first")
 
 
+def fold_empty_filters_exactly(model: nn.Module, x: torch.Tensor,
+                               say: Callable[[str], None] = lambda _m: None) -> nn.Module:
+    """``model`` with its empty filters (pattern 0, all-zero rows) removed as channels where that is exact
+    (:func:`autosculpt.channels.fold_empty_filters`: the constant folded into the consumers' biases, their
+    input channels dropped), else ``model`` itself. Every route is built from the result and checked
+    against the original model's output."""
+    from .channels import ChannelTraceError, empty_filters, fold_empty_filters
+
+    if not any(empty_filters(model).values()):
+        return model
+    try:
+        result = fold_empty_filters(model, x)
+    except ChannelTraceError as exc:  # the channels cannot be analysed: the filters stay (their bias only)
+        warnings.warn(f"deploy: empty filters kept as channels: {exc}"[:400], RuntimeWarning, stacklevel=4)
+        return model
+    if result.folded:
+        say(f"deploy: {len(result.folded)} empty filters removed as channels ({len(result.kept)} kept)")
+        return result.model.eval()
+    return model
+
+
 def _build_checked(model: nn.Module, x: torch.Tensor, routes: Sequence[str], say: Callable[[str], None]):
     """({route: (callable, source, channels_last)}, {route: why skipped}) for the routes that build and
     agree with the eager model's output on ``x``."""
@@ -169,6 +191,7 @@ def _build_checked(model: nn.Module, x: torch.Tensor, routes: Sequence[str], say
 
     with torch.no_grad():
         ref = model(x)
+    model = fold_empty_filters_exactly(model, x, say)
     fused = fuse_for_inference(model, x, dense_convs=True)
     candidates: Dict[str, tuple] = {}
     skipped: Dict[str, str] = {}

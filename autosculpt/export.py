@@ -83,10 +83,12 @@ def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: str, *,
         raise TypeError(f"example_input: expected a tensor, got {type(example_input).__name__}")
     os.makedirs(out_dir, exist_ok=True)
     model = model.eval()
+    from .deploy import fold_empty_filters_exactly
     from .fuse import fuse_for_inference
 
     dense = dense_equivalent(model).eval()
-    deployed = fuse_for_inference(model, example_input)
+    # (empty filters removed as channels where exact, as in every deployed form; checked below)
+    deployed = fuse_for_inference(fold_empty_filters_exactly(model, example_input), example_input)
     other = torch.randn(example_input.shape[0] % max_batch + 1, *example_input.shape[1:],
                         dtype=example_input.dtype, device=example_input.device)
     paths = ExportPaths()

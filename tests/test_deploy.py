@@ -112,3 +112,59 @@ def test_aoti_package_runs_without_the_model_class(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, paths["deployed_aoti_pt2"], str(tmp_path / "io.pt")],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def _with_empty_filters():
+    """A small net whose 3×3 convs have empty filters (pattern 0): those of ``a`` feed a 1×1 conv (foldable),
+    those of ``c`` reach the classifier through average pooling (foldable), those of ``b`` feed a padded
+    3×3 conv (kept: the constant would be wrong at the borders)."""
+    from collections import OrderedDict
+
+    from autosculpt.plan import conv_layer_plan
+
+    torch.manual_seed(1)
+    net = nn.Sequential(OrderedDict([
+        ("a", nn.Conv2d(3, 24, 3, padding=1)), ("a_bn", nn.BatchNorm2d(24)), ("a_relu", nn.ReLU()),
+        ("p", nn.Conv2d(24, 16, 1)), ("p_relu", nn.ReLU()),
+        ("b", nn.Conv2d(16, 16, 3, padding=1)), ("b_relu", nn.ReLU()),
+        ("c", nn.Conv2d(16, 20, 3, padding=1)), ("c_relu", nn.ReLU()),
+        ("pool", nn.AdaptiveAvgPool2d(1)), ("flat", nn.Flatten()), ("fc", nn.Linear(20, 5))])).eval()
+    for bn in [net.a_bn]:
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.bias.data.uniform_(-0.5, 1)
+    ids = {"a": [0 if f % 3 == 0 else 1 + f % 5 for f in range(24)],  # 8 empty
+           "b": [0 if f < 4 else 2 for f in range(16)],                # 4 empty
+           "c": [0 if f % 2 else 1 + f % 5 for f in range(20)]}        # 10 empty
+    plan = {"version": 1, "layers": {n: conv_layer_plan(PAPER6, v) for n, v in ids.items()}}
+    return asc.sparsify(net, plan).eval()
+
+
+@pytest.mark.parametrize("route", QUICK_ROUTES)
+def test_deployed_form_removes_empty_filters_as_channels(route):
+    """Pattern 0 is real channel removal in the deployed form: empty filters whose constant output can be
+    folded exactly are gone from the producer and the consumers (smaller 1×1 conv and classifier), the
+    others stay, and the form equals the eager model on a fresh input."""
+    model = _with_empty_filters()
+    x = torch.randn(2, 3, 12, 10)
+    deployed = deployed_form(model, x, route)
+    widths = {tuple(m.weight.shape[:2]) for m in deployed.source.modules()
+              if isinstance(m, (nn.Conv2d, nn.Linear)) or hasattr(m, "tap_mask")}
+    # (filters, inputs): a keeps 16 of 24 filters, p sees 16 inputs, b keeps all 16 (its consumer pads),
+    # c keeps 10 of 20 and the classifier sees those 10
+    assert widths == {(16, 3), (16, 16), (10, 16), (5, 10)}
+    xt = torch.randn(3, 3, 12, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(xt), model(xt), atol=1e-4, rtol=1e-4)
+
+
+def test_export_removes_empty_filters_as_channels(tmp_path):
+    """``deployed.pt2`` is the folded form too: the classifier of the exported program sees 10 inputs, and
+    the program equals the eager model at another batch size."""
+    model = _with_empty_filters()
+    x = torch.randn(2, 3, 12, 10)
+    paths = export_model(model, x, str(tmp_path), onnx=False)
+    program = torch.export.load(paths["deployed_pt2"]).module()
+    shapes = {tuple(p.shape) for p in program.state_dict().values()}
+    assert (5, 10) in shapes and (5, 20) not in shapes
+    with torch.no_grad():
+        xb = torch.randn(3, 3, 12, 10)
+        torch.testing.assert_close(program(xb), model(xb), atol=1e-4, rtol=1e-4)
