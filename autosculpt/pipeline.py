@@ -108,12 +108,18 @@ def _load_data(cfg: dict):
     return splits
 
 
-def _load_data_and_dense(cfg: dict, device: torch.device, log: Log, splits=None):
-    from .models.pretrained import dense_model, resolve_model
+def _resolve_model(cfg: dict, splits):
+    """(factory, metadata) of the configured model for the data's classes and input shape."""
+    from .models.pretrained import resolve_model
 
-    if splits is None:
-        splits = _load_data(cfg)
-    factory, meta = resolve_model(cfg["model"], splits.num_classes, splits.input_shape, cfg.get("model_args") or {})
+    return resolve_model(cfg["model"], splits.num_classes, splits.input_shape, cfg.get("model_args") or {})
+
+
+def _load_data_and_dense(cfg: dict, device: torch.device, log: Log, splits, resolved):
+    """The data splits, the model's factory and metadata, and the dense model (trained or cached)."""
+    from .models.pretrained import dense_model
+
+    factory, meta = resolved
     meta = {**meta, "data": cfg["data"], "num_classes": splits.num_classes, "input_shape": list(splits.input_shape)}
     dense, source = dense_model(factory, meta, splits, cfg["seed"], epochs=cfg["dense_epochs"], lr=cfg["dense_lr"],
                                 batch_size=cfg["batch_size"], weights=cfg.get("weights"), device=device,
@@ -121,16 +127,13 @@ def _load_data_and_dense(cfg: dict, device: torch.device, log: Log, splits=None)
     return splits, factory, meta, dense.eval(), source
 
 
-def _check_searchable(cfg: dict, splits) -> None:
+def _check_searchable(name: str, factory, splits) -> None:
     """Fails before any dense training when the search would find nothing to prune: its action space is
     the pattern mix of each 3×3 conv (zero padding, groups = 1), so a model without one (a ViT, an
     MLP) cannot be searched."""
-    from .models.pretrained import resolve_model
     from .patterns import PAPER6
     from .runtime.hooks import collect_layers
 
-    name = cfg["model"]
-    factory, _ = resolve_model(name, splits.num_classes, splits.input_shape, cfg.get("model_args") or {})
     model = factory().eval()
     with torch.no_grad():
         layers = collect_layers(model, torch.zeros(1, *splits.input_shape), PAPER6)
@@ -189,11 +192,12 @@ def run_prune(cfg: dict, run_dir: str, *, resume: bool = False, log: Log = print
 
     t0 = time.perf_counter()
     splits = _load_data(cfg)  # checks the batch sizes against the data before the run folder exists
-    _check_searchable(cfg, splits)  # and that the search has something to prune, before any training
+    resolved = _resolve_model(cfg, splits)
+    _check_searchable(cfg["model"], resolved[0], splits)  # the search has something to prune: before any training
     if main:
         os.makedirs(run_dir, exist_ok=True)
         cfgmod.save_config(cfg, os.path.join(run_dir, "config.yaml"))
-    splits, factory, meta, dense, dense_source = _load_data_and_dense(cfg, device, log, splits)
+    splits, factory, meta, dense, dense_source = _load_data_and_dense(cfg, device, log, splits, resolved)
     train, val, test = splits
     stage_s["data_and_dense_model"] = time.perf_counter() - t0
     search_input = _batch(val, cfg["search_batch"]).to(device)

@@ -512,7 +512,7 @@ class GraphExecutor {
 
   // Whether runs of per-image steps give each thread whole images (else the threads share each image).
   bool splits_batch(int threads) const {
-    return threads > 1 && batch_ >= threads && (batch_ % threads == 0 || batch_ >= 4 * threads);
+    return threads_take_whole_images(batch_, threads);
   }
   // Per step: true when it runs image by image, false when on the whole batch at once.
   std::vector<bool> per_image_steps() const {

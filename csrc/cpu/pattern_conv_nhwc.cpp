@@ -59,6 +59,11 @@ struct NhwcBlock {
 };
 
 inline int lanes(const NhwcBlock& b) { return b.nv ? 16 * b.nv : 8; }
+// Packed weights of a block per input channel, which are also its multiply-adds per output pixel and
+// input channel: the union taps on every lane, a split block's own taps on 8 lanes.
+inline int64_t lane_taps(const NhwcBlock& b) {
+  return int64_t(b.taps.size()) * lanes(b) + int64_t(b.taps_lo.size() + b.taps_hi.size()) * 8;
+}
 inline int max_mr(int nv) { return nv == 2 ? 8 : (nv == 1 ? 14 : 16); }
 
 // 8-lane blocks: on CPUs whose FMA units are 256 bits wide (AMD Zen 4 splits a 512-bit FMA in two
@@ -497,7 +502,7 @@ class PackedPatternConvNhwc {
     int64_t total = 0;
     for (NhwcBlock& blk : blocks_) {
       blk.w_offset = total;  // a multiple of 16 floats: aligned loads of every block's vectors
-      total += (int64_t(blk.taps.size()) * lanes(blk) + int64_t(blk.taps_lo.size() + blk.taps_hi.size()) * 8) * c_in;
+      total += lane_taps(blk) * c_in;
       total = (total + 15) / 16 * 16;
     }
     packed_.reset(static_cast<float*>(std::aligned_alloc(64, size_t(std::max<int64_t>(total, 16) * 4 + 63) / 64 * 64)));
@@ -663,7 +668,7 @@ class PackedPatternConvNhwc {
     // A batch of at least one image per thread (and evenly split, or many): each thread runs whole
     // images with its own padded buffer, no barrier between the loops of an image. Small layers of a
     // batch (the digits CNN's 8x8 maps) otherwise spend as long in barriers as in the tiles.
-    if (threads > 1 && n >= threads && (n % threads == 0 || n >= 4 * threads)) {
+    if (threads_take_whole_images(n, threads)) {
 #pragma omp parallel for schedule(static) num_threads(threads)
       for (int64_t img = 0; img < n; ++img) {
         float* xpad = aligned_scratch(pad_buf, pad_cap, scratch_floats);
@@ -702,7 +707,7 @@ class PackedPatternConvNhwc {
   int64_t executed_macs_per_pixel() const {
     int64_t s = 0;
     for (const NhwcBlock& b : blocks_)
-      s += (int64_t(b.taps.size()) * lanes(b) + int64_t(b.taps_lo.size() + b.taps_hi.size()) * 8) * c_in_;
+      s += lane_taps(b) * c_in_;
     return s;
   }
 
